@@ -1,0 +1,54 @@
+"""Every error shoprec raises on purpose.
+
+    ShoprecError                 base; ``retriable`` says whether trying again may help
+    ├── ConfigError              a setting is missing or wrong (fix the environment)
+    ├── StackError               the local stack could not start, or a part is unhealthy
+    ├── InvalidEvent             an input record breaks the contract (goes to the DLQ)
+    ├── DependencyUnavailable    Redis, Kafka or Triton did not answer (retriable)
+    │   └── RankerUnavailable    Triton's ranker failed; recommendations degrade
+    └── DatasetError             a dataset folder is missing or malformed
+"""
+
+from __future__ import annotations
+
+
+class ShoprecError(Exception):
+    """Base of every shoprec error."""
+
+    retriable: bool = False
+
+
+class ConfigError(ShoprecError):
+    """A setting is missing or inconsistent."""
+
+
+class StackError(ShoprecError):
+    """The embedded stack (Kafka/Tansu, Redis, Triton) failed to start or is unhealthy."""
+
+
+class InvalidEvent(ShoprecError):
+    """An input record that breaks the event contract.
+
+    ``reason`` is a short machine-readable code (e.g. ``not_json``,
+    ``missing_field``); ``detail`` is the human explanation.  Both travel
+    with the original bytes to the dead-letter topic.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class DependencyUnavailable(ShoprecError):
+    """A service on the hot path did not answer in time."""
+
+    retriable = True
+
+
+class RankerUnavailable(DependencyUnavailable):
+    """Triton's ranker could not score a batch; the caller falls back to retrieval scores."""
+
+
+class DatasetError(ShoprecError):
+    """A dataset folder does not hold the canonical ``items.jsonl.gz``/``events.jsonl.gz``."""

@@ -1,0 +1,121 @@
+"""The one typed settings object, read from ``SHOPREC_*`` environment variables.
+
+``shoprec stack up`` writes the endpoints of the stack it started to
+``.shoprec/stack.env``; that file is read as a fallback so every later
+command in the same folder finds the stack.  Real environment variables
+always win over the file.  ``shoprec config`` prints every setting with its
+variable, default and meaning (the README table is made from it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "SHOPREC_"
+STACK_ENV_FILE = Path(".shoprec/stack.env")
+
+
+class Settings(BaseSettings):
+    """Everything shoprec can be told; one field per ``SHOPREC_<NAME>`` variable."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=STACK_ENV_FILE,
+        env_file_encoding="utf-8",
+        extra="forbid",
+        frozen=True,
+    )
+
+    # --- where the services are -------------------------------------------------
+    kafka_bootstrap: str = Field(
+        "127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated host:port."
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol."
+    )
+    kafka_sasl_mechanism: str = Field("PLAIN", description="SASL mechanism when SASL is used.")
+    kafka_sasl_username: str = Field("", description="SASL user name.")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password.")
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="Redis URL (redis:// or rediss://; may carry user:password).",
+    )
+    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port.")
+    triton_timeout_s: float = Field(2.0, gt=0, description="Timeout of one Triton call.")
+    item_encoder_model: str = Field("item_encoder", description="Triton model embedding text.")
+    ranker_model: str = Field("fused_ranker", description="Triton model scoring candidates.")
+
+    # --- the Faust app --------------------------------------------------------------
+    app_id: str = Field(
+        "shoprec", description="Faust app id: consumer group and internal topic prefix."
+    )
+    topic_prefix: str = Field(
+        "", description="Prefix for every topic name (isolates tests and shadow runs)."
+    )
+    topic_partitions: int = Field(4, ge=1, description="Partitions of topics shoprec creates.")
+    batch_max: int = Field(
+        128, ge=1, description="Most events handled together (one Redis and Triton round trip)."
+    )
+    batch_within_ms: int = Field(
+        5, ge=0, description="Longest wait to fill a batch before handling what has come."
+    )
+
+    # --- recommendations ------------------------------------------------------------
+    top_k: int = Field(10, ge=1, le=100, description="Items per recommendation.")
+    n_candidates: int = Field(
+        100, ge=10, le=1000, description="Candidates sent to the ranker per user."
+    )
+    history_len: int = Field(50, ge=1, le=500, description="Recent events kept per user.")
+    min_emit_interval_ms: int = Field(
+        30_000,
+        ge=0,
+        description="Per-user minimum event-time gap between two emissions "
+        "(purchases and searches always emit).",
+    )
+    embedding_half_life_s: float = Field(
+        7 * 86400.0, gt=0, description="Half-life of the rolling user embedding (event time)."
+    )
+    user_ttl_s: int = Field(
+        30 * 86400, ge=60, description="Idle time after which a user's state expires."
+    )
+
+    # --- input guards ---------------------------------------------------------------
+    max_event_bytes: int = Field(16_384, ge=256, description="Largest accepted event record.")
+    max_field_chars: int = Field(512, ge=16, description="Longest accepted id or query.")
+    max_future_skew_ms: int = Field(
+        5 * 60_000, ge=0, description="How far in the future an event time may be."
+    )
+
+    # --- local stack ----------------------------------------------------------------
+    stack_dir: Path = Field(
+        Path(".shoprec"), description="Where `shoprec stack` keeps data, logs and pids."
+    )
+    broker: Literal["kafka", "tansu"] = Field(
+        "kafka", description="Broker `shoprec stack up` starts: Apache Kafka or Tansu."
+    )
+    kafka_port: int = Field(9092, ge=0, le=65535, description="Local broker port (0 = free).")
+    redis_port: int = Field(6379, ge=0, le=65535, description="Local Redis port (0 = free).")
+    triton_http_port: int = Field(8000, ge=0, le=65535, description="Triton HTTP (0 = free).")
+    triton_grpc_port: int = Field(8001, ge=0, le=65535, description="Triton gRPC (0 = free).")
+    triton_metrics_port: int = Field(
+        8002, ge=0, le=65535, description="Triton metrics port (0 = free)."
+    )
+    kafka_heap: str = Field("512m", description="JVM heap of the local Apache Kafka broker.")
+
+    def topic(self, name: str) -> str:
+        """The full name of one of shoprec's topics."""
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def faust_broker(self) -> str:
+        """Bootstrap servers in Faust's URL form."""
+        return ";".join(f"kafka://{hp.strip()}" for hp in self.kafka_bootstrap.split(","))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment, with explicit overrides on top."""
+    return Settings(**overrides)  # type: ignore[arg-type]
