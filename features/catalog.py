@@ -1,0 +1,70 @@
+"""The write path of the item store: catalogue records into Redis.
+
+Each change is also appended to the ``items:log`` stream, which every worker
+and the ranker follow to keep their in-memory item tables fresh: with several
+workers, each consumes only some catalogue partitions, but all must see every
+item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from redis.asyncio import Redis
+
+from features import keys
+from features.user_state import Vector, vector_to_bytes
+from streams.events import CatalogItem
+
+# The log only needs to reach every follower once; followers that fall further
+# behind than this reload the whole table.
+ITEM_LOG_MAXLEN = 1_000_000
+
+
+def item_fields(item: CatalogItem, embedding: Vector | None) -> dict[str, str | bytes]:
+    fields: dict[str, str | bytes] = {
+        "title": item.title or "",
+        "category": item.category or "",
+        "brand": item.brand or "",
+        "price": "" if item.price is None else repr(item.price),
+        "in_stock": "1" if item.in_stock else "0",
+        "ts": str(item.ts),
+    }
+    if embedding is not None:
+        fields["emb"] = vector_to_bytes(embedding)
+    return fields
+
+
+async def upsert_items(
+    redis: Redis, items: Sequence[CatalogItem], embeddings: Sequence[Vector | None]
+) -> None:
+    """Store items (and their text embeddings where they have text) in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for item, emb in zip(items, embeddings, strict=True):
+            key = keys.item(item.item_id)
+            if emb is None:
+                # A record without text must not keep a stale embedding from an older one.
+                pipe.hdel(key, "emb")
+            pipe.hset(key, mapping=item_fields(item, emb))  # type: ignore[arg-type]
+            pipe.xadd(keys.ITEM_LOG, {"id": item.item_id}, maxlen=ITEM_LOG_MAXLEN, approximate=True)
+        await pipe.execute()
+
+
+async def remove_items(redis: Redis, item_ids: Sequence[str]) -> None:
+    """Apply tombstones: the item disappears from the store and from every follower's table."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for item_id in item_ids:
+            pipe.delete(keys.item(item_id))
+            pipe.xadd(keys.ITEM_LOG, {"id": item_id}, maxlen=ITEM_LOG_MAXLEN, approximate=True)
+        await pipe.execute()
+
+
+async def item_titles(redis: Redis, item_ids: Sequence[str]) -> dict[str, str]:
+    """Titles for explanations ("similar to <title>"); falls back to the id."""
+    if not item_ids:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for item_id in item_ids:
+            pipe.hget(keys.item(item_id), "title")
+        raw = await pipe.execute()
+    return {i: (t.decode() if t else i) for i, t in zip(item_ids, raw, strict=True)}

@@ -1,0 +1,83 @@
+"""The maths of a user's state, as pure functions (the Lua script mirrors them).
+
+Event weights: a purchase says most about taste, then a cart, a click, a view.
+A search contributes the query's embedding with the weight of a click.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+EVENT_WEIGHTS: Final[dict[str, float]] = {
+    "view": 1.0,
+    "click": 2.0,
+    "search": 2.0,
+    "cart": 3.0,
+    "purchase": 4.0,
+}
+# The ranker's HISTORY_TYPES codes; 0 is padding.
+TYPE_CODES: Final[dict[str, int]] = {"view": 1, "click": 2, "cart": 3, "purchase": 4, "search": 5}
+
+Vector = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One line of a user's recent history."""
+
+    item_id: str
+    type: str
+    ts: int
+
+
+def encode_history_entry(entry: HistoryEntry) -> str:
+    return f"{entry.item_id}|{entry.type}|{entry.ts}"
+
+
+def decode_history_entry(raw: str | bytes) -> HistoryEntry:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    # Item ids may contain "|": split from the right.
+    item_id, etype, ts = text.rsplit("|", 2)
+    return HistoryEntry(item_id, etype, int(ts))
+
+
+def decode_history(raw: list[bytes] | list[str]) -> list[HistoryEntry]:
+    """History newest first (by event time, not arrival)."""
+    entries = [decode_history_entry(r) for r in raw]
+    entries.sort(key=lambda e: e.ts, reverse=True)
+    return entries
+
+
+def vector_to_bytes(vec: Vector) -> bytes:
+    return np.asarray(vec, dtype="<f4").tobytes()
+
+
+def vector_from_bytes(raw: bytes | None) -> Vector | None:
+    if not raw:
+        return None
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+
+
+def normalise(vec: Vector | None, dim: int) -> Vector:
+    """L2-normalise; a missing or zero vector becomes zeros (the ranker's 'unknown')."""
+    if vec is None:
+        return np.zeros(dim, dtype=np.float32)
+    norm = float(np.linalg.norm(vec))
+    if norm == 0.0 or not np.isfinite(norm):
+        return np.zeros(dim, dtype=np.float32)
+    return (vec / norm).astype(np.float32)
+
+
+def decayed_sum(
+    events: list[tuple[int, float, Vector]], half_life_ms: float
+) -> tuple[Vector, int]:
+    """Reference implementation of the script's sum: (Σ wᵢ·2^-(ref-tᵢ)/h · vᵢ, ref = max t)."""
+    ref = max(ts for ts, _, _ in events)
+    total = np.zeros_like(events[0][2], dtype=np.float64)
+    for ts, weight, vec in events:
+        total += weight * 2.0 ** (-(ref - ts) / half_life_ms) * vec.astype(np.float64)
+    return total.astype(np.float32), ref
