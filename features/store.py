@@ -214,7 +214,9 @@ class FeatureStore:
 
     async def user_embedding(self, user_id: str) -> Vector:
         """The normalised rolling embedding of one user (zeros when unknown)."""
-        return normalise(vector_from_bytes(await self._redis.get(keys.user_emb(user_id))), self._dim)
+        return normalise(
+            vector_from_bytes(await self._redis.get(keys.user_emb(user_id))), self._dim
+        )
 
 
 def _covisited(update: UserUpdate, recent: Sequence[HistoryEntry]) -> list[str]:

@@ -72,9 +72,7 @@ def normalise(vec: Vector | None, dim: int) -> Vector:
     return (vec / norm).astype(np.float32)
 
 
-def decayed_sum(
-    events: list[tuple[int, float, Vector]], half_life_ms: float
-) -> tuple[Vector, int]:
+def decayed_sum(events: list[tuple[int, float, Vector]], half_life_ms: float) -> tuple[Vector, int]:
     """Reference implementation of the script's sum: (Σ wᵢ·2^-(ref-tᵢ)/h · vᵢ, ref = max t)."""
     ref = max(ts for ts, _, _ in events)
     total = np.zeros_like(events[0][2], dtype=np.float64)

@@ -1,12 +1,12 @@
 """Every error shoprec raises on purpose.
 
-    ShoprecError                 base; ``retriable`` says whether trying again may help
-    ├── ConfigError              a setting is missing or wrong (fix the environment)
-    ├── StackError               the local stack could not start, or a part is unhealthy
-    ├── InvalidEvent             an input record breaks the contract (goes to the DLQ)
-    ├── DependencyUnavailable    Redis, Kafka or Triton did not answer (retriable)
-    │   └── RankerUnavailable    Triton's ranker failed; recommendations degrade
-    └── DatasetError             a dataset folder is missing or malformed
+ShoprecError                 base; ``retriable`` says whether trying again may help
+├── ConfigError              a setting is missing or wrong (fix the environment)
+├── StackError               the local stack could not start, or a part is unhealthy
+├── InvalidEvent             an input record breaks the contract (goes to the DLQ)
+├── DependencyUnavailable    Redis, Kafka or Triton did not answer (retriable)
+│   └── RankerUnavailable    Triton's ranker failed; recommendations degrade
+└── DatasetError             a dataset folder is missing or malformed
 """
 
 from __future__ import annotations

@@ -1,0 +1,351 @@
+"""`shoprec`: run and operate the streaming recommender.
+
+Every command reads the SHOPREC_* settings (see `shoprec config`); a flag
+overrides the setting it names.  `shoprec stack up` writes the endpoints of
+the stack it started to .shoprec/stack.env, so later commands in the same
+folder find it without any variable set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from shoprec.errors import ShoprecError
+from shoprec.settings import ENV_PREFIX, Settings, load_settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_REPO = REPO_ROOT / "model_repo"
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except Exception as exc:
+        raise click.ClickException(f"invalid settings: {exc}") from exc
+
+
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except ShoprecError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
+def main(verbose: bool) -> None:
+    """shoprec: real-time recommendations from live shop events.
+
+    \b
+    Quick start (two terminals):
+      shoprec stack up                    # Kafka, Redis, Triton on loopback
+      shoprec worker                      # the stream agents
+      shoprec produce --data ../shared/data/rees46-sample --rate 200
+      shoprec recs tail
+      shoprec stack down
+    Or all of it at once: shoprec demo
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# --- stack ---------------------------------------------------------------------------------
+
+
+@main.group()
+def stack() -> None:
+    """Start, stop and check the local stack (broker, Redis, Triton)."""
+
+
+@stack.command("up")
+@click.option(
+    "--broker",
+    type=click.Choice(["kafka", "tansu"]),
+    help="Apache Kafka (KRaft, from Maven Central jars) or Tansu (instant, memory only). "
+    "[env SHOPREC_BROKER]",
+)
+@click.option(
+    "--without",
+    multiple=True,
+    type=click.Choice(["broker", "redis", "triton"]),
+    help="Leave a component out (repeatable), e.g. to use an external Redis.",
+)
+@click.option(
+    "--model-repo",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_MODEL_REPO,
+    show_default=True,
+    help="Triton model repository to serve.",
+)
+@click.option("--timeout", default=240.0, show_default=True, help="Seconds to wait for health.")
+def stack_up(
+    broker: str | None, without: tuple[str, ...], model_repo: Path, timeout: float
+) -> None:
+    """Start the stack on loopback and wait until every part is healthy.
+
+    Ports come from SHOPREC_KAFKA_PORT, SHOPREC_REDIS_PORT, SHOPREC_TRITON_*_PORT
+    (0 = any free port).  The endpoints are written to .shoprec/stack.env.
+    """
+    from infra.stack import Stack
+
+    settings = _settings(broker=broker)
+    components = tuple(c for c in ("broker", "redis", "triton") if c not in without)
+    try:
+        endpoints = Stack(settings, model_repo=model_repo).up(components, timeout_s=timeout)
+    except ShoprecError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if "broker" in components:
+        _run(_ensure_topics(_settings(kafka_bootstrap=endpoints.kafka_bootstrap)))
+    _echo_json(dataclasses.asdict(endpoints))
+
+
+async def _ensure_topics(settings: Settings) -> None:
+    from streams.topics import ensure_topics
+
+    await ensure_topics(settings)
+
+
+@stack.command("down")
+@click.option("--wipe", is_flag=True, help="Also delete the broker's log and Redis data.")
+def stack_down(wipe: bool) -> None:
+    """Stop every part of the stack; no process is left behind."""
+    from infra.stack import Stack
+
+    Stack(_settings(), model_repo=DEFAULT_MODEL_REPO).down(wipe=wipe)
+    click.echo("stack stopped")
+
+
+@stack.command("status")
+def stack_status() -> None:
+    """Show each part's pid, port and health (exit 1 if any part is down)."""
+    from infra.stack import Stack
+
+    status = Stack(_settings(), model_repo=DEFAULT_MODEL_REPO).status()
+    _echo_json(status)
+    if not status or not all(s.get("healthy") for s in status.values()):
+        sys.exit(1)
+
+
+# --- worker --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--loglevel", default="info", show_default=True, help="Faust worker log level.")
+def worker(loglevel: str) -> None:
+    """Run the stream agents (ingest + catalog) until stopped with Ctrl-C / SIGTERM.
+
+    Checks first that Kafka, Redis and Triton answer, and creates missing topics;
+    a dependency that is down stops the worker at once with the reason.
+    """
+    from streams.worker import preflight, run_worker
+
+    settings = _settings()
+    _run(preflight(settings))
+    run_worker(settings, loglevel)
+
+
+# --- data in -------------------------------------------------------------------------------
+
+_DATA = click.option(
+    "--data",
+    "data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Dataset folder with items.jsonl.gz and events.jsonl.gz, e.g. ../shared/data/rees46-sample.",
+)
+
+
+@main.group()
+def catalog() -> None:
+    """Catalogue commands."""
+
+
+@catalog.command("load")
+@_DATA
+@click.option("--limit", type=int, help="Load at most this many items.")
+def catalog_load(data: Path, limit: int | None) -> None:
+    """Publish a dataset's items.jsonl.gz to catalog.items (the worker embeds them)."""
+    from streams.produce import produce_catalog, start_producer
+    from streams.topics import TopicNames, ensure_topics
+
+    settings = _settings()
+
+    async def go() -> int:
+        await ensure_topics(settings)
+        producer = await start_producer(settings)
+        try:
+            return await produce_catalog(producer, TopicNames.from_settings(settings), data, limit)
+        finally:
+            await producer.stop()
+
+    click.echo(f"published {_run(go())} catalogue records to {settings.topic('catalog.items')}")
+
+
+@main.command()
+@_DATA
+@click.option("--rate", type=float, help="Events per second, open loop (default: as recorded).")
+@click.option("--speedup", type=float, help="Play the recorded gaps this many times faster.")
+@click.option("--limit", type=int, help="Stop after this many events.")
+@click.option("--no-catalog", is_flag=True, help="Skip the catalogue (already loaded).")
+@click.option(
+    "--keep-ts",
+    is_flag=True,
+    help="Keep the recorded event times instead of stamping each event when it is sent.",
+)
+def produce(
+    data: Path,
+    rate: float | None,
+    speedup: float | None,
+    limit: int | None,
+    no_catalog: bool,
+    keep_ts: bool,
+) -> None:
+    """Stream a real dataset as live events: catalogue first, then events in time order.
+
+    Without --rate or --speedup, events go as fast as the broker takes them.
+    """
+    from streams.produce import Pacing, produce_dataset
+    from streams.topics import ensure_topics
+
+    settings = _settings()
+    pacing = Pacing(rate=rate, speedup=speedup, limit=limit, retime=not keep_ts)
+
+    def progress(n: int) -> None:
+        if n % 1000 == 0:
+            click.echo(f"\r{n} events sent", nl=False, err=True)
+
+    async def go() -> Any:
+        await ensure_topics(settings)
+        return await produce_dataset(settings, data, pacing, not no_catalog, progress)
+
+    report = _run(go())
+    click.echo(err=True)
+    _echo_json(dataclasses.asdict(report))
+
+
+# --- data out ------------------------------------------------------------------------------
+
+
+@main.group()
+def recs() -> None:
+    """Read the recommendations on recs.out."""
+
+
+@recs.command("tail")
+@click.option("--user", help="Only this user's recommendations.")
+@click.option("--from-beginning", is_flag=True, help="Start at the oldest retained record.")
+@click.option("--limit", type=int, help="Stop after this many recommendations.")
+@click.option("--timeout", type=float, help="Stop after this many idle seconds.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document per line.")
+def recs_tail(
+    user: str | None, from_beginning: bool, limit: int | None, timeout: float | None, as_json: bool
+) -> None:
+    """Follow recs.out and print each recommendation (Ctrl-C to stop)."""
+    from streams.tail import format_recommendation, tail_topic
+    from streams.topics import RECS_OUT
+
+    settings = _settings()
+
+    async def go() -> None:
+        async for value in tail_topic(
+            settings, settings.topic(RECS_OUT), from_beginning, limit, timeout, key=user
+        ):
+            click.echo(value.decode() if as_json else format_recommendation(value))
+
+    try:
+        _run(go())
+    except KeyboardInterrupt:
+        pass
+
+
+@main.group()
+def dlq() -> None:
+    """Read the dead-letter topic recs.dlq."""
+
+
+@dlq.command("tail")
+@click.option("--from-beginning", is_flag=True, help="Start at the oldest retained record.")
+@click.option("--limit", type=int, help="Stop after this many dead letters.")
+@click.option("--timeout", type=float, help="Stop after this many idle seconds.")
+def dlq_tail(from_beginning: bool, limit: int | None, timeout: float | None) -> None:
+    """Print dead letters with their reason and origin."""
+    from streams.tail import tail_topic
+    from streams.topics import DLQ
+
+    settings = _settings()
+
+    async def go() -> None:
+        async for value in tail_topic(
+            settings, settings.topic(DLQ), from_beginning, limit, timeout
+        ):
+            click.echo(value.decode())
+
+    _run(go())
+
+
+# --- the rest ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--markdown", is_flag=True, help="As the README's configuration table.")
+def config(markdown: bool) -> None:
+    """Show every setting: its variable, current value and meaning."""
+    settings = _settings()
+    rows = []
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name)
+        shown = "***" if "password" in name or name == "redis_url" else value
+        rows.append((f"{ENV_PREFIX}{name.upper()}", field.default, shown, field.description or ""))
+    if markdown:
+        click.echo("| variable | default | meaning |\n|-|-|-|")
+        for var, default, _, desc in rows:
+            d = (
+                "***"
+                if "PASSWORD" in var
+                else getattr(default, "get_secret_value", lambda: default)()
+            )
+            click.echo(f"| `{var}` | `{d}` | {desc} |")
+        return
+    for var, _, value, desc in rows:
+        click.echo(f"{var}={value}\n    {desc}")
+
+
+@main.command()
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=REPO_ROOT.parent / "shared" / "data" / "rees46-sample",
+    show_default=True,
+    help="Dataset to stream.",
+)
+@click.option("--events", default=3000, show_default=True, help="Events to stream.")
+@click.option("--rate", default=100.0, show_default=True, help="Offered events per second.")
+@click.option("--broker", type=click.Choice(["kafka", "tansu"]), default="kafka", show_default=True)
+@click.option("--keep-stack", is_flag=True, help="Leave the stack running afterwards.")
+def demo(data: Path, events: int, rate: float, broker: str, keep_stack: bool) -> None:
+    """Start everything, stream real events, show recommendations and latencies, stop."""
+    from streams.demo import run_demo
+
+    try:
+        run_demo(data, events, rate, broker, keep_stack, DEFAULT_MODEL_REPO)
+    except ShoprecError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""`shoprec demo`: the whole path on the real stack, with real data, then a summary.
+
+Starts the stack and a worker process, loads a real catalogue (BERT embeds
+every item once, on Triton), streams real events at a fixed rate, follows
+recs.out, and prints recommendations for real users with their latencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer
+from redis.asyncio import Redis
+
+from features import keys
+from shoprec.errors import StackError
+from shoprec.settings import Settings, load_settings
+from streams.produce import (
+    Pacing,
+    ProduceReport,
+    dataset_files,
+    produce_catalog,
+    produce_events,
+    read_jsonl,
+    start_producer,
+)
+from streams.tail import format_recommendation
+from streams.topics import TopicNames, ensure_topics, kafka_options
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def start_worker_process(
+    log_path: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """The worker as its own process, as in production."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **(extra_env or {})}
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shoprec.cli", "worker"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+async def wait_for_catalog(
+    settings: Settings, expected: int, timeout_s: float, worker: subprocess.Popen[bytes]
+) -> float:
+    """Wait until the worker has embedded and stored ``expected`` catalogue changes."""
+    redis = Redis.from_url(settings.redis_url.get_secret_value())
+    start = time.monotonic()
+    try:
+        while True:
+            done = await redis.xlen(keys.ITEM_LOG)
+            say(f"\r  catalogue: {done}/{expected} items embedded and stored")
+            if done >= expected:
+                return time.monotonic() - start
+            if worker.poll() is not None:
+                raise StackError("the worker exited while loading the catalogue (see its log)")
+            if time.monotonic() - start > timeout_s:
+                raise StackError(
+                    f"catalogue not loaded after {timeout_s:.0f} s ({done}/{expected})"
+                )
+            await asyncio.sleep(1.0)
+    finally:
+        await redis.aclose()
+
+
+async def collect(
+    settings: Settings, topic: str, started: asyncio.Event, sent: asyncio.Event, idle_s: float
+) -> list[dict[str, Any]]:
+    """Everything published on ``topic`` from now until ``idle_s`` after ``sent`` is set."""
+    consumer = AIOKafkaConsumer(
+        topic, **kafka_options(settings), group_id=None, auto_offset_reset="latest"
+    )
+    await consumer.start()
+    out: list[dict[str, Any]] = []
+    last = time.monotonic()
+    try:
+        # Hold a position before anything is produced, or the first records are missed.
+        await consumer.seek_to_end()
+        await consumer.getmany(timeout_ms=100)
+        started.set()
+        while not (sent.is_set() and time.monotonic() - last > idle_s):
+            batch = await consumer.getmany(timeout_ms=250)
+            for records in batch.values():
+                out.extend(orjson.loads(r.value) for r in records if r.value)
+                last = time.monotonic()
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def stream_and_collect(
+    settings: Settings, data: Path, events: int, rate: float
+) -> tuple[list[dict[str, Any]], ProduceReport]:
+    topics = TopicNames.from_settings(settings)
+    started, sent = asyncio.Event(), asyncio.Event()
+    collector = asyncio.create_task(collect(settings, topics.recs_out, started, sent, 5.0))
+    await started.wait()
+    producer = await start_producer(settings)
+    try:
+        report = await produce_events(
+            producer,
+            topics,
+            data,
+            Pacing(rate=rate, limit=events),
+            progress=lambda n: say(f"  sent {n}/{events} events") if n % 500 == 0 else None,
+        )
+    finally:
+        await producer.stop()
+    sent.set()
+    return await collector, report
+
+
+async def titles(settings: Settings, ids: Sequence[str]) -> dict[str, str]:
+    redis = Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        from features.catalog import item_titles
+
+        return await item_titles(redis, list(ids))
+    finally:
+        await redis.aclose()
+
+
+def summarise(recs: list[dict[str, Any]], report: ProduceReport, n_items: int) -> dict[str, Any]:
+    lat = np.array([r["latency_ms"] for r in recs], dtype=np.float64)
+    return {
+        "events_sent": report.events,
+        "users": report.users,
+        "catalogue_items": n_items,
+        "recommendations": len(recs),
+        "users_recommended": len({r["user_id"] for r in recs}),
+        "degraded": sum(r["degraded"] for r in recs),
+        "latency_ms": {f"p{q}": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)}
+        | {"max": float(lat.max())}
+        if len(lat)
+        else {},
+        "models": sorted({r["model"] for r in recs}),
+    }
+
+
+def run_demo(
+    data: Path, events: int, rate: float, broker: str, keep_stack: bool, model_repo: Path
+) -> None:
+    from infra.stack import Stack
+
+    dataset_files(data)
+    base = load_settings(broker=broker)
+    stack = Stack(base, model_repo=model_repo)
+    say(f"1/5 starting the stack ({broker}, Redis, Triton with BERT) ...")
+    t0 = time.monotonic()
+    endpoints = stack.up(("broker", "redis", "triton"), timeout_s=300)
+    say(f"    stack healthy in {time.monotonic() - t0:.1f} s: {endpoints}")
+    settings = load_settings(
+        broker=broker,
+        kafka_bootstrap=endpoints.kafka_bootstrap,
+        redis_url=endpoints.redis_url,
+        triton_url=endpoints.triton_url,
+    )
+    env = {
+        "SHOPREC_KAFKA_BOOTSTRAP": endpoints.kafka_bootstrap,
+        "SHOPREC_REDIS_URL": endpoints.redis_url,
+        "SHOPREC_TRITON_URL": endpoints.triton_url,
+    }
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        asyncio.run(ensure_topics(settings))
+        say("2/5 starting the worker ...")
+        worker = start_worker_process(base.stack_dir / "logs" / "worker.log", env)
+        n_items = sum(1 for _ in read_jsonl(data / "items.jsonl.gz"))
+        say(f"3/5 loading the catalogue of {data.name} ({n_items} items) ...")
+
+        async def load() -> float:
+            producer = await start_producer(settings)
+            try:
+                await produce_catalog(producer, TopicNames.from_settings(settings), data)
+            finally:
+                await producer.stop()
+            return await wait_for_catalog(settings, n_items, 900, worker)  # type: ignore[arg-type]
+
+        took = asyncio.run(load())
+        say(f"\n    catalogue ready in {took:.1f} s")
+        say(f"4/5 streaming {events} real events at {rate:.0f}/s ...")
+        recs, report = asyncio.run(stream_and_collect(settings, data, events, rate))
+        say("")
+        say("5/5 results")
+        shown = _pick_examples(recs, 3)
+        names = asyncio.run(titles(settings, [i["item_id"] for r in shown for i in r["items"]]))
+        for r in shown:
+            text = format_recommendation(orjson.dumps(r))
+            for item_id, title in names.items():
+                text = text.replace(f" {item_id} ", f" {item_id} [{title[:40]}] ", 1)
+            print(text)
+            print()
+        summary = summarise(recs, report, n_items)
+        print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+    finally:
+        if worker is not None:
+            stop_process(worker)
+        if not keep_stack:
+            stack.down()
+            say("stack stopped")
+
+
+def _pick_examples(recs: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The latest recommendation of a few users, preferring purchases then carts."""
+    order = {"purchase": 0, "search": 1, "cart": 2, "click": 3, "view": 4}
+    latest: dict[str, dict[str, Any]] = {}
+    for r in recs:
+        latest[r["user_id"]] = r
+    return sorted(
+        latest.values(), key=lambda r: (order.get(r["trigger"]["type"], 9), -len(r["items"]))
+    )[:n]

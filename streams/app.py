@@ -1,0 +1,233 @@
+"""The Faust app: topics, the two agents, and the runtime they share.
+
+Read top-down, an event flows:
+
+    shop.* topics ──► ingest agent ──► Ingestor (validate, update Redis)
+                                   ──► Recommender (retrieve, rank on Triton, explain)
+                                   ──► recs.out          (bad input ──► recs.dlq)
+    catalog.items ──► catalog agent ──► Triton item_encoder ──► Redis item store + items:log
+
+Agents stay thin: take a micro-batch, call the pipeline objects, publish.  The
+runtime (Redis pool, Triton client, item table) opens once, before the first
+batch; a dependency that cannot be reached there fails the worker loudly
+instead of looping.  A dependency that fails later is retried with backoff
+and the batch is not acknowledged until it went through, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import faust
+from redis.asyncio import Redis
+
+from features.catalog import remove_items, upsert_items
+from features.item_index import ItemIndex
+from features.store import FeatureStore, UpdatePolicy
+from ranking.client import RankerClient
+from shoprec.errors import DependencyUnavailable, InvalidEvent
+from shoprec.retry import retry
+from shoprec.settings import Settings
+from streams.dlq import DeadLetter
+from streams.events import CatalogItem, Limits, parse_catalog_item, tombstone_item_id
+from streams.ingest import Ingestor, RawRecord
+from streams.metrics import WorkerStats
+from streams.output import Recommendation
+from streams.recommend import Recommender, RecommendPolicy
+from streams.topics import TopicNames
+
+log = logging.getLogger("shoprec.worker")
+
+# The item table follows items:log at most this often (catalogue freshness).
+ITEM_REFRESH_S = 0.5
+STATS_EVERY_S = 10.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def limits_from(settings: Settings) -> Limits:
+    return Limits(settings.max_event_bytes, settings.max_field_chars, settings.max_future_skew_ms)
+
+
+class Runtime:
+    """The worker's connections and pipeline objects, opened once."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stats = WorkerStats()
+        self._lock = asyncio.Lock()
+        self._opened = False
+
+    async def ensure_open(self) -> None:
+        async with self._lock:
+            if not self._opened:
+                await self._open()
+                self._opened = True
+
+    async def _open(self) -> None:
+        s = self.settings
+        self.redis = Redis.from_url(s.redis_url.get_secret_value(), socket_timeout=5.0)
+        try:
+            await self.redis.ping()
+        except Exception as exc:
+            raise DependencyUnavailable(
+                f"cannot reach Redis ({exc!r}); check SHOPREC_REDIS_URL and that Redis is up"
+            ) from exc
+        self.ranker = RankerClient(
+            s.triton_url, s.item_encoder_model, s.ranker_model, timeout_s=s.triton_timeout_s
+        )
+        await self.ranker.wait_ready(timeout_s=60.0)
+        self.items = ItemIndex(self.redis)
+        loaded = await self.items.refresh()
+        log.info("item table loaded: %d items", loaded)
+        store = FeatureStore(
+            self.redis,
+            UpdatePolicy(
+                half_life_ms=s.embedding_half_life_s * 1000.0,
+                history_len=s.history_len,
+                ttl_s=s.user_ttl_s,
+                min_emit_interval_ms=s.min_emit_interval_ms,
+            ),
+        )
+        self.ingestor = Ingestor(store, self.items, self.ranker, limits_from(s), now_ms)
+        self.recommender = Recommender(
+            store,
+            self.redis,
+            self.items,
+            self.ranker,
+            RecommendPolicy(s.top_k, s.n_candidates, s.history_len),
+            now_ms,
+        )
+
+    async def close(self) -> None:
+        if self._opened:
+            await self.ranker.close()
+            await self.redis.aclose()
+
+    async def handle_events(
+        self, records: Sequence[RawRecord]
+    ) -> tuple[list[Recommendation], list[DeadLetter]]:
+        """One micro-batch of shop events, end to end, minus the publishing."""
+        await self.items.maybe_refresh(ITEM_REFRESH_S)
+        outcome = await self.ingestor.ingest(records)
+        recs = await self.recommender.recommend(outcome.triggers)
+        st = self.stats
+        st.events_in += len(records)
+        st.dead_lettered += len(outcome.dead_letters)
+        st.duplicates += outcome.duplicates
+        st.rate_limited += outcome.rate_limited
+        st.coalesced += outcome.coalesced
+        st.recommended += len(recs)
+        st.degraded += sum(r.degraded for r in recs)
+        st.latencies_ms.extend(r.latency_ms for r in recs)
+        return recs, outcome.dead_letters
+
+    async def handle_catalog(self, records: Sequence[RawRecord]) -> list[DeadLetter]:
+        """Embed new or changed items with BERT (once per item) and store them."""
+        limits = limits_from(self.settings)
+        upserts: list[CatalogItem] = []
+        removals: list[str] = []
+        dead: list[DeadLetter] = []
+        for r in records:
+            try:
+                if r.value is None:
+                    removals.append(tombstone_item_id(r.key, limits))
+                else:
+                    upserts.append(parse_catalog_item(r.key, r.value, limits=limits))
+            except InvalidEvent as exc:
+                dead.append(
+                    DeadLetter(
+                        exc.reason, exc.detail, r.topic, r.partition, r.offset, r.key, r.value
+                    )
+                )
+        if upserts:
+            texts = [i.text() for i in upserts]
+            with_text = [j for j, t in enumerate(texts) if t]
+            vectors = await retry(
+                "item_encoder", lambda: self.ranker.encode([texts[j] for j in with_text])
+            )
+            embeddings: list[Any] = [None] * len(upserts)
+            for j, vec in zip(with_text, vectors, strict=True):
+                embeddings[j] = vec
+            await retry("store items", lambda: upsert_items(self.redis, upserts, embeddings))
+        if removals:
+            await retry("remove items", lambda: remove_items(self.redis, removals))
+        self.items.mark_stale()
+        self.stats.catalog_items += len(upserts) + len(removals)
+        self.stats.catalog_dead_lettered += len(dead)
+        return dead
+
+
+def raw_records(events: Sequence[faust.EventT]) -> list[RawRecord]:
+    return [
+        RawRecord(e.message.topic, e.message.partition, e.message.offset, e.key, e.value)
+        for e in events
+    ]
+
+
+def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
+    """Build the Faust app and its runtime; ``shoprec worker`` runs it."""
+    names = TopicNames.from_settings(settings)
+    app = faust.App(
+        settings.app_id,
+        broker=settings.faust_broker,
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=settings.topic_partitions,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        store="memory://",
+        producer_acks=-1,
+        broker_credentials=_faust_credentials(settings),
+    )
+    runtime = Runtime(settings)
+    events_topic = app.topic(*names.events, key_type=bytes, value_type=bytes)
+    catalog_topic = app.topic(names.catalog, key_type=bytes, value_type=bytes)
+    recs_topic = app.topic(names.recs_out, key_type=bytes, value_type=bytes)
+    dlq_topic = app.topic(names.dlq, key_type=bytes, value_type=bytes)
+
+    async def publish_dead(dead: Sequence[DeadLetter]) -> None:
+        for d in dead:
+            log.warning("dead letter %s from %s[%d]@%d", d.reason, d.topic, d.partition, d.offset)
+            await dlq_topic.send(key=d.key, value=d.value(now_ms()), headers=d.headers())
+
+    @app.agent(events_topic, name="ingest")
+    async def ingest(stream: faust.StreamT[bytes]) -> None:
+        await runtime.ensure_open()
+        within = settings.batch_within_ms / 1000.0
+        async for events in stream.take_events(settings.batch_max, within=within):
+            records = raw_records(events)
+            recs, dead = await retry("event batch", lambda: runtime.handle_events(records))
+            for rec in recs:
+                await recs_topic.send(key=rec.user_id.encode(), value=rec.to_json())
+            await publish_dead(dead)
+
+    @app.agent(catalog_topic, name="catalog")
+    async def catalog(stream: faust.StreamT[bytes]) -> None:
+        await runtime.ensure_open()
+        async for events in stream.take_events(64, within=0.1):
+            await publish_dead(await runtime.handle_catalog(raw_records(events)))
+
+    @app.timer(STATS_EVERY_S)
+    async def log_stats() -> None:
+        log.info("stats %s", runtime.stats.summary())
+
+    return app, runtime
+
+
+def _faust_credentials(settings: Settings) -> Any:
+    if not settings.kafka_security_protocol.startswith("SASL"):
+        return None
+    return faust.SASLCredentials(
+        username=settings.kafka_sasl_username,
+        password=settings.kafka_sasl_password.get_secret_value(),
+        mechanism=settings.kafka_sasl_mechanism,
+        ssl_context=None,
+    )

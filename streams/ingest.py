@@ -1,0 +1,138 @@
+"""Ingest: raw records → validated events → user state; picks the events that trigger.
+
+This is the body of the ingest agent without Faust, so it can be driven by
+tests and by the replay tools directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from features.store import FeatureStore, UserUpdate
+from features.user_state import Vector
+from shoprec.errors import InvalidEvent, ShoprecError
+from streams.dlq import DeadLetter
+from streams.events import Limits, ShopEvent, parse_event
+from streams.protocols import ItemVectors, TextEncoder
+
+log = logging.getLogger("shoprec.ingest")
+
+# Purchases and searches change what a user wants right now: always answer them.
+ALWAYS_EMIT = frozenset({"purchase", "search"})
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One Kafka record as the agent received it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(slots=True)
+class IngestOutcome:
+    triggers: list[ShopEvent] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    applied: int = 0
+    duplicates: int = 0
+    rate_limited: int = 0
+    coalesced: int = 0  # triggers superseded by a later event of the same user in the batch
+    query_embedding_failed: int = 0
+
+
+def parse_records(
+    records: Sequence[RawRecord], now_ms: int, limits: Limits
+) -> tuple[list[ShopEvent], list[DeadLetter]]:
+    """Split a batch into valid events and dead letters (bad input never raises)."""
+    events: list[ShopEvent] = []
+    dead: list[DeadLetter] = []
+    for r in records:
+        try:
+            events.append(parse_event(r.value, now_ms=now_ms, limits=limits))
+        except InvalidEvent as exc:
+            dead.append(
+                DeadLetter(exc.reason, exc.detail, r.topic, r.partition, r.offset, r.key, r.value)
+            )
+    return events, dead
+
+
+class Ingestor:
+    """Folds a batch of records into the feature store."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        items: ItemVectors,
+        encoder: TextEncoder,
+        limits: Limits,
+        clock_ms: Callable[[], int],
+    ) -> None:
+        self._store = store
+        self._items = items
+        self._encoder = encoder
+        self._limits = limits
+        self._clock_ms = clock_ms
+
+    async def ingest(self, records: Sequence[RawRecord]) -> IngestOutcome:
+        events, dead = parse_records(records, self._clock_ms(), self._limits)
+        outcome = IngestOutcome(dead_letters=dead)
+        if not events:
+            return outcome
+        vectors = await self._event_vectors(events, outcome)
+        updates = [
+            UserUpdate(
+                event_id=e.event_id,
+                user_id=e.user_id,
+                type=e.type,
+                ts=e.ts,
+                item_id=e.item_id,
+                vector=v,
+                always_emit=e.type in ALWAYS_EMIT,
+            )
+            for e, v in zip(events, vectors, strict=True)
+        ]
+        results = await self._store.apply_events(updates)
+        latest: dict[str, ShopEvent] = {}
+        for event, result in zip(events, results, strict=True):
+            if not result.applied:
+                outcome.duplicates += 1
+                continue
+            outcome.applied += 1
+            if not result.emit:
+                outcome.rate_limited += 1
+                continue
+            previous = latest.get(event.user_id)
+            if previous is not None:
+                outcome.coalesced += 1
+                if previous.ts > event.ts:
+                    continue
+            latest[event.user_id] = event
+        outcome.triggers = list(latest.values())
+        return outcome
+
+    async def _event_vectors(
+        self, events: Sequence[ShopEvent], outcome: IngestOutcome
+    ) -> list[Vector | None]:
+        """The embedding each event adds to its user: the item's, or the query's (BERT, once)."""
+        vectors: list[Vector | None] = [
+            None if e.item_id is None else self._items.vector(e.item_id) for e in events
+        ]
+        searches = [i for i, e in enumerate(events) if e.type == "search" and e.query]
+        if searches:
+            try:
+                embedded = await self._encoder.encode([events[i].query or "" for i in searches])
+            except ShoprecError as exc:
+                # The search still enters the history; only its taste signal is lost.
+                log.warning("query embedding failed for %d searches: %s", len(searches), exc)
+                outcome.query_embedding_failed += len(searches)
+            else:
+                for i, vec in zip(searches, embedded, strict=True):
+                    vectors[i] = np.asarray(vec, dtype=np.float32)
+        return vectors

@@ -1,0 +1,252 @@
+"""Recommend: for the users an event batch triggered, retrieve, rank on Triton, explain.
+
+One call handles every triggered user of a micro-batch: one Redis read
+pipeline, one exact nearest-neighbour product over the item table, and one
+batched ranker call (split by the client into Triton's max batch size).
+When the ranker fails, the same candidates are ordered by their retrieval
+signals and the output says ``"degraded": true``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from redis.asyncio import Redis
+
+from features.candidates import Candidates, mix_candidates, semantic_neighbours
+from features.catalog import item_titles
+from features.store import FeatureStore, UserContext
+from features.user_state import TYPE_CODES
+from ranking.client import RankBatch, RankerClient
+from shoprec.errors import RankerUnavailable
+from streams.events import ShopEvent
+from streams.output import RecItem, Recommendation
+from streams.protocols import ItemTableView
+
+log = logging.getLogger("shoprec.recommend")
+
+# The ranker's REASONS codes.
+REASON_SIMILAR, REASON_QUERY, REASON_COVIS, REASON_TRENDING = 0, 1, 2, 3
+FALLBACK_MODEL = "retrieval@fallback"
+
+
+@dataclass(frozen=True, slots=True)
+class RecommendPolicy:
+    top_k: int
+    n_candidates: int
+    history_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    scores: npt.NDArray[np.float32]  # [B, N]
+    reasons: npt.NDArray[np.int32]  # [B, N]
+    model: str
+    degraded: bool
+
+
+class Recommender:
+    def __init__(
+        self,
+        store: FeatureStore,
+        redis: Redis,
+        items: ItemTableView,
+        ranker: RankerClient,
+        policy: RecommendPolicy,
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self._store = store
+        self._redis = redis
+        self._items = items
+        self._ranker = ranker
+        self._policy = policy
+        self._clock_ms = clock_ms
+
+    async def recommend(self, triggers: Sequence[ShopEvent]) -> list[Recommendation]:
+        if not triggers:
+            return []
+        ctx = await self._store.read_context(
+            (t.user_id for t in triggers), {t.user_id: t.ts for t in triggers}
+        )
+        users = [ctx.users[t.user_id] for t in triggers]
+        candidates = self._retrieve(triggers, users, ctx.trending)
+        scored = await self._score(triggers, users, candidates)
+        return await self._assemble(triggers, users, candidates, scored)
+
+    def _retrieve(
+        self,
+        triggers: Sequence[ShopEvent],
+        users: Sequence[UserContext],
+        trending: dict[str, float],
+    ) -> list[Candidates]:
+        k = self._policy.n_candidates // 2
+        by_user = semantic_neighbours(self._items, np.stack([u.embedding for u in users]), k)
+        by_query = semantic_neighbours(self._items, np.stack([u.query for u in users]), k // 2)
+        out = []
+        for t, u, near_user, near_query in zip(triggers, users, by_user, by_query, strict=True):
+            semantic = _interleave(near_query, near_user) if t.type == "search" else near_user
+            out.append(
+                mix_candidates(
+                    u, semantic, trending, self._items, t.item_id, self._policy.n_candidates
+                )
+            )
+        return out
+
+    async def _score(
+        self,
+        triggers: Sequence[ShopEvent],
+        users: Sequence[UserContext],
+        candidates: Sequence[Candidates],
+    ) -> Scored:
+        batch = self._rank_batch(triggers, users, candidates)
+        try:
+            result = await self._ranker.rank(batch)
+        except RankerUnavailable as exc:
+            log.warning("ranker unavailable, serving retrieval order: %s", exc)
+            return _fallback_scores(batch)
+        return Scored(
+            scores=result.scores,
+            reasons=result.reasons,
+            model=f"{self._ranker.ranker_model}@{result.model_version}",
+            degraded=False,
+        )
+
+    def _rank_batch(
+        self,
+        triggers: Sequence[ShopEvent],
+        users: Sequence[UserContext],
+        candidates: Sequence[Candidates],
+    ) -> RankBatch:
+        h, n = self._policy.history_len, self._policy.n_candidates
+        b = len(triggers)
+        batch = RankBatch.empty(b, h, n)
+        for row, (t, u, c) in enumerate(zip(triggers, users, candidates, strict=True)):
+            batch.user_emb[row] = u.embedding
+            batch.query_emb[row] = u.query
+            for j, entry in enumerate(u.history[:h]):
+                batch.history_ids[row, j] = entry.item_id
+                batch.history_types[row, j] = TYPE_CODES.get(entry.type, 0)
+                batch.history_age_s[row, j] = max(0.0, (t.ts - entry.ts) / 1000.0)
+            m = len(c.item_ids)
+            batch.candidate_ids[row, :m] = c.item_ids
+            batch.signals[row, :m] = c.signals()
+        return batch
+
+    async def _assemble(
+        self,
+        triggers: Sequence[ShopEvent],
+        users: Sequence[UserContext],
+        candidates: Sequence[Candidates],
+        scored: Scored,
+    ) -> list[Recommendation]:
+        picks: list[list[tuple[str, float, int]]] = []
+        for row, c in enumerate(candidates):
+            m = len(c.item_ids)
+            order = np.argsort(-scored.scores[row, :m], kind="stable")[: self._policy.top_k]
+            picks.append(
+                [
+                    (c.item_ids[j], float(scored.scores[row, j]), int(scored.reasons[row, j]))
+                    for j in order
+                ]
+            )
+        explainers = [_Explainer(u, c, self._items) for u, c in zip(users, candidates, strict=True)]
+        wanted = {src for ex, p in zip(explainers, picks, strict=True) for src in ex.sources(p)}
+        titles = await item_titles(self._redis, sorted(wanted))
+        now = self._clock_ms()
+        return [
+            Recommendation(
+                user_id=t.user_id,
+                items=tuple(
+                    RecItem(item, score, ex.reasons(item, code, titles)) for item, score, code in p
+                ),
+                model=scored.model,
+                trigger_event_id=t.event_id,
+                trigger_type=t.type,
+                trigger_ts=t.ts,
+                emitted_ts=now,
+                degraded=scored.degraded,
+            )
+            for t, ex, p in zip(triggers, explainers, picks, strict=True)
+        ]
+
+
+class _Explainer:
+    """Turns a ranker reason code into words a shopper understands."""
+
+    def __init__(self, user: UserContext, cands: Candidates, items: ItemTableView) -> None:
+        self._user = user
+        self._items = items
+        self._cands = cands
+        self._popular = {i for i, p in zip(cands.item_ids, cands.popularity, strict=True) if p > 0}
+        self._recent = [
+            (h.item_id, v) for h in user.history[:5] if (v := items.vector(h.item_id)) is not None
+        ]
+
+    def _most_similar_recent(self, item: str) -> str | None:
+        vec = self._items.vector(item)
+        if vec is None or not self._recent:
+            return None
+        return max(self._recent, key=lambda r: float(r[1] @ vec))[0]
+
+    def sources(self, picks: Sequence[tuple[str, float, int]]) -> list[str]:
+        out = []
+        for item, _, code in picks:
+            src = (
+                self._user.covis_source.get(item)
+                if code == REASON_COVIS
+                else self._most_similar_recent(item)
+                if code == REASON_SIMILAR
+                else None
+            )
+            if src:
+                out.append(src)
+        return out
+
+    def reasons(self, item: str, code: int, titles: dict[str, str]) -> tuple[str, ...]:
+        primary: str
+        if code == REASON_QUERY:
+            primary = "matches your search"
+        elif code == REASON_COVIS and (src := self._user.covis_source.get(item)):
+            primary = f"often seen together with {titles.get(src, src)}"
+        elif code == REASON_SIMILAR and (src := self._most_similar_recent(item)):
+            primary = f"similar to {titles.get(src, src)}"
+        elif code == REASON_SIMILAR:
+            primary = "matches your taste"
+        else:
+            primary = "trending"
+        if primary != "trending" and item in self._popular:
+            return (primary, "trending")
+        return (primary,)
+
+
+def _interleave(
+    first: Sequence[tuple[str, float]], second: Sequence[tuple[str, float]]
+) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    seen: set[str] = set()
+    for pair in (p for two in zip(first, second) for p in two):
+        if pair[0] not in seen:
+            seen.add(pair[0])
+            out.append(pair)
+    for pair in [*first[len(second) :], *second[len(first) :]]:
+        if pair[0] not in seen:
+            seen.add(pair[0])
+            out.append(pair)
+    return out
+
+
+def _fallback_scores(batch: RankBatch) -> Scored:
+    """Order by retrieval signals alone: cosine, then co-visitation, then popularity."""
+    covis, pop, retrieval = (batch.signals[..., i] for i in range(3))
+    scores = retrieval + 0.5 * np.tanh(np.log1p(covis)) + 0.25 * np.tanh(np.log1p(pop) / 3)
+    padding = batch.candidate_ids == ""
+    scores = np.where(padding, -np.inf, scores).astype(np.float32)
+    reasons = np.where(
+        retrieval > 0, REASON_SIMILAR, np.where(covis > 0, REASON_COVIS, REASON_TRENDING)
+    ).astype(np.int32)
+    return Scored(scores=scores, reasons=reasons, model=FALLBACK_MODEL, degraded=True)

@@ -1,0 +1,94 @@
+"""Topic names, their creation, and the Kafka client options every part shares."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from shoprec.errors import StackError
+from shoprec.settings import Settings
+
+log = logging.getLogger("shoprec.topics")
+
+# Input topics by event type (DESIGN §3); one agent reads them all.
+EVENT_TOPICS: Final[dict[str, str]] = {
+    "click": "shop.clicks",
+    "view": "shop.views",
+    "cart": "shop.carts",
+    "purchase": "shop.purchases",
+    "search": "shop.searches",
+}
+CATALOG: Final = "catalog.items"
+RECS_OUT: Final = "recs.out"
+DLQ: Final = "recs.dlq"
+
+_TOPIC_EXISTS = 36
+
+
+@dataclass(frozen=True, slots=True)
+class TopicNames:
+    """Full topic names under the configured prefix."""
+
+    events: tuple[str, ...]
+    catalog: str
+    recs_out: str
+    dlq: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TopicNames:
+        return cls(
+            events=tuple(settings.topic(t) for t in EVENT_TOPICS.values()),
+            catalog=settings.topic(CATALOG),
+            recs_out=settings.topic(RECS_OUT),
+            dlq=settings.topic(DLQ),
+        )
+
+    def event_topic(self, event_type: str) -> str:
+        return self.events[list(EVENT_TOPICS).index(event_type)]
+
+
+def kafka_options(settings: Settings) -> dict[str, Any]:
+    """Connection options for aiokafka clients (producer, consumer, admin)."""
+    opts: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol.startswith("SASL"):
+        opts |= {
+            "sasl_mechanism": settings.kafka_sasl_mechanism,
+            "sasl_plain_username": settings.kafka_sasl_username,
+            "sasl_plain_password": settings.kafka_sasl_password.get_secret_value(),
+        }
+    if settings.kafka_security_protocol.endswith("SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        opts["ssl_context"] = create_ssl_context()
+    return opts
+
+
+async def ensure_topics(settings: Settings) -> None:
+    """Create shoprec's topics if missing (the catalogue compacted, keyed by item id)."""
+    names = TopicNames.from_settings(settings)
+    parts = settings.topic_partitions
+    wanted = [NewTopic(t, parts, 1) for t in (*names.events, names.recs_out, names.dlq)]
+    wanted.append(NewTopic(names.catalog, parts, 1, topic_configs={"cleanup.policy": "compact"}))
+    admin = AIOKafkaAdminClient(**kafka_options(settings), request_timeout_ms=15_000)
+    try:
+        await admin.start()
+    except Exception as exc:
+        raise StackError(
+            f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc!r}. "
+            "Is the broker up? (`shoprec stack status`; SHOPREC_KAFKA_BOOTSTRAP)"
+        ) from exc
+    try:
+        response = await admin.create_topics(wanted)
+        for topic, code, *_ in response.topic_errors:
+            if code not in (0, _TOPIC_EXISTS):
+                raise StackError(f"cannot create topic {topic}: Kafka error code {code}")
+            if code == 0:
+                log.info("created topic %s", topic)
+    finally:
+        await admin.close()

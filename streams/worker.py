@@ -1,0 +1,49 @@
+"""Starting the Faust worker, after checking that its dependencies answer."""
+
+from __future__ import annotations
+
+import logging
+
+from redis.asyncio import Redis
+
+from ranking.client import RankerClient
+from shoprec.errors import DependencyUnavailable
+from shoprec.settings import Settings
+from streams.topics import ensure_topics
+
+log = logging.getLogger("shoprec.worker")
+
+
+async def preflight(settings: Settings, triton_timeout_s: float = 60.0) -> None:
+    """Fail fast and clearly when Kafka, Redis or Triton is not there (never loop silently)."""
+    await ensure_topics(settings)
+    redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5.0)
+    try:
+        await redis.ping()
+    except Exception as exc:
+        raise DependencyUnavailable(
+            f"cannot reach Redis: {exc}. Check SHOPREC_REDIS_URL (and its password)."
+        ) from exc
+    finally:
+        await redis.aclose()
+    ranker = RankerClient(
+        settings.triton_url,
+        settings.item_encoder_model,
+        settings.ranker_model,
+        timeout_s=settings.triton_timeout_s,
+    )
+    try:
+        await ranker.wait_ready(timeout_s=triton_timeout_s)
+    finally:
+        await ranker.close()
+    log.info("preflight ok: Kafka, Redis and Triton answer")
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    """Run the agents in this process until SIGINT/SIGTERM."""
+    from faust.worker import Worker
+
+    from streams.app import create_app
+
+    app, _runtime = create_app(settings)
+    Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
