@@ -1,0 +1,52 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   venv + install + stack + real catalogue + real events + recommendations + stop
+#   make test   venv + install + lint + types + unit and integration tests on the real stack
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?= ../shared/data
+
+.PHONY: demo test lint unit integration system-deps install clean bench
+
+$(BIN)/shoprec: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+install: system-deps $(BIN)/shoprec
+
+# redis-server, Java 17 and Maven (for the Kafka jars); installed only when missing.
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
+	command -v mvn >/dev/null || missing="$$missing maven"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "please install:$$missing (e.g. sudo apt-get install$$missing)"; exit 1; fi; \
+	fi
+
+demo: install
+	$(BIN)/shoprec demo --data $(DATA)/rees46-sample
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/pytest tests/unit -q
+
+integration: install
+	$(BIN)/pytest tests/integration -q
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	-$(BIN)/shoprec stack down --wipe
+	rm -rf .shoprec
