@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -214,9 +215,8 @@ class FeatureStore:
 
     async def user_embedding(self, user_id: str) -> Vector:
         """The normalised rolling embedding of one user (zeros when unknown)."""
-        return normalise(
-            vector_from_bytes(await self._redis.get(keys.user_emb(user_id))), self._dim
-        )
+        raw = cast(bytes | None, await self._redis.get(keys.user_emb(user_id)))
+        return normalise(vector_from_bytes(raw), self._dim)
 
 
 def _covisited(update: UserUpdate, recent: Sequence[HistoryEntry]) -> list[str]:

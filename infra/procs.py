@@ -9,6 +9,7 @@ stack died is never signalled by a later ``shoprec stack down``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -107,10 +108,8 @@ def _reap(pid: int) -> None:
         if popen.poll() is not None:
             del _CHILDREN[pid]
         return
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def is_alive(proc: Proc) -> bool:
@@ -155,10 +154,8 @@ def _group_gone(proc: Proc) -> bool:
 
 
 def _signal_group(proc: Proc, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def stop(proc: Proc, grace_s: float = 15.0) -> None:

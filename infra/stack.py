@@ -188,7 +188,7 @@ class Stack:
                 log.info("no stack recorded in %s", self.stack_dir)
             else:
                 running = {
-                    role: (self._service(role, state), procs.Proc.from_json(role, entry))
+                    role: (self._service(role, state), _recorded(entry))
                     for role, entry in state["components"].items()
                 }
                 self._stop(running)
@@ -207,7 +207,7 @@ class Stack:
         report: dict[str, dict[str, Any]] = {}
         for role, entry in state["components"].items():
             service = self._service(role, state)
-            proc = procs.Proc.from_json(role, entry)
+            proc = _recorded(entry)
             alive = procs.is_alive(proc)
             report[role] = {
                 "kind": service.kind,
@@ -235,7 +235,7 @@ class Stack:
             if entry is None:
                 raise StackError(f"the stack in {self.stack_dir} has no {role}")
             service = self._service(role, state)
-            self._stop({role: (service, procs.Proc.from_json(role, entry))})
+            self._stop({role: (service, _recorded(entry))})
 
     def start_component(self, role: str, timeout_s: float = 180.0) -> None:
         """Start one stopped part again on the same ports and wait until it is ready."""
@@ -243,7 +243,7 @@ class Stack:
             state = self._require_state()
             if role not in state["components"]:
                 raise StackError(f"the stack in {self.stack_dir} has no {role}")
-            if procs.owns_group(procs.Proc.from_json(role, state["components"][role])):
+            if procs.owns_group(_recorded(state["components"][role])):
                 raise StackError(f"{role} of the stack in {self.stack_dir} is still running")
             service = self._service(role, state)
             began = time.monotonic()
@@ -291,7 +291,7 @@ class Stack:
         alive = [
             f"{entry.get('kind', role)} (pid {entry['pid']})"
             for role, entry in state["components"].items()
-            if procs.owns_group(procs.Proc.from_json(role, entry))
+            if procs.owns_group(_recorded(entry))
         ]
         if alive:
             raise StackError(
@@ -464,6 +464,10 @@ def _check_components(components: Sequence[str]) -> list[str]:
     if unknown or not components:
         raise StackError(f"unknown components {unknown}; choose from {', '.join(COMPONENTS)}")
     return [c for c in COMPONENTS if c in components]
+
+
+def _recorded(entry: dict[str, Any]) -> procs.Proc:
+    return procs.Proc.from_json(str(entry.get("kind", "?")), entry)
 
 
 def _healthy(service: Service) -> bool:

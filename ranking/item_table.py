@@ -63,9 +63,11 @@ class ItemTable:
         self.dim = dim
         self._index: dict[str, int] = {}
         self._ids: list[str] = []
-        self._embs: F32 = np.zeros((capacity, dim), dtype=np.float32)
-        self._has_emb: Bools = np.zeros(capacity, dtype=np.bool_)
-        self._in_stock: Bools = np.zeros(capacity, dtype=np.bool_)
+        # One row beyond capacity stays zero/False forever: row -1 (unknown id)
+        # then gathers a zero row without a masking pass.
+        self._embs: F32 = np.zeros((capacity + 1, dim), dtype=np.float32)
+        self._has_emb: Bools = np.zeros(capacity + 1, dtype=np.bool_)
+        self._in_stock: Bools = np.zeros(capacity + 1, dtype=np.bool_)
         self.last_stream_id: bytes = FIRST_STREAM_ID
         """Last ``items:log`` entry applied; the next refresh reads after it."""
 
@@ -97,8 +99,9 @@ class ItemTable:
     ) -> None:
         """Insert or replace ``ids`` with rows of ``embs`` ``[len(ids), dim]``.
 
+        Rows are stored L2-normalised, so lookups feed cosines directly.
         ``has_emb`` (default all True) marks rows that are real text
-        embeddings; rows marked False are stored as zeros.  ``in_stock``
+        embeddings; rows marked False, zero or non-finite are stored as zeros.  ``in_stock``
         defaults to True.  A repeated id keeps its last row.
         """
         n = len(ids)
@@ -109,8 +112,12 @@ class ItemTable:
         stock = np.ones(n, np.bool_) if in_stock is None else np.asarray(in_stock, np.bool_)
         if has.shape != (n,) or stock.shape != (n,):
             raise ValueError(f"has_emb and in_stock must have shape ({n},)")
+        norms = np.linalg.norm(mat, axis=1)
+        # A zero or non-finite vector carries no direction: store it as "no embedding".
+        has = has & np.isfinite(norms) & (norms > 0)
+        unit = mat / np.where(has, norms, np.float32(1.0))[:, None]
         rows = np.fromiter((self._row_for(i) for i in ids), dtype=np.int64, count=n)
-        self._embs[rows] = np.where(has[:, None], mat, np.float32(0.0))
+        self._embs[rows] = np.where(has[:, None], unit, np.float32(0.0))
         self._has_emb[rows] = has
         self._in_stock[rows] = stock
 
@@ -160,19 +167,22 @@ class ItemTable:
         if row is not None:
             return row
         row = len(self._ids)
-        if row == len(self._embs):
+        if row == len(self._embs) - 1:
             self._grow()
         self._index[item_id] = row
         self._ids.append(item_id)
         return row
 
     def _grow(self) -> None:
-        cap = 2 * len(self._embs)
-        embs = np.zeros((cap, self.dim), dtype=np.float32)
-        embs[: len(self._embs)] = self._embs
-        self._embs = embs
-        self._has_emb = np.concatenate([self._has_emb, np.zeros_like(self._has_emb)])
-        self._in_stock = np.concatenate([self._in_stock, np.zeros_like(self._in_stock)])
+        used = len(self._ids)
+        cap = 2 * used
+        embs = np.zeros((cap + 1, self.dim), dtype=np.float32)
+        embs[:used] = self._embs[:used]
+        has = np.zeros(cap + 1, dtype=np.bool_)
+        has[:used] = self._has_emb[:used]
+        stock = np.zeros(cap + 1, dtype=np.bool_)
+        stock[:used] = self._in_stock[:used]
+        self._embs, self._has_emb, self._in_stock = embs, has, stock
 
     # --- reads ----------------------------------------------------------------------
 
@@ -188,21 +198,15 @@ class ItemTable:
     def lookup(self, ids: Sequence[str | bytes]) -> tuple[F32, Bools]:
         """Embeddings ``[len(ids), dim]`` and a mask of which are real.
 
-        Unknown ids and items without text get a zero row and ``False``.
+        Rows are unit length; unknown ids and items without text get a zero
+        row and ``False``.
         """
         rows = self.rows(ids)
-        known = rows >= 0
-        safe = np.where(known, rows, 0)
-        mat = self._embs[safe]
-        has = self._has_emb[safe] & known
-        mat[~has] = 0.0
-        return mat, has
+        return self._embs[rows], self._has_emb[rows]
 
     def in_stock(self, ids: Sequence[str | bytes]) -> Bools:
         """Stock flag per id; unknown ids are False (nothing to sell)."""
-        rows = self.rows(ids)
-        known = rows >= 0
-        stock: Bools = self._in_stock[np.where(known, rows, 0)] & known
+        stock: Bools = self._in_stock[self.rows(ids)]
         return stock
 
     # --- Redis ----------------------------------------------------------------------

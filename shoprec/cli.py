@@ -339,7 +339,7 @@ def config(markdown: bool) -> None:
 @click.option("--keep-stack", is_flag=True, help="Leave the stack running afterwards.")
 def demo(data: Path, events: int, rate: float, broker: str, keep_stack: bool) -> None:
     """Start everything, stream real events, show recommendations and latencies, stop."""
-    from streams.demo import run_demo
+    from shoprec.demo import run_demo
 
     try:
         run_demo(data, events, rate, broker, keep_stack, DEFAULT_MODEL_REPO)

@@ -197,13 +197,15 @@ def run_demo(
         n_items = sum(1 for _ in read_jsonl(data / "items.jsonl.gz"))
         say(f"3/5 loading the catalogue of {data.name} ({n_items} items) ...")
 
+        worker_proc = worker
+
         async def load() -> float:
             producer = await start_producer(settings)
             try:
                 await produce_catalog(producer, TopicNames.from_settings(settings), data)
             finally:
                 await producer.stop()
-            return await wait_for_catalog(settings, n_items, 900, worker)  # type: ignore[arg-type]
+            return await wait_for_catalog(settings, n_items, 900, worker_proc)
 
         took = asyncio.run(load())
         say(f"\n    catalogue ready in {took:.1f} s")

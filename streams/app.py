@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
 
 import faust
 from redis.asyncio import Redis
@@ -164,7 +164,14 @@ class Runtime:
         return dead
 
 
-def raw_records(events: Sequence[faust.EventT]) -> list[RawRecord]:
+def micro_batches(
+    stream: faust.StreamT[bytes], max_events: int, within_s: float
+) -> AsyncIterator[Sequence[faust.EventT[bytes]]]:
+    """Batches of up to ``max_events``, acknowledged only after the loop body has run."""
+    return cast(faust.Stream[bytes], stream).take_events(max_events, within=within_s)
+
+
+def raw_records(events: Sequence[faust.EventT[bytes]]) -> list[RawRecord]:
     return [
         RawRecord(e.message.topic, e.message.partition, e.message.offset, e.key, e.value)
         for e in events
@@ -202,7 +209,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     async def ingest(stream: faust.StreamT[bytes]) -> None:
         await runtime.ensure_open()
         within = settings.batch_within_ms / 1000.0
-        async for events in stream.take_events(settings.batch_max, within=within):
+        async for events in micro_batches(stream, settings.batch_max, within):
             records = raw_records(events)
             recs, dead = await retry("event batch", lambda: runtime.handle_events(records))
             for rec in recs:
@@ -212,10 +219,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     @app.agent(catalog_topic, name="catalog")
     async def catalog(stream: faust.StreamT[bytes]) -> None:
         await runtime.ensure_open()
-        async for events in stream.take_events(64, within=0.1):
+        async for events in micro_batches(stream, 64, 0.1):
             await publish_dead(await runtime.handle_catalog(raw_records(events)))
 
-    @app.timer(STATS_EVERY_S)
+    @app.timer(STATS_EVERY_S)  # type: ignore[untyped-decorator]
     async def log_stats() -> None:
         log.info("stats %s", runtime.stats.summary())
 

@@ -1,0 +1,159 @@
+"""A shop event becomes a recommendation on recs.out: real Kafka, Faust, Redis, Triton, BERT.
+
+Uses the first real events of the rees46 sample (views, carts, purchases of a
+multi-category shop) and the catalogue records of the items they touch, with
+malformed records interleaved between the good ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from redis.asyncio import Redis
+
+from features import keys
+from infra.stack import Endpoints
+from shoprec.settings import Settings
+from streams.dlq import original_bytes
+from streams.topics import TopicNames, ensure_topics, kafka_options
+from tests.integration.conftest import WorkerProcess, isolated_settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+N_EVENTS = 400
+BAD_RECORDS: list[tuple[bytes, str]] = [
+    (b"{this is not json", "not_json"),
+    (b'{"event_id":"bad-1","type":"like","user_id":"u","item_id":"i","ts":1}', "unknown_type"),
+    (b'{"event_id":"bad-2","type":"view","item_id":"i","ts":1764000000000}', "missing_field"),
+    (b'{"event_id":"bad-3","type":"view","user_id":"u","item_id":"i","ts":99999999999999}', "ts_in_future"),
+    (b'{"event_id":"bad-4","type":"view","user_id":"u","item_id":"' + b"x" * 20_000 + b'","ts":1}', "too_large"),
+    (b"\xff\xfe\x00garbage", "not_json"),
+]
+
+
+def load_fixture(data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    folder = data_dir / "rees46-sample"
+    with gzip.open(folder / "events.jsonl.gz", "rb") as fh:
+        events = [orjson.loads(line) for _, line in zip(range(N_EVENTS), fh, strict=False)]
+    wanted = {e["item_id"] for e in events}
+    with gzip.open(folder / "items.jsonl.gz", "rb") as fh:
+        items = [it for line in fh if (it := orjson.loads(line))["item_id"] in wanted]
+    return events, items
+
+
+async def consume_all(settings: Settings, topic: str, until: Any, timeout_s: float) -> list[Any]:
+    consumer = AIOKafkaConsumer(
+        topic, **kafka_options(settings), group_id=None, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and not until(records):
+            batch = await consumer.getmany(timeout_ms=500)
+            for rs in batch.values():
+                records.extend(rs)
+    finally:
+        await consumer.stop()
+    return records
+
+
+@pytest.fixture
+async def settings(stack: Endpoints) -> AsyncIterator[Settings]:
+    s = isolated_settings(stack, min_emit_interval_ms=0, topic_partitions=2)
+    await ensure_topics(s)
+    yield s
+
+
+async def test_events_become_recommendations_and_bad_input_is_dead_lettered(
+    settings: Settings, data_dir: Path, tmp_path: Path
+) -> None:
+    events, items = load_fixture(data_dir)
+    names = TopicNames.from_settings(settings)
+    redis = Redis.from_url(settings.redis_url.get_secret_value())
+    await redis.flushdb()
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    producer = AIOKafkaProducer(**kafka_options(settings), acks="all")
+    await producer.start()
+    try:
+        for item in items:
+            await producer.send(names.catalog, orjson.dumps(item), key=item["item_id"].encode())
+        await producer.flush()
+        deadline = time.monotonic() + 240
+        while await redis.xlen(keys.ITEM_LOG) < len(items):
+            assert worker.proc.poll() is None, worker.log()
+            assert time.monotonic() < deadline, "catalogue not embedded in time\n" + worker.log()
+            await asyncio.sleep(0.5)
+        assert await redis.hexists(keys.item(items[0]["item_id"]), "emb")
+
+        now = int(time.time() * 1000)
+        bad_every = N_EVENTS // len(BAD_RECORDS)
+        for n, event in enumerate(events):
+            event["ts"] = now + n  # live, in recorded order
+            await producer.send(
+                names.event_topic(event["type"]), orjson.dumps(event), key=event["user_id"].encode()
+            )
+            if n % bad_every == 0 and n // bad_every < len(BAD_RECORDS):
+                raw, _ = BAD_RECORDS[n // bad_every]
+                await producer.send(names.event_topic("click"), raw, key=b"bad")
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    users = {e["user_id"] for e in events}
+    try:
+        recs = await consume_all(
+            settings,
+            names.recs_out,
+            lambda rs: {r.key.decode() for r in rs} >= users,
+            timeout_s=180,
+        )
+        dead = await consume_all(
+            settings, names.dlq, lambda rs: len(rs) >= len(BAD_RECORDS), timeout_s=30
+        )
+    finally:
+        worker.stop()
+        await redis.aclose()
+
+    # Every user who acted got recommendations (no per-user interval in this test).
+    got = [orjson.loads(r.value) for r in recs]
+    assert {g["user_id"] for g in got} == users, worker.log()
+
+    # The output contract.
+    purchases_by_user: dict[str, list[tuple[int, str]]] = {}
+    for e in events:
+        if e["type"] == "purchase":
+            purchases_by_user.setdefault(e["user_id"], []).append((e["ts"], e["item_id"]))
+    for rec, raw in zip(got, recs, strict=True):
+        assert raw.key.decode() == rec["user_id"]
+        assert set(rec) == {
+            "schema", "user_id", "items", "model", "trigger", "emitted_ts", "latency_ms", "degraded",
+        }
+        assert rec["schema"] == 1 and rec["degraded"] is False
+        assert rec["model"].startswith("fused_ranker@")
+        assert rec["latency_ms"] == rec["emitted_ts"] - rec["trigger"]["ts"] >= 0
+        assert 0 < len(rec["items"]) <= settings.top_k
+        ids = [i["item_id"] for i in rec["items"]]
+        assert len(ids) == len(set(ids))
+        assert all(i["reasons"] and isinstance(i["score"], float) for i in rec["items"])
+        # Never the item just bought, nor the one in view.
+        bought = {i for ts, i in purchases_by_user.get(rec["user_id"], []) if ts <= rec["trigger"]["ts"]}
+        assert not bought & set(ids), (rec, bought)
+        trigger = next(e for e in events if e["event_id"] == rec["trigger"]["event_id"])
+        assert trigger["item_id"] not in ids
+
+    # Every malformed record is on the DLQ with its reason and original bytes.
+    letters = [orjson.loads(r.value) for r in dead]
+    assert sorted(d["reason"] for d in letters) == sorted(reason for _, reason in BAD_RECORDS)
+    originals = {original_bytes(r.value) for r in dead}
+    assert originals == {raw for raw, _ in BAD_RECORDS}
+    for r in dead:
+        assert dict(r.headers)["shoprec-reason"].decode() in {reason for _, reason in BAD_RECORDS}
