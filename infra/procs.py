@@ -27,8 +27,8 @@ log = logging.getLogger("shoprec.infra")
 LOOPBACK = "127.0.0.1"
 LOG_TAIL_LINES = 30
 
-# Popen objects of the children this process started; reaping through them
-# keeps their return codes consistent instead of stealing them with waitpid.
+# The services this process started: an exited one stays a zombie, still
+# "in" its group, until its parent reaps it, so stopping polls these.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
@@ -103,13 +103,11 @@ def _read_stat(pid: int) -> list[str] | None:
 
 
 def _reap(pid: int) -> None:
+    # Only our own Popen children: a bare waitpid could steal the exit status
+    # of a child someone else in this process started.
     popen = _CHILDREN.get(pid)
-    if popen is not None:
-        if popen.poll() is not None:
-            del _CHILDREN[pid]
-        return
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+    if popen is not None and popen.poll() is not None:
+        del _CHILDREN[pid]
 
 
 def is_alive(proc: Proc) -> bool:
@@ -163,36 +161,37 @@ def stop(proc: Proc, grace_s: float = 15.0) -> None:
     stop_all([(proc, grace_s)])
 
 
-def stop_all(procs: Sequence[tuple[Proc, float]]) -> None:
-    """Stop several process groups at once, so their shutdowns overlap."""
-    pending: list[tuple[Proc, float]] = []
-    now = time.monotonic()
-    for proc, grace_s in procs:
+def stop_all(targets: Sequence[tuple[Proc, float]]) -> None:
+    """Stop several process groups at once, so their shutdowns overlap.
+
+    Each gets SIGTERM, then SIGKILL once its grace period is over; returns
+    when no process of any group is left.
+    """
+    began = time.monotonic()
+    # (process, deadline of the current signal, whether SIGKILL was sent)
+    pending: list[tuple[Proc, float, bool]] = []
+    for proc, grace_s in targets:
         if not owns_group(proc):
             continue
         log.info("stopping %s (pid %d)", proc.name, proc.pid)
         _signal_group(proc, signal.SIGTERM)
-        pending.append((proc, now + grace_s))
-    killed: list[tuple[Proc, float]] = []
+        pending.append((proc, began + grace_s, False))
     while pending:
         still = []
-        for proc, deadline in pending:
+        for proc, deadline, killed in pending:
             if _group_gone(proc):
+                log.info("%s stopped in %.1f s", proc.name, time.monotonic() - began)
                 continue
             if time.monotonic() >= deadline:
-                log.warning("%s (pid %d) ignored SIGTERM; killing it", proc.name, proc.pid)
+                if killed:
+                    raise StackError(f"{proc.name} (process group {proc.pid}) survived SIGKILL")
+                log.warning("%s (pid %d) outlived SIGTERM; killing it", proc.name, proc.pid)
                 _signal_group(proc, signal.SIGKILL)
-                killed.append((proc, time.monotonic() + 10.0))
-                continue
-            still.append((proc, deadline))
+                deadline, killed = time.monotonic() + 10.0, True
+            still.append((proc, deadline, killed))
         pending = still
         if pending:
             time.sleep(0.05)
-    for proc, deadline in killed:
-        while not _group_gone(proc) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not _group_gone(proc):
-            raise StackError(f"{proc.name} (process group {proc.pid}) survived SIGKILL")
 
 
 def wait_until(

@@ -253,11 +253,12 @@ class TritonServer:
         """Server ready and every model of the repository ready.
 
         Triton loads the start-up models before it opens its HTTP port, so
-        a model that is not ready once the server answers has failed to
+        a model that is not ready once the server is live has failed to
         load: that raises StackError at once instead of waiting out the
-        timeout.
+        timeout.  (With strict readiness such a failure also keeps
+        ``/v2/health/ready`` at 400 for good.)
         """
-        if _http_get(f"http://{self.http}/v2/health/ready") != 200:
+        if _http_get(f"http://{self.http}/v2/health/live") != 200:
             return False
         for name in model_names(self.model_repo):
             if _http_get(f"http://{self.http}/v2/models/{name}/ready") == 200:
@@ -265,11 +266,11 @@ class TritonServer:
             states = [m for m in _repository_index(self.http) if m.get("name") == name]
             failed = [m for m in states if m.get("state") == "UNAVAILABLE"]
             if failed:
-                reason = failed[0].get("reason") or "no reason given"
+                reason = (failed[0].get("reason") or "no reason given").strip()
                 raise StackError(
                     f"Triton could not load model {name!r}: {reason}"
                     f"\n--- last {procs.LOG_TAIL_LINES} lines of {self.log_path} ---\n"
                     f"{procs.tail(self.log_path)}"
                 )
             return False
-        return True
+        return _http_get(f"http://{self.http}/v2/health/ready") == 200

@@ -257,10 +257,12 @@ class RankRow:
 class RankBatch:
     """The ranker's input for ``B`` users, padded to one ``H`` and one ``N``.
 
-    Ids are ``object`` arrays of ``bytes`` (Triton's string tensors), ``b""``
-    being padding.  Construction validates shapes, dtypes and finiteness and
-    raises ``ValueError``; both the client and the Triton model build one, so
-    a malformed request is rejected with the same message on either side.
+    Ids are ``object`` arrays of ``str`` (as the worker fills them) or
+    ``bytes`` (as Triton delivers them); the empty id is padding.  The arrays
+    are filled in place after :meth:`empty`, so nothing is checked on
+    construction: :meth:`validate` is called by the client before sending
+    and by the Triton model on receipt, so a malformed request is rejected
+    with the same message on either side.
     """
 
     user_emb: F32
@@ -271,10 +273,84 @@ class RankBatch:
     candidate_ids: Ids
     signals: F32
 
-    def __post_init__(self) -> None:
-        b, d = self.user_emb.shape if self.user_emb.ndim == 2 else (-1, -1)
-        if b < 0:
+    @classmethod
+    def empty(cls, b: int, history_len: int, n_candidates: int, dim: int = EMB_DIM) -> RankBatch:
+        """All-padding arrays for ``b`` users, to be filled in place."""
+        return cls(
+            user_emb=np.zeros((b, dim), np.float32),
+            query_emb=np.zeros((b, dim), np.float32),
+            history_ids=np.full((b, history_len), "", dtype=object),
+            history_types=np.zeros((b, history_len), np.int32),
+            history_age_s=np.zeros((b, history_len), np.float32),
+            candidate_ids=np.full((b, n_candidates), "", dtype=object),
+            signals=np.zeros((b, n_candidates, N_SIGNALS), np.float32),
+        )
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Sequence[RankRow],
+        *,
+        history_len: int,
+        n_candidates: int,
+        dim: int = EMB_DIM,
+    ) -> RankBatch:
+        """Pad python-level rows to fixed ``H`` and ``N`` so requests batch together on Triton.
+
+        History longer than ``history_len`` keeps its newest events; more
+        candidates than ``n_candidates`` is a caller bug and raises
+        ``ValueError``.  A missing user or query embedding becomes zeros.
+        """
+        if history_len < 1 or n_candidates < 1:
+            raise ValueError("history_len and n_candidates must be >= 1")
+        batch = cls.empty(len(rows), history_len, n_candidates, dim)
+        for i, row in enumerate(rows):
+            if row.user_emb is not None:
+                batch.user_emb[i] = np.asarray(row.user_emb, np.float32)
+            if row.query_emb is not None:
+                batch.query_emb[i] = np.asarray(row.query_emb, np.float32)
+            for j, ev in enumerate(row.history[:history_len]):
+                batch.history_ids[i, j] = ev.item_id
+                batch.history_types[i, j] = int(ev.type)
+                batch.history_age_s[i, j] = ev.age_s
+            k = len(row.candidates)
+            if k > n_candidates:
+                raise ValueError(
+                    f"row {i} has {k} candidates, more than n_candidates={n_candidates}"
+                )
+            if k:
+                sig = np.asarray(row.signals, np.float32)
+                if sig.shape != (k, N_SIGNALS):
+                    raise ValueError(
+                        f"row {i}: signals must be [{k}, {N_SIGNALS}], got {sig.shape}"
+                    )
+                batch.candidate_ids[i, :k] = list(row.candidates)
+                batch.signals[i, :k] = sig
+        return batch
+
+    @property
+    def size(self) -> int:
+        """``B``, the number of users."""
+        return int(self.user_emb.shape[0])
+
+    @property
+    def history_len(self) -> int:
+        return int(self.history_ids.shape[1])
+
+    @property
+    def n_candidates(self) -> int:
+        return int(self.candidate_ids.shape[1])
+
+    @property
+    def candidate_mask(self) -> Bools:
+        """True for real candidates, False for padding."""
+        return _non_empty(self.candidate_ids)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first broken input (shape, dtype, NaN)."""
+        if self.user_emb.ndim != 2:
             raise ValueError(f"USER_EMB must be [B, D], got shape {self.user_emb.shape}")
+        b, d = self.user_emb.shape
         if self.query_emb.shape != (b, d):
             raise ValueError(f"QUERY_EMB must have shape {(b, d)}, got {self.query_emb.shape}")
         if self.history_ids.ndim != 2 or self.history_ids.shape[0] != b:
@@ -308,26 +384,8 @@ class RankBatch:
         if self.history_types.dtype != np.int32:
             raise ValueError(f"HISTORY_TYPES must be int32, got {self.history_types.dtype}")
         for name, ids in (("HISTORY_IDS", self.history_ids), ("CANDIDATE_IDS", self.candidate_ids)):
-            if ids.dtype != np.object_ or not all(isinstance(x, bytes) for x in ids.flat):
-                raise ValueError(f"{name} must be an object array of bytes")
-
-    @property
-    def size(self) -> int:
-        """``B``, the number of users."""
-        return int(self.user_emb.shape[0])
-
-    @property
-    def history_len(self) -> int:
-        return int(self.history_ids.shape[1])
-
-    @property
-    def n_candidates(self) -> int:
-        return int(self.candidate_ids.shape[1])
-
-    @property
-    def candidate_mask(self) -> Bools:
-        mask: Bools = self.candidate_ids != b""
-        return mask
+            if ids.dtype != np.object_ or not all(isinstance(x, str | bytes) for x in ids.flat):
+                raise ValueError(f"{name} must be an object array of str or bytes")
 
     def rows(self, start: int, stop: int) -> RankBatch:
         """Users ``start:stop`` (views, no copies)."""
@@ -343,10 +401,10 @@ class RankBatch:
         return RankBatch(
             user_emb=self.user_emb,
             query_emb=self.query_emb,
-            history_ids=np.pad(self.history_ids, ((0, 0), (0, dh)), constant_values=b""),
+            history_ids=np.pad(self.history_ids, ((0, 0), (0, dh)), constant_values=""),
             history_types=np.pad(self.history_types, ((0, 0), (0, dh))),
             history_age_s=np.pad(self.history_age_s, ((0, 0), (0, dh))),
-            candidate_ids=np.pad(self.candidate_ids, ((0, 0), (0, dn)), constant_values=b""),
+            candidate_ids=np.pad(self.candidate_ids, ((0, 0), (0, dn)), constant_values=""),
             signals=np.pad(self.signals, ((0, 0), (0, dn), (0, 0))),
         )
 
@@ -362,52 +420,10 @@ class RankBatch:
         padded = [x.pad_to(h, n) for x in batches]
         return cls(**{f: np.concatenate([getattr(x, f) for x in padded]) for _, f in TRITON_INPUTS})
 
-    @classmethod
-    def from_rows(
-        cls,
-        rows: Sequence[RankRow],
-        *,
-        history_len: int,
-        n_candidates: int,
-        dim: int = EMB_DIM,
-    ) -> RankBatch:
-        """Pad python-level rows to fixed ``H`` and ``N`` so requests batch together on Triton.
 
-        History longer than ``history_len`` keeps its newest events; more
-        candidates than ``n_candidates`` is a caller bug and raises
-        ``ValueError``.  A missing user or query embedding becomes zeros.
-        """
-        if history_len < 1 or n_candidates < 1:
-            raise ValueError("history_len and n_candidates must be >= 1")
-        b = len(rows)
-        user = np.zeros((b, dim), np.float32)
-        query = np.zeros((b, dim), np.float32)
-        hist_ids = np.full((b, history_len), b"", dtype=object)
-        hist_types = np.zeros((b, history_len), np.int32)
-        hist_age = np.zeros((b, history_len), np.float32)
-        cand_ids = np.full((b, n_candidates), b"", dtype=object)
-        signals = np.zeros((b, n_candidates, N_SIGNALS), np.float32)
-        for i, row in enumerate(rows):
-            if row.user_emb is not None:
-                user[i] = np.asarray(row.user_emb, np.float32)
-            if row.query_emb is not None:
-                query[i] = np.asarray(row.query_emb, np.float32)
-            for j, ev in enumerate(row.history[:history_len]):
-                hist_ids[i, j] = ev.item_id.encode()
-                hist_types[i, j] = int(ev.type)
-                hist_age[i, j] = ev.age_s
-            k = len(row.candidates)
-            if k > n_candidates:
-                raise ValueError(
-                    f"row {i} has {k} candidates, more than n_candidates={n_candidates}"
-                )
-            cand_ids[i, :k] = [c.encode() for c in row.candidates]
-            sig = np.asarray(row.signals, np.float32).reshape(-1, N_SIGNALS) if k else None
-            if sig is not None:
-                if sig.shape[0] != k:
-                    raise ValueError(f"row {i}: {sig.shape[0]} signal rows for {k} candidates")
-                signals[i, :k] = sig
-        return cls(user, query, hist_ids, hist_types, hist_age, cand_ids, signals)
+def _non_empty(ids: Ids) -> Bools:
+    mask: Bools = (ids != "") & (ids != b"")
+    return mask
 
 
 @dataclass(frozen=True)
@@ -426,7 +442,10 @@ class RankOutputs:
 def score_batch(
     batch: RankBatch, table: ItemTable, weights: FusionWeights = DEFAULT_WEIGHTS
 ) -> RankOutputs:
-    """Look the batch's ids up in ``table`` and fuse: the whole ranker in one call."""
+    """Look the batch's ids up in ``table`` and fuse: the whole ranker in one call.
+
+    ``batch`` must be valid (:meth:`RankBatch.validate`).
+    """
     b, h, n = batch.size, batch.history_len, batch.n_candidates
     hist_embs, hist_has = table.lookup(batch.history_ids.ravel().tolist())
     cand_embs, cand_has = table.lookup(batch.candidate_ids.ravel().tolist())

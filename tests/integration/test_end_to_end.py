@@ -24,7 +24,7 @@ from infra.stack import Endpoints
 from shoprec.settings import Settings
 from streams.dlq import original_bytes
 from streams.topics import TopicNames, ensure_topics, kafka_options
-from tests.integration.conftest import WorkerProcess, isolated_settings
+from tests.integration.helpers import WorkerProcess, isolated_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -33,8 +33,16 @@ BAD_RECORDS: list[tuple[bytes, str]] = [
     (b"{this is not json", "not_json"),
     (b'{"event_id":"bad-1","type":"like","user_id":"u","item_id":"i","ts":1}', "unknown_type"),
     (b'{"event_id":"bad-2","type":"view","item_id":"i","ts":1764000000000}', "missing_field"),
-    (b'{"event_id":"bad-3","type":"view","user_id":"u","item_id":"i","ts":99999999999999}', "ts_in_future"),
-    (b'{"event_id":"bad-4","type":"view","user_id":"u","item_id":"' + b"x" * 20_000 + b'","ts":1}', "too_large"),
+    (
+        b'{"event_id":"bad-3","type":"view","user_id":"u","item_id":"i","ts":99999999999999}',
+        "ts_in_future",
+    ),
+    (
+        b'{"event_id":"bad-4","type":"view","user_id":"u","item_id":"'
+        + b"x" * 20_000
+        + b'","ts":1}',
+        "too_large",
+    ),
     (b"\xff\xfe\x00garbage", "not_json"),
 ]
 
@@ -135,7 +143,14 @@ async def test_events_become_recommendations_and_bad_input_is_dead_lettered(
     for rec, raw in zip(got, recs, strict=True):
         assert raw.key.decode() == rec["user_id"]
         assert set(rec) == {
-            "schema", "user_id", "items", "model", "trigger", "emitted_ts", "latency_ms", "degraded",
+            "schema",
+            "user_id",
+            "items",
+            "model",
+            "trigger",
+            "emitted_ts",
+            "latency_ms",
+            "degraded",
         }
         assert rec["schema"] == 1 and rec["degraded"] is False
         assert rec["model"].startswith("fused_ranker@")
@@ -145,7 +160,9 @@ async def test_events_become_recommendations_and_bad_input_is_dead_lettered(
         assert len(ids) == len(set(ids))
         assert all(i["reasons"] and isinstance(i["score"], float) for i in rec["items"])
         # Never the item just bought, nor the one in view.
-        bought = {i for ts, i in purchases_by_user.get(rec["user_id"], []) if ts <= rec["trigger"]["ts"]}
+        bought = {
+            i for ts, i in purchases_by_user.get(rec["user_id"], []) if ts <= rec["trigger"]["ts"]
+        }
         assert not bought & set(ids), (rec, bought)
         trigger = next(e for e in events if e["event_id"] == rec["trigger"]["event_id"])
         assert trigger["item_id"] not in ids

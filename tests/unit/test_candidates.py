@@ -10,7 +10,9 @@ from features.user_state import HistoryEntry
 
 
 class Catalog:
-    def __init__(self, vectors: dict[str, np.ndarray | None], sold_out: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def __init__(
+        self, vectors: dict[str, np.ndarray | None], sold_out: set[str] = frozenset()
+    ) -> None:  # type: ignore[assignment]
         self.vectors = vectors
         self.sold_out = sold_out
 

@@ -79,7 +79,9 @@ def _decode(request) -> RankBatch:
         if tensor is None:
             raise ValueError(f"missing input {name}")
         arrays[field] = tensor.as_numpy()
-    return RankBatch(**arrays)
+    batch = RankBatch(**arrays)
+    batch.validate()
+    return batch
 
 
 def _error(message: str, code: str) -> pb_utils.InferenceResponse:

@@ -1,0 +1,316 @@
+"""The one async Triton client the worker uses: text encoding and ranking.
+
+Open one :class:`RankerClient` at start-up, :meth:`~RankerClient.wait_ready`
+(which also opens the gRPC channel: the first call otherwise pays ~58 ms of
+connection set-up), then share it.  Every failure -- a tritonclient error, a
+timeout, a server-side per-request error -- surfaces as
+:class:`shoprec.errors.RankerUnavailable`, so the worker has one thing to
+catch before falling back to retrieval scores.  ``retriable`` on that error
+is False when retrying the same call cannot help (the request was invalid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from features.keys import EMB_DIM
+from ranking.fusion import (
+    TRITON_INPUTS,
+    TRITON_OUTPUTS,
+    HistoryEvent,
+    HistoryType,
+    RankBatch,
+    RankRow,
+    Reason,
+)
+from shoprec.errors import RankerUnavailable
+from shoprec.retry import retry
+
+__all__ = [
+    "MAX_BATCH",
+    "HistoryEvent",
+    "HistoryType",
+    "RankBatch",
+    "RankResult",
+    "RankRow",
+    "RankerClient",
+    "Reason",
+]
+
+T = TypeVar("T")
+
+MAX_BATCH = 64
+"""``max_batch_size`` of both models: larger inputs are split into requests of this size."""
+
+_TRITON_DTYPES = {
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.int32): "INT32",
+    np.dtype(np.object_): "BYTES",
+}
+# Small on purpose: a second UNAVAILABLE attempt only bridges a reconnect or
+# a model swap; more would eat the latency budget the fallback exists for.
+_RETRY_ATTEMPTS = 2
+_RETRY_BASE_S = 0.02
+_RETRY_CAP_S = 0.1
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """The ranker's answer for a :class:`RankBatch` of ``B`` users and ``N`` candidates.
+
+    ``scores`` float32 ``[B, N]`` (padding ``-inf``), ``reasons`` int32
+    ``[B, N]`` (:class:`Reason` codes), ``history_match`` int32 ``[B, N]``
+    (index into the user's history of the item behind a "similar to" reason,
+    -1 if none), ``model_version`` as Triton reports it.
+    """
+
+    scores: npt.NDArray[np.float32]
+    reasons: npt.NDArray[np.int32]
+    history_match: npt.NDArray[np.int32]
+    model_version: str
+
+
+class _Unavailable(ConnectionError):
+    """Triton said UNAVAILABLE: the one error :func:`shoprec.retry.retry` should retry here."""
+
+    def __init__(self, cause: InferenceServerException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _status(exc: InferenceServerException) -> str:
+    # tritonclient reports gRPC codes as "StatusCode.UNAVAILABLE"; local errors have none.
+    return str(exc.status() or "").rsplit(".", 1)[-1]
+
+
+def _to_input(name: str, array: npt.NDArray[Any]) -> grpcclient.InferInput:
+    dtype = _TRITON_DTYPES.get(array.dtype)
+    if dtype is None:
+        raise RankerUnavailable(f"input {name} has unsupported dtype {array.dtype}")
+    inp = grpcclient.InferInput(name, list(array.shape), dtype)
+    inp.set_data_from_numpy(np.ascontiguousarray(array))
+    return inp
+
+
+class RankerClient:
+    """Async gRPC client for Triton's ``item_encoder`` and ``fused_ranker``.
+
+    ``timeout_s`` bounds each inference call (gRPC deadline).  Not safe to
+    share across event loops; one instance per worker process.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        item_encoder_model: str = "item_encoder",
+        ranker_model: str = "fused_ranker",
+        *,
+        timeout_s: float = 2.0,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        if timeout_s <= 0 or max_batch < 1:
+            raise ValueError("timeout_s must be > 0 and max_batch >= 1")
+        self.url = url
+        self.item_encoder_model = item_encoder_model
+        self.ranker_model = ranker_model
+        self.timeout_s = timeout_s
+        self.max_batch = max_batch
+        self._client = grpcclient.InferenceServerClient(url)
+
+    async def __aenter__(self) -> RankerClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    # --- readiness ------------------------------------------------------------------
+
+    async def wait_ready(
+        self, models: Sequence[str] | None = None, timeout_s: float = 60.0, *, warm: bool = True
+    ) -> None:
+        """Wait until the server and ``models`` (default: both) are ready, then warm them.
+
+        Raises :class:`RankerUnavailable` naming what was not ready when
+        ``timeout_s`` runs out.  Warming sends one tiny request per known
+        model, so the first real event does not pay for lazy set-up.
+        """
+        wanted = (
+            list(models) if models is not None else [self.item_encoder_model, self.ranker_model]
+        )
+        deadline = time.monotonic() + timeout_s
+        pending = ["<server>", *wanted]
+        last_error = ""
+        while True:
+            try:
+                if pending[0] == "<server>" and await self._client.is_server_ready(
+                    client_timeout=1.0
+                ):
+                    pending.pop(0)
+                while pending and await self._client.is_model_ready(pending[0], client_timeout=1.0):
+                    pending.pop(0)
+            except InferenceServerException as exc:
+                last_error = f" (last error: {exc.message()})"
+            if not pending:
+                break
+            if time.monotonic() >= deadline:
+                raise RankerUnavailable(
+                    f"Triton at {self.url}: {', '.join(pending)} not ready after "
+                    f"{timeout_s:.0f} s{last_error}. Is tritonserver running with "
+                    "model_repo/ loaded? Check SHOPREC_TRITON_URL."
+                )
+            await asyncio.sleep(0.2)
+        if warm:
+            await self.warm_up(wanted)
+
+    async def warm_up(self, models: Sequence[str] | None = None) -> None:
+        """One minimal request to each of ``models`` that this client knows how to call."""
+        names = set(models) if models is not None else {self.item_encoder_model, self.ranker_model}
+        if self.item_encoder_model in names:
+            await self.encode(["warm-up"])
+        if self.ranker_model in names:
+            await self.rank(RankBatch.empty(1, 1, 1))
+
+    # --- inference ------------------------------------------------------------------
+
+    async def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """BERT embeddings ``[len(texts), 384]``, unit length, in input order.
+
+        Chunks of at most ``max_batch`` texts go out as concurrent requests,
+        which Triton's dynamic batcher may merge again.
+        """
+        if not texts:
+            return np.zeros((0, EMB_DIM), np.float32)
+        chunks = [texts[i : i + self.max_batch] for i in range(0, len(texts), self.max_batch)]
+
+        async def one(chunk: Sequence[str]) -> npt.NDArray[np.float32]:
+            array = np.array([[t.encode("utf-8")] for t in chunk], dtype=object)
+            result = await self._infer(
+                self.item_encoder_model, [_to_input("TEXT", array)], ["EMBEDDING"]
+            )
+            emb: npt.NDArray[np.float32] | None = result.as_numpy("EMBEDDING")
+            if emb is None or emb.shape != (len(chunk), EMB_DIM):
+                raise RankerUnavailable(
+                    f"{self.item_encoder_model} returned EMBEDDING of shape "
+                    f"{None if emb is None else emb.shape}, expected {(len(chunk), EMB_DIM)}"
+                )
+            return emb.astype(np.float32, copy=False)
+
+        parts = await _gather_all([one(c) for c in chunks])
+        return np.concatenate(parts)
+
+    async def rank(self, batch: RankBatch) -> RankResult:
+        """Score ``batch``; more than ``max_batch`` users go as concurrent requests.
+
+        Raises :class:`RankerUnavailable` (``retriable`` False) for a batch
+        that fails :meth:`RankBatch.validate`, without calling Triton.
+        """
+        try:
+            batch.validate()
+        except ValueError as exc:
+            err = RankerUnavailable(f"invalid rank batch: {exc}")
+            err.retriable = False
+            raise err from exc
+        if batch.size == 0:
+            shape = (0, batch.n_candidates)
+            return RankResult(
+                np.zeros(shape, np.float32),
+                np.zeros(shape, np.int32),
+                np.zeros(shape, np.int32),
+                "",
+            )
+
+        async def one(part: RankBatch) -> tuple[list[npt.NDArray[Any]], str]:
+            inputs = [_to_input(name, getattr(part, field)) for name, field in TRITON_INPUTS]
+            result = await self._infer(self.ranker_model, inputs, list(TRITON_OUTPUTS))
+            outs = [result.as_numpy(name) for name in TRITON_OUTPUTS]
+            expected = (part.size, part.n_candidates)
+            if any(o is None or o.shape != expected for o in outs):
+                raise RankerUnavailable(
+                    f"{self.ranker_model} returned outputs of shapes "
+                    f"{[None if o is None else o.shape for o in outs]}, expected {expected}"
+                )
+            version = str(result.get_response().model_version)
+            return [o for o in outs if o is not None], version
+
+        parts = await _gather_all(
+            [
+                one(batch.rows(start, start + self.max_batch))
+                for start in range(0, batch.size, self.max_batch)
+            ]
+        )
+        scores, reasons, match = (np.concatenate([p[0][k] for p in parts]) for k in range(3))
+        # Chunks could straddle a version swap; report the newest that answered.
+        version = max((p[1] for p in parts), key=lambda v: (len(v), v))
+        return RankResult(
+            scores.astype(np.float32, copy=False),
+            reasons.astype(np.int32, copy=False),
+            match.astype(np.int32, copy=False),
+            version,
+        )
+
+    async def _infer(
+        self, model: str, inputs: list[grpcclient.InferInput], outputs: list[str]
+    ) -> Any:
+        requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
+
+        async def once() -> Any:
+            try:
+                return await self._client.infer(
+                    model, inputs, outputs=requested, client_timeout=self.timeout_s
+                )
+            except InferenceServerException as exc:
+                if _status(exc) == "UNAVAILABLE":
+                    raise _Unavailable(exc) from exc
+                raise
+
+        try:
+            return await retry(
+                f"triton {model}",
+                once,
+                attempts=_RETRY_ATTEMPTS,
+                base_s=_RETRY_BASE_S,
+                cap_s=_RETRY_CAP_S,
+            )
+        except _Unavailable as exc:
+            raise RankerUnavailable(
+                f"Triton {model} at {self.url} unavailable after {_RETRY_ATTEMPTS} attempts: "
+                f"{exc.cause.message()}"
+            ) from exc
+        except InferenceServerException as exc:
+            status = _status(exc) or "client error"
+            what = (
+                f"timed out after {self.timeout_s:g} s"
+                if status == "DEADLINE_EXCEEDED"
+                else f"failed ({status}): {exc.message()}"
+            )
+            err = RankerUnavailable(f"Triton {model} at {self.url} {what}")
+            if status in ("INVALID_ARGUMENT", "client error"):
+                err.retriable = False
+            raise err from exc
+
+
+async def _gather_all(calls: Sequence[Awaitable[T]]) -> list[T]:
+    """Run ``calls`` concurrently; if any fails, wait for all, then raise the first error.
+
+    Waiting (rather than cancelling) keeps no request in flight behind the
+    caller's back; each is bounded by the client timeout anyway.
+    """
+    if len(calls) == 1:
+        return [await calls[0]]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return [r for r in results if not isinstance(r, BaseException)]

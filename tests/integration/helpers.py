@@ -1,0 +1,75 @@
+"""Helpers shared by the integration tests: isolated settings and a worker subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from infra.stack import Endpoints
+from shoprec.settings import Settings
+
+
+def stack_env(endpoints: Endpoints, **extra: str) -> dict[str, str]:
+    """Environment for a shoprec process talking to the test stack."""
+    return {
+        "SHOPREC_KAFKA_BOOTSTRAP": endpoints.kafka_bootstrap,
+        "SHOPREC_REDIS_URL": endpoints.redis_url,
+        "SHOPREC_TRITON_URL": endpoints.triton_url,
+        **extra,
+    }
+
+
+def isolated_settings(endpoints: Endpoints, **overrides: object) -> Settings:
+    """Settings with a fresh topic prefix and app id, so tests never see each other's data."""
+    tag = uuid.uuid4().hex[:8]
+    return Settings(
+        kafka_bootstrap=endpoints.kafka_bootstrap,
+        redis_url=endpoints.redis_url,  # type: ignore[arg-type]
+        triton_url=endpoints.triton_url,
+        topic_prefix=f"t{tag}.",
+        app_id=f"shoprec-test-{tag}",
+        _env_file=None,  # type: ignore[call-arg]
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The same settings as SHOPREC_* variables, for a worker subprocess."""
+    env = {}
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        value = getattr(value, "get_secret_value", lambda v=value: v)()
+        env[f"SHOPREC_{name.upper()}"] = str(value)
+    return env
+
+
+class WorkerProcess:
+    """`shoprec worker` in a subprocess, as in production."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.log_path = log_path
+        env = {**os.environ, **settings_env(settings)}
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shoprec.cli", "worker"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=log_path.parent,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
