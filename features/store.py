@@ -223,9 +223,9 @@ def _covisited(update: UserUpdate, recent: Sequence[HistoryEntry]) -> list[str]:
     """Items the user touched shortly before this one (excluding itself), at most COVIS_SPAN."""
     out: list[str] = []
     for h in recent:
-        if h.item_id != update.item_id and abs(update.ts - h.ts) <= COVIS_WINDOW_MS:
-            if h.item_id not in out:
-                out.append(h.item_id)
+        near = abs(update.ts - h.ts) <= COVIS_WINDOW_MS
+        if near and h.item_id != update.item_id and h.item_id not in out:
+            out.append(h.item_id)
         if len(out) >= COVIS_SPAN:
             break
     return out

@@ -9,6 +9,7 @@ folder find it without any variable set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -166,7 +167,8 @@ _DATA = click.option(
     "data",
     required=True,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Dataset folder with items.jsonl.gz and events.jsonl.gz, e.g. ../shared/data/rees46-sample.",
+    help="Dataset folder with items.jsonl.gz and events.jsonl.gz "
+    "(e.g. ../shared/data/rees46-sample).",
 )
 
 
@@ -267,10 +269,8 @@ def recs_tail(
         ):
             click.echo(value.decode() if as_json else format_recommendation(value))
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         _run(go())
-    except KeyboardInterrupt:
-        pass
 
 
 @main.group()
@@ -306,23 +306,21 @@ def dlq_tail(from_beginning: bool, limit: int | None, timeout: float | None) -> 
 def config(markdown: bool) -> None:
     """Show every setting: its variable, current value and meaning."""
     settings = _settings()
-    rows = []
-    for name, field in Settings.model_fields.items():
-        value = getattr(settings, name)
-        shown = "***" if "password" in name or name == "redis_url" else value
-        rows.append((f"{ENV_PREFIX}{name.upper()}", field.default, shown, field.description or ""))
     if markdown:
         click.echo("| variable | default | meaning |\n|-|-|-|")
-        for var, default, _, desc in rows:
-            d = (
-                "***"
-                if "PASSWORD" in var
-                else getattr(default, "get_secret_value", lambda: default)()
-            )
-            click.echo(f"| `{var}` | `{d}` | {desc} |")
-        return
-    for var, _, value, desc in rows:
-        click.echo(f"{var}={value}\n    {desc}")
+    for name, field in Settings.model_fields.items():
+        var, desc = f"{ENV_PREFIX}{name.upper()}", field.description or ""
+        if markdown:
+            click.echo(f"| `{var}` | `{_shown(name, field.default)}` | {desc} |")
+        else:
+            click.echo(f"{var}={_shown(name, getattr(settings, name))}\n    {desc}")
+
+
+def _shown(name: str, value: Any) -> Any:
+    """Secrets stay secret; a Redis URL may carry a password."""
+    if "password" in name or name == "redis_url":
+        return "***" if "password" in name else "redis://127.0.0.1:6379/0 (secret)"
+    return value
 
 
 @main.command()

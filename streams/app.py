@@ -17,6 +17,7 @@ and the batch is not acknowledged until it went through, so nothing is lost.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -210,8 +211,9 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
         await runtime.ensure_open()
         within = settings.batch_within_ms / 1000.0
         async for events in micro_batches(stream, settings.batch_max, within):
-            records = raw_records(events)
-            recs, dead = await retry("event batch", lambda: runtime.handle_events(records))
+            recs, dead = await retry(
+                "event batch", functools.partial(runtime.handle_events, raw_records(events))
+            )
             for rec in recs:
                 await recs_topic.send(key=rec.user_id.encode(), value=rec.to_json())
             await publish_dead(dead)

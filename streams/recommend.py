@@ -229,7 +229,7 @@ def _interleave(
 ) -> list[tuple[str, float]]:
     out: list[tuple[str, float]] = []
     seen: set[str] = set()
-    for pair in (p for two in zip(first, second) for p in two):
+    for pair in (p for two in zip(first, second, strict=False) for p in two):
         if pair[0] not in seen:
             seen.add(pair[0])
             out.append(pair)
