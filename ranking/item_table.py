@@ -189,11 +189,11 @@ class ItemTable:
     def rows(self, ids: Sequence[str | bytes]) -> npt.NDArray[np.int64]:
         """Row of each id, -1 where unknown.  Accepts ``bytes`` (as Triton and Redis give)."""
         get = self._index.get
-        return np.fromiter(
-            (get(i.decode() if isinstance(i, bytes) else i, -1) for i in ids),
-            dtype=np.int64,
-            count=len(ids),
-        )
+        # A list comprehension beats np.fromiter over a generator here (~20%);
+        # this runs per ranker batch for every history and candidate id.
+        return np.array(
+            [get(i.decode() if isinstance(i, bytes) else i, -1) for i in ids], dtype=np.int64
+        ).reshape(len(ids))
 
     def lookup(self, ids: Sequence[str | bytes]) -> tuple[F32, Bools]:
         """Embeddings ``[len(ids), dim]`` and a mask of which are real.

@@ -7,9 +7,9 @@ the editable shoprec, SHOPREC_REDIS_URL and the offline flags.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.request
@@ -255,8 +255,10 @@ async def test_kafka_keeps_messages_across_a_broker_restart(kafka_stack: Running
     assert await consume_until(bootstrap, topic, value)
 
 
-def test_down_from_another_process_leaves_nothing(kafka_stack: Running) -> None:
+async def test_down_from_another_process_leaves_nothing(kafka_stack: Running) -> None:
     stack = kafka_stack.stack
+    topic, value = f"infra-down-{uuid.uuid4().hex[:8]}", uuid.uuid4().bytes
+    await produce(kafka_stack.endpoints.kafka_bootstrap, topic, value)
     state = json.loads(stack.state_path.read_text())
     recorded = [procs.Proc.from_json(part["kind"], part) for part in state["components"].values()]
     group_pids = [pid for proc in recorded for pid in procs.group_members(proc.pid)]
@@ -266,9 +268,10 @@ def test_down_from_another_process_leaves_nothing(kafka_stack: Running) -> None:
     script += "Stack(Settings()).down()"
     env = {**os.environ, "SHOPREC_STACK_DIR": str(stack.stack_dir)}
     # Another cwd, so no .shoprec/stack.env of a developer's stack gets read.
-    subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=kafka_stack.root, check=True, timeout=120
+    down = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, env=env, cwd=kafka_stack.root
     )
+    assert await asyncio.wait_for(down.wait(), 120) == 0
 
     for proc in recorded:
         assert not procs.is_alive(proc), proc
@@ -278,7 +281,14 @@ def test_down_from_another_process_leaves_nothing(kafka_stack: Running) -> None:
     assert not stack.state_path.exists()
     assert not stack.env_path.exists()
     assert stack.status() == {}
-    assert (stack.stack_dir / "kafka" / "data" / "meta.properties").exists()  # data kept
+
+    # `down` keeps Kafka's data: a new `up`, on new ports, still has the topic.
+    again = stack.up(components=("broker",), timeout_s=120)
+    assert again.kafka_bootstrap != kafka_stack.endpoints.kafka_bootstrap
+    assert await consume_until(again.kafka_bootstrap, topic, value)
+    stack.down(wipe=True)
+    assert not (stack.stack_dir / "kafka").exists()
+    assert processes_mentioning(str(kafka_stack.root)) == []
 
 
 async def test_tansu_broker_round_trip(tmp_path: Path) -> None:
