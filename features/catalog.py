@@ -60,11 +60,19 @@ async def remove_items(redis: Redis, item_ids: Sequence[str]) -> None:
 
 
 async def item_titles(redis: Redis, item_ids: Sequence[str]) -> dict[str, str]:
-    """Titles for explanations ("similar to <title>"); falls back to the id."""
+    """Names for explanations ("similar to <name>"): the title, else brand and category."""
     if not item_ids:
         return {}
     async with redis.pipeline(transaction=False) as pipe:
         for item_id in item_ids:
-            pipe.hget(keys.item(item_id), "title")
+            pipe.hmget(keys.item(item_id), ["title", "brand", "category"])
         raw = await pipe.execute()
-    return {i: (t.decode() if t else i) for i, t in zip(item_ids, raw, strict=True)}
+    return {i: display_name(i, *fields) for i, fields in zip(item_ids, raw, strict=True)}
+
+
+def display_name(item_id: str, title: bytes | None, brand: bytes | None, cat: bytes | None) -> str:
+    if title:
+        return title.decode()
+    leaf = cat.decode().rsplit(">", 1)[-1].strip() if cat else ""
+    name = " ".join(p for p in (brand.decode() if brand else "", leaf) if p)
+    return name or item_id

@@ -115,10 +115,18 @@ class Runtime:
         self, records: Sequence[RawRecord]
     ) -> tuple[list[Recommendation], list[DeadLetter]]:
         """One micro-batch of shop events, end to end, minus the publishing."""
+        t0 = time.perf_counter()
         await self.items.maybe_refresh(ITEM_REFRESH_S)
+        t1 = time.perf_counter()
         outcome = await self.ingestor.ingest(records)
+        t2 = time.perf_counter()
         recs = await self.recommender.recommend(outcome.triggers)
         st = self.stats
+        st.batch_sizes.append(len(records))
+        st.record_stages(
+            {"item_refresh": (t1 - t0) * 1000, "ingest": (t2 - t1) * 1000}
+            | self.recommender.stage_ms
+        )
         st.events_in += len(records)
         st.dead_lettered += len(outcome.dead_letters)
         st.duplicates += outcome.duplicates

@@ -26,12 +26,15 @@ class WorkerStats:
     catalog_items: int = 0
     catalog_dead_lettered: int = 0
     latencies_ms: deque[int] = field(default_factory=lambda: deque(maxlen=10_000))
+    stage_ms: dict[str, deque[float]] = field(default_factory=dict)
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=10_000))
+
+    def record_stages(self, stages: dict[str, float]) -> None:
+        for name, ms in stages.items():
+            self.stage_ms.setdefault(name, deque(maxlen=10_000)).append(ms)
 
     def latency_percentiles(self) -> dict[str, float]:
-        if not self.latencies_ms:
-            return {}
-        arr = np.fromiter(self.latencies_ms, dtype=np.float64)
-        return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 95, 99)}
+        return percentiles(self.latencies_ms)
 
     def summary(self) -> dict[str, object]:
         return {
@@ -44,4 +47,13 @@ class WorkerStats:
             "degraded": self.degraded,
             "catalog_items": self.catalog_items,
             "latency_ms": self.latency_percentiles(),
+            "batch_size": percentiles(self.batch_sizes),
+            "stages_ms": {k: percentiles(v) for k, v in self.stage_ms.items()},
         }
+
+
+def percentiles(values: deque[int] | deque[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.fromiter(values, dtype=np.float64)
+    return {f"p{q}": round(float(np.percentile(arr, q)), 2) for q in (50, 95, 99)}

@@ -66,17 +66,32 @@ class Recommender:
         self._ranker = ranker
         self._policy = policy
         self._clock_ms = clock_ms
+        self.stage_ms: dict[str, float] = {}
+        """Milliseconds each stage of the last call took (for the stats and benchmarks)."""
 
     async def recommend(self, triggers: Sequence[ShopEvent]) -> list[Recommendation]:
         if not triggers:
+            self.stage_ms = {}
             return []
+        t0 = time.perf_counter()
         ctx = await self._store.read_context(
             (t.user_id for t in triggers), {t.user_id: t.ts for t in triggers}
         )
+        t1 = time.perf_counter()
         users = [ctx.users[t.user_id] for t in triggers]
         candidates = self._retrieve(triggers, users, ctx.trending)
+        t2 = time.perf_counter()
         scored = await self._score(triggers, users, candidates)
-        return await self._assemble(triggers, users, candidates, scored)
+        t3 = time.perf_counter()
+        recs = await self._assemble(triggers, users, candidates, scored)
+        t4 = time.perf_counter()
+        self.stage_ms = {
+            "redis_read": (t1 - t0) * 1000,
+            "retrieval": (t2 - t1) * 1000,
+            "ranker": (t3 - t2) * 1000,
+            "assemble": (t4 - t3) * 1000,
+        }
+        return recs
 
     def _retrieve(
         self,

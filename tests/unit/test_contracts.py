@@ -48,3 +48,11 @@ def test_dead_letter_keeps_the_original_bytes_even_when_not_text() -> None:
 def test_dead_letter_shows_text_originals_readably() -> None:
     dl = DeadLetter("unknown_type", "x", "shop.views", 0, 1, None, b'{"type":"like"}')
     assert orjson.loads(dl.value(now_ms=5))["original"] == '{"type":"like"}'
+
+
+def test_display_name_prefers_title_then_brand_and_category_leaf() -> None:
+    from features.catalog import display_name
+
+    assert display_name("1", b"Gift Card", b"Acme", None) == "Gift Card"
+    assert display_name("2", b"", b"samsung", b"electronics > smartphone") == "samsung smartphone"
+    assert display_name("3", None, None, None) == "3"

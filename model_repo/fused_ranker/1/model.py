@@ -9,6 +9,7 @@ and scored in one call.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -23,6 +24,10 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         self.logger = pb_utils.Logger
+        # ranking.item_table logs through `logging`; the stub's stderr lands in Triton's log.
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
         config = json.loads(args["model_config"])
         params = config.get("parameters", {})
         interval = float(params.get("ITEM_REFRESH_INTERVAL_S", {}).get("string_value", "0.5"))
