@@ -22,7 +22,7 @@ from features.candidates import Candidates, mix_candidates, semantic_neighbours
 from features.catalog import item_titles
 from features.store import FeatureStore, UserContext
 from features.user_state import TYPE_CODES
-from ranking.client import RankBatch, RankerClient
+from ranking.client import RankBatch, RankerClient, Reason
 from shoprec.errors import RankerUnavailable
 from streams.events import ShopEvent
 from streams.output import RecItem, Recommendation
@@ -30,8 +30,6 @@ from streams.protocols import ItemTableView
 
 log = logging.getLogger("shoprec.recommend")
 
-# The ranker's REASONS codes.
-REASON_SIMILAR, REASON_QUERY, REASON_COVIS, REASON_TRENDING = 0, 1, 2, 3
 FALLBACK_MODEL = "retrieval@fallback"
 
 
@@ -45,7 +43,8 @@ class RecommendPolicy:
 @dataclass(frozen=True, slots=True)
 class Scored:
     scores: npt.NDArray[np.float32]  # [B, N]
-    reasons: npt.NDArray[np.int32]  # [B, N]
+    reasons: npt.NDArray[np.int32]  # [B, N], ranking.fusion.Reason codes
+    history_match: npt.NDArray[np.int32]  # [B, N], history index behind "similar to", -1
     model: str
     degraded: bool
 
@@ -127,6 +126,7 @@ class Recommender:
         return Scored(
             scores=result.scores,
             reasons=result.reasons,
+            history_match=result.history_match,
             model=f"{self._ranker.ranker_model}@{result.model_version}",
             degraded=False,
         )
@@ -159,26 +159,18 @@ class Recommender:
         candidates: Sequence[Candidates],
         scored: Scored,
     ) -> list[Recommendation]:
-        picks: list[list[tuple[str, float, int]]] = []
-        for row, c in enumerate(candidates):
+        picks: list[list[_Pick]] = []
+        for row, (u, c) in enumerate(zip(users, candidates, strict=True)):
             m = len(c.item_ids)
             order = np.argsort(-scored.scores[row, :m], kind="stable")[: self._policy.top_k]
-            picks.append(
-                [
-                    (c.item_ids[j], float(scored.scores[row, j]), int(scored.reasons[row, j]))
-                    for j in order
-                ]
-            )
-        explainers = [_Explainer(u, c, self._items) for u, c in zip(users, candidates, strict=True)]
-        wanted = {src for ex, p in zip(explainers, picks, strict=True) for src in ex.sources(p)}
-        titles = await item_titles(self._redis, sorted(wanted))
+            picks.append([_pick(u, c, scored, row, int(j)) for j in order])
+        sources = sorted({p.source for ps in picks for p in ps if p.source})
+        names = await item_titles(self._redis, sources)
         now = self._clock_ms()
         return [
             Recommendation(
                 user_id=t.user_id,
-                items=tuple(
-                    RecItem(item, score, ex.reasons(item, code, titles)) for item, score, code in p
-                ),
+                items=tuple(RecItem(p.item_id, p.score, p.reasons(names)) for p in ps),
                 model=scored.model,
                 trigger_event_id=t.event_id,
                 trigger_type=t.type,
@@ -186,57 +178,48 @@ class Recommender:
                 emitted_ts=now,
                 degraded=scored.degraded,
             )
-            for t, ex, p in zip(triggers, explainers, picks, strict=True)
+            for t, ps in zip(triggers, picks, strict=True)
         ]
 
 
-class _Explainer:
-    """Turns a ranker reason code into words a shopper understands."""
+@dataclass(frozen=True, slots=True)
+class _Pick:
+    """One recommended item with what explains it."""
 
-    def __init__(self, user: UserContext, cands: Candidates, items: ItemTableView) -> None:
-        self._user = user
-        self._items = items
-        self._cands = cands
-        self._popular = {i for i, p in zip(cands.item_ids, cands.popularity, strict=True) if p > 0}
-        self._recent = [
-            (h.item_id, v) for h in user.history[:5] if (v := items.vector(h.item_id)) is not None
-        ]
+    item_id: str
+    score: float
+    reason: Reason
+    source: str | None  # the user's item behind "similar to" / "seen together with"
+    trending: bool
 
-    def _most_similar_recent(self, item: str) -> str | None:
-        vec = self._items.vector(item)
-        if vec is None or not self._recent:
-            return None
-        return max(self._recent, key=lambda r: float(r[1] @ vec))[0]
-
-    def sources(self, picks: Sequence[tuple[str, float, int]]) -> list[str]:
-        out = []
-        for item, _, code in picks:
-            src = (
-                self._user.covis_source.get(item)
-                if code == REASON_COVIS
-                else self._most_similar_recent(item)
-                if code == REASON_SIMILAR
-                else None
-            )
-            if src:
-                out.append(src)
-        return out
-
-    def reasons(self, item: str, code: int, titles: dict[str, str]) -> tuple[str, ...]:
-        primary: str
-        if code == REASON_QUERY:
+    def reasons(self, names: dict[str, str]) -> tuple[str, ...]:
+        """The ranker's reason in words a shopper understands, plus "trending" if it is."""
+        src = names.get(self.source, self.source) if self.source else None
+        if self.reason == Reason.QUERY:
             primary = "matches your search"
-        elif code == REASON_COVIS and (src := self._user.covis_source.get(item)):
-            primary = f"often seen together with {titles.get(src, src)}"
-        elif code == REASON_SIMILAR and (src := self._most_similar_recent(item)):
-            primary = f"similar to {titles.get(src, src)}"
-        elif code == REASON_SIMILAR:
-            primary = "matches your taste"
-        else:
+        elif self.reason == Reason.COVISIT and src:
+            primary = f"often seen together with {src}"
+        elif self.reason == Reason.SIMILAR:
+            primary = f"similar to {src}" if src else "matches your taste"
+        elif self.reason == Reason.POPULAR or (self.reason == Reason.NONE and self.trending):
             primary = "trending"
-        if primary != "trending" and item in self._popular:
+        else:
+            primary = "picked for you"
+        if primary != "trending" and self.trending:
             return (primary, "trending")
         return (primary,)
+
+
+def _pick(user: UserContext, cands: Candidates, scored: Scored, row: int, j: int) -> _Pick:
+    item = cands.item_ids[j]
+    reason = Reason(int(scored.reasons[row, j]))
+    source: str | None = None
+    if reason == Reason.COVISIT:
+        source = user.covis_source.get(item)
+    elif reason == Reason.SIMILAR:
+        h = int(scored.history_match[row, j])
+        source = user.history[h].item_id if 0 <= h < len(user.history) else None
+    return _Pick(item, float(scored.scores[row, j]), reason, source, cands.popularity[j] > 0)
 
 
 def _interleave(
@@ -262,6 +245,7 @@ def _fallback_scores(batch: RankBatch) -> Scored:
     padding = batch.candidate_ids == ""
     scores = np.where(padding, -np.inf, scores).astype(np.float32)
     reasons = np.where(
-        retrieval > 0, REASON_SIMILAR, np.where(covis > 0, REASON_COVIS, REASON_TRENDING)
+        retrieval > 0, Reason.SIMILAR, np.where(covis > 0, Reason.COVISIT, Reason.POPULAR)
     ).astype(np.int32)
-    return Scored(scores=scores, reasons=reasons, model=FALLBACK_MODEL, degraded=True)
+    no_match = np.full(reasons.shape, -1, dtype=np.int32)
+    return Scored(scores, reasons, no_match, model=FALLBACK_MODEL, degraded=True)
