@@ -16,7 +16,13 @@ from redis.asyncio import Redis
 
 from features import keys
 from features.user_state import Vector
-from ranking.item_table import ItemRecord, ItemTable, parse_item_hash, parse_log_entries
+from ranking.item_table import (
+    ItemRecord,
+    ItemTable,
+    parse_item_hash,
+    parse_log_entries,
+    stream_entries,
+)
 
 REFRESH_CHUNK = 500
 
@@ -46,10 +52,7 @@ class ItemIndex:
         total = 0
         while True:
             resp = await self._redis.xread({keys.ITEM_LOG: self.table.last_stream_id}, count=10_000)
-            entries = list(resp[0][1]) if resp and not isinstance(resp, dict) else []
-            if isinstance(resp, dict) and resp:
-                entries = list(next(iter(resp.values())))
-            last_id, changed = parse_log_entries(entries)
+            last_id, changed = parse_log_entries(stream_entries(resp))
             if last_id is None:
                 return total
             self.table.apply(await self._fetch(changed))

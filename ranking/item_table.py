@@ -224,7 +224,7 @@ class ItemTable:
         failure, leaving the table and :attr:`last_stream_id` as they were.
         """
         resp = client.xread({keys.ITEM_LOG: self.last_stream_id}, count=max_entries)
-        last_id, changed = parse_log_entries(_stream_entries(resp))
+        last_id, changed = parse_log_entries(stream_entries(resp))
         if last_id is None:
             return 0
         fetched: dict[str, ItemRecord | None] = {}
@@ -255,7 +255,7 @@ class ItemTable:
                 return total
 
 
-def _stream_entries(resp: Any) -> list[tuple[bytes, Mapping[bytes, bytes]]]:
+def stream_entries(resp: Any) -> list[tuple[bytes, Mapping[bytes, bytes]]]:
     """The entries of the one stream an XREAD asked for, under RESP2 or RESP3."""
     if not resp:
         return []

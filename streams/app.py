@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from features.catalog import remove_items, upsert_items
 from features.item_index import ItemIndex
 from features.store import FeatureStore, UpdatePolicy
+from features.user_state import Vector
 from ranking.client import RankerClient
 from shoprec.errors import DependencyUnavailable, InvalidEvent
 from shoprec.retry import retry
@@ -137,6 +138,38 @@ class Runtime:
         st.latencies_ms.extend(r.latency_ms for r in recs)
         return recs, outcome.dead_letters
 
+    async def handle_events_isolating_failures(
+        self, records: Sequence[RawRecord]
+    ) -> tuple[list[Recommendation], list[DeadLetter]]:
+        """:meth:`handle_events`, retried while dependencies are down; a record that
+        still fails for another reason (a bug, not an outage) is found by splitting
+        the batch and dead-lettered alone, so one poison record stops nothing."""
+        try:
+            return await retry("event batch", functools.partial(self.handle_events, records))
+        except Exception as exc:
+            if len(records) == 1:
+                log.exception("record failed processing; dead-lettering it")
+                r = records[0]
+                letter = DeadLetter(
+                    "processing_error",
+                    repr(exc)[:500],
+                    r.topic,
+                    r.partition,
+                    r.offset,
+                    r.key,
+                    r.value,
+                )
+                self.stats.events_in += 1
+                self.stats.dead_lettered += 1
+                return [], [letter]
+        recs: list[Recommendation] = []
+        dead: list[DeadLetter] = []
+        for record in records:
+            more_recs, more_dead = await self.handle_events_isolating_failures([record])
+            recs += more_recs
+            dead += more_dead
+        return recs, dead
+
     async def handle_catalog(self, records: Sequence[RawRecord]) -> list[DeadLetter]:
         """Embed new or changed items with BERT (once per item) and store them."""
         limits = limits_from(self.settings)
@@ -156,14 +189,7 @@ class Runtime:
                     )
                 )
         if upserts:
-            texts = [i.text() for i in upserts]
-            with_text = [j for j, t in enumerate(texts) if t]
-            vectors = await retry(
-                "item_encoder", lambda: self.ranker.encode([texts[j] for j in with_text])
-            )
-            embeddings: list[Any] = [None] * len(upserts)
-            for j, vec in zip(with_text, vectors, strict=True):
-                embeddings[j] = vec
+            embeddings = await self._embed_texts([i.text() for i in upserts])
             await retry("store items", lambda: upsert_items(self.redis, upserts, embeddings))
         if removals:
             await retry("remove items", lambda: remove_items(self.redis, removals))
@@ -171,6 +197,13 @@ class Runtime:
         self.stats.catalog_items += len(upserts) + len(removals)
         self.stats.catalog_dead_lettered += len(dead)
         return dead
+
+    async def _embed_texts(self, texts: Sequence[str]) -> list[Vector | None]:
+        """BERT vectors for non-empty texts; each distinct text is encoded once."""
+        distinct = sorted({t for t in texts if t})
+        vectors = await retry("item_encoder", lambda: self.ranker.encode(distinct))
+        by_text = dict(zip(distinct, vectors, strict=True))
+        return [by_text.get(t) for t in texts]
 
 
 def micro_batches(
@@ -219,9 +252,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
         await runtime.ensure_open()
         within = settings.batch_within_ms / 1000.0
         async for events in micro_batches(stream, settings.batch_max, within):
-            recs, dead = await retry(
-                "event batch", functools.partial(runtime.handle_events, raw_records(events))
-            )
+            recs, dead = await runtime.handle_events_isolating_failures(raw_records(events))
             for rec in recs:
                 await recs_topic.send(key=rec.user_id.encode(), value=rec.to_json())
             await publish_dead(dead)

@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 
 from shoprec.errors import DatasetError
 from shoprec.settings import Settings
-from streams.topics import EVENT_TOPICS, TopicNames, kafka_options
+from streams.topics import TopicNames, kafka_options
 
 log = logging.getLogger("shoprec.produce")
 
@@ -150,6 +150,3 @@ async def produce_dataset(
         await producer.stop()
     report.items = items
     return report
-
-
-__all__ = ["EVENT_TOPICS", "Pacing", "ProduceReport", "produce_catalog", "produce_dataset"]
