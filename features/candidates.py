@@ -73,13 +73,16 @@ def semantic_neighbours(
     catalog: ItemCatalog, vectors: npt.NDArray[np.float32], k: int
 ) -> list[list[tuple[str, float]]]:
     """For each vector (a zero vector means none), its k nearest eligible items."""
+    out: list[list[tuple[str, float]]] = [[] for _ in range(vectors.shape[0])]
+    known = np.flatnonzero(np.linalg.norm(vectors, axis=1) > 0)
+    if known.size == 0:
+        # Most batches carry no search query: skip the product over the whole catalogue.
+        return out
     matrix, ids = catalog.semantic_view()
-    rows, scores = nearest(matrix, vectors, k)
-    known = np.linalg.norm(vectors, axis=1) > 0
-    return [
-        [(ids[j], float(s)) for j, s in zip(r, sc, strict=True)] if known[i] else []
-        for i, (r, sc) in enumerate(zip(rows, scores, strict=True))
-    ]
+    rows, scores = nearest(matrix, vectors[known], k)
+    for i, r, sc in zip(known, rows, scores, strict=True):
+        out[i] = [(ids[j], float(s)) for j, s in zip(r, sc, strict=True)]
+    return out
 
 
 def blocked_items(ctx: UserContext, item_in_view: str | None) -> set[str]:

@@ -335,12 +335,25 @@ def _shown(name: str, value: Any) -> Any:
 @click.option("--rate", default=100.0, show_default=True, help="Offered events per second.")
 @click.option("--broker", type=click.Choice(["kafka", "tansu"]), default="kafka", show_default=True)
 @click.option("--keep-stack", is_flag=True, help="Leave the stack running afterwards.")
-def demo(data: Path, events: int, rate: float, broker: str, keep_stack: bool) -> None:
-    """Start everything, stream real events, show recommendations and latencies, stop."""
-    from shoprec.demo import run_demo
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the summary to this file.",
+)
+def demo(
+    data: Path, events: int, rate: float, broker: str, keep_stack: bool, json_out: Path | None
+) -> None:
+    """Start everything, stream real events, show recommendations and latencies, stop.
 
+    Uses fixed ports (SHOPREC_*_PORT) and the stack directory .shoprec; stop a
+    running stack first (`shoprec stack down`).
+    """
+    from shoprec.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(data, events, rate, broker, keep_stack, json_out)
     try:
-        run_demo(data, events, rate, broker, keep_stack, DEFAULT_MODEL_REPO)
+        run_demo(opts, DEFAULT_MODEL_REPO)
     except ShoprecError as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,10 +167,20 @@ def summarise(recs: list[dict[str, Any]], report: ProduceReport, n_items: int) -
     }
 
 
-def run_demo(
-    data: Path, events: int, rate: float, broker: str, keep_stack: bool, model_repo: Path
-) -> None:
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    data: Path
+    events: int = 3000
+    rate: float = 100.0
+    broker: str = "kafka"
+    keep_stack: bool = False
+    json_out: Path | None = None
+
+
+def run_demo(opts: DemoOptions, model_repo: Path) -> None:
     from infra.stack import Stack
+
+    data, events, rate, broker = opts.data, opts.events, opts.rate, opts.broker
 
     dataset_files(data)
     base = load_settings(broker=broker)
@@ -221,12 +232,21 @@ def run_demo(
                 text = text.replace(f" {item_id} ", f" {item_id} [{title[:40]}] ", 1)
             print(text)
             print()
-        summary = summarise(recs, report, n_items)
-        print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+        summary = summarise(recs, report, n_items) | {
+            "dataset": data.name,
+            "broker": broker,
+            "offered_rate": rate,
+            "catalogue_load_s": round(took, 1),
+        }
+        text = orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode()
+        print(text)
+        if opts.json_out is not None:
+            opts.json_out.parent.mkdir(parents=True, exist_ok=True)
+            opts.json_out.write_text(text + "\n")
     finally:
         if worker is not None:
             stop_process(worker)
-        if not keep_stack:
+        if not opts.keep_stack:
             stack.down()
             say("stack stopped")
 
