@@ -174,3 +174,41 @@ async def test_events_become_recommendations_and_bad_input_is_dead_lettered(
     assert originals == {raw for raw, _ in BAD_RECORDS}
     for r in dead:
         assert dict(r.headers)["shoprec-reason"].decode() in {reason for _, reason in BAD_RECORDS}
+
+
+async def test_catalog_updates_tombstones_and_bad_records(
+    settings: Settings, data_dir: Path, tmp_path: Path
+) -> None:
+    _, items = load_fixture(data_dir)
+    items = items[:5]
+    names = TopicNames.from_settings(settings)
+    redis = Redis.from_url(settings.redis_url.get_secret_value())
+    start_len = await redis.xlen(keys.ITEM_LOG)
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    producer = AIOKafkaProducer(**kafka_options(settings), acks="all")
+    await producer.start()
+    gone, sold_out = items[0]["item_id"], items[1]["item_id"]
+    try:
+        for item in items:
+            await producer.send(names.catalog, orjson.dumps(item), key=item["item_id"].encode())
+        await producer.send(names.catalog, b"{broken", key=b"x1")
+        await producer.send(names.catalog, b'{"item_id": "x2", "in_stock": "yes"}', key=b"x2")
+        await producer.send(names.catalog, None, key=gone.encode())  # tombstone
+        await producer.send(
+            names.catalog, orjson.dumps(items[1] | {"in_stock": False}), key=sold_out.encode()
+        )
+        await producer.flush()
+        dead = await consume_all(settings, names.dlq, lambda rs: len(rs) >= 2, timeout_s=120)
+        deadline = time.monotonic() + 60
+        while await redis.xlen(keys.ITEM_LOG) < start_len + len(items) + 2:
+            assert time.monotonic() < deadline, worker.log()
+            await asyncio.sleep(0.5)
+        assert not await redis.exists(keys.item(gone))
+        assert await redis.hget(keys.item(sold_out), "in_stock") == b"0"
+        assert await redis.hexists(keys.item(items[2]["item_id"]), "emb")
+    finally:
+        await producer.stop()
+        worker.stop()
+        await redis.aclose()
+    assert sorted(orjson.loads(r.value)["reason"] for r in dead) == ["not_json", "wrong_type"]
+    assert {dict(r.headers)["shoprec-source-topic"] for r in dead} == {names.catalog.encode()}
