@@ -9,13 +9,6 @@ package.  Start-up takes ~10-15 s on 2 cores.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import sysconfig
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -24,14 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-import tritonclient.grpc as grpc_sync
 import tritonclient.grpc.aio as grpc_aio
 from tritonclient.utils import InferenceServerException
 
 from features import keys
+from infra import procs
+from infra.stack import Stack
 from ranking.client import HistoryEvent, HistoryType, RankBatch, RankerClient, RankRow, Reason
 from ranking.encoder import TextEncoder
 from shoprec.errors import RankerUnavailable
+from shoprec.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -41,149 +36,34 @@ MODELS = ("item_encoder", "fused_ranker")
 H, N = 6, 8
 
 
-# --- servers --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
-
-
-def stop(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@dataclass
-class RedisProc:
-    port: int
-    workdir: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-        log = self.workdir / "redis.log"
-        self.proc = subprocess.Popen(
-            [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--logfile", str(log)],
-        )  # fmt: skip
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"redis-server did not start:\n{_tail(log)}")
-                time.sleep(0.05)
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc)
-            self.proc = None
-
-
-def triton_env(redis_url: str) -> dict[str, str]:
-    env = dict(os.environ)
-    site = Path(sysconfig.get_paths()["purelib"])
-    # The stub ignores PYTHONPATH and runs the first python3 on PATH: this venv.
-    env["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), env.get("PATH", "")])
-    # pyenv's libpython first, or the stub picks Debian's 3.11.2 against a 3.11.7 stdlib;
-    # the wheel's bundled libs because the copied stub loses its $ORIGIN RPATH.
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        [
-            str(sysconfig.get_config_var("LIBDIR")),
-            str(site / "nvidia_pytriton.libs"),
-            env.get("LD_LIBRARY_PATH", ""),
-        ]
-    )
-    env["SHOPREC_REDIS_URL"] = redis_url
-    return env
-
-
-def start_triton(workdir: Path, redis_url: str) -> tuple[subprocess.Popen[bytes], str, Path]:
-    server = Path(sysconfig.get_paths()["purelib"]) / "pytriton" / "tritonserver"
-    backend = workdir / "backends" / "python"
-    backend.mkdir(parents=True)
-    for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        shutil.copy2(server / "backends" / "python" / f, backend / f)
-    tag = f"{sys.version_info.major}.{sys.version_info.minor}"
-    shutil.copy2(server / "python_backend_stubs" / tag / "triton_python_backend_stub", backend)
-    port = free_port()
-    log = workdir / "triton.log"
-    argv = [
-        str(server / "bin" / "tritonserver"),
-        f"--model-repository={MODEL_REPO}",
-        f"--backend-directory={workdir / 'backends'}",
-        "--allow-http=false",
-        "--allow-metrics=false",
-        "--grpc-address=127.0.0.1",
-        f"--grpc-port={port}",
-        "--model-control-mode=explicit",
-        "--load-model=*",
-        "--exit-on-error=false",
-    ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=triton_env(redis_url)
-        )
-    url = f"127.0.0.1:{port}"
-    client = grpc_sync.InferenceServerClient(url)
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"tritonserver exited ({proc.returncode}):\n{_tail(log)}")
-            if time.monotonic() > deadline:
-                stop(proc)
-                pytest.fail(f"tritonserver not ready after 180 s:\n{_tail(log)}")
-            try:
-                if all(client.is_model_ready(m) for m in MODELS):
-                    break
-            except InferenceServerException:
-                pass
-            time.sleep(0.25)
-    finally:
-        client.close()
-    return proc, url, log
+# --- servers: the project's own stack, Redis and Triton only ---------------------------
 
 
 @dataclass
 class Servers:
-    redis: RedisProc
+    stack: Stack
+    redis_url: str
     triton_url: str
     triton_log: Path
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    work = tmp_path_factory.mktemp("triton-models")
-    rp = RedisProc(free_port(), work)
-    rp.start()
+    settings = Settings(
+        stack_dir=tmp_path_factory.mktemp("triton-models"),
+        redis_port=0,
+        triton_http_port=0,
+        triton_grpc_port=0,
+        triton_metrics_port=0,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+    stack = Stack(settings, model_repo=MODEL_REPO)
+    endpoints = stack.up(("redis", "triton"), timeout_s=300)
     try:
-        triton, url, log = start_triton(work, rp.url)
-        try:
-            yield Servers(rp, url, log)
-        finally:
-            stop(triton)
+        log = Path(stack.status()["triton"]["log"])
+        yield Servers(stack, endpoints.redis_url, endpoints.triton_url, log)
     finally:
-        rp.stop()
+        stack.down(wipe=True)
 
 
 @pytest.fixture
@@ -225,7 +105,7 @@ def write_items(r: redis.Redis, embs: dict[str, np.ndarray], textless: tuple[str
 @pytest.fixture(scope="module")
 def catalogue(servers: Servers, local_encoder: TextEncoder) -> dict[str, np.ndarray]:
     embs = dict(zip(TITLES, local_encoder.encode(list(TITLES.values())), strict=True))
-    r = redis.Redis.from_url(servers.redis.url)
+    r = redis.Redis.from_url(servers.redis_url)
     write_items(r, embs, TEXTLESS)
     r.close()
     time.sleep(0.6)  # one ranker refresh interval
@@ -382,7 +262,7 @@ async def test_timeouts_and_unreachable_server_raise_ranker_unavailable(
     async with RankerClient(servers.triton_url, timeout_s=1e-4) as hurried:
         with pytest.raises(RankerUnavailable, match="timed out"):
             await hurried.rank(batch)
-    async with RankerClient(f"127.0.0.1:{free_port()}", timeout_s=1.0) as nowhere:
+    async with RankerClient(f"127.0.0.1:{procs.free_port()}", timeout_s=1.0) as nowhere:
         start = time.monotonic()
         with pytest.raises(RankerUnavailable, match="unavailable after 2 attempts") as err:
             await nowhere.encode(["x"])
@@ -398,18 +278,18 @@ async def test_ranker_keeps_serving_through_a_redis_outage(
     """Last in this module: it restarts Redis, empty."""
     batch = RankBatch.from_rows(rows_for(catalogue), history_len=H, n_candidates=N)
     before = await client.rank(batch)
-    servers.redis.stop()
+    servers.stack.stop_component("redis")
     try:
         for _ in range(3):
             during = await client.rank(batch)
             np.testing.assert_allclose(during.scores, before.scores, rtol=1e-6)
             await asyncio.sleep(0.6)
     finally:
-        servers.redis.start()
+        servers.stack.start_component("redis")
     assert servers.triton_log.read_text(errors="replace").count("Redis unavailable") == 1
 
     # Back up: a new item reaches the table once the refresher's backoff has passed.
-    r = redis.Redis.from_url(servers.redis.url)
+    r = redis.Redis.from_url(servers.redis_url)
     write_items(r, {"shoe-3": catalogue["shoe-2"]}, ())
     r.close()
     probe = RankBatch.from_rows(
