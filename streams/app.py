@@ -263,6 +263,12 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
         async for events in micro_batches(stream, 64, 0.1):
             await publish_dead(await runtime.handle_catalog(raw_records(events)))
 
+    @app.on_before_shutdown.connect
+    async def close_runtime(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        # Runs after the consumer stopped and before the producer flushes.
+        log.info("final stats %s", runtime.stats.summary())
+        await runtime.close()
+
     @app.timer(STATS_EVERY_S)  # type: ignore[untyped-decorator]
     async def log_stats() -> None:
         log.info("stats %s", runtime.stats.summary())

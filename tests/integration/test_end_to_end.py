@@ -7,6 +7,7 @@ malformed records interleaved between the good ones.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import gzip
 import time
@@ -130,6 +131,13 @@ async def test_events_become_recommendations_and_bad_input_is_dead_lettered(
     finally:
         worker.stop()
         await redis.aclose()
+
+    # A clean shutdown, and every record accounted for in exactly one bucket.
+    final = [line for line in worker.log().splitlines() if "final stats" in line]
+    assert final, worker.log()
+    stats = ast.literal_eval(final[-1].split("final stats ", 1)[1].strip())
+    buckets = ("recommended", "dead_lettered", "duplicates", "rate_limited", "coalesced")
+    assert stats["events_in"] == len(events) + len(BAD_RECORDS) == sum(stats[b] for b in buckets)
 
     # Every user who acted got recommendations (no per-user interval in this test).
     got = [orjson.loads(r.value) for r in recs]
