@@ -57,6 +57,9 @@ def main(verbose: bool) -> None:
       shoprec recs tail
       shoprec stack down
     Or all of it at once: shoprec demo
+
+    Settings come from SHOPREC_* environment variables (`shoprec config` lists
+    them); `stack up` records its endpoints in .shoprec/stack.env for later commands.
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -200,7 +203,7 @@ def catalog_load(data: Path, limit: int | None) -> None:
 
 @main.command()
 @_DATA
-@click.option("--rate", type=float, help="Events per second, open loop (default: as recorded).")
+@click.option("--rate", type=float, help="Events per second, open loop (default: as fast as the broker takes them).")
 @click.option("--speedup", type=float, help="Play the recorded gaps this many times faster.")
 @click.option("--limit", type=int, help="Stop after this many events.")
 @click.option("--no-catalog", is_flag=True, help="Skip the catalogue (already loaded).")
