@@ -203,7 +203,11 @@ def catalog_load(data: Path, limit: int | None) -> None:
 
 @main.command()
 @_DATA
-@click.option("--rate", type=float, help="Events per second, open loop (default: as fast as the broker takes them).")
+@click.option(
+    "--rate",
+    type=float,
+    help="Events per second, open loop (default: as fast as the broker takes them).",
+)
 @click.option("--speedup", type=float, help="Play the recorded gaps this many times faster.")
 @click.option("--limit", type=int, help="Stop after this many events.")
 @click.option("--no-catalog", is_flag=True, help="Skip the catalogue (already loaded).")
