@@ -19,8 +19,9 @@ from features.user_state import Vector
 from ranking.item_table import (
     ItemRecord,
     ItemTable,
-    parse_item_hash,
     parse_log_entries,
+    queue_item_reads,
+    records_from_replies,
     stream_entries,
 )
 
@@ -65,15 +66,8 @@ class ItemIndex:
         for start in range(0, len(item_ids), REFRESH_CHUNK):
             part = item_ids[start : start + REFRESH_CHUNK]
             async with self._redis.pipeline(transaction=False) as pipe:
-                for item_id in part:
-                    pipe.exists(keys.item(item_id))
-                    pipe.hmget(keys.item(item_id), ["emb", "in_stock"])
-                replies = await pipe.execute()
-            for k, item_id in enumerate(part):
-                exists, (emb, stock) = replies[2 * k], replies[2 * k + 1]
-                out[item_id] = (
-                    parse_item_hash(emb, stock, self.table.dim, item_id) if exists else None
-                )
+                queue_item_reads(pipe, part)
+                out |= records_from_replies(part, await pipe.execute(), self.table.dim)
         return out
 
     # --- what retrieval and the rules read --------------------------------------------

@@ -231,16 +231,8 @@ class ItemTable:
         for start in range(0, len(changed), chunk):
             part = changed[start : start + chunk]
             pipe = client.pipeline(transaction=False)
-            for item_id in part:
-                key = keys.item(item_id)
-                pipe.exists(key)
-                pipe.hmget(key, ["emb", "in_stock"])
-            replies = pipe.execute()
-            for k, item_id in enumerate(part):
-                exists, (emb, stock) = replies[2 * k], replies[2 * k + 1]
-                fetched[item_id] = (
-                    parse_item_hash(emb, stock, self.dim, item_id) if exists else None
-                )
+            queue_item_reads(pipe, part)
+            fetched |= records_from_replies(part, pipe.execute(), self.dim)
         self.apply(fetched)
         self.last_stream_id = last_id
         return len(fetched)
@@ -281,6 +273,25 @@ def parse_log_entries(
             seen[raw.decode("utf-8", errors="replace")] = None
     last = entries[-1][0]
     return (last if isinstance(last, bytes) else str(last).encode()), list(seen)
+
+
+def queue_item_reads(pipe: Any, item_ids: Sequence[str]) -> None:
+    """Queue, on a sync or async pipeline, what :func:`records_from_replies` parses."""
+    for item_id in item_ids:
+        key = keys.item(item_id)
+        pipe.exists(key)
+        pipe.hmget(key, ["emb", "in_stock"])
+
+
+def records_from_replies(
+    item_ids: Sequence[str], replies: Sequence[Any], dim: int = keys.EMB_DIM
+) -> dict[str, ItemRecord | None]:
+    """Each item's record from the replies to :func:`queue_item_reads`; None = removed."""
+    out: dict[str, ItemRecord | None] = {}
+    for k, item_id in enumerate(item_ids):
+        exists, (emb, stock) = replies[2 * k], replies[2 * k + 1]
+        out[item_id] = parse_item_hash(emb, stock, dim, item_id) if exists else None
+    return out
 
 
 def parse_item_hash(

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -24,6 +22,7 @@ from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
 from features import keys
+from infra import procs
 from shoprec.errors import StackError
 from shoprec.settings import Settings, load_settings
 from streams.produce import (
@@ -43,35 +42,14 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def start_worker_process(
-    log_path: Path, extra_env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
+def start_worker_process(log_path: Path, extra_env: dict[str, str]) -> procs.Proc:
     """The worker as its own process, as in production."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **(extra_env or {})}
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "shoprec.cli", "worker"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    argv = [sys.executable, "-m", "shoprec.cli", "worker"]
+    return procs.start("worker", argv, log_path, env={**os.environ, **extra_env})
 
 
 async def wait_for_catalog(
-    settings: Settings, expected: int, timeout_s: float, worker: subprocess.Popen[bytes]
+    settings: Settings, expected: int, timeout_s: float, worker: procs.Proc
 ) -> float:
     """Wait until the worker has embedded and stored ``expected`` catalogue changes."""
     redis = Redis.from_url(settings.redis_url.get_secret_value())
@@ -82,7 +60,7 @@ async def wait_for_catalog(
             say(f"\r  catalogue: {done}/{expected} items embedded and stored")
             if done >= expected:
                 return time.monotonic() - start
-            if worker.poll() is not None:
+            if not procs.is_alive(worker):
                 raise StackError("the worker exited while loading the catalogue (see its log)")
             if time.monotonic() - start > timeout_s:
                 raise StackError(
@@ -200,7 +178,7 @@ def run_demo(opts: DemoOptions, model_repo: Path) -> None:
         "SHOPREC_REDIS_URL": endpoints.redis_url,
         "SHOPREC_TRITON_URL": endpoints.triton_url,
     }
-    worker: subprocess.Popen[bytes] | None = None
+    worker: procs.Proc | None = None
     try:
         asyncio.run(ensure_topics(settings))
         say("2/5 starting the worker ...")
@@ -245,7 +223,7 @@ def run_demo(opts: DemoOptions, model_repo: Path) -> None:
             opts.json_out.write_text(text + "\n")
     finally:
         if worker is not None:
-            stop_process(worker)
+            procs.stop(worker)
         if not opts.keep_stack:
             stack.down()
             say("stack stopped")
