@@ -42,14 +42,16 @@ def test_items_without_text_are_recommended_from_behaviour(
         assert produced.returncode == 0, produced.stderr
         report = orjson.loads(produced.stdout)
         assert report["events"] == 400 and report["items"] == 510
+        # Ten users, and the worker coalesces one user's events within a micro-batch:
+        # only one recommendation per user is certain, however the batches fall.
         tail = shoprec(
-            env, "recs", "tail", "--from-beginning", "--json", "--limit", "30", "--timeout", "120"
+            env, "recs", "tail", "--from-beginning", "--json", "--limit", "10", "--timeout", "120"
         )
         assert tail.returncode == 0, tail.stderr + worker.log()
     finally:
         worker.stop()
     recs = [orjson.loads(line) for line in tail.stdout.splitlines()]
-    assert len(recs) == 30, worker.log()
+    assert len(recs) == 10, worker.log()
     # OTTO items have no text: every item recommended came from behaviour.
     with_items = [r for r in recs if r["items"]]
     assert with_items, recs
