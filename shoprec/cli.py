@@ -365,5 +365,14 @@ def demo(
         raise click.ClickException(str(exc)) from exc
 
 
+def _register_subcommands() -> None:
+    """Commands that live in their own modules, one per area of work."""
+    from shoprec.cli_bench import bench
+
+    main.add_command(bench)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,1 @@
+"""Benchmarks that print and save numbers: end to end (`shoprec bench`), features, models."""
