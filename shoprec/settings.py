@@ -90,6 +90,23 @@ class Settings(BaseSettings):
         5 * 60_000, ge=0, description="How far in the future an event time may be."
     )
 
+    # --- operations -----------------------------------------------------------------
+    state_prefix: str = Field(
+        "",
+        pattern=r"^[^{}\s]*$",
+        description="Prefix of every event-derived Redis key (user state, co-visitation, "
+        "popularity); empty is the live state. Replays use a shadow prefix.",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the worker's Prometheus endpoint binds to."
+    )
+    metrics_port: int = Field(
+        9108, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0 = off)."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or as JSON objects (one per line)."
+    )
+
     # --- local stack ----------------------------------------------------------------
     stack_dir: Path = Field(
         Path(".shoprec"), description="Where `shoprec stack` keeps data, logs and pids."
@@ -109,6 +126,16 @@ class Settings(BaseSettings):
     def topic(self, name: str) -> str:
         """The full name of one of shoprec's topics."""
         return f"{self.topic_prefix}{name}"
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as ``SHOPREC_*`` variables, for a child process (secrets included)."""
+        env = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+        return env
 
     @property
     def faust_broker(self) -> str:

@@ -26,6 +26,7 @@ from typing import Any, cast
 import faust
 from redis.asyncio import Redis
 
+from features import keys
 from features.catalog import remove_items, upsert_items
 from features.item_index import ItemIndex
 from features.store import FeatureStore, UpdatePolicy
@@ -116,6 +117,7 @@ class Runtime:
         self, records: Sequence[RawRecord]
     ) -> tuple[list[Recommendation], list[DeadLetter]]:
         """One micro-batch of shop events, end to end, minus the publishing."""
+        keys.STATE_PREFIX.set(self.settings.state_prefix)  # live state, or a replay's shadow
         t0 = time.perf_counter()
         await self.items.maybe_refresh(ITEM_REFRESH_S)
         t1 = time.perf_counter()
@@ -136,6 +138,11 @@ class Runtime:
         st.recommended += len(recs)
         st.degraded += sum(r.degraded for r in recs)
         st.latencies_ms.extend(r.latency_ms for r in recs)
+        st.observe_batch(
+            (r.topic for r in records),
+            (d.reason for d in outcome.dead_letters),
+            [r.latency_ms for r in recs],
+        )
         return recs, outcome.dead_letters
 
     async def handle_events_isolating_failures(
@@ -161,6 +168,7 @@ class Runtime:
                 )
                 self.stats.events_in += 1
                 self.stats.dead_lettered += 1
+                self.stats.dead_by_reason["processing_error"] += 1
                 return [], [letter]
         recs: list[Recommendation] = []
         dead: list[DeadLetter] = []
@@ -220,6 +228,13 @@ def raw_records(events: Sequence[faust.EventT[bytes]]) -> list[RawRecord]:
     ]
 
 
+def broker_in_ms(events: Sequence[faust.EventT[bytes]]) -> float:
+    """Mean time from the producer's send to this batch reaching the agent: producer
+    linger, broker, fetch and the wait to fill the micro-batch."""
+    now_s = time.time()
+    return 1000.0 * sum(now_s - e.message.timestamp for e in events) / max(1, len(events))
+
+
 def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     """Build the Faust app and its runtime; ``shoprec worker`` runs it."""
     names = TopicNames.from_settings(settings)
@@ -252,6 +267,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
         await runtime.ensure_open()
         within = settings.batch_within_ms / 1000.0
         async for events in micro_batches(stream, settings.batch_max, within):
+            runtime.stats.record_stages({"broker_in": broker_in_ms(events)})
             recs, dead = await runtime.handle_events_isolating_failures(raw_records(events))
             for rec in recs:
                 await recs_topic.send(key=rec.user_id.encode(), value=rec.to_json())

@@ -38,12 +38,7 @@ def isolated_settings(endpoints: Endpoints, **overrides: object) -> Settings:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The same settings as SHOPREC_* variables, for a worker subprocess."""
-    env = {}
-    for name in Settings.model_fields:
-        value = getattr(settings, name)
-        value = getattr(value, "get_secret_value", lambda v=value: v)()
-        env[f"SHOPREC_{name.upper()}"] = str(value)
-    return env
+    return settings.as_env()
 
 
 class WorkerProcess:

@@ -1,0 +1,588 @@
+"""`shoprec bench`: event-to-recommendation latency on the real stack, next to its floor.
+
+For each offered rate the benchmark runs two phases on the same broker:
+
+1. the floor: a pass-through relay (``bench/relay.py``) forwards the events
+   unchanged from input topics to an output topic;
+2. shoprec: one or more ``shoprec worker`` processes in one consumer group turn
+   the same kind of events into recommendations on ``recs.out``.
+
+The load is open loop: event ``i`` is due at ``start + i / rate`` and carries
+that due time as its event time, whether or not the system keeps up, so a
+slow system shows as latency instead of as a slower generator (no coordinated
+omission).  Latency is measured from that due time to the moment the
+benchmark's consumer reads the output record.  The events are the real ones
+of a dataset, cycled with fresh event ids when a run needs more of them.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from infra import procs
+from shoprec.errors import StackError
+from shoprec.settings import Settings, load_settings
+from streams.produce import dataset_files, produce_catalog, read_jsonl, start_producer
+from streams.topics import TopicNames, ensure_topics, kafka_options
+
+PERCENTILES = (50, 95, 99)
+PROBE_TIMEOUT_S = 120.0
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    data: Path
+    rates: Sequence[float]
+    duration_s: float = 30.0
+    warmup_s: float = 3.0
+    broker: str = "kafka"
+    workers: Sequence[int] = (1,)
+    json_out: Path | None = None
+    drain_timeout_s: float = 120.0
+    skip_floor: bool = False
+
+
+@dataclass(slots=True)
+class Offered:
+    """What the load generator did."""
+
+    sent: int = 0
+    measured_from_ms: int = 0  # events due before this are warm-up
+    seconds: float = 0.0
+    behind_max_ms: float = 0.0  # how late the generator itself ran (its own CPU share)
+
+
+@dataclass(slots=True)
+class Received:
+    latencies_ms: list[float] = field(default_factory=list)
+    publish_ms: list[float] = field(default_factory=list)
+    records: int = 0
+    degraded: int = 0
+    last_at: float = field(default_factory=time.monotonic)
+
+
+# --- the event plan ---------------------------------------------------------------
+
+
+class EventSource:
+    """The dataset's events in order, cycled; each pass gets fresh event ids."""
+
+    def __init__(self, data: Path) -> None:
+        _, events = dataset_files(data)
+        self._events = [e for e in read_jsonl(events) if e.get("type") != "search"]
+        if not self._events:
+            raise StackError(f"{events} holds no events")
+        self._cursor = 0
+
+    def take(self, n: int, tag: str) -> list[dict[str, Any]]:
+        out = []
+        for _ in range(n):
+            i = self._cursor
+            event = dict(self._events[i % len(self._events)])
+            event["event_id"] = f"{event['event_id']}~{tag}{i // len(self._events)}"
+            out.append(event)
+            self._cursor += 1
+        return out
+
+
+async def offer(
+    producer: AIOKafkaProducer,
+    events: Sequence[dict[str, Any]],
+    rate: float,
+    wall_start_ms: float,
+    topic_of: dict[str, str],
+) -> Offered:
+    """Send ``events`` open loop at ``rate`` from ``wall_start_ms``, each stamped with
+    its due time."""
+    report = Offered()
+    start = time.monotonic() + (wall_start_ms - time.time() * 1000) / 1000
+    for i, event in enumerate(events):
+        due = start + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        else:
+            report.behind_max_ms = max(report.behind_max_ms, -delay * 1000)
+        event["ts"] = int(wall_start_ms + i * 1000 / rate)
+        await producer.send(
+            topic_of[event["type"]], orjson.dumps(event), key=str(event["user_id"]).encode()
+        )
+        report.sent += 1
+    await producer.flush()
+    report.seconds = time.monotonic() - start
+    return report
+
+
+# --- consuming the output ---------------------------------------------------------
+
+
+def relayed_event(value: bytes) -> tuple[int, int | None, bool]:
+    """(due time, emitted time, degraded) of a relayed event."""
+    return orjson.loads(value)["ts"], None, False
+
+
+def recommendation(value: bytes) -> tuple[int, int | None, bool]:
+    """(trigger's due time, emitted time, degraded) of a recommendation."""
+    rec = orjson.loads(value)
+    return rec["trigger"]["ts"], rec["emitted_ts"], bool(rec["degraded"])
+
+
+Reader = Callable[[bytes], tuple[int, "int | None", bool]]
+
+
+async def start_output_consumer(settings: Settings, topic: str) -> AIOKafkaConsumer:
+    consumer = AIOKafkaConsumer(topic, **kafka_options(settings), group_id=None)
+    await consumer.start()
+    await consumer.seek_to_end()
+    await consumer.getmany(timeout_ms=100)  # hold the position before anything is sent
+    return consumer
+
+
+async def receive(
+    consumer: AIOKafkaConsumer, read: Reader, since_ms: int, got: Received, stop: asyncio.Event
+) -> None:
+    """Read the output until ``stop``; latency counts from each record's due time."""
+    while not stop.is_set():
+        batch = await consumer.getmany(timeout_ms=100)
+        recv_ms = time.time() * 1000
+        for records in batch.values():
+            for r in records:
+                got.records += 1
+                got.last_at = time.monotonic()
+                due_ms, emitted_ms, degraded = read(r.value or b"{}")
+                if due_ms < since_ms:
+                    continue  # warm-up
+                got.latencies_ms.append(recv_ms - due_ms)
+                if emitted_ms is not None:
+                    got.publish_ms.append(recv_ms - emitted_ms)
+                got.degraded += degraded
+
+
+# --- lag --------------------------------------------------------------------------
+
+
+async def group_lag(settings: Settings, group: str, topics: Sequence[str]) -> int:
+    """Input records not yet committed by ``group`` (Faust commits every few seconds)."""
+    admin = AIOKafkaAdminClient(**kafka_options(settings))
+    probe = AIOKafkaConsumer(**kafka_options(settings), group_id=None)
+    await admin.start()
+    await probe.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        parts = [TopicPartition(t, p) for t in topics for p in probe.partitions_for_topic(t) or ()]
+        ends = await probe.end_offsets(parts)
+        return sum(
+            end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items()
+        )
+    finally:
+        await probe.stop()
+        await admin.close()
+
+
+async def sample_lag(
+    settings: Settings, group: str, topics: Sequence[str], stop: asyncio.Event, out: list[int]
+) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(Exception):  # a sample missed while the group rebalances
+            out.append(await group_lag(settings, group, topics))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
+# --- one phase: offer, receive, drain ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    settings: Settings
+    input_topics: dict[str, str]  # event type → topic
+    output_topic: str
+    group: str
+    read: Reader
+
+
+@dataclass(slots=True)
+class PhaseResult:
+    offered: Offered
+    received: Received
+    lags: list[int]
+    drain_s: float
+
+
+async def run_phase(
+    phase: Phase, events: Sequence[dict[str, Any]], rate: float, opts: BenchOptions
+) -> PhaseResult:
+    consumer = await start_output_consumer(phase.settings, phase.output_topic)
+    producer = await start_producer(phase.settings)
+    wall_start_ms = time.time() * 1000 + 100
+    since_ms = int(wall_start_ms + opts.warmup_s * 1000)
+    got, stop, lags = Received(), asyncio.Event(), list[int]()
+    topics = sorted(set(phase.input_topics.values()))
+    receiver = asyncio.create_task(receive(consumer, phase.read, since_ms, got, stop))
+    sampler = asyncio.create_task(sample_lag(phase.settings, phase.group, topics, stop, lags))
+    try:
+        offered = await offer(producer, events, rate, wall_start_ms, phase.input_topics)
+        drain_s = await drain(phase, topics, got, opts.drain_timeout_s)
+    finally:
+        stop.set()
+        await asyncio.gather(receiver, sampler, return_exceptions=True)
+        await producer.stop()
+        await consumer.stop()
+    return PhaseResult(offered, got, lags, drain_s)
+
+
+async def drain(phase: Phase, topics: Sequence[str], got: Received, timeout_s: float) -> float:
+    """Wait until the group has committed everything and the output has gone quiet."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        lag = await group_lag(phase.settings, phase.group, topics)
+        if lag == 0 and time.monotonic() - got.last_at > 1.0:
+            return time.monotonic() - start
+        await asyncio.sleep(0.5)
+    raise StackError(f"{phase.group} did not catch up within {timeout_s:.0f} s")
+
+
+# --- the processes under test -----------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_for_line(proc: procs.Proc, text: str, since: int, timeout_s: float) -> None:
+    def seen() -> bool:
+        with open(proc.log_path, "rb") as fh:
+            fh.seek(since)
+            return text.encode() in fh.read()
+
+    procs.wait_until(seen, timeout_s, f"{proc.name} to log {text!r}", proc=proc)
+
+
+@dataclass(slots=True)
+class Started:
+    proc: procs.Proc
+    log_offset: int
+    cpu_at_start: float = 0.0
+
+
+def start_process(name: str, argv: Sequence[str], log: Path, env: dict[str, str]) -> Started:
+    offset = log.stat().st_size if log.exists() else 0
+    proc = procs.start(name, argv, log, env={**os.environ, **env})
+    return Started(proc, offset)
+
+
+def start_workers(settings: Settings, n: int, logs: Path) -> list[Started]:
+    argv = [sys.executable, "-m", "shoprec.cli", "worker"]
+    workers = [
+        start_process(f"worker-{i}", argv, logs / f"worker-{i}.log", settings.as_env())
+        for i in range(n)
+    ]
+    for w in workers:
+        wait_for_line(w.proc, "Worker ready", w.log_offset, PROBE_TIMEOUT_S)
+    return workers
+
+
+def final_stats(w: Started) -> dict[str, Any]:
+    """The counters a worker logs as it shuts down."""
+    with open(w.proc.log_path, "rb") as fh:
+        fh.seek(w.log_offset)
+        lines = fh.read().decode(errors="replace").splitlines()
+    for line in reversed(lines):
+        if "final stats " in line:
+            stats: dict[str, Any] = ast.literal_eval(line.split("final stats ", 1)[1].strip())
+            return stats
+    raise StackError(f"{w.proc.name} logged no final stats (see {w.proc.log_path})")
+
+
+# --- one offered rate -------------------------------------------------------------
+
+
+def percentiles_of(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values, dtype=np.float64)
+    out = {f"p{q}": round(float(np.percentile(arr, q)), 1) for q in PERCENTILES}
+    return out | {"max": round(float(arr.max()), 1)}
+
+
+def measure_floor(
+    settings: Settings, source: EventSource, rate: float, opts: BenchOptions, tag: str
+) -> dict[str, Any]:
+    """The pass-through relay at the same rate on the same broker."""
+    relay_settings = replace_prefix(settings, f"relay-{tag}.")
+    names = TopicNames.from_settings(relay_settings)
+    asyncio.run(ensure_topics(relay_settings))
+    group = f"relay-{tag}"
+    argv = [sys.executable, "-m", "bench.relay", "--bootstrap", settings.kafka_bootstrap]
+    argv += ["--out", names.recs_out, "--group", group, *names.events]
+    relay = start_process("relay", argv, settings.stack_dir / "logs" / "relay.log", {})
+    try:
+        wait_for_line(relay.proc, "relay ready", relay.log_offset, 60)
+        phase = Phase(relay_settings, _topic_of(names), names.recs_out, group, relayed_event)
+        events = source.take(_n_events(rate, opts), tag)
+        result = asyncio.run(run_phase(phase, events, rate, opts))
+    finally:
+        procs.stop(relay.proc)
+    lost = result.offered.sent - result.received.records
+    return {"floor_ms": percentiles_of(result.received.latencies_ms), "floor_lost": lost}
+
+
+def measure_shoprec(
+    settings: Settings,
+    source: EventSource,
+    rate: float,
+    n_workers: int,
+    opts: BenchOptions,
+    tag: str,
+) -> dict[str, Any]:
+    names = TopicNames.from_settings(settings)
+    workers = start_workers(settings, n_workers, settings.stack_dir / "logs")
+    try:
+        for w in workers:
+            w.cpu_at_start = cpu_seconds(w.proc.pid)
+        phase = Phase(settings, _topic_of(names), names.recs_out, settings.app_id, recommendation)
+        events = source.take(_n_events(rate, opts), tag)
+        began = time.monotonic()
+        result = asyncio.run(run_phase(phase, events, rate, opts))
+        busy_s = result.received.last_at - began
+        cpu = [cpu_seconds(w.proc.pid) - w.cpu_at_start for w in workers]
+        rss = [peak_rss_mb(w.proc.pid) for w in workers]
+    finally:
+        for w in workers:
+            procs.stop(w.proc)
+    stats = [final_stats(w) for w in workers]
+    return summarise_run(result, stats, busy_s, cpu, rss) | {"workers": n_workers}
+
+
+def summarise_run(
+    result: PhaseResult,
+    stats: Sequence[dict[str, Any]],
+    busy_s: float,
+    cpu_s: Sequence[float],
+    rss_mb: Sequence[float],
+) -> dict[str, Any]:
+    got, offered = result.received, result.offered
+    total = {k: sum(int(s[k]) for s in stats) for k in _COUNTERS}
+    # Lost: sent but never counted by a worker, or counted as recommended but never seen.
+    lost = max(0, offered.sent - total["events_in"]) + max(0, total["recommended"] - got.records)
+    stages = _mean_stage_percentiles(stats)
+    stages["publish"] = percentiles_of(got.publish_ms)
+    return {
+        "events_sent": offered.sent,
+        "events_per_s": round(total["events_in"] / busy_s, 1),
+        "recs_per_s": round(got.records / busy_s, 1),
+        "latency_ms": percentiles_of(got.latencies_ms),
+        "stages_ms": stages,
+        "lost": lost,
+        "counters": total,
+        "dlq": total["dead_lettered"],
+        "degraded": got.degraded,
+        "lag_max": max(result.lags, default=0),
+        "drain_s": round(result.drain_s, 1),
+        "batch_size": _mean_percentiles([s.get("batch_size", {}) for s in stats]),
+        "worker_cpu_pct": [round(100 * c / busy_s, 1) for c in cpu_s],
+        "worker_peak_rss_mb": [round(r, 1) for r in rss_mb],
+        "generator_behind_max_ms": round(offered.behind_max_ms, 1),
+    }
+
+
+_COUNTERS = ("events_in", "recommended", "dead_lettered", "duplicates", "rate_limited", "coalesced")
+
+
+def _mean_percentiles(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for r in rows for k in r})
+    return {k: round(float(np.mean([r[k] for r in rows if k in r])), 2) for k in keys}
+
+
+def _mean_stage_percentiles(stats: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each stage's percentiles as each worker measured them, averaged over workers."""
+    names = sorted({n for s in stats for n in s.get("stages_ms", {})})
+    return {n: _mean_percentiles([s["stages_ms"].get(n, {}) for s in stats]) for n in names}
+
+
+def _n_events(rate: float, opts: BenchOptions) -> int:
+    return int(rate * (opts.warmup_s + opts.duration_s))
+
+
+def _topic_of(names: TopicNames) -> dict[str, str]:
+    return {t: names.event_topic(t) for t in ("view", "click", "cart", "purchase", "search")}
+
+
+def replace_prefix(settings: Settings, prefix: str) -> Settings:
+    return settings.model_copy(update={"topic_prefix": prefix})
+
+
+# --- the whole benchmark ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def bench_stack(broker: str, model_repo: Path) -> Iterator[Settings]:
+    """A private stack on free ports, removed afterwards, and settings that point at it."""
+    from infra.stack import Stack
+
+    with tempfile.TemporaryDirectory(prefix="shoprec-bench-") as tmp:
+        base = load_settings(
+            broker=broker,
+            stack_dir=Path(tmp),
+            kafka_port=0,
+            redis_port=0,
+            triton_http_port=0,
+            triton_grpc_port=0,
+            triton_metrics_port=0,
+        )
+        stack = Stack(base, model_repo=model_repo)
+        say(f"starting the stack ({broker}, Redis, Triton) in {tmp} ...")
+        endpoints = stack.up(("broker", "redis", "triton"), timeout_s=300)
+        try:
+            yield base.model_copy(
+                update={
+                    "kafka_bootstrap": endpoints.kafka_bootstrap,
+                    "redis_url": endpoints.redis_url,
+                    "triton_url": endpoints.triton_url,
+                    "topic_prefix": "bench.",
+                    "app_id": "shoprec-bench",
+                    # Every event may trigger: the heaviest load the worker can get.
+                    "min_emit_interval_ms": 0,
+                }
+            )
+        finally:
+            stack.down(wipe=True)
+
+
+def load_catalogue(settings: Settings, data: Path) -> int:
+    from shoprec.demo import wait_for_catalog
+
+    asyncio.run(ensure_topics(settings))
+    n_items = sum(1 for _ in read_jsonl(data / "items.jsonl.gz"))
+    [worker] = start_workers(settings, 1, settings.stack_dir / "logs")
+    try:
+
+        async def load() -> float:
+            producer = await start_producer(settings)
+            try:
+                await produce_catalog(producer, TopicNames.from_settings(settings), data)
+            finally:
+                await producer.stop()
+            return await wait_for_catalog(settings, n_items, 900, worker.proc)
+
+        took = asyncio.run(load())
+    finally:
+        procs.stop(worker.proc)
+    say(f"\ncatalogue of {n_items} items embedded in {took:.1f} s")
+    return n_items
+
+
+def run_bench(opts: BenchOptions, model_repo: Path) -> dict[str, Any]:
+    source = EventSource(opts.data)
+    runs: list[dict[str, Any]] = []
+    with bench_stack(opts.broker, model_repo) as settings:
+        n_items = load_catalogue(settings, opts.data)
+        for n, rate in enumerate(opts.rates):
+            floor: dict[str, Any] = {}
+            if not opts.skip_floor:
+                say(f"[{rate:.0f}/s] floor: pass-through relay ...")
+                floor = measure_floor(settings, source, rate, opts, f"f{n}")
+            for workers in opts.workers:
+                say(f"[{rate:.0f}/s] shoprec with {workers} worker(s) ...")
+                run = measure_shoprec(settings, source, rate, workers, opts, f"w{n}x{workers}")
+                run = {"offered_rate": rate, "broker": opts.broker} | run | floor
+                run["ratio_to_floor"] = _ratios(run)
+                say(_one_line(run))
+                runs.append(run)
+    result: dict[str, Any] = {
+        "dataset": opts.data.name,
+        "broker": opts.broker,
+        "catalogue_items": n_items,
+        "duration_s": opts.duration_s,
+        "warmup_s": opts.warmup_s,
+        "machine": machine(),
+        "runs": runs,
+    }
+    if len(runs) == 1:
+        result |= runs[0]
+    if opts.json_out is not None:
+        write_results(result, opts.json_out)
+    return result
+
+
+def _ratios(run: dict[str, Any]) -> dict[str, float]:
+    lat, floor = run.get("latency_ms", {}), run.get("floor_ms", {})
+    return {q: round(lat[q] / floor[q], 2) for q in ("p50", "p99") if floor.get(q) and q in lat}
+
+
+def _one_line(run: dict[str, Any]) -> str:
+    lat, floor = run["latency_ms"], run.get("floor_ms", {})
+    return (
+        f"  {run['offered_rate']:.0f}/s x{run['workers']}: p50 {lat.get('p50')} p99 "
+        f"{lat.get('p99')} ms (floor p50 {floor.get('p50')} p99 {floor.get('p99')}), "
+        f"{run['events_per_s']} ev/s, lost {run['lost']}, cpu {run['worker_cpu_pct']}%"
+    )
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "gpu": None, "python": sys.version.split()[0]}
+
+
+def write_results(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    plot_latency(result["runs"], path.with_suffix(".png"), result["broker"])
+    say(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def plot_latency(runs: Sequence[dict[str, Any]], path: Path, broker: str) -> None:
+    """Latency percentiles against offered rate, shoprec next to the relay floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for workers in sorted({r["workers"] for r in runs}):
+        mine = sorted((r for r in runs if r["workers"] == workers), key=lambda r: r["offered_rate"])
+        rates = [r["offered_rate"] for r in mine]
+        for q, style in (("p50", "-o"), ("p99", "--o")):
+            ys = [r["latency_ms"].get(q, np.nan) for r in mine]
+            ax.plot(rates, ys, style, label=f"shoprec x{workers} {q}")
+    floors = sorted((r for r in runs if r.get("floor_ms")), key=lambda r: r["offered_rate"])
+    floor_rates = sorted({r["offered_rate"] for r in floors})
+    for q, style in (("p50", ":s"), ("p99", ":^")):
+        ys = [next(r["floor_ms"][q] for r in floors if r["offered_rate"] == x) for x in floor_rates]
+        ax.plot(floor_rates, ys, style, color="grey", label=f"relay floor {q}")
+    ax.set_xlabel("offered events/s")
+    ax.set_ylabel("event → output latency, ms")
+    ax.set_yscale("log")
+    ax.set_title(f"shoprec end to end on {broker} (2 cores, Triton on CPU)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
