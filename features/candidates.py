@@ -2,10 +2,14 @@
 
 Sources, each with a quota of the ``n`` candidates:
 * ``semantic`` — nearest items to the rolling user embedding and to the last
-  search query (exact inner product over the in-memory item table);
+  search query (``features.ann``: exact for small catalogues, faiss IVF for
+  large ones; items without text take part through behavioural embeddings);
 * ``covis`` — co-visitation neighbours of the user's latest items;
-* ``trending`` — the most popular items of the trigger's hour and the one before.
-Unused quota is refilled from whatever the other sources have left.
+* ``category`` — trending within the categories of the user's latest items
+  (a user with one event already gets their category's best sellers);
+* ``trending`` — the most popular items of the trailing hour and day.
+Unused quota is refilled from whatever the other sources have left, in that
+order, so a cold user's list fills from their category before the whole shop.
 
 Filters: the item must be in the catalogue and in stock, not bought by the user
 recently, not the item the user is looking at, and not listed twice.
@@ -20,17 +24,22 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from features.ann import exact_top_k
 from features.store import UserContext
 
 SEMANTIC_SHARE = 0.5
 COVIS_SHARE = 0.3
+CATEGORY_SHARE = 0.1
+
+# Kept under its old name: callers and tests use the exact product directly.
+nearest = exact_top_k
 
 
 class ItemCatalog(Protocol):
     """What retrieval needs from the in-memory item table."""
 
-    def semantic_view(self) -> tuple[npt.NDArray[np.float32], list[str]]:
-        """Embeddings of eligible items (with text, in stock) and their ids."""
+    def nearest(self, vectors: npt.NDArray[np.float32], k: int) -> list[list[tuple[str, float]]]:
+        """For each row, up to k eligible items (a vector, in stock) by inner product."""
         ...
 
     def in_stock(self, item_id: str) -> bool:
@@ -54,21 +63,6 @@ class Candidates:
         )
 
 
-def nearest(
-    matrix: npt.NDArray[np.float32], queries: npt.NDArray[np.float32], k: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """Top-k rows of ``matrix`` by inner product for each query row (exact)."""
-    if matrix.shape[0] == 0 or k <= 0:
-        empty = np.zeros((queries.shape[0], 0))
-        return empty.astype(np.int64), empty.astype(np.float32)
-    scores = queries @ matrix.T
-    k = min(k, matrix.shape[0])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    top_scores = np.take_along_axis(scores, top, axis=1)
-    order = np.argsort(-top_scores, axis=1)
-    return np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
-
-
 def semantic_neighbours(
     catalog: ItemCatalog, vectors: npt.NDArray[np.float32], k: int
 ) -> list[list[tuple[str, float]]]:
@@ -78,10 +72,8 @@ def semantic_neighbours(
     if known.size == 0:
         # Most batches carry no search query: skip the product over the whole catalogue.
         return out
-    matrix, ids = catalog.semantic_view()
-    rows, scores = nearest(matrix, vectors[known], k)
-    for i, r, sc in zip(known, rows, scores, strict=True):
-        out[i] = [(ids[j], float(s)) for j, s in zip(r, sc, strict=True)]
+    for i, found in zip(known, catalog.nearest(vectors[known], k), strict=True):
+        out[i] = found
     return out
 
 
@@ -104,12 +96,11 @@ def mix_candidates(
     """Merge the sources with quotas, apply the filters, attach signals."""
     blocked = blocked_items(ctx, item_in_view)
     retrieval = dict(semantic)
-    covis_ranked = sorted(ctx.covis.items(), key=lambda kv: -kv[1])
-    trending_ranked = sorted(trending.items(), key=lambda kv: -kv[1])
     sources = [
         ("semantic", [i for i, _ in semantic], int(n * SEMANTIC_SHARE)),
-        ("covis", [i for i, _ in covis_ranked], int(n * COVIS_SHARE)),
-        ("trending", [i for i, _ in trending_ranked], n),
+        ("covis", ranked(ctx.covis), int(n * COVIS_SHARE)),
+        ("category", ranked(ctx.category_trending), int(n * CATEGORY_SHARE)),
+        ("trending", ranked(trending), n),
     ]
     out = Candidates()
     seen: set[str] = set()
@@ -119,7 +110,7 @@ def mix_candidates(
         out.item_ids.append(item)
         out.source.append(source)
         out.covis.append(ctx.covis.get(item, 0.0))
-        out.popularity.append(trending.get(item, 0.0))
+        out.popularity.append(trending.get(item, ctx.category_trending.get(item, 0.0)))
         out.retrieval.append(retrieval.get(item, 0.0))
 
     leftovers: list[tuple[str, str]] = []
@@ -139,3 +130,8 @@ def mix_candidates(
         if item not in seen:
             take(item, name)
     return out
+
+
+def ranked(scores: dict[str, float]) -> list[str]:
+    """Items by score, best first (ties by id, so retrieval is deterministic)."""
+    return [i for i, _ in sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))]

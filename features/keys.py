@@ -9,37 +9,59 @@ one slot (the update script touches them together); an item's keys share
     {u:<user>}:hist    list of "item|type|ts", newest first, capped
     {u:<user>}:ev      sorted set of recent event ids (score ts): the dedupe window
     {u:<user>}:q       float32 bytes, embedding of the last search query
-    {i:<item>}         hash: title, category, brand, price, in_stock, ts, emb (float32 bytes)
-    {i:<item>}:cv      sorted set: co-visited item -> decayed count
-    pop:h:<hour>       sorted set: item -> events in that event-time hour (TTL 2 days)
+    {i:<item>}         hash: title, category, brand, price, in_stock, ts, emb (float32 bytes),
+                       bemb (behavioural embedding of an item without text)
+    {i:<item>}:cv      sorted set: co-visited item -> forward-decayed count (features.decay)
+    pop:h:<hour>       sorted set: item -> weighted events in that event-time hour (TTL 2 days)
+    pop:d:<day>        the same per event-time day (TTL 3 days)
+    pop:h:<hour>:c:<category>, pop:d:<day>:c:<category>   the same within one category
     items:log          stream of item changes (field "id"): workers and the ranker
                        follow it to keep their in-memory item tables fresh
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 ITEM_LOG = "items:log"
 EMB_DIM = 384
 
+# Event-derived keys (users, co-visitation, popularity) start with this prefix, so a replay
+# can fold history into shadow state beside the live one; "" is the live state.  A context
+# variable, so it holds per asyncio task without threading a parameter through every layer
+# (streams.app.Runtime sets it from SHOPREC_STATE_PREFIX).  The prefix comes before the hash
+# tag, so a user's keys still share one Cluster slot.  Item hashes and items:log are the
+# catalogue, shared by live and shadow state, and never prefixed.
+STATE_PREFIX: ContextVar[str] = ContextVar("shoprec_state_prefix", default="")
+
+
+def _state(key: str) -> str:
+    return STATE_PREFIX.get() + key
+
 
 def user_emb(user: str) -> str:
-    return f"{{u:{user}}}:emb"
+    return _state(f"{{u:{user}}}:emb")
 
 
 def user_meta(user: str) -> str:
-    return f"{{u:{user}}}:meta"
+    return _state(f"{{u:{user}}}:meta")
 
 
 def user_hist(user: str) -> str:
-    return f"{{u:{user}}}:hist"
+    return _state(f"{{u:{user}}}:hist")
 
 
 def user_events(user: str) -> str:
-    return f"{{u:{user}}}:ev"
+    return _state(f"{{u:{user}}}:ev")
 
 
 def user_query(user: str) -> str:
-    return f"{{u:{user}}}:q"
+    return _state(f"{{u:{user}}}:q")
+
+
+def user_keys(user: str) -> list[str]:
+    """Every key of one user, in the order the update script takes them."""
+    return [user_emb(user), user_meta(user), user_hist(user), user_events(user), user_query(user)]
 
 
 def item(item_id: str) -> str:
@@ -47,8 +69,14 @@ def item(item_id: str) -> str:
 
 
 def item_covis(item_id: str) -> str:
-    return f"{{i:{item_id}}}:cv"
+    return _state(f"{{i:{item_id}}}:cv")
 
 
-def popularity_hour(hour: int) -> str:
-    return f"pop:h:{hour}"
+def popularity_hour(hour: int, category: str | None = None) -> str:
+    key = f"pop:h:{hour}" if category is None else f"pop:h:{hour}:c:{category}"
+    return _state(key)
+
+
+def popularity_day(day: int, category: str | None = None) -> str:
+    key = f"pop:d:{day}" if category is None else f"pop:d:{day}:c:{category}"
+    return _state(key)

@@ -6,19 +6,35 @@ Two paths, kept apart so each batches into one round trip per micro-batch:
   every event of the batch in one pipeline, then (second pipeline, only for
   events that were not duplicates) bumps co-visitation and popularity;
 * the read path (:meth:`FeatureStore.read_context`) fetches what the
-  recommender needs for a set of users in one pipeline.
+  recommender needs for a set of users in two pipelines: user state and
+  global popularity first, then what depends on it (co-visitation of the
+  user's latest items, popularity within their categories).
+
+Co-visitation is forward-decayed (``features.decay``); popularity is kept in
+hour and day buckets, overall and per category, read as trailing windows.
+An item's category comes from the injected ``category_of`` (the worker's item
+index), so no Redis read sits between an event and its counters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
 from features import keys
+from features.decay import (
+    COVIS_HALF_LIFE_MS,
+    DAY_MS,
+    HOUR_MS,
+    decayed_value,
+    forward_weight,
+    sliding_window,
+    window_buckets,
+)
 from features.user_state import (
     EVENT_WEIGHTS,
     HistoryEntry,
@@ -30,9 +46,12 @@ from features.user_state import (
     vector_to_bytes,
 )
 
-HOUR_MS = 3_600_000
-POPULARITY_TTL_S = 2 * 86_400
+HOUR_BUCKET_TTL_S = 2 * 86_400
+DAY_BUCKET_TTL_S = 3 * 86_400
 COVIS_TTL_S = 30 * 86_400
+# How many of a user's latest distinct items feed co-visitation and category trending.
+COVIS_SOURCES = 3
+CATEGORY_SOURCES = 2
 # Co-visitation pairs an event with this many of the user's previous items.
 COVIS_SPAN = 5
 # Two purchases further apart than this are not "bought together".
@@ -75,14 +94,31 @@ class UserContext:
     embedding: Vector
     query: Vector
     history: list[HistoryEntry]
-    covis: dict[str, float] = field(default_factory=dict)  # neighbour -> count
+    covis: dict[str, float] = field(default_factory=dict)  # neighbour -> decayed count
     covis_source: dict[str, str] = field(default_factory=dict)  # neighbour -> history item
+    # Trending within the categories of the user's latest items (cold start by category).
+    category_trending: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Popularity:
+    """Weighted event counts over the trailing hour and day."""
+
+    hour: dict[str, float]
+    day: dict[str, float]
+
+    def trending(self) -> dict[str, float]:
+        """The last hour, plus the day's hourly average so quiet hours still rank something."""
+        out = {i: s / 24.0 for i, s in self.day.items()}
+        for i, s in self.hour.items():
+            out[i] = out.get(i, 0.0) + s
+        return out
 
 
 @dataclass(slots=True)
 class Context:
     users: dict[str, UserContext]
-    trending: dict[str, float]  # item -> events in the recent hours
+    trending: dict[str, float]  # item -> Popularity.trending()
 
 
 def _load_script() -> str:
@@ -92,10 +128,17 @@ def _load_script() -> str:
 class FeatureStore:
     """User state, co-visitation and popularity over one Redis connection pool."""
 
-    def __init__(self, redis: Redis, policy: UpdatePolicy, dim: int = keys.EMB_DIM) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        policy: UpdatePolicy,
+        dim: int = keys.EMB_DIM,
+        category_of: Callable[[str], str | None] = lambda _: None,
+    ) -> None:
         self._redis = redis
         self._policy = policy
         self._dim = dim
+        self._category_of = category_of
         self._update = redis.register_script(_load_script())
 
     async def apply_events(self, updates: Sequence[UserUpdate]) -> list[UpdateResult]:
@@ -144,22 +187,23 @@ class FeatureStore:
     async def _record_signals(
         self, updates: Sequence[UserUpdate], results: Sequence[UpdateResult]
     ) -> None:
+        ttls: dict[str, int] = {}
         async with self._redis.pipeline(transaction=False) as pipe:
-            touched: set[str] = set()
             for u, r in zip(updates, results, strict=True):
                 if not r.applied or u.item_id is None:
                     continue
-                hour_key = keys.popularity_hour(u.ts // HOUR_MS)
-                pipe.zincrby(hour_key, EVENT_WEIGHTS[u.type], u.item_id)
-                touched.add(hour_key)
+                weight = EVENT_WEIGHTS[u.type]
+                for key, ttl in popularity_keys(u.ts, self._category_of(u.item_id)):
+                    pipe.zincrby(key, weight, u.item_id)
+                    ttls[key] = ttl
+                pair = forward_weight(u.ts)
                 for other in _covisited(u, r.recent):
-                    pipe.zincrby(keys.item_covis(u.item_id), 1.0, other)
-                    pipe.zincrby(keys.item_covis(other), 1.0, u.item_id)
-                    touched.update((keys.item_covis(u.item_id), keys.item_covis(other)))
-            for key in touched:
-                ttl = POPULARITY_TTL_S if key.startswith("pop:") else COVIS_TTL_S
+                    pipe.zincrby(keys.item_covis(u.item_id), pair, other)
+                    pipe.zincrby(keys.item_covis(other), pair, u.item_id)
+                    ttls[keys.item_covis(u.item_id)] = ttls[keys.item_covis(other)] = COVIS_TTL_S
+            for key, ttl in ttls.items():
                 pipe.expire(key, ttl)
-            if touched:
+            if ttls:
                 await pipe.execute()
 
     async def read_context(
@@ -171,15 +215,13 @@ class FeatureStore:
     ) -> Context:
         """Everything the recommender needs for these users, in two round trips."""
         users = list(dict.fromkeys(user_ids))
-        hours = sorted({ts // HOUR_MS for ts in trigger_ts.values()})
-        hour_keys = sorted({keys.popularity_hour(h - d) for h in hours for d in (0, 1)})
+        now = max(trigger_ts.values(), default=0)
         async with self._redis.pipeline(transaction=False) as pipe:
             for u in users:
                 pipe.get(keys.user_emb(u))
                 pipe.get(keys.user_query(u))
                 pipe.lrange(keys.user_hist(u), 0, self._policy.history_len - 1)
-            for hk in hour_keys:
-                pipe.zrevrange(hk, 0, trending_n - 1, withscores=True)
+            weights = queue_popularity_reads(pipe, now, None, trending_n)
             raw = await pipe.execute()
         contexts: dict[str, UserContext] = {}
         for i, u in enumerate(users):
@@ -189,29 +231,64 @@ class FeatureStore:
                 query=normalise(vector_from_bytes(query), self._dim),
                 history=decode_history(hist),
             )
-        trending: dict[str, float] = {}
-        for rows in raw[3 * len(users) :]:
-            for member, score in rows:
-                item = member.decode()
-                trending[item] = trending.get(item, 0.0) + float(score)
-        await self._read_covis(contexts, covis_per_item)
+        trending = popularity_from_replies(raw[3 * len(users) :], weights).trending()
+        await self._read_neighbourhood(contexts, trigger_ts, now, covis_per_item, trending_n)
         return Context(users=contexts, trending=trending)
 
-    async def _read_covis(self, contexts: dict[str, UserContext], per_item: int) -> None:
-        sources = {u: _distinct_items(c.history, 3) for u, c in contexts.items()}
+    async def popularity(self, now_ms: int, category: str | None = None, n: int = 50) -> Popularity:
+        """The top ``n`` items of the trailing hour and day, overall or within one category."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            weights = queue_popularity_reads(pipe, now_ms, category, n)
+            raw = await pipe.execute()
+        return popularity_from_replies(raw, weights)
+
+    async def _read_neighbourhood(
+        self,
+        contexts: dict[str, UserContext],
+        trigger_ts: dict[str, int],
+        now: int,
+        per_item: int,
+        trending_n: int,
+    ) -> None:
+        """Co-visitation of each user's latest items and trending in their categories."""
+        sources = {u: _distinct_items(c.history, COVIS_SOURCES) for u, c in contexts.items()}
+        cats = {u: self._categories(items[:CATEGORY_SOURCES]) for u, items in sources.items()}
         wanted = sorted({i for items in sources.values() for i in items})
-        if not wanted:
+        wanted_cats = sorted({c for cs in cats.values() for c in cs})
+        if not wanted and not wanted_cats:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             for item in wanted:
                 pipe.zrevrange(keys.item_covis(item), 0, per_item - 1, withscores=True)
-            rows = dict(zip(wanted, await pipe.execute(), strict=True))
+            cat_weights = [queue_popularity_reads(pipe, now, c, trending_n) for c in wanted_cats]
+            raw = await pipe.execute()
+        rows = dict(zip(wanted, raw[: len(wanted)], strict=True))
+        per_cat = 4  # replies per popularity read: hour now, hour before, day now, day before
+        cat_pop = {
+            c: popularity_from_replies(
+                raw[len(wanted) + per_cat * k : len(wanted) + per_cat * (k + 1)], w
+            ).trending()
+            for k, (c, w) in enumerate(zip(wanted_cats, cat_weights, strict=True))
+        }
         for u, ctx in contexts.items():
+            at = trigger_ts.get(u, now)
             for src in sources[u]:
                 for member, score in rows[src]:
                     item = member.decode()
-                    ctx.covis[item] = ctx.covis.get(item, 0.0) + float(score)
+                    value = decayed_value(float(score), at, COVIS_HALF_LIFE_MS)
+                    ctx.covis[item] = ctx.covis.get(item, 0.0) + value
                     ctx.covis_source.setdefault(item, src)
+            for c in cats[u]:
+                for item, score in cat_pop[c].items():
+                    ctx.category_trending[item] = ctx.category_trending.get(item, 0.0) + score
+
+    def _categories(self, item_ids: Sequence[str]) -> list[str]:
+        out: list[str] = []
+        for item in item_ids:
+            c = self._category_of(item)
+            if c and c not in out:
+                out.append(c)
+        return out
 
     async def user_embedding(self, user_id: str) -> Vector:
         """The normalised rolling embedding of one user (zeros when unknown)."""
@@ -239,3 +316,44 @@ def _distinct_items(history: Sequence[HistoryEntry], n: int) -> list[str]:
             if len(out) == n:
                 break
     return out
+
+
+def popularity_keys(ts: int, category: str | None) -> list[tuple[str, int]]:
+    """The popularity buckets one event counts in, with their TTLs."""
+    hour, day = ts // HOUR_MS, ts // DAY_MS
+    out = [
+        (keys.popularity_hour(hour), HOUR_BUCKET_TTL_S),
+        (keys.popularity_day(day), DAY_BUCKET_TTL_S),
+    ]
+    if category:
+        out += [
+            (keys.popularity_hour(hour, category), HOUR_BUCKET_TTL_S),
+            (keys.popularity_day(day, category), DAY_BUCKET_TTL_S),
+        ]
+    return out
+
+
+def queue_popularity_reads(
+    pipe: Any, now_ms: int, category: str | None, n: int
+) -> tuple[float, float]:
+    """Queue the trailing hour and day bucket reads; returns the previous buckets' weights."""
+    h, h_prev, wh = window_buckets(now_ms, HOUR_MS)
+    d, d_prev, wd = window_buckets(now_ms, DAY_MS)
+    for key in (
+        keys.popularity_hour(h, category),
+        keys.popularity_hour(h_prev, category),
+        keys.popularity_day(d, category),
+        keys.popularity_day(d_prev, category),
+    ):
+        pipe.zrevrange(key, 0, n - 1, withscores=True)
+    return wh, wd
+
+
+def popularity_from_replies(raw: Sequence[Any], weights: tuple[float, float]) -> Popularity:
+    def rows(r: Any) -> list[tuple[str, float]]:
+        return [(m.decode(), float(s)) for m, s in r]
+
+    return Popularity(
+        hour=sliding_window(rows(raw[0]), rows(raw[1]), weights[0]),
+        day=sliding_window(rows(raw[2]), rows(raw[3]), weights[1]),
+    )

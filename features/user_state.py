@@ -79,3 +79,34 @@ def decayed_sum(events: list[tuple[int, float, Vector]], half_life_ms: float) ->
     for ts, weight, vec in events:
         total += weight * 2.0 ** (-(ref - ts) / half_life_ms) * vec.astype(np.float64)
     return total.astype(np.float32), ref
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingState:
+    """The update script's embedding state, as a value: what the pure mirror folds events into."""
+
+    total: npt.NDArray[np.float64] | None = None
+    ref_ts: int = -1
+    seen: frozenset[str] = frozenset()
+
+
+def fold_event(
+    state: EmbeddingState, event_id: str, ts: int, weight: float, vec: Vector, half_life_ms: float
+) -> EmbeddingState:
+    """One event into the decayed sum, exactly as update_user.lua does it.
+
+    A seen id changes nothing; a newer event rescales the sum to its time; an
+    older one is added with its own decay.  Either way the sum equals
+    :func:`decayed_sum` of the distinct events, whatever the arrival order.
+    """
+    if event_id in state.seen:
+        return state
+    seen = state.seen | {event_id}
+    add = vec.astype(np.float64)
+    if state.total is None:
+        return EmbeddingState(weight * add, ts, seen)
+    if ts >= state.ref_ts:
+        keep = 2.0 ** (-(ts - state.ref_ts) / half_life_ms)
+        return EmbeddingState(state.total * keep + weight * add, ts, seen)
+    late = weight * 2.0 ** (-(state.ref_ts - ts) / half_life_ms)
+    return EmbeddingState(state.total + late * add, state.ref_ts, seen)

@@ -97,6 +97,7 @@ class Runtime:
                 ttl_s=s.user_ttl_s,
                 min_emit_interval_ms=s.min_emit_interval_ms,
             ),
+            category_of=self.items.category,
         )
         self.ingestor = Ingestor(store, self.items, self.ranker, limits_from(s), now_ms)
         self.recommender = Recommender(

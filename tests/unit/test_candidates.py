@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from features.ann import ExactIndex
 from features.candidates import mix_candidates, nearest, semantic_neighbours
 from features.store import UserContext
 from features.user_state import HistoryEntry
@@ -16,9 +17,10 @@ class Catalog:
         self.vectors = vectors
         self.sold_out = sold_out
 
-    def semantic_view(self) -> tuple[np.ndarray, list[str]]:
+    def nearest(self, vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         ids = [i for i, v in self.vectors.items() if v is not None and i not in self.sold_out]
-        return np.stack([self.vectors[i] for i in ids]).astype(np.float32), ids  # type: ignore[misc]
+        matrix = np.stack([self.vectors[i] for i in ids]).astype(np.float32)  # type: ignore[misc]
+        return ExactIndex(matrix, ids).search(vectors, k)
 
     def in_stock(self, item_id: str) -> bool:
         return item_id in self.vectors and item_id not in self.sold_out

@@ -7,10 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from features.user_state import (
+    EmbeddingState,
     HistoryEntry,
     decayed_sum,
     decode_history,
     encode_history_entry,
+    fold_event,
     normalise,
 )
 
@@ -32,19 +34,16 @@ def _as_vectors(evs: list[tuple[int, float, list[float]]]) -> list[tuple[int, fl
     return [(t, w, np.array(v, dtype=np.float32)) for t, w, v in evs]
 
 
-def incremental(evs: list[tuple[int, float, np.ndarray]]) -> np.ndarray:
+def incremental(
+    evs: list[tuple[int, float, np.ndarray]], ids: list[str] | None = None
+) -> np.ndarray:
     """What the Lua script does, one event at a time, in arrival order."""
-    total, ref = None, -1
-    for ts, w, vec in evs:
-        if total is None:
-            total, ref = w * vec.astype(np.float64), ts
-        elif ts >= ref:
-            total = total * 2 ** (-(ts - ref) / HALF_LIFE) + w * vec
-            ref = ts
-        else:
-            total = total + w * 2 ** (-(ref - ts) / HALF_LIFE) * vec
-    assert total is not None
-    return total
+    state = EmbeddingState()
+    for n, (ts, w, vec) in enumerate(evs):
+        eid = ids[n] if ids is not None else f"e{n}-{ts}-{w}"
+        state = fold_event(state, eid, ts, w, vec, HALF_LIFE)
+    assert state.total is not None
+    return state.total
 
 
 @settings(max_examples=200, deadline=None)
@@ -63,6 +62,18 @@ def test_normalised_embedding_has_unit_length_or_is_zero(evs: list) -> None:
     total, _ = decayed_sum(_as_vectors(evs), HALF_LIFE)
     n = float(np.linalg.norm(normalise(total, DIM)))
     assert n == 0.0 or abs(n - 1.0) < 1e-5
+
+
+@settings(max_examples=200, deadline=None)
+@given(events, st.data())
+def test_replayed_event_ids_change_nothing(evs: list, data: st.DataObject) -> None:
+    """Any event re-delivered any number of times, anywhere in the stream, is counted once."""
+    vecs = _as_vectors(evs)
+    ids = [f"e{n}" for n in range(len(vecs))]
+    repeats = data.draw(st.lists(st.integers(0, len(vecs) - 1), max_size=10))
+    order = data.draw(st.permutations(list(range(len(vecs))) + repeats))
+    replayed = incremental([vecs[i] for i in order], [ids[i] for i in order])
+    np.testing.assert_allclose(replayed, decayed_sum(vecs, HALF_LIFE)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_history_survives_pipes_in_item_ids_and_sorts_by_event_time() -> None:

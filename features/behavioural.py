@@ -1,0 +1,89 @@
+"""Behavioural embeddings: an item without text borrows a vector from what is seen with it.
+
+An item the shop gave no title, category or brand gets no BERT vector, so
+nearest-neighbour retrieval could never return it and it would add nothing to
+a user's taste.  Its behavioural embedding is the co-visitation-weighted mean
+of its neighbours' text embeddings, L2-normalised: "the kind of thing people
+look at next to it".  Only text embeddings feed it (never other behavioural
+ones), so it cannot drift away from the text space by feeding on itself.
+
+Stored as ``bemb`` in the item hash, beside (never instead of) ``emb``: a
+later catalogue record with text replaces it in retrieval, and the catalogue
+writer's ``emb`` handling is untouched.  Each change is appended to
+``items:log`` so every worker's index picks it up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from redis.asyncio import Redis
+
+from features import keys
+from features.catalog import ITEM_LOG_MAXLEN
+from features.user_state import Vector, normalise, vector_from_bytes, vector_to_bytes
+
+NEIGHBOURS = 20
+# Rewrite a stored vector only when it moved this far (cosine): spares followers the churn.
+MIN_CHANGE_COS = 0.999
+
+
+def behavioural_vector(
+    neighbours: Sequence[tuple[str, float]], text_vector: Callable[[str], Vector | None]
+) -> Vector | None:
+    """Weighted mean of the neighbours' text vectors, normalised; None when none has text."""
+    total: Vector | None = None
+    for item_id, weight in neighbours:
+        vec = text_vector(item_id)
+        if vec is None or weight <= 0:
+            continue
+        contribution = np.float32(weight) * vec
+        total = contribution if total is None else total + contribution
+    if total is None:
+        return None
+    out = normalise(total, total.shape[0])
+    return out if np.any(out) else None
+
+
+async def refresh_behavioural(
+    redis: Redis,
+    item_ids: Sequence[str],
+    text_vector: Callable[[str], Vector | None],
+    neighbours: int = NEIGHBOURS,
+) -> int:
+    """Recompute and store the behavioural embeddings of ``item_ids``; returns how many changed.
+
+    Two round trips: the neighbours and current vectors of every item, then the writes.
+    """
+    if not item_ids:
+        return 0
+    async with redis.pipeline(transaction=False) as pipe:
+        for item_id in item_ids:
+            pipe.zrevrange(keys.item_covis(item_id), 0, neighbours - 1, withscores=True)
+            pipe.hget(keys.item(item_id), "bemb")
+            pipe.exists(keys.item(item_id))
+        raw = await pipe.execute()
+    changed = 0
+    async with redis.pipeline(transaction=False) as pipe:
+        for k, item_id in enumerate(item_ids):
+            rows, current, exists = raw[3 * k], raw[3 * k + 1], raw[3 * k + 2]
+            if not exists:
+                continue  # left the catalogue: writing would resurrect a hash
+            vec = behavioural_vector([(m.decode(), float(s)) for m, s in rows], text_vector)
+            if vec is None or _unchanged(vector_from_bytes(current), vec):
+                continue
+            pipe.hset(keys.item(item_id), "bemb", vector_to_bytes(vec))
+            pipe.xadd(keys.ITEM_LOG, {"id": item_id}, maxlen=ITEM_LOG_MAXLEN, approximate=True)
+            changed += 1
+        if changed:
+            await pipe.execute()
+    return changed
+
+
+def _unchanged(current: Vector | None, new: Vector) -> bool:
+    return (
+        current is not None
+        and current.shape == new.shape
+        and float(current @ new) >= MIN_CHANGE_COS
+    )
