@@ -6,7 +6,8 @@ ShoprecError                 base; ``retriable`` says whether trying again may h
 ├── InvalidEvent             an input record breaks the contract (goes to the DLQ)
 ├── DependencyUnavailable    Redis, Kafka or Triton did not answer (retriable)
 │   └── RankerUnavailable    Triton's ranker failed; recommendations degrade
-└── DatasetError             a dataset folder is missing or malformed
+├── DatasetError             a dataset folder is missing or malformed
+└── ReplayError              a replay, rebuild, diff or re-injection cannot run as asked
 """
 
 from __future__ import annotations
@@ -52,3 +53,8 @@ class RankerUnavailable(DependencyUnavailable):
 
 class DatasetError(ShoprecError):
     """A dataset folder does not hold the canonical ``items.jsonl.gz``/``events.jsonl.gz``."""
+
+
+class ReplayError(ShoprecError):
+    """An operator tool (replay, rebuild-state, diff, dlq replay) cannot run as asked;
+    the message says what to change."""

@@ -35,6 +35,7 @@ from ranking.client import RankerClient
 from shoprec.errors import DependencyUnavailable, InvalidEvent
 from shoprec.retry import retry
 from shoprec.settings import Settings
+from streams import observability
 from streams.dlq import DeadLetter
 from streams.events import CatalogItem, Limits, parse_catalog_item, tombstone_item_id
 from streams.ingest import Ingestor, RawRecord
@@ -143,6 +144,7 @@ class Runtime:
             (r.topic for r in records),
             (d.reason for d in outcome.dead_letters),
             [r.latency_ms for r in recs],
+            outcome.query_embedding_failed + any(r.degraded for r in recs),
         )
         return recs, outcome.dead_letters
 
@@ -289,6 +291,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     @app.timer(STATS_EVERY_S)  # type: ignore[untyped-decorator]
     async def log_stats() -> None:
         log.info("stats %s", runtime.stats.summary())
+
+    observability.install(app, runtime.stats, settings, names.events)
 
     return app, runtime
 

@@ -8,10 +8,31 @@ nothing is dropped without a count.
 
 from __future__ import annotations
 
-from collections import deque
+from bisect import bisect_left
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# Histogram bounds (ms) for the Prometheus endpoint: cumulative counts survive scrapes,
+# unlike the bounded deques the percentile log line is computed from.
+LATENCY_BUCKETS_MS: tuple[float, ...] = (
+    5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Cumulative-ready bucket counts (the last bucket is +Inf) and their sum."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS_MS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
 
 
 @dataclass(slots=True)
@@ -28,10 +49,31 @@ class WorkerStats:
     latencies_ms: deque[int] = field(default_factory=lambda: deque(maxlen=10_000))
     stage_ms: dict[str, deque[float]] = field(default_factory=dict)
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=10_000))
+    # For the Prometheus endpoint (streams.observability): cumulative, never trimmed.
+    events_by_topic: Counter[str] = field(default_factory=Counter)
+    dead_by_reason: Counter[str] = field(default_factory=Counter)
+    triton_errors: int = 0  # ranker calls served by the fallback + failed query embeddings
+    event_age_ms: Histogram = field(default_factory=Histogram)
+    stage_hist_ms: dict[str, Histogram] = field(default_factory=dict)
 
     def record_stages(self, stages: dict[str, float]) -> None:
         for name, ms in stages.items():
             self.stage_ms.setdefault(name, deque(maxlen=10_000)).append(ms)
+            self.stage_hist_ms.setdefault(name, Histogram()).observe(ms)
+
+    def observe_batch(
+        self,
+        topics: Iterable[str],
+        dead_reasons: Iterable[str],
+        ages_ms: Sequence[int],
+        triton_errors: int = 0,
+    ) -> None:
+        """Per-topic input, dead letters by reason, and event age at emission of one batch."""
+        self.triton_errors += triton_errors
+        self.events_by_topic.update(topics)
+        self.dead_by_reason.update(dead_reasons)
+        for age in ages_ms:
+            self.event_age_ms.observe(age)
 
     def latency_percentiles(self) -> dict[str, float]:
         return percentiles(self.latencies_ms)

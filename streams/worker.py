@@ -44,6 +44,9 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     from faust.worker import Worker
 
     from streams.app import create_app
+    from streams.observability import logging_config
 
     app, _runtime = create_app(settings)
-    Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    # Text keeps Faust's own (coloured) format; JSON replaces it entirely.
+    config = logging_config(settings, loglevel) if settings.log_format == "json" else None
+    Worker(app, loglevel=loglevel, quiet=True, logging_config=config).execute_from_commandline()

@@ -1,0 +1,262 @@
+"""What an on-call engineer can see of a running worker: Prometheus metrics and JSON logs.
+
+Metrics are read from the worker's :class:`~streams.metrics.WorkerStats` at
+scrape time (a custom collector), so the hot path only bumps plain counters:
+
+    shoprec_events_total{topic}                 input records by topic (= event type)
+    shoprec_outcomes_total{outcome}             recommended, duplicate, rate_limited, ...
+    shoprec_dead_letters_total{reason}          records sent to recs.dlq, by reason
+    shoprec_degraded_total                      recommendations from the fallback path
+    shoprec_event_age_ms                        histogram: event time -> emission
+    shoprec_stage_ms{stage}                     histogram per pipeline stage; stage="ranker"
+                                                is the Triton call
+    shoprec_triton_errors_total                 ranker calls answered by the fallback
+                                                plus failed query embeddings
+    shoprec_consumer_lag{topic,partition}       end offset - committed offset, every 10 s
+
+The endpoint binds to ``SHOPREC_METRICS_HOST`` (127.0.0.1 by default: metrics
+are not for the internet) on ``SHOPREC_METRICS_PORT`` (0 turns it off).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from shoprec.settings import Settings
+from streams.metrics import Histogram, WorkerStats
+from streams.topics import kafka_options
+
+log = logging.getLogger("shoprec.observability")
+
+LAG_EVERY_S = 10.0
+# Fields of a log record every record has; anything else was passed as ``extra``.
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class StatsCollector(Collector):
+    """Prometheus view of one worker's stats (and its last consumer-lag probe)."""
+
+    def __init__(self, stats: WorkerStats) -> None:
+        self._stats = stats
+        self.lag: dict[tuple[str, int], int] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._stats
+        by_topic = CounterMetricFamily(
+            "shoprec_events", "Input records by topic.", labels=["topic"]
+        )
+        for topic, n in sorted(dict(st.events_by_topic).items()):
+            by_topic.add_metric([topic], n)
+        yield by_topic
+        outcomes = CounterMetricFamily(
+            "shoprec_outcomes", "Where each input record ended.", labels=["outcome"]
+        )
+        for name in ("recommended", "duplicates", "rate_limited", "coalesced", "dead_lettered"):
+            outcomes.add_metric([name], getattr(st, name))
+        yield outcomes
+        dead = CounterMetricFamily(
+            "shoprec_dead_letters", "Records sent to the DLQ, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(dict(st.dead_by_reason).items()):
+            dead.add_metric([reason], n)
+        yield dead
+        yield CounterMetricFamily(
+            "shoprec_degraded", "Recommendations from the fallback path.", value=st.degraded
+        )
+        yield CounterMetricFamily(
+            "shoprec_triton_errors",
+            "Ranker calls answered by the fallback plus failed query embeddings.",
+            value=st.triton_errors,
+        )
+        yield CounterMetricFamily(
+            "shoprec_catalog_items", "Catalogue records applied.", value=st.catalog_items
+        )
+        yield _histogram("shoprec_event_age_ms", "Event time to emission (ms).", st.event_age_ms)
+        stages = HistogramMetricFamily(
+            "shoprec_stage_ms",
+            "Milliseconds per micro-batch in each stage (ranker = the Triton call).",
+            labels=["stage"],
+        )
+        for stage, hist in sorted(dict(st.stage_hist_ms).items()):
+            stages.add_metric([stage], *_buckets(hist))
+        yield stages
+        lag = GaugeMetricFamily(
+            "shoprec_consumer_lag",
+            "Records not yet committed by the consumer group, per partition.",
+            labels=["topic", "partition"],
+        )
+        for (topic, partition), n in sorted(self.lag.items()):
+            lag.add_metric([topic, str(partition)], n)
+        yield lag
+
+
+def _buckets(hist: Histogram) -> tuple[list[tuple[str, float]], float]:
+    counts = list(hist.counts)  # a copy: the worker thread keeps counting
+    cumulative, out = 0, []
+    for bound, n in zip([*map(str, hist.bounds), "+Inf"], counts, strict=True):
+        cumulative += n
+        out.append((bound, float(cumulative)))
+    return out, hist.total
+
+
+def _histogram(name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
+    buckets, total = _buckets(hist)
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
+
+
+def serve_metrics(settings: Settings, collector: StatsCollector) -> bool:
+    """Start the /metrics endpoint in a daemon thread; False (logged) when the port is taken.
+
+    A taken port must not stop the worker: recommendations matter more than
+    their metrics, and the error line says which port to free or change.
+    """
+    if settings.metrics_port == 0:
+        return False
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    try:
+        start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
+    except OSError as exc:
+        log.error(
+            "metrics endpoint %s:%d not started: %s (set SHOPREC_METRICS_PORT, 0 = off)",
+            settings.metrics_host,
+            settings.metrics_port,
+            exc,
+        )
+        return False
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+    return True
+
+
+class LagProbe:
+    """Consumer lag of a group: the end offset of each partition minus what it committed."""
+
+    def __init__(self, settings: Settings, group_id: str, topics: Sequence[str]) -> None:
+        self._settings = settings
+        self._group = group_id
+        self._topics = list(topics)
+        self._admin: AIOKafkaAdminClient | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def _open(self) -> tuple[AIOKafkaAdminClient, AIOKafkaConsumer]:
+        if self._admin is None or self._consumer is None:
+            opts = kafka_options(self._settings)
+            self._admin = AIOKafkaAdminClient(**opts)
+            await self._admin.start()
+            self._consumer = AIOKafkaConsumer(**opts, group_id=None, enable_auto_commit=False)
+            await self._consumer.start()
+        return self._admin, self._consumer
+
+    async def measure(self) -> dict[tuple[str, int], int]:
+        admin, consumer = await self._open()
+        committed = await admin.list_consumer_group_offsets(self._group)
+        tps = [
+            TopicPartition(t, p)
+            for t in self._topics
+            for p in sorted(consumer.partitions_for_topic(t) or ())
+        ]
+        if not tps:
+            await consumer.topics()  # refreshes metadata; partitions show up next round
+            return {}
+        ends = await consumer.end_offsets(tps)
+        lag: dict[tuple[str, int], int] = {}
+        for tp in tps:
+            meta = committed.get(tp)
+            done = meta.offset if meta is not None and meta.offset >= 0 else 0
+            lag[(tp.topic, tp.partition)] = max(0, ends[tp] - done)
+        return lag
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._admin is not None:
+            await self._admin.close()
+
+
+def install(app: Any, stats: WorkerStats, settings: Settings, topics: Sequence[str]) -> None:
+    """Give a Faust app its /metrics endpoint and the consumer-lag probe."""
+    collector = StatsCollector(stats)
+    probe = LagProbe(settings, settings.app_id, topics)
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def start_metrics() -> None:
+        serve_metrics(settings, collector)
+
+    @app.timer(LAG_EVERY_S)  # type: ignore[untyped-decorator]
+    async def probe_lag() -> None:
+        try:
+            collector.lag = await probe.measure()
+        except Exception as exc:  # lag is advisory; the next probe tries again
+            log.warning("consumer lag probe failed: %r", exc)
+
+    @app.on_before_shutdown.connect  # type: ignore[untyped-decorator]
+    async def close_probe(sender: Any, /, *args: Any, **kwargs: Any) -> None:
+        await probe.close()
+
+
+# --- logs ----------------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, and every ``extra`` field given
+    (``event_id``, ``user_id``, ``reason``, ``topic``, ``partition``, ``offset`` ...), so a
+    log search for an event id finds every line about it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "thread": threading.current_thread().name,
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                doc[key] = value
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc, default=str).decode()
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def logging_config(settings: Settings, level: str = "INFO") -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` for ``SHOPREC_LOG_FORMAT`` (text or json), on stderr."""
+    formatter: dict[str, Any] = (
+        {"()": JsonFormatter} if settings.log_format == "json" else {"format": TEXT_FORMAT}
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": formatter},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "default",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+    }
+
+
+def configure_logging(settings: Settings, level: str = "INFO") -> None:
+    import logging.config
+
+    logging.config.dictConfig(logging_config(settings, level))
