@@ -59,6 +59,16 @@ def limits_from(settings: Settings) -> Limits:
     return Limits(settings.max_event_bytes, settings.max_field_chars, settings.max_future_skew_ms)
 
 
+def update_policy(settings: Settings) -> UpdatePolicy:
+    """How events fold into user state (shared with ``shoprec rebuild-state``)."""
+    return UpdatePolicy(
+        half_life_ms=settings.embedding_half_life_s * 1000.0,
+        history_len=settings.history_len,
+        ttl_s=settings.user_ttl_s,
+        min_emit_interval_ms=settings.min_emit_interval_ms,
+    )
+
+
 class Runtime:
     """The worker's connections and pipeline objects, opened once."""
 
@@ -90,16 +100,7 @@ class Runtime:
         self.items = ItemIndex(self.redis)
         loaded = await self.items.refresh()
         log.info("item table loaded: %d items", loaded)
-        store = FeatureStore(
-            self.redis,
-            UpdatePolicy(
-                half_life_ms=s.embedding_half_life_s * 1000.0,
-                history_len=s.history_len,
-                ttl_s=s.user_ttl_s,
-                min_emit_interval_ms=s.min_emit_interval_ms,
-            ),
-            category_of=self.items.category,
-        )
+        store = FeatureStore(self.redis, update_policy(s), category_of=self.items.category)
         self.ingestor = Ingestor(store, self.items, self.ranker, limits_from(s), now_ms)
         self.recommender = Recommender(
             store,
