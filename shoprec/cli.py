@@ -280,31 +280,6 @@ def recs_tail(
         _run(go())
 
 
-@main.group()
-def dlq() -> None:
-    """Read the dead-letter topic recs.dlq."""
-
-
-@dlq.command("tail")
-@click.option("--from-beginning", is_flag=True, help="Start at the oldest retained record.")
-@click.option("--limit", type=int, help="Stop after this many dead letters.")
-@click.option("--timeout", type=float, help="Stop after this many idle seconds.")
-def dlq_tail(from_beginning: bool, limit: int | None, timeout: float | None) -> None:
-    """Print dead letters with their reason and origin."""
-    from streams.tail import tail_topic
-    from streams.topics import DLQ
-
-    settings = _settings()
-
-    async def go() -> None:
-        async for value in tail_topic(
-            settings, settings.topic(DLQ), from_beginning, limit, timeout
-        ):
-            click.echo(value.decode())
-
-    _run(go())
-
-
 # --- the rest ------------------------------------------------------------------------------
 
 
@@ -368,8 +343,11 @@ def demo(
 def _register_subcommands() -> None:
     """Commands that live in their own modules, one per area of work."""
     from shoprec.cli_bench import bench
+    from shoprec.cli_ops import COMMANDS as OPS_COMMANDS
 
     main.add_command(bench)
+    for command in OPS_COMMANDS:
+        main.add_command(command)
 
 
 _register_subcommands()

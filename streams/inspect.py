@@ -1,0 +1,208 @@
+"""``shoprec inspect user|item``: what shoprec knows of one user or item, in one screen.
+
+Read-only.  A user: the rolling embedding (norm, the catalogue items nearest
+to it), counters from the meta hash, recent history with item names, and
+the last recommendations found on the output topic with their reasons and
+latency.  An item: its catalogue record, whether it has a text or behavioural
+embedding, its nearest items, what it is co-visited with, and its weighted
+events in the latest popularity buckets.  ``state_prefix`` inspects a
+replay's shadow state instead of the live one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, cast
+
+import numpy as np
+import orjson
+from redis.asyncio import Redis
+
+from features import keys
+from features.catalog import item_titles
+from features.item_index import ItemIndex
+from features.user_state import decode_history, normalise, vector_from_bytes
+from shoprec.settings import Settings
+from streams.ranges import read_topic
+from streams.tail import format_recommendation
+
+NEAREST = 5
+
+
+def iso(ts_ms: int | None) -> str | None:
+    if ts_ms is None:
+        return None
+    return dt.datetime.fromtimestamp(ts_ms / 1000, dt.UTC).isoformat(timespec="seconds")
+
+
+def _int(raw: bytes | None) -> int | None:
+    return None if raw is None else int(float(raw))
+
+
+async def _nearest(
+    redis: Redis, vector: np.ndarray[Any, Any] | None, exclude: str | None = None
+) -> list[dict[str, Any]]:
+    if vector is None or not np.any(vector):
+        return []
+    index = ItemIndex(redis)
+    await index.refresh()
+    found = index.nearest(vector[None, :].astype(np.float32), NEAREST + 1)[0]
+    found = [(i, s) for i, s in found if i != exclude][:NEAREST]
+    names = await item_titles(redis, [i for i, _ in found])
+    return [{"item_id": i, "name": names.get(i, i), "cosine": round(s, 3)} for i, s in found]
+
+
+async def inspect_user(
+    settings: Settings, user_id: str, state_prefix: str, n_recs: int = 3, n_hist: int = 10
+) -> dict[str, Any]:
+    redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=10.0)
+    token = keys.STATE_PREFIX.set(state_prefix)
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.user_emb(user_id))
+            pipe.hgetall(keys.user_meta(user_id))
+            pipe.lrange(keys.user_hist(user_id), 0, -1)
+            pipe.zcard(keys.user_events(user_id))
+            pipe.exists(keys.user_query(user_id))
+            pipe.ttl(keys.user_meta(user_id))
+            emb, meta_raw, hist_raw, n_ids, has_query, ttl = await pipe.execute()
+        meta = {k.decode(): v for k, v in cast(dict[bytes, bytes], meta_raw).items()}
+        raw = vector_from_bytes(emb)
+        unit = normalise(raw, keys.EMB_DIM) if raw is not None else None
+        history = decode_history(hist_raw)[:n_hist]
+        names = await item_titles(redis, sorted({h.item_id for h in history}))
+        out: dict[str, Any] = {
+            "user_id": user_id,
+            "state_prefix": state_prefix,
+            "known": bool(meta),
+            "counters": {
+                "events": _int(meta.get("n")),
+                "newest_event": iso(_int(meta.get("ref_ts"))),
+                "last_emit": iso(_int(meta.get("last_emit_ts"))),
+                "event_ids_in_dedupe_window": n_ids,
+                "ttl_s": ttl,
+            },
+            "embedding": {
+                "present": raw is not None,
+                "decayed_norm": None if raw is None else round(float(np.linalg.norm(raw)), 4),
+                "has_search_query": bool(has_query),
+                "nearest_items": await _nearest(redis, unit),
+            },
+            "history": [
+                {"item_id": h.item_id, "name": names.get(h.item_id, h.item_id), "type": h.type}
+                | {"ts": iso(h.ts)}
+                for h in history
+            ],
+        }
+    finally:
+        keys.STATE_PREFIX.reset(token)
+        await redis.aclose()
+    if n_recs > 0:
+        records = await read_topic(
+            settings, settings.topic("recs.out"), keys=frozenset({user_id.encode()})
+        )
+        out["last_recommendations"] = [
+            orjson.loads(r.value) for r in records[-n_recs:] if r.value is not None
+        ]
+    return out
+
+
+async def inspect_item(settings: Settings, item_id: str, state_prefix: str) -> dict[str, Any]:
+    redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=10.0)
+    token = keys.STATE_PREFIX.set(state_prefix)
+    try:
+        fields = cast(dict[bytes, bytes], await redis.hgetall(keys.item(item_id)))
+        record = {
+            k.decode(): v.decode(errors="replace")
+            for k, v in fields.items()
+            if k not in (b"emb", b"bemb")
+        }
+        covis = cast(
+            list[tuple[bytes, float]],
+            await redis.zrevrange(keys.item_covis(item_id), 0, 9, withscores=True),
+        )
+        latest = await _latest_buckets(redis, item_id)
+        names = await item_titles(redis, [m.decode() for m, _ in covis])
+        text_vec = vector_from_bytes(fields.get(b"emb"))
+        behav_vec = vector_from_bytes(fields.get(b"bemb"))
+        vec = text_vec if text_vec is not None else behav_vec
+        return {
+            "item_id": item_id,
+            "state_prefix": state_prefix,
+            "in_catalogue": bool(fields),
+            "record": record,
+            "embedding": "text"
+            if text_vec is not None
+            else "behaviour"
+            if vec is not None
+            else None,
+            "nearest_items": await _nearest(redis, vec, exclude=item_id),
+            "co_visited_with": [
+                {"item_id": m.decode(), "name": names.get(m.decode(), m.decode())}
+                | {"weight": round(float(s), 4)}
+                for m, s in covis
+            ],
+            "popularity": latest,
+        }
+    finally:
+        keys.STATE_PREFIX.reset(token)
+        await redis.aclose()
+
+
+async def _latest_buckets(redis: Redis, item_id: str) -> dict[str, Any]:
+    """The item's weight in the newest hour and day buckets that exist (event time)."""
+    out: dict[str, Any] = {}
+    for kind, width_ms in (("hour", 3_600_000), ("day", 86_400_000)):
+        probe = keys.popularity_hour(0) if kind == "hour" else keys.popularity_day(0)
+        pattern = probe[:-1] + "*"
+        start = len(pattern) - 1
+        found = [k.decode()[start:] async for k in redis.scan_iter(match=pattern, count=10_000)]
+        buckets = sorted(int(b) for b in found if b.isdigit())
+        if buckets:
+            newest = buckets[-1]
+            key = keys.popularity_hour(newest) if kind == "hour" else keys.popularity_day(newest)
+            score = await redis.zscore(key, item_id)
+            out[kind] = {"bucket_start": iso(newest * width_ms), "weight": score or 0.0}
+    return out
+
+
+def format_user(doc: dict[str, Any]) -> str:
+    c, e = doc["counters"], doc["embedding"]
+    lines = [
+        f"user {doc['user_id']}"
+        + (f"  (state prefix {doc['state_prefix']!r})" if doc["state_prefix"] else ""),
+        f"  events {c['events']}  newest {c['newest_event']}  last emit {c['last_emit']}  "
+        f"ttl {c['ttl_s']} s  ids in dedupe window {c['event_ids_in_dedupe_window']}",
+        f"  embedding: {'decayed norm ' + str(e['decayed_norm']) if e['present'] else 'none'}"
+        + ("  + search query" if e["has_search_query"] else ""),
+    ]
+    for n in e["nearest_items"]:
+        lines.append(f"    near {n['item_id']:<14} {n['cosine']:.3f}  {n['name']}")
+    lines.append("  recent history (newest first):")
+    for h in doc["history"]:
+        lines.append(f"    {h['ts']}  {h['type']:<8} {h['item_id']:<14} {h['name']}")
+    if "last_recommendations" in doc:
+        lines.append(f"  last {len(doc['last_recommendations'])} recommendations:")
+        for rec in doc["last_recommendations"]:
+            text = format_recommendation(orjson.dumps(rec))
+            lines.extend("    " + line for line in text.splitlines())
+    if not doc["known"]:
+        lines.append("  (no state: unknown user, expired, or another state prefix)")
+    return "\n".join(lines)
+
+
+def format_item(doc: dict[str, Any]) -> str:
+    r = doc["record"]
+    lines = [
+        f"item {doc['item_id']}" + ("" if doc["in_catalogue"] else "  (not in the catalogue)"),
+        f"  {r.get('title') or '(no title)'}  | {r.get('category', '')} | {r.get('brand', '')}",
+        f"  price {r.get('price') or '-'}  in stock {r.get('in_stock', '-')}  "
+        f"embedding {doc['embedding'] or 'none'}",
+    ]
+    for n in doc["nearest_items"]:
+        lines.append(f"    near {n['item_id']:<14} {n['cosine']:.3f}  {n['name']}")
+    for c in doc["co_visited_with"]:
+        lines.append(f"    with {c['item_id']:<14} {c['weight']:.3f}  {c['name']}")
+    for kind, p in doc["popularity"].items():
+        lines.append(f"  popularity, {kind} from {p['bucket_start']}: {p['weight']:g}")
+    return "\n".join(lines)

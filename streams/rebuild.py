@@ -1,0 +1,336 @@
+"""``shoprec rebuild-state``: user state back from the retained event topics, fast.
+
+Events go through :class:`streams.ingest.Ingestor` (the worker's validation,
+item vectors, the same Lua update and co-visitation/popularity writes), minus
+everything that only serves a recommendation: no Triton ranking, no output.
+Speed comes from size and overlap, not from other maths:
+
+* chunks of thousands of events, so each Redis round trip carries thousands
+  of ``EVALSHA`` calls (one pipeline per chunk, one more for the signals);
+* several shards, each a coroutine with its own connection, fed by user id
+  (``crc32(key) % shards``) so one user's events keep their order while the
+  Python side of one shard overlaps Redis' work on another's.
+
+The target is an empty key prefix: the update is idempotent per event id only
+within a user's dedupe window, so re-applying older history on top of a state
+that already holds it would count it twice.  :func:`compare_state` checks a
+rebuilt prefix against another (the live state) key by key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from redis.asyncio import Redis
+
+from features import keys
+from features.item_index import ItemIndex
+from features.store import FeatureStore
+from features.user_state import vector_from_bytes
+from ranking.client import RankerClient
+from shoprec.errors import ReplayError
+from shoprec.settings import Settings
+from streams.app import limits_from, now_ms, update_policy
+from streams.ingest import Ingestor, RawRecord
+from streams.ranges import PartitionRange, RangeSpec, open_reader, plan_ranges
+
+log = logging.getLogger("shoprec.rebuild")
+
+DEFAULT_CHUNK = 2000
+DEFAULT_SHARDS = 4
+QUEUE_DEPTH = 4
+
+
+@dataclass(slots=True)
+class RebuildReport:
+    state_prefix: str
+    ranges: list[dict[str, Any]]
+    planned: int
+    shards: int
+    chunk: int
+    read: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    seconds: float = 0.0
+    verify: dict[str, Any] | None = None
+
+    @property
+    def events_per_s(self) -> float:
+        return self.read / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"events_per_s": round(self.events_per_s, 1)}
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
+
+
+async def has_user_state(redis: Redis, prefix: str) -> bool:
+    async for _ in redis.scan_iter(match=f"{glob_escape(prefix)}{{u:*", count=10_000):
+        return True
+    return False
+
+
+async def rebuild_state(
+    settings: Settings,
+    spec: RangeSpec,
+    state_prefix: str,
+    *,
+    shards: int = DEFAULT_SHARDS,
+    chunk: int = DEFAULT_CHUNK,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> RebuildReport:
+    """Fold the events of ``spec`` into the state under ``state_prefix``."""
+    if shards < 1 or chunk < 1:
+        raise ReplayError("--shards and --chunk must be at least 1")
+    redis = Redis.from_url(
+        settings.redis_url.get_secret_value(), socket_timeout=60.0, max_connections=shards + 4
+    )
+    consumer = await open_reader(settings)
+    # Searches need BERT for their query vector; the client connects on first use, so a
+    # history without searches rebuilds with Triton down.
+    ranker = RankerClient(
+        settings.triton_url,
+        settings.item_encoder_model,
+        settings.ranker_model,
+        timeout_s=settings.triton_timeout_s,
+    )
+    try:
+        if await has_user_state(redis, state_prefix) and not force:
+            raise ReplayError(
+                f"user state already exists under prefix {state_prefix!r}: re-applying history "
+                "older than each user's dedupe window would count it twice. Rebuild into an "
+                "empty prefix (--state-prefix), delete the old one, or pass --force."
+            )
+        ranges = await plan_ranges(consumer, spec)
+        report = RebuildReport(
+            state_prefix=state_prefix,
+            ranges=[asdict(r) for r in ranges],
+            planned=sum(r.size for r in ranges),
+            shards=shards,
+            chunk=chunk,
+        )
+        items = ItemIndex(redis)
+        loaded = await items.refresh()
+        log.info("item table loaded: %d items", loaded)
+        store = FeatureStore(redis, update_policy(settings), category_of=items.category)
+        ingestor = Ingestor(store, items, ranker, limits_from(settings), now_ms)
+        token = keys.STATE_PREFIX.set(state_prefix)  # the shard tasks inherit it
+        start = time.monotonic()
+        try:
+            await _fold(consumer, ranges, ingestor, report, shards, chunk, progress)
+        finally:
+            keys.STATE_PREFIX.reset(token)
+        report.seconds = time.monotonic() - start
+        return report
+    finally:
+        await consumer.stop()
+        await ranker.close()
+        await redis.aclose()
+
+
+async def _fold(
+    consumer: AIOKafkaConsumer,
+    ranges: Sequence[PartitionRange],
+    ingestor: Ingestor,
+    report: RebuildReport,
+    shards: int,
+    chunk: int,
+    progress: Callable[[int], None] | None,
+) -> None:
+    queues: list[asyncio.Queue[list[RawRecord] | None]] = [
+        asyncio.Queue(QUEUE_DEPTH) for _ in range(shards)
+    ]
+
+    async def shard(q: asyncio.Queue[list[RawRecord] | None]) -> None:
+        while (records := await q.get()) is not None:
+            outcome = await ingestor.ingest(records)
+            report.applied += outcome.applied
+            report.duplicates += outcome.duplicates
+            report.dead_letters += len(outcome.dead_letters)
+            if progress is not None:
+                progress(len(records))
+
+    workers = [asyncio.create_task(shard(q)) for q in queues]
+    try:
+        pending: list[list[RawRecord]] = [[] for _ in range(shards)]
+        async for records in _read(consumer, ranges):
+            for r in records:
+                k = 0 if r.key is None else zlib.crc32(r.key) % shards
+                pending[k].append(RawRecord(r.topic, r.partition, r.offset, r.key, r.value))
+                if len(pending[k]) >= chunk:
+                    await queues[k].put(pending[k])
+                    pending[k] = []
+            report.read += len(records)
+        for k, rest in enumerate(pending):
+            if rest:
+                await queues[k].put(rest)
+        for q in queues:
+            await q.put(None)
+        await asyncio.gather(*workers)
+    finally:
+        for w in workers:
+            w.cancel()
+
+
+async def _read(
+    consumer: AIOKafkaConsumer, ranges: Sequence[PartitionRange]
+) -> AsyncIterator[list[ConsumerRecord[Any, Any]]]:
+    """Every record of ``ranges``, partition order kept, partitions interleaved as fetched."""
+    end = {r.tp: r.end for r in ranges if r.size > 0}
+    if not end:
+        return
+    consumer.assign(list(end))
+    for r in ranges:
+        if r.tp in end:
+            consumer.seek(r.tp, r.start)
+    while end:
+        data = await consumer.getmany(*end, timeout_ms=1000)
+        out: list[ConsumerRecord[Any, Any]] = []
+        for tp, records in data.items():
+            out.extend(x for x in records if x.offset < end[tp])
+        for tp in list(end):
+            if await consumer.position(tp) >= end[tp]:
+                del end[tp]
+                consumer.pause(tp)
+        if out:
+            yield out
+
+
+# --- comparing two states -------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class StateDiff:
+    """How the state under ``prefix_a`` differs from that under ``prefix_b``."""
+
+    prefix_a: str
+    prefix_b: str
+    users_a: int = 0
+    users_b: int = 0
+    users_equal: int = 0
+    only_in_a: int = 0
+    only_in_b: int = 0
+    mismatched: dict[str, int] = field(default_factory=dict)  # field -> users
+    global_keys: int = 0
+    global_mismatched: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def equal(self) -> bool:
+        return (
+            self.only_in_a == 0
+            and self.only_in_b == 0
+            and not self.mismatched
+            and self.global_mismatched == 0
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"equal": self.equal}
+
+
+async def _users(redis: Redis, prefix: str) -> set[str]:
+    pattern = f"{glob_escape(prefix)}{{u:*}}:meta"
+    skip = len(prefix) + 3
+    return {k.decode()[skip:-6] async for k in redis.scan_iter(match=pattern, count=10_000)}
+
+
+async def _user_state(redis: Redis, prefix: str, users: Sequence[str]) -> list[dict[str, Any]]:
+    token = keys.STATE_PREFIX.set(prefix)
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            for u in users:
+                pipe.get(keys.user_emb(u))
+                pipe.hgetall(keys.user_meta(u))
+                pipe.lrange(keys.user_hist(u), 0, -1)
+                pipe.zrange(keys.user_events(u), 0, -1, withscores=True)
+                pipe.get(keys.user_query(u))
+            raw = await pipe.execute()
+    finally:
+        keys.STATE_PREFIX.reset(token)
+    names = ("emb", "meta", "hist", "ev", "q")
+    return [dict(zip(names, raw[5 * i : 5 * i + 5], strict=True)) for i in range(len(users))]
+
+
+def _vectors_close(a: bytes | None, b: bytes | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    va, vb = vector_from_bytes(a), vector_from_bytes(b)
+    if va is None or vb is None:
+        return va is vb
+    return va.shape == vb.shape and bool(np.allclose(va, vb, rtol=1e-4, atol=1e-6))
+
+
+def user_fields_differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Fields of one user's state that differ (vectors to float32 rounding)."""
+    out = [f for f in ("emb", "q") if not _vectors_close(a[f], b[f])]
+    out += [f for f in ("meta", "hist", "ev") if a[f] != b[f]]
+    return out
+
+
+async def _global_keys(redis: Redis, prefix: str) -> set[str]:
+    p = glob_escape(prefix)
+    found: set[str] = set()
+    for pattern in (f"{p}{{i:*}}:cv", f"{p}pop:*"):
+        found |= {
+            k.decode()[len(prefix) :] async for k in redis.scan_iter(match=pattern, count=10_000)
+        }
+    return found
+
+
+async def compare_state(redis: Redis, prefix_a: str, prefix_b: str, chunk: int = 500) -> StateDiff:
+    """Key-by-key comparison of two states (users, co-visitation, popularity)."""
+    diff = StateDiff(prefix_a, prefix_b)
+    users_a, users_b = await _users(redis, prefix_a), await _users(redis, prefix_b)
+    diff.users_a, diff.users_b = len(users_a), len(users_b)
+    diff.only_in_a, diff.only_in_b = len(users_a - users_b), len(users_b - users_a)
+    common = sorted(users_a & users_b)
+    for start in range(0, len(common), chunk):
+        part = common[start : start + chunk]
+        side_a = await _user_state(redis, prefix_a, part)
+        side_b = await _user_state(redis, prefix_b, part)
+        for user, a, b in zip(part, side_a, side_b, strict=True):
+            bad = user_fields_differing(a, b)
+            if not bad:
+                diff.users_equal += 1
+                continue
+            for f in bad:
+                diff.mismatched[f] = diff.mismatched.get(f, 0) + 1
+            if len(diff.examples) < 5:
+                diff.examples.append(f"user {user}: {', '.join(bad)}")
+    globals_a, globals_b = await _global_keys(redis, prefix_a), await _global_keys(redis, prefix_b)
+    diff.global_keys = len(globals_a | globals_b)
+    diff.global_mismatched = len(globals_a ^ globals_b)
+    shared = sorted(globals_a & globals_b)
+    for start in range(0, len(shared), chunk):
+        part = shared[start : start + chunk]
+        async with redis.pipeline(transaction=False) as pipe:
+            for k in part:
+                pipe.zrange(prefix_a + k, 0, -1, withscores=True)
+                pipe.zrange(prefix_b + k, 0, -1, withscores=True)
+            raw = await pipe.execute()
+        for i, k in enumerate(part):
+            if not _zsets_close(raw[2 * i], raw[2 * i + 1]):
+                diff.global_mismatched += 1
+                if len(diff.examples) < 5:
+                    diff.examples.append(f"key {k}")
+    return diff
+
+
+def _zsets_close(a: list[tuple[bytes, float]], b: list[tuple[bytes, float]]) -> bool:
+    da, db = dict(a), dict(b)
+    if da.keys() != db.keys():
+        return False
+    # Sums of the same increments in another order differ in the last bits.
+    return all(abs(da[m] - db[m]) <= 1e-9 * max(1.0, abs(da[m])) for m in da)
