@@ -30,6 +30,8 @@ ANN_MIN_ITEMS = 50_000
 DEFAULT_NPROBE = 32
 # Retrain when the index has grown this much since its centroids were fitted.
 RETRAIN_GROWTH = 4.0
+MAX_LISTS = 2048
+TRAIN_PER_LIST = 39
 
 
 class RetrievalIndex(Protocol):
@@ -90,8 +92,12 @@ class IvfIndex:
 
     @staticmethod
     def n_lists(n: int) -> int:
-        """About 4·√n lists (faiss's guideline), at least 1."""
-        return max(1, int(4 * np.sqrt(n)))
+        """About 4·√n lists (faiss's guideline), capped so training stays seconds, not minutes.
+
+        k-means costs lists x training points (39 per list, faiss's minimum); at
+        1M items 4·√n = 4,000 lists would train for minutes on 2 cores, 2,048 for seconds.
+        """
+        return max(1, min(MAX_LISTS, int(4 * np.sqrt(n)), n // TRAIN_PER_LIST))
 
     def build(self, matrix: F32, ids: Sequence[str], seed: int = 0) -> None:
         """Fit the centroids on (a sample of) ``matrix`` and add every row."""
@@ -100,7 +106,8 @@ class IvfIndex:
         quantizer = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        sample = matrix if n <= 40 * nlist else matrix[rng.choice(n, 40 * nlist, replace=False)]
+        cap = TRAIN_PER_LIST * nlist
+        sample = matrix if n <= cap else matrix[rng.choice(n, cap, replace=False)]
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
         index.nprobe = self.nprobe
         self._index, self._trained_on = index, n

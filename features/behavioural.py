@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 from redis.asyncio import Redis
 
 from features import keys
@@ -32,17 +33,24 @@ MIN_CHANGE_COS = 0.999
 def behavioural_vector(
     neighbours: Sequence[tuple[str, float]], text_vector: Callable[[str], Vector | None]
 ) -> Vector | None:
-    """Weighted mean of the neighbours' text vectors, normalised; None when none has text."""
-    total: Vector | None = None
+    """Weighted mean of the neighbours' text vectors, normalised; None when none has text.
+
+    Weights are forward-decayed counts (huge or tiny numbers with a common scale): they are
+    divided by the largest first, so float32 arithmetic neither overflows nor underflows.
+    """
+    top = max((w for _, w in neighbours), default=0.0)
+    if not top > 0:
+        return None
+    total: npt.NDArray[np.float64] | None = None
     for item_id, weight in neighbours:
         vec = text_vector(item_id)
         if vec is None or weight <= 0:
             continue
-        contribution = np.float32(weight) * vec
+        contribution = (weight / top) * vec.astype(np.float64)
         total = contribution if total is None else total + contribution
     if total is None:
         return None
-    out = normalise(total, total.shape[0])
+    out = normalise(total.astype(np.float32), total.shape[0])
     return out if np.any(out) else None
 
 

@@ -30,6 +30,9 @@ from features.store import UserContext
 SEMANTIC_SHARE = 0.5
 COVIS_SHARE = 0.3
 CATEGORY_SHARE = 0.1
+# A purchase blocks the item for this long (event time): long enough not to offer what was
+# just bought, short enough that consumables and wholesalers' restocks come back.
+JUST_PURCHASED_MS = 24 * 3_600_000
 
 # Kept under its old name: callers and tests use the exact product directly.
 nearest = exact_top_k
@@ -78,8 +81,13 @@ def semantic_neighbours(
 
 
 def blocked_items(ctx: UserContext, item_in_view: str | None) -> set[str]:
-    """Items this user must not be shown now."""
-    blocked = {h.item_id for h in ctx.history if h.type == "purchase"}
+    """Items this user must not be shown now: just bought, or in view."""
+    latest = max((h.ts for h in ctx.history), default=0)
+    blocked = {
+        h.item_id
+        for h in ctx.history
+        if h.type == "purchase" and latest - h.ts <= JUST_PURCHASED_MS
+    }
     if item_in_view:
         blocked.add(item_in_view)
     return blocked
@@ -96,11 +104,12 @@ def mix_candidates(
     """Merge the sources with quotas, apply the filters, attach signals."""
     blocked = blocked_items(ctx, item_in_view)
     retrieval = dict(semantic)
+    quotas = [int(n * SEMANTIC_SHARE), int(n * COVIS_SHARE), int(n * CATEGORY_SHARE)]
     sources = [
-        ("semantic", [i for i, _ in semantic], int(n * SEMANTIC_SHARE)),
-        ("covis", ranked(ctx.covis), int(n * COVIS_SHARE)),
-        ("category", ranked(ctx.category_trending), int(n * CATEGORY_SHARE)),
-        ("trending", ranked(trending), n),
+        ("semantic", [i for i, _ in semantic], quotas[0]),
+        ("covis", ranked(ctx.covis), quotas[1]),
+        ("category", ranked(ctx.category_trending), quotas[2]),
+        ("trending", ranked(trending), n - sum(quotas)),
     ]
     out = Candidates()
     seen: set[str] = set()
@@ -114,7 +123,9 @@ def mix_candidates(
         out.retrieval.append(retrieval.get(item, 0.0))
 
     leftovers: list[tuple[str, str]] = []
-    for name, items, quota in sources:
+    carry = 0  # quota a source could not use passes to the next: a cold user's semantic
+    for name, items, quota in sources:  # and co-visitation share goes to their category
+        quota += carry
         taken = 0
         for item in items:
             if item in seen or item in blocked or not catalog.in_stock(item):
@@ -124,6 +135,7 @@ def mix_candidates(
                 taken += 1
             else:
                 leftovers.append((item, name))
+        carry = quota - taken
     for item, name in leftovers:
         if len(out.item_ids) >= n:
             break

@@ -110,3 +110,8 @@ def bench(
             f"{run['broker']} {run['offered_rate']:.0f}/s x{run['workers']}: "
             f"latency {run['latency_ms']} floor {run.get('floor_ms')} lost {run['lost']}"
         )
+
+
+from bench.features import features_command  # noqa: E402  (registered after the group exists)
+
+bench.add_command(features_command, "features")

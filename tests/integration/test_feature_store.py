@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from features import keys
+from features.candidates import mix_candidates, semantic_neighbours
+from features.catalog import upsert_items
+from features.decay import COVIS_HALF_LIFE_MS, forward_weight
+from features.item_index import ItemIndex
 from features.store import FeatureStore, UpdatePolicy, UserUpdate
 from features.user_state import decayed_sum, normalise
 from infra import procs
 from infra.redis_server import RedisServer
+from streams.events import CatalogItem
 
 pytestmark = pytest.mark.integration
 
@@ -90,13 +99,169 @@ async def test_covisitation_and_popularity_are_counted_once(redis: Redis) -> Non
     await store.apply_events(batch[:1])
     await store.apply_events(batch[1:])
     await store.apply_events(batch)  # replayed: no double counting
-    assert await redis.zscore(keys.item_covis("x"), "y") == 1.0
-    assert await redis.zscore(keys.item_covis("y"), "x") == 1.0
+    pair = forward_weight(t0 + 1000)
+    assert await redis.zscore(keys.item_covis("x"), "y") == pytest.approx(pair)
+    assert await redis.zscore(keys.item_covis("y"), "x") == pytest.approx(pair)
     assert await redis.zscore(keys.popularity_hour(t0 // HOUR), "y") == 3.0
+    assert await redis.zscore(keys.popularity_day(t0 // (24 * HOUR)), "y") == 3.0
     ctx = await store.read_context(["u1"], {"u1": t0 + 1000})
     assert [h.item_id for h in ctx.users["u1"].history] == ["y", "x"]
-    assert ctx.users["u1"].covis == {"x": 1.0, "y": 1.0}
-    assert ctx.trending["y"] == 3.0
+    assert ctx.users["u1"].covis == pytest.approx({"x": 1.0, "y": 1.0})
+    # the last hour's 3, plus the day's 3 spread over 24 hours
+    assert ctx.trending["y"] == pytest.approx(3.0 + 3.0 / 24)
+
+
+async def test_covisitation_fades_with_its_half_life(redis: Redis) -> None:
+    store = FeatureStore(redis, POLICY)
+    t0 = 1_700_000_000_000
+    await store.apply_events([update("a", t0, "x", 1), update("b", t0 + 1000, "y", 2)])
+    later = t0 + 1000 + int(COVIS_HALF_LIFE_MS)
+    await store.apply_events([update("c", later, "x", 1, user="u2")])  # u2's only item: x
+    ctx = await store.read_context(["u2"], {"u2": later})
+    assert ctx.users["u2"].covis["y"] == pytest.approx(0.5)
+
+
+async def test_a_new_user_gets_the_trending_items_of_the_category_they_touched(
+    redis: Redis,
+) -> None:
+    categories = {"s1": "shoes", "s2": "shoes", "s3": "shoes", "b1": "books", "b2": "books"}
+    store = FeatureStore(redis, POLICY, category_of=categories.get)
+    t0 = 1_700_000_000_000
+    crowd = [
+        update(f"c{n}", t0 + n, item, None, user=f"crowd{n}")
+        for n, item in enumerate(["b1", "b1", "b1", "b2", "b2", "s2", "s3", "s3"])
+    ]
+    await store.apply_events(crowd)
+    await store.apply_events([update("new", t0 + 100, "s1", None, user="newbie")])
+    ctx = await store.read_context(["newbie"], {"newbie": t0 + 100})
+    newbie = ctx.users["newbie"]
+    assert set(newbie.category_trending) == {"s1", "s2", "s3"}
+    in_stock = Catalog(set(categories))
+    got = mix_candidates(newbie, [], ctx.trending, in_stock, item_in_view="s1", n=10)
+    # No taste or co-visitation yet: their share goes to the user's own category, best
+    # seller first, before the whole shop's best sellers.
+    assert got.item_ids == ["s3", "s2", "b1", "b2"]
+    assert got.source == ["category", "category", "trending", "trending"]
+
+
+class Catalog:
+    """Stock rule only: every known item is for sale."""
+
+    def __init__(self, ids: set[str]) -> None:
+        self.ids = ids
+
+    def in_stock(self, item_id: str) -> bool:
+        return item_id in self.ids
+
+    def nearest(self, vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        return [[] for _ in range(len(vectors))]
+
+
+async def test_user_keys_expire_when_idle(redis: Redis) -> None:
+    store = FeatureStore(redis, POLICY)
+    await store.apply_events([update("a", 1_700_000_000_000, "x", 1)])
+    ttls = [await redis.ttl(k) for k in keys.user_keys("u1") if await redis.exists(k)]
+    assert len(ttls) == 4  # no search yet: no query key
+    assert all(0 < t <= POLICY.ttl_s for t in ttls)
+
+
+_examples = itertools.count()
+lua_events = st.lists(
+    st.tuples(
+        st.integers(0, 30 * 86_400_000),
+        st.sampled_from(["view", "click", "cart", "purchase"]),
+        st.integers(0, 1000),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(lua_events, st.data())
+def test_lua_update_matches_the_decay_arithmetic_under_replays_and_reordering(
+    redis_url: str, evs: list[tuple[int, str, int]], data: st.DataObject
+) -> None:
+    """The real script, fed any arrival order with any re-deliveries, equals the pure sum."""
+    t0 = 1_700_000_000_000
+    user = f"prop{next(_examples)}"
+    ups = [
+        update(f"e{n}", t0 + ts, f"i{n}", seed, etype, user)
+        for n, (ts, etype, seed) in enumerate(evs)
+    ]
+    repeats = data.draw(st.lists(st.integers(0, len(ups) - 1), max_size=6))
+    arrival = data.draw(st.permutations([*range(len(ups)), *repeats]))
+
+    async def run() -> np.ndarray:
+        client = Redis.from_url(redis_url)
+        try:
+            store = FeatureStore(client, POLICY)
+            for i in arrival:  # one event per round trip: the worst interleaving
+                await store.apply_events([ups[i]])
+            return await store.user_embedding(user)
+        finally:
+            await client.aclose()
+
+    got = asyncio.run(run())
+    weights = {"view": 1.0, "click": 2.0, "cart": 3.0, "purchase": 4.0}
+    expected, _ = decayed_sum([(u.ts, weights[u.type], u.vector) for u in ups], HOUR)  # type: ignore[misc]
+    np.testing.assert_allclose(got, normalise(expected, DIM), atol=2e-5)
+    assert float(np.linalg.norm(got)) == pytest.approx(1.0, abs=1e-5)
+
+
+def unit(*xs: float) -> np.ndarray:
+    v = np.zeros(DIM, np.float32)
+    v[: len(xs)] = xs
+    return v / np.linalg.norm(v)
+
+
+@pytest.mark.parametrize("ann_min_items", [10_000, 3], ids=["exact", "ivf"])
+async def test_a_new_item_is_retrievable_at_the_next_refresh(
+    redis: Redis, ann_min_items: int
+) -> None:
+    index = ItemIndex(redis, ann_min_items=ann_min_items)
+    old = [CatalogItem(f"old{n}", title=f"old {n}") for n in range(8)]
+    await upsert_items(redis, old, [unit(0, 1, n / 8) for n in range(8)])
+    await index.refresh()
+    assert semantic_neighbours(index, unit(1, 0)[None, :], 1)[0][0][0] != "new"
+    await upsert_items(redis, [CatalogItem("new", title="new")], [unit(1, 0.01)])
+    await index.refresh()
+    assert semantic_neighbours(index, unit(1, 0)[None, :], 1)[0][0][0] == "new"
+    await upsert_items(redis, [CatalogItem("new", title="new", in_stock=False)], [unit(1, 0.01)])
+    await index.refresh()
+    assert "new" not in [i for i, _ in semantic_neighbours(index, unit(1, 0)[None, :], 9)[0]]
+
+
+async def test_an_item_without_text_gets_a_behavioural_embedding(redis: Redis) -> None:
+    index = ItemIndex(redis)
+    await upsert_items(
+        redis,
+        [CatalogItem("a", title="a"), CatalogItem("b", title="b"), CatalogItem("mute")],
+        [unit(1, 0), unit(0, 1), None],
+    )
+    await index.refresh()
+    assert index.vector("mute") is None
+    store = FeatureStore(redis, POLICY)
+    t0 = 1_700_000_000_000
+    await store.apply_events(
+        [
+            update("1", t0, "a", None),
+            update("2", t0 + 1, "mute", None),
+            update("3", t0, "b", None, user="u2"),
+            update("4", t0 + 1, "mute", None, user="u2"),
+            update("5", t0, "a", None, user="u3"),
+            update("6", t0 + 1, "mute", None, user="u3"),
+        ]
+    )
+    assert await index.refresh_behavioural() == 1
+    await index.refresh()
+    vec = index.vector("mute")
+    assert vec is not None
+    np.testing.assert_allclose(vec, normalise(2 * unit(1, 0) + unit(0, 1), DIM), atol=1e-5)
+    assert "mute" in [i for i, _ in semantic_neighbours(index, unit(1, 0.3)[None, :], 3)[0]]
+    assert await index.refresh_behavioural() == 0  # unchanged: no rewrite, no log churn
 
 
 def test_user_keys_share_one_hash_tag() -> None:

@@ -66,3 +66,10 @@ def test_behavioural_vector_is_the_weighted_mean_of_text_neighbours() -> None:
     np.testing.assert_allclose(got, (3 * a + b) / np.linalg.norm(3 * a + b), atol=1e-6)
     assert behavioural_vector([("no-text", 1.0)], vectors.get) is None
     assert float(np.linalg.norm(got)) == pytest.approx(1.0)
+
+
+def test_behavioural_vector_survives_forward_decayed_weights() -> None:
+    a, b = np.eye(DIM, dtype=np.float32)[:2]
+    got = behavioural_vector([("a", 3e300), ("b", 1e300)], {"a": a, "b": b}.get)
+    assert got is not None
+    np.testing.assert_allclose(got, (3 * a + b) / np.linalg.norm(3 * a + b), atol=1e-6)
