@@ -23,6 +23,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from features.keys import EMB_DIM
+from ranking.breaker import CircuitBreaker
 from ranking.fusion import (
     TRITON_INPUTS,
     TRITON_OUTPUTS,
@@ -104,8 +105,10 @@ def _to_input(name: str, array: npt.NDArray[Any]) -> grpcclient.InferInput:
 class RankerClient:
     """Async gRPC client for Triton's ``item_encoder`` and ``fused_ranker``.
 
-    ``timeout_s`` bounds each inference call (gRPC deadline).  Not safe to
-    share across event loops; one instance per worker process.
+    ``timeout_s`` bounds each inference call (gRPC deadline).  ``breaker``
+    (one per server) refuses calls at once while Triton is down, so a dead
+    server is probed after a cool-down instead of being called per batch.
+    Not safe to share across event loops; one instance per worker process.
     """
 
     def __init__(
@@ -116,10 +119,12 @@ class RankerClient:
         *,
         timeout_s: float = 2.0,
         max_batch: int = MAX_BATCH,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         if timeout_s <= 0 or max_batch < 1:
             raise ValueError("timeout_s must be > 0 and max_batch >= 1")
         self.url = url
+        self.breaker = breaker or CircuitBreaker(f"triton {url}")
         self.item_encoder_model = item_encoder_model
         self.ranker_model = ranker_model
         self.timeout_s = timeout_s
@@ -261,6 +266,27 @@ class RankerClient:
         )
 
     async def _infer(
+        self, model: str, inputs: list[grpcclient.InferInput], outputs: list[str]
+    ) -> Any:
+        if not self.breaker.allow():
+            raise RankerUnavailable(f"Triton {model} at {self.url}: circuit open, not called")
+        try:
+            result = await self._infer_with_retry(model, inputs, outputs)
+        except RankerUnavailable as exc:
+            # An invalid request still proves the server is alive.
+            if exc.retriable:
+                self.breaker.record_failure()
+            else:
+                self.breaker.record_success()
+            raise
+        except BaseException:
+            # Cancelled mid-call: count it, or a half-open probe would never end.
+            self.breaker.record_failure()
+            raise
+        self.breaker.record_success()
+        return result
+
+    async def _infer_with_retry(
         self, model: str, inputs: list[grpcclient.InferInput], outputs: list[str]
     ) -> Any:
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]

@@ -40,12 +40,37 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: str = Field("PLAIN", description="SASL mechanism when SASL is used.")
     kafka_sasl_username: str = Field("", description="SASL user name.")
     kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password.")
+    kafka_ssl_cafile: str = Field(
+        "",
+        description="CA bundle (PEM) that verifies the brokers under SSL or SASL_SSL; "
+        "empty trusts the system CAs.",
+    )
+    kafka_ssl_certfile: str = Field(
+        "", description="Client certificate (PEM) for mutual TLS with the brokers; empty: none."
+    )
+    kafka_ssl_keyfile: str = Field(
+        "", description="Private key (PEM) of SHOPREC_KAFKA_SSL_CERTFILE."
+    )
     redis_url: SecretStr = Field(
         SecretStr("redis://127.0.0.1:6379/0"),
-        description="Redis URL (redis:// or rediss://; may carry user:password).",
+        description="Redis URL: redis:// or rediss:// (TLS), may carry an ACL user:password; "
+        "TLS files as query parameters, e.g. rediss://user:pw@host:6380/0?ssl_ca_certs=ca.pem"
+        "&ssl_certfile=client.pem&ssl_keyfile=client.key.",
     )
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port.")
     triton_timeout_s: float = Field(2.0, gt=0, description="Timeout of one Triton call.")
+    triton_breaker_failures: int = Field(
+        3,
+        ge=1,
+        description="Failed Triton calls in a row that open the circuit breaker: while open, "
+        "recommendations are served degraded at once, without calling Triton.",
+    )
+    triton_breaker_cool_down_s: float = Field(
+        1.0,
+        gt=0,
+        description="Wait before an open breaker lets one probe call through; doubles after "
+        "each failed probe, up to 16 times this.",
+    )
     item_encoder_model: str = Field("item_encoder", description="Triton model embedding text.")
     ranker_model: str = Field("fused_ranker", description="Triton model scoring candidates.")
 

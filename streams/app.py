@@ -31,7 +31,9 @@ from features.catalog import remove_items, upsert_items
 from features.item_index import ItemIndex
 from features.store import FeatureStore, UpdatePolicy
 from features.user_state import Vector
+from ranking.breaker import CircuitBreaker
 from ranking.client import RankerClient
+from shoprec import redact
 from shoprec.errors import DependencyUnavailable, InvalidEvent
 from shoprec.retry import retry
 from shoprec.settings import Settings
@@ -42,7 +44,7 @@ from streams.ingest import Ingestor, RawRecord
 from streams.metrics import WorkerStats
 from streams.output import Recommendation
 from streams.recommend import Recommender, RecommendPolicy
-from streams.topics import TopicNames
+from streams.topics import TopicNames, kafka_ssl_context
 
 log = logging.getLogger("shoprec.worker")
 
@@ -94,7 +96,16 @@ class Runtime:
                 f"cannot reach Redis ({exc!r}); check SHOPREC_REDIS_URL and that Redis is up"
             ) from exc
         self.ranker = RankerClient(
-            s.triton_url, s.item_encoder_model, s.ranker_model, timeout_s=s.triton_timeout_s
+            s.triton_url,
+            s.item_encoder_model,
+            s.ranker_model,
+            timeout_s=s.triton_timeout_s,
+            breaker=CircuitBreaker(
+                f"triton {s.triton_url}",
+                failures=s.triton_breaker_failures,
+                cool_down_s=s.triton_breaker_cool_down_s,
+                max_cool_down_s=16 * s.triton_breaker_cool_down_s,
+            ),
         )
         await self.ranker.wait_ready(timeout_s=60.0)
         self.items = ItemIndex(self.redis)
@@ -263,7 +274,14 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
 
     async def publish_dead(dead: Sequence[DeadLetter]) -> None:
         for d in dead:
-            log.warning("dead letter %s from %s[%d]@%d", d.reason, d.topic, d.partition, d.offset)
+            log.warning(
+                "dead letter %s from %s[%d]@%d key %s",
+                d.reason,
+                d.topic,
+                d.partition,
+                d.offset,
+                redact.user_ref(d.key),
+            )
             await dlq_topic.send(key=d.key, value=d.value(now_ms()), headers=d.headers())
 
     @app.agent(events_topic, name="ingest")
@@ -299,11 +317,12 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
 
 
 def _faust_credentials(settings: Settings) -> Any:
+    ssl_context = kafka_ssl_context(settings)
     if not settings.kafka_security_protocol.startswith("SASL"):
-        return None
+        return None if ssl_context is None else faust.SSLCredentials(ssl_context)
     return faust.SASLCredentials(
         username=settings.kafka_sasl_username,
         password=settings.kafka_sasl_password.get_secret_value(),
         mechanism=settings.kafka_sasl_mechanism,
-        ssl_context=None,
+        ssl_context=ssl_context,
     )

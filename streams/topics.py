@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from typing import Any, Final
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from shoprec.errors import StackError
+from shoprec.errors import ConfigError, StackError
 from shoprec.settings import Settings
 
 log = logging.getLogger("shoprec.topics")
@@ -62,11 +63,38 @@ def kafka_options(settings: Settings) -> dict[str, Any]:
             "sasl_plain_username": settings.kafka_sasl_username,
             "sasl_plain_password": settings.kafka_sasl_password.get_secret_value(),
         }
-    if settings.kafka_security_protocol.endswith("SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        opts["ssl_context"] = create_ssl_context()
+    ssl_context = kafka_ssl_context(settings)
+    if ssl_context is not None:
+        opts["ssl_context"] = ssl_context
     return opts
+
+
+def kafka_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for SSL and SASL_SSL (CA and client certificate from the settings).
+
+    A missing or unreadable file fails here, at start-up, naming the setting.
+    """
+    if not settings.kafka_security_protocol.endswith("SSL"):
+        return None
+    from aiokafka.helpers import create_ssl_context
+
+    files = {
+        "SHOPREC_KAFKA_SSL_CAFILE": settings.kafka_ssl_cafile,
+        "SHOPREC_KAFKA_SSL_CERTFILE": settings.kafka_ssl_certfile,
+        "SHOPREC_KAFKA_SSL_KEYFILE": settings.kafka_ssl_keyfile,
+    }
+    if settings.kafka_ssl_keyfile and not settings.kafka_ssl_certfile:
+        raise ConfigError("SHOPREC_KAFKA_SSL_KEYFILE is set without SHOPREC_KAFKA_SSL_CERTFILE")
+    try:
+        context: ssl.SSLContext = create_ssl_context(
+            cafile=files["SHOPREC_KAFKA_SSL_CAFILE"] or None,
+            certfile=files["SHOPREC_KAFKA_SSL_CERTFILE"] or None,
+            keyfile=files["SHOPREC_KAFKA_SSL_KEYFILE"] or None,
+        )
+    except (OSError, ssl.SSLError) as exc:
+        named = ", ".join(f"{k}={v}" for k, v in files.items() if v)
+        raise ConfigError(f"cannot load the Kafka TLS files ({named}): {exc}") from exc
+    return context
 
 
 async def ensure_topics(settings: Settings) -> None:
