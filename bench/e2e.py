@@ -33,6 +33,7 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from pydantic import SecretStr
 
 from infra import procs
 from shoprec.errors import StackError
@@ -409,6 +410,7 @@ def summarise_run(
         "drain_s": round(result.drain_s, 1),
         "batch_size": _mean_percentiles([s.get("batch_size", {}) for s in stats]),
         "worker_cpu_pct": [round(100 * c / busy_s, 1) for c in cpu_s],
+        "worker_cpu_ms_per_event": round(1000 * sum(cpu_s) / max(1, total["events_in"]), 3),
         "worker_peak_rss_mb": [round(r, 1) for r in rss_mb],
         "generator_behind_max_ms": round(offered.behind_max_ms, 1),
     }
@@ -465,7 +467,7 @@ def bench_stack(broker: str, model_repo: Path) -> Iterator[Settings]:
             yield base.model_copy(
                 update={
                     "kafka_bootstrap": endpoints.kafka_bootstrap,
-                    "redis_url": endpoints.redis_url,
+                    "redis_url": SecretStr(endpoints.redis_url),
                     "triton_url": endpoints.triton_url,
                     "topic_prefix": "bench.",
                     "app_id": "shoprec-bench",

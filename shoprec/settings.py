@@ -85,6 +85,19 @@ class Settings(BaseSettings):
     batch_max: int = Field(
         128, ge=1, description="Most events handled together (one Redis and Triton round trip)."
     )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop",
+        description="The worker's event loop; uvloop does the socket work of Kafka, Redis "
+        "and Triton calls in C.",
+    )
+    agent_concurrency: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Micro-batches one worker handles at once: while one waits on Redis "
+        "or Triton the next is ingested. One user's events may then be handled out of "
+        "order, which the user-state update tolerates (decay arithmetic, event-time emits).",
+    )
     batch_within_ms: int = Field(
         5, ge=0, description="Longest wait to fill a batch before handling what has come."
     )

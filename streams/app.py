@@ -284,7 +284,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
             )
             await dlq_topic.send(key=d.key, value=d.value(now_ms()), headers=d.headers())
 
-    @app.agent(events_topic, name="ingest")
+    @app.agent(events_topic, name="ingest", concurrency=settings.agent_concurrency)
     async def ingest(stream: faust.StreamT[bytes]) -> None:
         await runtime.ensure_open()
         within = settings.batch_within_ms / 1000.0

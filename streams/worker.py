@@ -42,8 +42,14 @@ async def preflight(settings: Settings, triton_timeout_s: float = 60.0) -> None:
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Run the agents in this process until SIGINT/SIGTERM."""
     from faust.worker import Worker
+    from mode.loop import use as use_event_loop
 
     from streams.app import create_app
+
+    # uvloop: much of the agent's time goes to the event loop (socket reads and
+    # writes for Kafka, Redis and Triton); libuv's loop does that work in C.
+    if settings.event_loop == "uvloop":
+        use_event_loop("uvloop")
     from streams.observability import logging_config
 
     app, _runtime = create_app(settings)
