@@ -58,7 +58,7 @@ class BenchOptions:
     broker: str = "kafka"
     workers: Sequence[int] = (1,)
     json_out: Path | None = None
-    drain_timeout_s: float = 120.0
+    drain_timeout_s: float = 600.0  # an overloaded worker works off its backlog
     skip_floor: bool = False
 
 
@@ -254,10 +254,14 @@ async def run_phase(
 async def drain(phase: Phase, topics: Sequence[str], got: Received, timeout_s: float) -> float:
     """Wait until the group has committed everything and the output has gone quiet."""
     start = time.monotonic()
+    shown = start
     while time.monotonic() - start < timeout_s:
         lag = await group_lag(phase.settings, phase.group, topics)
         if lag == 0 and time.monotonic() - got.last_at > 1.0:
             return time.monotonic() - start
+        if time.monotonic() - shown > 5:
+            say(f"  draining: {lag} events behind")
+            shown = time.monotonic()
         await asyncio.sleep(0.5)
     raise StackError(f"{phase.group} did not catch up within {timeout_s:.0f} s")
 
