@@ -152,6 +152,17 @@ class ItemIndex:
     def category(self, item_id: str) -> str | None:
         return self._categories.get(item_id)
 
+    def categories_near(self, vector: Vector, n: int = 5) -> list[str]:
+        """Categories of the ``n`` items nearest ``vector`` (most common first); [] for zeros."""
+        if not np.any(vector):
+            return []
+        counts: dict[str, int] = {}
+        for item_id, _ in self.nearest(vector[None, :].astype(np.float32), n)[0]:
+            cat = self._categories.get(item_id)
+            if cat:
+                counts[cat] = counts.get(cat, 0) + 1
+        return sorted(counts, key=lambda c: -counts[c])
+
     def textless_ids(self) -> list[str]:
         """Items the catalogue gave no text: their embedding must come from behaviour."""
         ids = self.table.ids

@@ -13,7 +13,9 @@ Two paths, kept apart so each batches into one round trip per micro-batch:
 Co-visitation is forward-decayed (``features.decay``); popularity is kept in
 hour and day buckets, overall and per category, read as trailing windows.
 An item's category comes from the injected ``category_of`` (the worker's item
-index), so no Redis read sits between an event and its counters.
+index), so no Redis read sits between an event and its counters; a user who
+has only searched gets the categories of the items nearest their query
+(``query_categories``), so cold start works from a query as from a click.
 """
 
 from __future__ import annotations
@@ -134,11 +136,13 @@ class FeatureStore:
         policy: UpdatePolicy,
         dim: int = keys.EMB_DIM,
         category_of: Callable[[str], str | None] = lambda _: None,
+        query_categories: Callable[[Vector], list[str]] = lambda _: [],
     ) -> None:
         self._redis = redis
         self._policy = policy
         self._dim = dim
         self._category_of = category_of
+        self._query_categories = query_categories
         self._update = redis.register_script(_load_script())
 
     async def apply_events(self, updates: Sequence[UserUpdate]) -> list[UpdateResult]:
@@ -252,7 +256,12 @@ class FeatureStore:
     ) -> None:
         """Co-visitation of each user's latest items and trending in their categories."""
         sources = {u: _distinct_items(c.history, COVIS_SOURCES) for u, c in contexts.items()}
-        cats = {u: self._categories(items[:CATEGORY_SOURCES]) for u, items in sources.items()}
+        cats = {
+            u: self._categories(items[:CATEGORY_SOURCES])
+            # A user who has only searched: the category their query points at most.
+            or (self._query_categories(contexts[u].query)[:1] if not items else [])
+            for u, items in sources.items()
+        }
         wanted = sorted({i for items in sources.values() for i in items})
         wanted_cats = sorted({c for cs in cats.values() for c in cs})
         if not wanted and not wanted_cats:

@@ -111,7 +111,12 @@ class Runtime:
         self.items = ItemIndex(self.redis)
         loaded = await self.items.refresh()
         log.info("item table loaded: %d items", loaded)
-        store = FeatureStore(self.redis, update_policy(s), category_of=self.items.category)
+        store = FeatureStore(
+            self.redis,
+            update_policy(s),
+            category_of=self.items.category,
+            query_categories=self.items.categories_near,
+        )
         self.ingestor = Ingestor(store, self.items, self.ranker, limits_from(s), now_ms)
         self.recommender = Recommender(
             store,

@@ -271,3 +271,28 @@ def test_user_keys_share_one_hash_tag() -> None:
         for f in (keys.user_emb, keys.user_meta, keys.user_hist, keys.user_events, keys.user_query)
     ]
     assert {n[: n.index("}") + 1] for n in names} == {"{u:u9}"}
+
+
+async def test_a_user_who_only_searched_gets_the_trending_items_of_the_querys_category(
+    redis: Redis,
+) -> None:
+    catalogue = [
+        CatalogItem("s1", title="runner", category="shoes"),
+        CatalogItem("s2", title="boot", category="shoes"),
+        CatalogItem("b1", title="novel", category="books"),
+    ]
+    await upsert_items(redis, catalogue, [unit(1, 0.1), unit(1, 0.2), unit(0, 1)])
+    index = ItemIndex(redis)
+    await index.refresh()
+    store = FeatureStore(
+        redis, POLICY, category_of=index.category, query_categories=index.categories_near
+    )
+    t0 = 1_700_000_000_000
+    await store.apply_events(
+        [update(f"c{n}", t0 + n, i, None, user=f"c{n}") for n, i in enumerate(["s2", "s2", "b1"])]
+    )
+    search = UserUpdate("q", "searcher", "search", t0 + 10, None, unit(1, 0), True)
+    await store.apply_events([search])
+    ctx = await store.read_context(["searcher"], {"searcher": t0 + 10})
+    assert ctx.users["searcher"].history == []
+    assert list(ctx.users["searcher"].category_trending) == ["s2"]
