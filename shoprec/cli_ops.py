@@ -298,9 +298,17 @@ def _replay_diff(settings: Settings, into: str, against: str, k: int, as_json: b
     help="Key prefix to rebuild into (must hold no user state unless --force). "
     "'' rebuilds the live state, e.g. after Redis lost its data.",
 )
-@click.option("--shards", default=4, show_default=True, help="Concurrent Redis pipelines.")
-@click.option("--chunk", default=2000, show_default=True, help="Events per pipeline.")
+@click.option(
+    "--shards", default=4, show_default=True, help="With --exact: concurrent Redis pipelines."
+)
+@click.option("--chunk", default=2000, show_default=True, help="With --exact: events per pipeline.")
 @click.option("--force", is_flag=True, help="Rebuild into a prefix that already holds state.")
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Send every event through the worker's update script (Lua) instead of folding "
+    "in Python: the very same code as live, about 15 times slower.",
+)
 @click.option(
     "--verify-against",
     metavar="PREFIX",
@@ -319,6 +327,7 @@ def rebuild_state(
     shards: int,
     chunk: int,
     force: bool,
+    exact: bool,
     verify_against: str | None,
     no_verify: bool,
     as_json: bool,
@@ -356,7 +365,14 @@ def rebuild_state(
         finally:
             await consumer.stop()
         report = await run_rebuild(
-            settings, spec, state_prefix, shards=shards, chunk=chunk, force=force, progress=advance
+            settings,
+            spec,
+            state_prefix,
+            shards=shards,
+            chunk=chunk,
+            force=force,
+            exact=exact,
+            progress=advance,
         )
         if not no_verify:
             redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=60.0)

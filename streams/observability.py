@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
@@ -39,6 +39,7 @@ from prometheus_client.registry import Collector
 
 from shoprec.settings import Settings
 from streams.metrics import Histogram, WorkerStats
+from streams.ranges import partitions_of
 from streams.topics import kafka_options
 
 log = logging.getLogger("shoprec.observability")
@@ -165,14 +166,7 @@ class LagProbe:
     async def measure(self) -> dict[tuple[str, int], int]:
         admin, consumer = await self._open()
         committed = await admin.list_consumer_group_offsets(self._group)
-        tps = [
-            TopicPartition(t, p)
-            for t in self._topics
-            for p in sorted(consumer.partitions_for_topic(t) or ())
-        ]
-        if not tps:
-            await consumer.topics()  # refreshes metadata; partitions show up next round
-            return {}
+        tps = await partitions_of(consumer, self._topics)
         ends = await consumer.end_offsets(tps)
         lag: dict[tuple[str, int], int] = {}
         for tp in tps:

@@ -144,15 +144,17 @@ async def open_reader(settings: Settings) -> AIOKafkaConsumer:
 
 
 async def partitions_of(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> list[TopicPartition]:
-    known = await consumer.topics()
-    missing = [t for t in topics if t not in known]
+    """Every partition of ``topics``; a topic the broker does not know is an error."""
+    # A consumer only caches metadata of topics it subscribed to; ask for the whole cluster.
+    cluster = await consumer._client.fetch_all_metadata()
+    missing = [t for t in topics if t not in cluster.topics()]
     if missing:
         raise ReplayError(
             f"no such topic on the broker: {', '.join(missing)} "
-            f"(names take SHOPREC_TOPIC_PREFIX; known: {', '.join(sorted(known)[:20])})"
+            f"(names take SHOPREC_TOPIC_PREFIX; known: {', '.join(sorted(cluster.topics())[:20])})"
         )
     return [
-        TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())
+        TopicPartition(t, p) for t in topics for p in sorted(cluster.partitions_for_topic(t) or ())
     ]
 
 

@@ -125,7 +125,7 @@ class Checkpoint:
 
     def __init__(self, redis: Redis, state_prefix: str, run_id: str) -> None:
         self._redis = redis
-        self.key = f"{state_prefix}replay:ckpt:{run_id}"
+        self.key = f"{state_prefix}ckpt:replay:{run_id}"
 
     async def load(self) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
         raw = cast(dict[bytes, bytes], await self._redis.hgetall(self.key))
