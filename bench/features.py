@@ -5,8 +5,8 @@ For each dataset in ``../shared/data`` the benchmark
 1. embeds the catalogue with the real BERT encoder (in-process, the same code
    Triton runs; cached under ``.shoprec/bench-cache``), writes it to Redis with
    the catalogue writer and loads the worker's item index from ``items:log``;
-2. replays the training period (all but the last ``--test-share`` of the
-   dataset's time span) through ``FeatureStore.apply_events`` — the worker's
+2. replays the training period (all events before the last ``--test-share``
+   of them, by event time) through ``FeatureStore.apply_events`` — the worker's
    write path, Lua script included — in micro-batches, and reports events/s;
 3. computes behavioural embeddings for items without text;
 4. walks the held-out period in event order, applying every event, and for a
@@ -202,8 +202,9 @@ async def bench_dataset(redis_url: str, folder: Path, opts: FeatureBenchOptions)
     )
     store = FeatureStore(redis, policy, category_of=index.category)
 
-    t_first, t_last = events[0]["ts"], events[-1]["ts"]
-    split_ts = t_last - int(opts.test_share * (t_last - t_first))
+    # The held-out period starts at the event that leaves test_share of the events after it
+    # (a share of the time span would be skewed by a few stray timestamps, as in rees46).
+    split_ts = events[int(len(events) * (1 - opts.test_share))]["ts"]
     train = [e for e in events if e["ts"] < split_ts]
     test = [e for e in events if e["ts"] >= split_ts]
     say(

@@ -86,7 +86,10 @@ class UpdatePolicy:
     history_len: int
     ttl_s: int
     min_emit_interval_ms: int
-    dedupe_window: int = 1000
+    # 128 ids keep the set in Redis's compact listpack encoding (zset-max-listpack-entries):
+    # measured on UCI, 1,000 ids cost 10.2 kB of a user's 13.4 kB.  Kafka redelivers at most
+    # the records since the last commit, far fewer than 128 events of one user.
+    dedupe_window: int = 128
 
 
 @dataclass(slots=True)

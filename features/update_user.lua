@@ -17,9 +17,19 @@ local hist_len, ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
 local vec, min_gap, always = ARGV[9], tonumber(ARGV[10]), ARGV[11] == '1'
 local window = tonumber(ARGV[12])
 
-if redis.call('ZADD', ev_key, 'NX', ts, event_id) == 0 then
+-- Dedupe: the ids of the user's latest `window` events (by event time).  An event older
+-- than all of them when the window is full cannot be told from a replay of one that left
+-- the window: it is refused (counted as a duplicate) rather than risk counting it twice.
+if redis.call('ZSCORE', ev_key, event_id) then
   return {0, 0}
 end
+if redis.call('ZCARD', ev_key) >= window then
+  local oldest = redis.call('ZRANGE', ev_key, 0, 0, 'WITHSCORES')
+  if ts < tonumber(oldest[2]) then
+    return {0, 0}
+  end
+end
+redis.call('ZADD', ev_key, ts, event_id)
 redis.call('ZREMRANGEBYRANK', ev_key, 0, -(window + 1))
 
 local recent = redis.call('LRANGE', hist_key, 0, 4)

@@ -296,3 +296,24 @@ async def test_a_user_who_only_searched_gets_the_trending_items_of_the_querys_ca
     ctx = await store.read_context(["searcher"], {"searcher": t0 + 10})
     assert ctx.users["searcher"].history == []
     assert list(ctx.users["searcher"].category_trending) == ["s2"]
+
+
+async def test_a_replay_older_than_the_dedupe_window_is_refused_not_counted_twice(
+    redis: Redis,
+) -> None:
+    policy = UpdatePolicy(
+        half_life_ms=HOUR, history_len=5, ttl_s=3600, min_emit_interval_ms=0, dedupe_window=3
+    )
+    store = FeatureStore(redis, policy)
+    t0 = 1_700_000_000_000
+    ups = [update(f"e{n}", t0 + n * 1000, f"i{n}", n) for n in range(5)]
+    await store.apply_events(ups)
+    before = await store.user_embedding("u1")
+    late_new = update("late", t0 + 3500, "i9", 9)  # late, but within the window: folded in
+    again = await store.apply_events([ups[0], ups[1], late_new])
+    assert [r.applied for r in again] == [False, False, True]
+    assert await redis.zcard(keys.user_events("u1")) == 3
+    expected, _ = decayed_sum([(u.ts, 2.0, u.vector) for u in [*ups, late_new]], HOUR)  # type: ignore[misc]
+    got = await store.user_embedding("u1")
+    np.testing.assert_allclose(got, normalise(expected, DIM), atol=1e-5)
+    assert not np.allclose(got, before)
