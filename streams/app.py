@@ -38,7 +38,7 @@ from shoprec.errors import DependencyUnavailable, InvalidEvent
 from shoprec.retry import retry
 from shoprec.settings import Settings
 from streams import observability
-from streams.dlq import DeadLetter
+from streams.dlq import DeadLetter, event_id_of
 from streams.events import CatalogItem, Limits, parse_catalog_item, tombstone_item_id
 from streams.ingest import Ingestor, RawRecord
 from streams.metrics import WorkerStats
@@ -286,6 +286,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
                 d.partition,
                 d.offset,
                 redact.user_ref(d.key),
+                extra={"event_id": event_id_of(d.original), "reason": d.reason},
             )
             await dlq_topic.send(key=d.key, value=d.value(now_ms()), headers=d.headers())
 

@@ -60,3 +60,13 @@ def original_bytes(envelope: bytes) -> bytes | None:
     """The rejected record's bytes, back from a dead letter's value."""
     b64 = orjson.loads(envelope).get("original_b64")
     return None if b64 is None else base64.b64decode(b64)
+
+
+def event_id_of(original: bytes | None) -> str | None:
+    """The event id of a rejected record, when it is JSON enough to have one (for logs)."""
+    try:
+        doc = orjson.loads(original or b"")
+    except orjson.JSONDecodeError:
+        return None
+    value = doc.get("event_id") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) else None

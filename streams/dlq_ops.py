@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from shoprec.errors import ReplayError
 from shoprec.settings import Settings
+from streams.dlq import event_id_of
 from streams.ranges import read_topic
 from streams.topics import DLQ, kafka_options
 
@@ -63,16 +64,6 @@ class Letter:
             "event_id": self.event_id,
             "dead_lettered_ts": self.dead_lettered_ts,
         }
-
-
-def event_id_of(original: bytes | None) -> str | None:
-    """The event id of a rejected record, when it is JSON enough to have one."""
-    try:
-        doc = orjson.loads(original or b"")
-    except orjson.JSONDecodeError:
-        return None
-    value = doc.get("event_id") if isinstance(doc, dict) else None
-    return value if isinstance(value, str) else None
 
 
 def parse_letter(record: ConsumerRecord[Any, Any]) -> Letter | None:

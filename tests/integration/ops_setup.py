@@ -1,0 +1,177 @@
+"""A live run for the operator-tool tests: real rees46 events through a real worker.
+
+The worker runs with its own state prefix (the "live" state of these tests),
+its Prometheus endpoint on a free port and JSON logs; a few malformed records
+are interleaved so the DLQ has something to show.  When every good event is
+in the live state, the worker stops, so what the tools do afterwards is all
+that can change anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from redis.asyncio import Redis
+
+from infra.stack import Endpoints
+from shoprec.settings import Settings
+from streams.topics import TopicNames, ensure_topics, kafka_options
+from tests.integration.helpers import WorkerProcess, isolated_settings
+
+N_EVENTS = 600
+BAD_RECORDS: list[tuple[bytes, str]] = [
+    (b"{this is not json", "not_json"),
+    (b'{"event_id":"bad-1","type":"like","user_id":"u","item_id":"i","ts":1}', "unknown_type"),
+    (b'{"event_id":"bad-2","type":"view","item_id":"i","ts":1570000000000}', "missing_field"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def shoprec(
+    settings: Settings, *args: str, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "shoprec.cli", *args],
+        env={**os.environ, **settings.as_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def json_out(result: subprocess.CompletedProcess[str]) -> Any:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return orjson.loads(result.stdout)
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return str(resp.read().decode())
+
+
+def load_fixture(data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    folder = data_dir / "rees46-sample"
+    with gzip.open(folder / "events.jsonl.gz", "rb") as fh:
+        events = [orjson.loads(line) for _, line in zip(range(N_EVENTS), fh, strict=False)]
+    wanted = {e["item_id"] for e in events}
+    with gzip.open(folder / "items.jsonl.gz", "rb") as fh:
+        items = [it for line in fh if (it := orjson.loads(line))["item_id"] in wanted]
+    return events, items
+
+
+@dataclass
+class LiveRun:
+    settings: Settings  # state_prefix = the live state of this run
+    events: list[dict[str, Any]]
+    metrics_text: str
+    log_text: str
+    recs_out_end: dict[TopicPartition, int]
+
+
+async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:
+    consumer = AIOKafkaConsumer(**kafka_options(settings), group_id=None)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
+        return dict(await consumer.end_offsets(tps))
+    finally:
+        await consumer.stop()
+
+
+async def events_in_state(redis: Redis, prefix: str) -> int:
+    total = 0
+    async for key in redis.scan_iter(match=f"{prefix}{{u:*}}:meta", count=10_000):
+        total += int(await redis.hget(key, "n") or 0)
+    return total
+
+
+async def start_live_run(stack: Endpoints, data_dir: Path, tmp: Path) -> LiveRun:
+    tag = uuid.uuid4().hex[:6]
+    port = free_port()
+    settings = isolated_settings(
+        stack,
+        min_emit_interval_ms=0,
+        topic_partitions=2,
+        state_prefix=f"live{tag}:",
+        metrics_port=port,
+        log_format="json",
+        triton_timeout_s=30.0,
+    )
+    events, items = load_fixture(data_dir)
+    await ensure_topics(settings)
+    names = TopicNames.from_settings(settings)
+    producer = AIOKafkaProducer(**kafka_options(settings), acks="all")
+    await producer.start()
+    try:
+        for item in items:
+            await producer.send(names.catalog, orjson.dumps(item), key=item["item_id"].encode())
+        for n, e in enumerate(events):
+            topic = names.event_topic(e["type"])
+            await producer.send(topic, orjson.dumps(e), key=str(e["user_id"]).encode())
+            if n % 200 == 100:
+                bad, _ = BAD_RECORDS[(n // 200) % len(BAD_RECORDS)]
+                await producer.send(names.event_topic("view"), bad, key=b"bad")
+        await producer.flush()
+    finally:
+        await producer.stop()
+    # The worker embeds the catalogue while it reads the events: give it the items first.
+    worker = WorkerProcess(settings, tmp / "worker.log")
+    redis = Redis.from_url(stack.redis_url)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if await events_in_state(redis, settings.state_prefix) >= len(events):
+                break
+            assert worker.proc.poll() is None, worker.log()
+            await asyncio.sleep(1.0)
+        assert await events_in_state(redis, settings.state_prefix) == len(events), worker.log()
+        await asyncio.sleep(13)  # a lag probe (every 10 s) after the last commit (~3 s)
+        metrics = await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")
+    finally:
+        worker.stop()
+        await redis.aclose()
+    return LiveRun(
+        settings=settings,
+        events=events,
+        metrics_text=metrics,
+        log_text=(tmp / "worker.log").read_text(errors="replace"),
+        recs_out_end=await end_offsets(settings, names.recs_out),
+    )
+
+
+async def snapshot(redis: Redis, exclude_prefixes: tuple[str, ...]) -> dict[bytes, bytes | None]:
+    """Every key outside ``exclude_prefixes`` with its serialised value (DUMP)."""
+    out: dict[bytes, bytes | None] = {}
+    async for key in redis.scan_iter(count=10_000):
+        if not key.decode(errors="replace").startswith(exclude_prefixes):
+            out[key] = await redis.dump(key)
+    return out
+
+
+async def prefixed_snapshot(redis: Redis, prefix: str) -> dict[bytes, bytes | None]:
+    """The state under ``prefix`` minus replay checkpoints."""
+    out: dict[bytes, bytes | None] = {}
+    async for key in redis.scan_iter(match=f"{prefix}*", count=10_000):
+        if b"ckpt:" not in key:
+            out[key] = await redis.dump(key)
+    return out
