@@ -36,6 +36,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from shoprec.settings import Settings
 from streams.metrics import Histogram, WorkerStats
@@ -109,7 +110,7 @@ class StatsCollector(Collector):
 def _buckets(hist: Histogram) -> tuple[list[tuple[str, float]], float]:
     counts = list(hist.counts)  # a copy: the worker thread keeps counting
     cumulative, out = 0, []
-    for bound, n in zip([*map(str, hist.bounds), "+Inf"], counts, strict=True):
+    for bound, n in zip([*map(floatToGoString, hist.bounds), "+Inf"], counts, strict=True):
         cumulative += n
         out.append((bound, float(cumulative)))
     return out, hist.total

@@ -82,13 +82,13 @@ def parse_offsets(text: str) -> dict[tuple[str | None, int], int]:
     """``0:100,1:250`` (partition:offset, for every topic) or ``shop.views:0:100``."""
     out: dict[tuple[str | None, int], int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        *topic, partition, offset = part.rsplit(":", 2)
+        *topic, partition, offset = ["", "", *part.rsplit(":", 2)][-3:]
         if not (partition.isdigit() and offset.isdigit()):
             raise ConfigError(
                 f"cannot read offset {part!r}: use PARTITION:OFFSET or TOPIC:PARTITION:OFFSET, "
                 "comma-separated (e.g. 0:1200,1:1180)"
             )
-        out[(topic[0] if topic else None, int(partition))] = int(offset)
+        out[(topic[0] or None, int(partition))] = int(offset)
     return out
 
 
