@@ -343,10 +343,11 @@ def demo(
 def _register_subcommands() -> None:
     """Commands that live in their own modules, one per area of work."""
     from shoprec.cli_bench import bench
+    from shoprec.cli_model import COMMANDS as MODEL_COMMANDS
     from shoprec.cli_ops import COMMANDS as OPS_COMMANDS
 
     main.add_command(bench)
-    for command in OPS_COMMANDS:
+    for command in (*OPS_COMMANDS, *MODEL_COMMANDS):
         main.add_command(command)
 
 

@@ -1,0 +1,131 @@
+"""Ranking metrics over the full catalogue, and the evaluation of every model on one dataset.
+
+For a query (a user right after a trigger event) every item of the next event group is
+one positive.  It is ranked against *every* item the worker could show that user --
+the whole catalogue minus the items it never shows (bought recently, the item in view)
+and minus the group's other positives -- not against a hundred sampled negatives.
+A positive the worker could never show is not counted (``skipped`` in the report).
+Ties count half (the expected rank under random tie-breaking), so a model that gives
+many items the same score gains nothing from the catalogue order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from tqdm import tqdm
+
+from ranking.data import Dataset, Period, Query
+
+F32 = npt.NDArray[np.float32]
+K = 10
+Scorer = Callable[[Sequence[Query]], F32]
+"""Scores ``[len(queries), n_items]`` for a batch of queries; higher is better."""
+
+
+@dataclass
+class Metrics:
+    hr: float = 0.0
+    ndcg: float = 0.0
+    mrr: float = 0.0
+    n: int = 0
+    skipped: int = 0
+    ranks: list[float] = field(default_factory=list, repr=False)
+
+    def add(self, rank: float) -> None:
+        self.ranks.append(rank)
+
+    def finish(self) -> Metrics:
+        r = np.asarray(self.ranks, dtype=np.float64)
+        self.n = int(r.size)
+        if r.size:
+            self.hr = float((r <= K).mean())
+            self.ndcg = float(np.where(r <= K, 1.0 / np.log2(r + 1.0), 0.0).mean())
+            self.mrr = float((1.0 / r).mean())
+        return self
+
+    def to_json(self) -> dict[str, float | int]:
+        return {
+            f"hr@{K}": round(self.hr, 4),
+            f"ndcg@{K}": round(self.ndcg, 4),
+            "mrr": round(self.mrr, 4),
+            "n": self.n,
+        }
+
+
+def ranks_for_query(scores: F32, query: Query) -> list[float]:
+    """Expected rank of each showable positive among the showable non-positive items."""
+    blocked = query.blocked()
+    positives = [t for t in query.targets if t not in blocked]
+    if not positives:
+        return []
+    allowed = np.ones(scores.shape[0], dtype=np.bool_)
+    allowed[list(blocked)] = False
+    allowed[query.targets] = False
+    pool = np.sort(scores[allowed])
+    out: list[float] = []
+    for p in positives:
+        s = scores[p]
+        lo = int(np.searchsorted(pool, s, side="left"))
+        hi = int(np.searchsorted(pool, s, side="right"))
+        greater, ties = pool.size - hi, hi - lo
+        out.append(1.0 + greater + ties / 2.0)
+    return out
+
+
+def evaluate_scorer(
+    scorer: Scorer,
+    queries: Sequence[Query],
+    *,
+    batch: int = 16,
+    desc: str = "evaluate",
+    progress: bool = True,
+) -> Metrics:
+    m = Metrics()
+    for s in tqdm(range(0, len(queries), batch), desc=desc, disable=not progress, leave=False):
+        part = queries[s : s + batch]
+        scores = scorer(part)
+        for row, q in enumerate(part):
+            ranks = ranks_for_query(scores[row], q)
+            m.skipped += len(q.targets) - len(ranks)
+            for r in ranks:
+                m.add(r)
+    return m.finish()
+
+
+def sample_queries(queries: Sequence[Query], limit: int | None, seed: int) -> list[Query]:
+    """At most ``limit`` queries, a fixed random sample (all when ``limit`` is None)."""
+    if limit is None or len(queries) <= limit:
+        return list(queries)
+    idx = np.random.default_rng(seed).choice(len(queries), size=limit, replace=False)
+    return [queries[i] for i in sorted(idx)]
+
+
+def count_positives(queries: Sequence[Query]) -> int:
+    return sum(len(q.targets) for q in queries)
+
+
+def report(
+    dataset: Dataset, results: dict[str, Metrics], extra: dict[str, object]
+) -> dict[str, object]:
+    """The JSON written by ``shoprec evaluate``."""
+    return {
+        "dataset": dataset.name,
+        "models": {name: m.to_json() for name, m in results.items()},
+        "split": {
+            "valid_from_ts": dataset.cut_ts[0],
+            "test_from_ts": dataset.cut_ts[1],
+            "test_queries": len(dataset.period(Period.TEST)),
+        },
+        **extra,
+    }
+
+
+def write_report(path: Path, payload: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")

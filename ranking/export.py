@@ -1,0 +1,64 @@
+"""The trained ranker's artefact: what ``shoprec train`` writes and Triton's model loads.
+
+A version folder ``model_repo/fused_ranker/<n>/`` holds, beside the thin ``model.py``:
+
+* ``ranker.json`` -- the :class:`RankerConfig`, the item id of every behavioural row
+  (row 0 = unknown item) and the training report;
+* ``ranker.pt`` -- the weights (a ``state_dict``; fp32, a few hundred KB to a few MB).
+
+Serving builds :class:`FusedRanker` from these and compiles it with TorchScript; item
+text vectors are not stored: the model reads them from its Redis-fed item table, so a
+catalogue change reaches the ranker without a new version.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ranking.model import FusedRanker, RankerConfig
+
+CONFIG_FILE = "ranker.json"
+WEIGHTS_FILE = "ranker.pt"
+MODEL_PY = Path(__file__).resolve().parent.parent / "model_repo" / "fused_ranker" / "2" / "model.py"
+"""The version-independent Triton wrapper, copied into every new version folder."""
+
+
+@dataclass
+class Artefact:
+    model: FusedRanker
+    config: RankerConfig
+    item_ids: list[str]
+    report: dict[str, Any]
+
+    def item_rows(self) -> dict[str, int]:
+        return {item: row for row, item in enumerate(self.item_ids) if row}
+
+
+def save(
+    folder: Path, model: FusedRanker, cfg: RankerConfig, item_ids: list[str], report: dict[str, Any]
+) -> None:
+    """Write the artefact (and the version's ``model.py``) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, folder / WEIGHTS_FILE)
+    meta = {"config": cfg.to_dict(), "item_ids": item_ids, "report": report}
+    (folder / CONFIG_FILE).write_text(json.dumps(meta) + "\n")
+    target = folder / "model.py"
+    if MODEL_PY.is_file() and target.resolve() != MODEL_PY:
+        shutil.copyfile(MODEL_PY, target)
+
+
+def load(folder: Path, device: torch.device | str = "cpu") -> Artefact:
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    cfg = RankerConfig(**meta["config"])
+    model = FusedRanker(cfg)
+    state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return Artefact(model, cfg, list(meta["item_ids"]), dict(meta.get("report", {})))

@@ -1,0 +1,234 @@
+"""The learned fused ranker (DESIGN §6) as a PyTorch module, shared by training and serving.
+
+Per user: a small BERT-style encoder over the recent history.  A history token is the
+item's vector -- its BERT embedding projected to ``d`` plus a learned behavioural vector
+for items seen in training (the only vector an item without text has) -- plus event-type
+and recency-bucket embeddings.  Per candidate: the candidate's vector attends over the
+encoded history (target attention, as in BST/DIN).  A fusion MLP then combines that with
+the semantic similarities (rolling user embedding, last query, best recent item) and the
+online co-visitation, popularity and retrieval signals into one logit: the log-odds that
+the candidate is the user's next interaction.
+
+Attention goes through :func:`torch.nn.functional.scaled_dot_product_attention`, so a
+GPU uses its fused kernels.  Inputs are embeddings and behavioural rows, never item ids:
+the Triton model maps ids to rows with its own tables.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+N_TYPES = 6  # HistoryType codes 0..5
+N_AGE_BUCKETS = 24
+N_SCALARS = 10
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """Shape of the model; stored beside the weights."""
+
+    text_dim: int = 384
+    n_items: int = 0
+    """Behavioural rows learned in training (row 0 = unknown item, always zero)."""
+    d: int = 64
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.1
+    use_text: bool = True
+    history_len: int = 30
+    """Newest history events the model reads; serving truncates longer requests."""
+    query_weight: float = 4.0
+    """Fixed weight of cos(last query, item), added to the logit.  None of the datasets
+    has searches, so this term cannot be learned; 4 logits is about what a strong
+    co-visitation signal is worth in the trained models."""
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def age_bucket(age_s: Tensor) -> Tensor:
+    """log2 buckets of seconds: 0 = under 2 s, 23 = over ~97 days."""
+    b = torch.log2(age_s.clamp(min=0.0) + 1.0).floor().long()
+    return b.clamp(0, 23)  # N_AGE_BUCKETS - 1; TorchScript cannot read module globals
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block over the history with a key-padding mask."""
+
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.drop = nn.Dropout(dropout)
+        self.p = dropout
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        b, h, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, h, 3, self.heads, d // self.heads).unbind(2)
+        p = self.p if self.training else 0.0
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=attn_mask,
+            dropout_p=p,
+        )
+        x = x + self.drop(self.out(a.transpose(1, 2).reshape(b, h, d)))
+        out: Tensor = x + self.drop(self.ff(self.norm2(x)))
+        return out
+
+
+class FusedRanker(nn.Module):
+    """``forward`` scores ``N`` candidates for each of ``B`` users (see :meth:`forward`)."""
+
+    query_weight: Tensor
+
+    def __init__(self, cfg: RankerConfig) -> None:
+        super().__init__()
+        d = cfg.d
+        self.use_text = cfg.use_text
+        self.heads = cfg.heads
+        self.text_proj = nn.Linear(cfg.text_dim, d, bias=False)
+        self.item_vec = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)
+        nn.init.normal_(self.item_vec.weight, std=0.02)
+        with torch.no_grad():
+            self.item_vec.weight[0].zero_()
+        self.type_emb = nn.Embedding(N_TYPES, d)
+        self.age_emb = nn.Embedding(N_AGE_BUCKETS, d)
+        self.pos_emb = nn.Embedding(512, d)
+        self.blocks = nn.ModuleList(_Block(d, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(d)
+        self.target_q = nn.Linear(d, d)
+        self.target_kv = nn.Linear(d, 2 * d)
+        self.user_proj = nn.Linear(cfg.text_dim, d, bias=False)
+        # One hidden layer: the head runs for every (user, item) pair of the catalogue
+        # in evaluation, and dominates the cost there.
+        self.head = nn.Sequential(
+            nn.Linear(4 * d + N_SCALARS, d),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(d, 1),
+        )
+        # A linear path over the hand-made scalars lets training start from the online
+        # signals (co-visitation is a strong ranker on its own) instead of from noise.
+        self.scalar_lin = nn.Linear(N_SCALARS, 1)
+        self.register_buffer(
+            "query_weight", torch.tensor(float(cfg.query_weight)), persistent=False
+        )
+
+    def items(self, text: Tensor, has_text: Tensor, rows: Tensor) -> Tensor:
+        """Item vectors ``[..., d]`` from BERT rows ``[..., 384]`` and behavioural rows."""
+        vec = self.item_vec(rows)
+        if self.use_text:
+            vec = vec + self.text_proj(text) * has_text.unsqueeze(-1).to(text.dtype)
+        out: Tensor = vec
+        return out
+
+    def forward(
+        self,
+        user_emb: Tensor,
+        query_emb: Tensor,
+        hist_text: Tensor,
+        hist_has_text: Tensor,
+        hist_rows: Tensor,
+        hist_types: Tensor,
+        hist_age_s: Tensor,
+        cand_text: Tensor,
+        cand_has_text: Tensor,
+        cand_rows: Tensor,
+        signals: Tensor,
+    ) -> Tensor:
+        """Logits ``[B, N]``.
+
+        ``user_emb``, ``query_emb`` ``[B, 384]`` (unit or zero); ``hist_text`` ``[B, H, 384]``;
+        ``hist_has_text``, ``hist_rows``, ``hist_types`` (0 = padding), ``hist_age_s``
+        ``[B, H]``, newest first; ``cand_text`` ``[B, N, 384]``; ``cand_has_text``,
+        ``cand_rows`` ``[B, N]``; ``signals`` ``[B, N, 3]`` raw co-visitation count,
+        popularity count, retrieval cosine.  ``H`` >= 1 (pad with one type-0 slot).
+        The three ``cand_*`` tensors may have a leading 1 instead of ``B`` (the same
+        candidates for every user, as in full-catalogue evaluation): item projections
+        are then computed once.
+        """
+        b, h = hist_types.shape
+        hist_mask = hist_types > 0
+        if not self.use_text:
+            user_emb = torch.zeros_like(user_emb)
+            query_emb = torch.zeros_like(query_emb)
+        hv = self.items(hist_text, hist_has_text, hist_rows)
+        pos = torch.arange(h, device=hv.device).clamp(max=511)
+        x = hv + self.type_emb(hist_types.long()) + self.age_emb(age_bucket(hist_age_s))
+        x = x + self.pos_emb(pos).unsqueeze(0)
+        # An all-padding history would make every attention row -inf; let it see slot 0.
+        keep = hist_mask.clone()
+        keep[:, 0] = True
+        attn = keep[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, attn)
+        x = self.norm(x)
+
+        cv = self.items(cand_text, cand_has_text, cand_rows)
+        d = cv.shape[-1]
+        n = cv.shape[1]
+        dh = d // self.heads
+        q = self.target_q(cv).view(-1, n, self.heads, dh).transpose(1, 2).expand(b, -1, -1, -1)
+        k, v = self.target_kv(x).view(b, h, 2, self.heads, dh).unbind(2)
+        att = F.scaled_dot_product_attention(
+            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn
+        )
+        interest = att.transpose(1, 2).reshape(b, n, d) * hist_mask.any(1).view(b, 1, 1)
+
+        cv = cv.expand(b, n, d)
+        user = self.user_proj(user_emb).unsqueeze(1)
+        scalars = self._scalars(user_emb, query_emb, hist_text, hist_mask, cand_text, signals)
+        z = torch.cat([interest * cv, cv, interest, user * cv, scalars], dim=-1)
+        logit: Tensor = self.head(z).squeeze(-1) + self.scalar_lin(scalars).squeeze(-1)
+        return logit + self.query_weight * scalars[..., 1]
+
+    def _scalars(
+        self,
+        user_emb: Tensor,
+        query_emb: Tensor,
+        hist_text: Tensor,
+        hist_mask: Tensor,
+        cand_text: Tensor,
+        signals: Tensor,
+    ) -> Tensor:
+        # matmul rather than einsum: broadcasts a [1, N, D] candidate block over users.
+        cos_user = torch.matmul(cand_text, user_emb.unsqueeze(-1)).squeeze(-1)
+        cos_query = torch.matmul(cand_text, query_emb.unsqueeze(-1)).squeeze(-1)
+        sims = torch.matmul(cand_text, hist_text.transpose(1, 2))
+        sims = sims.masked_fill(~hist_mask.unsqueeze(1), -1.0)
+        best = sims.max(dim=-1).values.clamp(min=0.0)
+        if not self.use_text:
+            best = torch.zeros_like(best)
+        covis, pop, retrieval = signals.clamp(min=0.0).unbind(-1)
+        feats = [
+            cos_user,
+            cos_query,
+            best,
+            torch.log1p(covis),
+            (covis > 0).to(covis.dtype),
+            torch.log1p(pop) / math.log(10.0),
+            (pop > 0).to(pop.dtype),
+            retrieval.clamp(max=1.0),
+            (retrieval > 0).to(retrieval.dtype),
+            torch.log1p(hist_mask.sum(1, keepdim=True).to(covis.dtype)).expand_as(covis),
+        ]
+        return torch.stack(feats, dim=-1)
+
+
+def choose_device() -> tuple[torch.device, torch.dtype]:
+    """cuda with bf16 (fp16 where bf16 is unsupported) when present, else CPU fp32."""
+    if torch.cuda.is_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.device("cuda"), dtype
+    return torch.device("cpu"), torch.float32

@@ -1,0 +1,143 @@
+"""The fused ranker module, its artefact and the serving glue (no services)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ranking import export
+from ranking.fusion import PAD_SCORE, HistoryEvent, HistoryType, RankBatch, RankRow, Reason
+from ranking.item_table import ItemTable
+from ranking.model import FusedRanker, RankerConfig, age_bucket, choose_device
+from ranking.serve import LearnedRanker
+from ranking.train import sampled_softmax_loss
+
+B, H, N, D = 3, 7, 11, 384
+
+
+def _inputs(seed: int = 0, cand_batch: int = B) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    types = torch.randint(1, 5, (B, H), generator=g)
+    types[0, 3:] = 0  # short history
+    types[2] = 0  # no history at all
+    return {
+        "user_emb": torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=-1),
+        "query_emb": torch.zeros(B, D),
+        "hist_text": torch.randn(B, H, D, generator=g),
+        "hist_has_text": types > 0,
+        "hist_rows": torch.randint(0, 20, (B, H), generator=g) * (types > 0),
+        "hist_types": types,
+        "hist_age_s": torch.rand(B, H, generator=g) * 1e5,
+        "cand_text": torch.randn(cand_batch, N, D, generator=g),
+        "cand_has_text": torch.ones(cand_batch, N, dtype=torch.bool),
+        "cand_rows": torch.randint(0, 20, (cand_batch, N), generator=g),
+        "signals": torch.rand(B, N, 3, generator=g) * 5,
+    }
+
+
+@pytest.fixture
+def model() -> FusedRanker:
+    torch.manual_seed(0)
+    return FusedRanker(RankerConfig(n_items=19)).eval()
+
+
+def test_scores_every_candidate_even_without_history(model: FusedRanker) -> None:
+    with torch.inference_mode():
+        out = model(**_inputs())
+    assert out.shape == (B, N)
+    assert torch.isfinite(out).all()
+
+
+def test_shared_candidates_broadcast_like_per_user_copies(model: FusedRanker) -> None:
+    shared = _inputs(cand_batch=1)
+    copied = dict(shared)
+    for k in ("cand_text", "cand_has_text", "cand_rows"):
+        copied[k] = shared[k].expand(B, *shared[k].shape[1:])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(**shared), model(**copied))
+
+
+def test_history_padding_is_ignored(model: FusedRanker) -> None:
+    a = _inputs()
+    b = dict(a)
+    b["hist_text"] = a["hist_text"].clone()
+    b["hist_text"][0, 3:] = 99.0  # behind the padding of user 0
+    with torch.inference_mode():
+        torch.testing.assert_close(model(**a)[0], model(**b)[0])
+
+
+def test_query_similarity_raises_the_matching_item(model: FusedRanker) -> None:
+    x = _inputs()
+    target = torch.nn.functional.normalize(x["cand_text"][1, 4], dim=0)
+    with_query = dict(x, query_emb=target.expand(B, D).clone())
+    with torch.inference_mode():
+        gain = model(**with_query)[1] - model(**x)[1]
+    assert int(gain.argmax()) == 4
+
+
+def test_torchscript_matches_eager(model: FusedRanker) -> None:
+    scripted = torch.jit.script(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(scripted(**_inputs()), model(**_inputs()))
+
+
+def test_age_buckets_are_logarithmic() -> None:
+    got = age_bucket(torch.tensor([0.0, 1.0, 3.0, 1e3, 1e12]))
+    assert got.tolist() == [0, 1, 2, 9, 23]
+
+
+def test_cpu_without_cuda_is_fp32() -> None:
+    device, dtype = choose_device()
+    if torch.cuda.is_available():
+        assert device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    else:
+        assert (device.type, dtype) == ("cpu", torch.float32)
+
+
+def test_sampled_softmax_prefers_positive_over_negatives() -> None:
+    good = torch.tensor([[5.0, 0.0, 0.0, 0.0]])
+    bad = torch.tensor([[0.0, 0.0, 5.0, 0.0]])
+    mask = torch.tensor([[True, False]])  # two positive slots, one used
+    assert sampled_softmax_loss(good, mask) < sampled_softmax_loss(bad, mask)
+
+
+def _table(ids: list[str]) -> ItemTable:
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(len(ids), D)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    table = ItemTable()
+    has = np.array([not i.startswith("plain") for i in ids])
+    table.upsert(ids, emb * has[:, None], has_emb=has, in_stock=np.ones(len(ids), np.bool_))
+    return table
+
+
+def test_exported_artefact_serves_a_rank_batch(tmp_path: Path, model: FusedRanker) -> None:
+    ids = [f"item-{i}" for i in range(12)] + ["plain-1"]
+    known = ["", *ids[:19]]
+    known += [""] * (20 - len(known))
+    export.save(tmp_path / "fused_ranker" / "9", model, RankerConfig(n_items=19), known, {"x": 1})
+    ranker = LearnedRanker(tmp_path / "fused_ranker" / "9")
+    assert ranker.scripted and ranker.rows["item-0"] == 1
+    rows = [
+        RankRow(
+            candidates=["item-3", "plain-1", "never-seen"],
+            signals=np.array([[2, 10, 0.3], [0, 50, 0], [0, 0, 0]], np.float32),
+            history=[HistoryEvent("item-1", HistoryType.CART, 30.0)],
+            user_emb=np.ones(D, np.float32) / np.sqrt(D),
+        ),
+        RankRow(candidates=["item-5"], signals=np.zeros((1, 3), np.float32)),
+    ]
+    batch = RankBatch.from_rows(rows, history_len=4, n_candidates=5)
+    out = ranker.score(batch, _table(ids))
+    assert out.scores.shape == out.reasons.shape == out.history_match.shape == (2, 5)
+    assert np.isfinite(out.scores[0, :3]).all() and np.isfinite(out.scores[1, 0])
+    assert (out.scores[0, 3:] == PAD_SCORE).all() and (out.scores[1, 1:] == PAD_SCORE).all()
+    assert (out.reasons[1, 1:] == Reason.PAD).all()
+    # Same weights, same inputs, eager module: the artefact round-trips exactly.
+    again = export.load(tmp_path / "fused_ranker" / "9").model
+    with torch.inference_mode():
+        direct = again(**ranker.inputs(batch, _table(ids)))
+    np.testing.assert_allclose(out.scores[0, :3], direct[0, :3].numpy(), rtol=1e-5, atol=1e-5)

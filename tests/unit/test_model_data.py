@@ -1,0 +1,159 @@
+"""Offline data for the ranker: no leakage of the future, online-equal features, metrics."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from features.decay import decayed_value, forward_weight
+from features.store import COVIS_SPAN, COVIS_WINDOW_MS
+from ranking.data import Catalogue, Events, Period, Query, load_catalogue, load_events, replay
+from ranking.evaluate import Metrics, ranks_for_query
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+REES = DATA / "rees46-sample"
+
+
+@pytest.fixture(scope="module")
+def rees() -> tuple[Catalogue, Events, np.ndarray]:
+    """The first 3,000 real rees46 events; item vectors seeded-random (BERT is not the point)."""
+    cat = load_catalogue(REES)
+    ev = load_events(REES, cat)
+    n = 3000
+    ev = Events(ev.user[:n], ev.item[:n], ev.type[:n], ev.ts[:n], ev.n_users)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(len(cat), 384)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb[~cat.has_text] = 0.0
+    return cat, ev, emb
+
+
+def _cuts(ev: Events) -> tuple[int, int]:
+    return int(ev.ts[2000]), int(ev.ts[2500])
+
+
+def _features(q: Query) -> tuple[object, ...]:
+    return (
+        q.user,
+        q.trigger_ts,
+        q.hist_items.tolist(),
+        q.hist_types.tolist(),
+        q.hist_age_s.tolist(),
+        q.user_emb.tolist(),
+        q.covis,
+        q.popularity,
+        sorted(q.retrieval),
+    )
+
+
+def test_features_do_not_depend_on_later_events(rees: tuple[Catalogue, Events, np.ndarray]) -> None:
+    cat, ev, emb = rees
+    full = replay(ev, emb, cat.has_text, _cuts(ev), progress=False)
+    cut = int(ev.ts[1500])
+    keep = ev.ts < cut
+    early = Events(ev.user[keep], ev.item[keep], ev.type[keep], ev.ts[keep], ev.n_users)
+    part = replay(early, emb, cat.has_text, _cuts(ev), progress=False)
+    by_key = {(q.user, q.trigger_ts): q for q in full}
+    assert len(part) > 300
+    for q in part:
+        assert _features(q) == _features(by_key[(q.user, q.trigger_ts)])
+
+
+def test_queries_look_only_backwards(rees: tuple[Catalogue, Events, np.ndarray]) -> None:
+    cat, ev, emb = rees
+    queries = replay(ev, emb, cat.has_text, _cuts(ev), progress=False)
+    assert {q.period for q in queries} == {Period.TRAIN, Period.VALID, Period.TEST}
+    for q in queries:
+        assert q.trigger_ts < q.target_ts
+        assert (q.hist_age_s >= 0).all()
+        assert q.hist_items[0] in q.blocked(), "the item in view is never shown"
+    # Each label is exactly the user's items at target time.
+    q = queries[len(queries) // 2]
+    at = (ev.user == q.user) & (ev.ts == q.target_ts)
+    assert sorted(q.targets) == sorted(set(ev.item[at].tolist()))
+
+
+def test_covisitation_mirrors_the_online_definition(
+    rees: tuple[Catalogue, Events, np.ndarray],
+) -> None:
+    """Recount co-visitation the way features/store.py's write path does and compare."""
+    cat, ev, emb = rees
+    queries = replay(ev, emb, cat.has_text, _cuts(ev), progress=False)
+    q = max(queries, key=lambda x: len(x.covis))
+    counts: dict[int, dict[int, float]] = {}
+    hist: dict[int, list[tuple[int, int]]] = {}
+    upto = (ev.ts <= q.trigger_ts).sum()
+    for u, i, ts in zip(
+        ev.user[:upto].tolist(), ev.item[:upto].tolist(), ev.ts[:upto].tolist(), strict=True
+    ):
+        recent = hist.setdefault(u, [])[-5:][::-1]
+        others: list[int] = []
+        for o, ots in recent:
+            if abs(ts - ots) <= COVIS_WINDOW_MS and o != i and o not in others:
+                others.append(o)
+            if len(others) >= COVIS_SPAN:
+                break
+        for o in others:
+            w = forward_weight(ts)
+            counts.setdefault(i, {})[o] = counts.get(i, {}).get(o, 0.0) + w
+            counts.setdefault(o, {})[i] = counts.get(o, {}).get(i, 0.0) + w
+        hist[u].append((i, ts))
+    sources = list(dict.fromkeys(q.hist_items.tolist()))[:3]
+    expected: dict[int, float] = {}
+    for s in sources:
+        for item, c in counts.get(s, {}).items():
+            expected[item] = expected.get(item, 0.0) + decayed_value(c, q.trigger_ts)
+    # Rows here are shorter than the 200 kept per source: the wide signal is exact.
+    keys, vals = q.covis_wide
+    got = dict(zip(keys.tolist(), vals.tolist(), strict=True))
+    assert got.keys() == expected.keys()
+    assert np.allclose([got[i] for i in expected], list(expected.values()), rtol=1e-5)
+    # The online one keeps each source's 20 strongest neighbours.
+    assert all(0 < v <= expected[i] * (1 + 1e-6) for i, v in q.covis.items())
+
+
+def _query(targets: list[int], hist: list[int], types: list[int]) -> Query:
+    return Query(
+        user=0,
+        trigger_ts=0,
+        target_ts=1,
+        period=Period.TEST,
+        hist_items=np.array(hist, np.int64),
+        hist_types=np.array(types, np.int8),
+        hist_age_s=np.zeros(len(hist), np.float32),
+        user_emb=np.zeros(384, np.float32),
+        covis={},
+        popularity={},
+        retrieval={},
+        covis_wide=(np.zeros(0, np.int64), np.zeros(0, np.float32)),
+        targets=targets,
+    )
+
+
+def test_rank_counts_every_showable_item_and_half_the_ties() -> None:
+    scores = np.array([9.0, 5.0, 5.0, 5.0, 1.0, 8.0, 7.0], np.float32)
+    # Item 0 is in view (blocked), 6 was bought (blocked); positives 1 and 4.
+    q = _query(targets=[1, 4, 6], hist=[0, 6], types=[1, 4])
+    ranks = ranks_for_query(scores, q)
+    # Pool: items 2, 3, 5.  Item 1 (5.0): 5 above, 2 and 3 tie -> 1 + 1 + 1 = 3.
+    assert ranks == [3.0, 4.0]
+    m = Metrics()
+    for r in ranks:
+        m.add(r)
+    m.finish()
+    assert m.n == 2 and m.hr == 1.0
+    assert m.ndcg == pytest.approx((1 / np.log2(4) + 1 / np.log2(5)) / 2)
+    assert m.mrr == pytest.approx((1 / 3 + 1 / 4) / 2)
+
+
+def test_catalogue_text_is_what_the_catalogue_agent_embeds(tmp_path: Path) -> None:
+    rec = {"item_id": "7", "title": "Mug", "category": "kitchen > cups", "brand": "acme"}
+    with gzip.open(tmp_path / "items.jsonl.gz", "wb") as fh:
+        fh.write(orjson.dumps(rec) + b"\n" + orjson.dumps({"item_id": "8"}) + b"\n")
+    cat = load_catalogue(tmp_path)
+    assert cat.text == ["Mug | kitchen > cups | acme", ""]
+    assert cat.has_text.tolist() == [True, False]
