@@ -90,8 +90,6 @@ class _Block(nn.Module):
 class FusedRanker(nn.Module):
     """``forward`` scores ``N`` candidates for each of ``B`` users (see :meth:`forward`)."""
 
-    query_weight: Tensor
-
     def __init__(self, cfg: RankerConfig) -> None:
         super().__init__()
         d = cfg.d
@@ -121,9 +119,7 @@ class FusedRanker(nn.Module):
         # A linear path over the hand-made scalars lets training start from the online
         # signals (co-visitation is a strong ranker on its own) instead of from noise.
         self.scalar_lin = nn.Linear(N_SCALARS, 1)
-        self.register_buffer(
-            "query_weight", torch.tensor(float(cfg.query_weight)), persistent=False
-        )
+        self.query_weight = float(cfg.query_weight)
 
     def items(self, text: Tensor, has_text: Tensor, rows: Tensor) -> Tensor:
         """Item vectors ``[..., d]`` from BERT rows ``[..., 384]`` and behavioural rows."""
