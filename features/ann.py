@@ -1,14 +1,17 @@
 """Nearest items by inner product: exact (numpy) for small catalogues, faiss IVF for large.
 
-Why faiss ``IndexIVFFlat``: measured on these 2 cores (``/tmp``-free numbers in
-the README and ``bench/results/features.json``), at 100k random 384-d unit
-vectors it built in 4.9 s against 42 s for hnswlib (M=16, ef_construction=100)
-and answered a single query in 0.34 ms p50 against 1.2 ms, so a 1M-item
-index builds in about a minute instead of about ten; items are added and
-removed by id in place (the catalogue stream changes items one at a time), and
-recall is traded for latency by one knob, ``nprobe``.  Redis vector search
-would keep the index beside the item hashes, but it needs the RediSearch
-module, which Debian's redis-server 7.0 does not ship.
+Why faiss ``IndexIVFFlat`` (numbers from ``bench/ann_choice.py`` on these 2 shared cores):
+at 100k random 384-d unit vectors it built in 4.9 s against 42 s for hnswlib and 66 s for
+usearch (HNSW, M=16, ef_construction=100), and answered one top-100 query in 0.34 ms p50
+against 1.2 and 2.4 ms; at 1M items it builds in about 100 s (``shoprec bench features``),
+where HNSW would take about ten minutes on 2 cores.  Items leave and enter in place
+(``remove_ids``/``add_with_ids``), which the catalogue stream needs; hnswlib only marks
+deletions and has a fixed capacity.  The price is recall: on the real item embeddings
+(6,394 distinct vectors) IVF at nprobe 32 finds 0.905 of the exact top-100 in 0.07 ms,
+HNSW at ef 200 finds 0.98 in 0.18 ms.  ``nprobe`` buys recall back (0.92 at 64), and the
+choice is isolated behind :class:`RetrievalIndex` should HNSW's recall be worth its build
+time.  Redis vector search would keep the index beside the item hashes, but it needs the
+RediSearch module, which Debian's redis-server 7.0 does not ship.
 
 Below :data:`ANN_MIN_ITEMS` the exact product is both faster to keep fresh
 (no training) and fast enough (about 1 ms per query at 10k items).
