@@ -17,15 +17,22 @@ the Triton model maps ids to rows with its own tables.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 N_TYPES = 6  # HistoryType codes 0..5
 N_AGE_BUCKETS = 24
-N_SCALARS = 10
+N_SCALARS = 13
+N_SIGNALS = 5
+"""Per candidate: co-visitation, popularity, retrieval cosine (the request's SIGNALS), then
+how often the candidate is in the history and the age of its newest occurrence
+(:func:`repeat_signals`)."""
 
 
 @dataclass(frozen=True)
@@ -148,8 +155,9 @@ class FusedRanker(nn.Module):
         ``user_emb``, ``query_emb`` ``[B, 384]`` (unit or zero); ``hist_text`` ``[B, H, 384]``;
         ``hist_has_text``, ``hist_rows``, ``hist_types`` (0 = padding), ``hist_age_s``
         ``[B, H]``, newest first; ``cand_text`` ``[B, N, 384]``; ``cand_has_text``,
-        ``cand_rows`` ``[B, N]``; ``signals`` ``[B, N, 3]`` raw co-visitation count,
-        popularity count, retrieval cosine.  ``H`` >= 1 (pad with one type-0 slot).
+        ``cand_rows`` ``[B, N]``; ``signals`` ``[B, N, 5]`` raw co-visitation count,
+        popularity count, retrieval cosine, then :func:`repeat_signals`.  ``H`` >= 1 (pad
+        with one type-0 slot).
         The three ``cand_*`` tensors may have a leading 1 instead of ``B`` (the same
         candidates for every user, as in full-catalogue evaluation): item projections
         are then computed once.
@@ -206,7 +214,8 @@ class FusedRanker(nn.Module):
         best = sims.max(dim=-1).values.clamp(min=0.0)
         if not self.use_text:
             best = torch.zeros_like(best)
-        covis, pop, retrieval = signals.clamp(min=0.0).unbind(-1)
+        covis, pop, retrieval, repeats, repeat_age = signals.clamp(min=0.0).unbind(-1)
+        seen = (repeats > 0).to(covis.dtype)
         feats = [
             cos_user,
             cos_query,
@@ -217,6 +226,9 @@ class FusedRanker(nn.Module):
             (pop > 0).to(pop.dtype),
             retrieval.clamp(max=1.0),
             (retrieval > 0).to(retrieval.dtype),
+            torch.log1p(repeats),
+            seen,
+            seen * torch.exp2(-repeat_age / 86400.0),
             torch.log1p(hist_mask.sum(1, keepdim=True).to(covis.dtype)).expand_as(covis),
         ]
         return torch.stack(feats, dim=-1)
@@ -228,3 +240,25 @@ def choose_device() -> tuple[torch.device, torch.dtype]:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.device("cuda"), dtype
     return torch.device("cpu"), torch.float32
+
+
+def repeat_signals(
+    hist_ids: Sequence[Hashable], hist_age_s: Sequence[float], cand_ids: Sequence[Hashable]
+) -> npt.NDArray[np.float32]:
+    """``[N, 2]``: occurrences of each candidate in the history, age of the newest (0 if none).
+
+    Returning to an item is a strong signal the transformer would otherwise have to
+    discover through attention; ids (not vectors) tell equal items from equal texts.
+    """
+    count: dict[Hashable, int] = {}
+    newest: dict[Hashable, float] = {}
+    for item, age in zip(hist_ids, hist_age_s, strict=True):
+        if item in ("", b""):
+            continue
+        count[item] = count.get(item, 0) + 1
+        newest[item] = min(newest.get(item, float(age)), float(age))
+    out = np.zeros((len(cand_ids), 2), np.float32)
+    for k, c in enumerate(cand_ids):
+        if c in count:
+            out[k] = (count[c], newest[c])
+    return out

@@ -25,7 +25,7 @@ import torch
 from ranking import export
 from ranking.fusion import PAD_SCORE, RankBatch, RankOutputs, score_batch
 from ranking.item_table import ItemTable
-from ranking.model import choose_device
+from ranking.model import choose_device, repeat_signals
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class LearnedRanker:
             "cand_text": torch.from_numpy(cand_emb).view(b, n, -1),
             "cand_has_text": torch.from_numpy(cand_has).view(b, n),
             "cand_rows": self.behavioural_rows(batch.candidate_ids),
-            "signals": torch.from_numpy(batch.signals),
+            "signals": torch.from_numpy(_with_repeats(batch)),
         }
         out = {}
         for k, v in f.items():
@@ -108,3 +108,17 @@ class LearnedRanker:
         logits = self.module(**self.inputs(batch, table)).float().cpu().numpy()
         scores = np.where(batch.candidate_mask, logits, np.float32(PAD_SCORE)).astype(np.float32)
         return RankOutputs(scores, explained.reasons, explained.history_match)
+
+
+def _with_repeats(batch: RankBatch) -> npt.NDArray[np.float32]:
+    """The request's ``SIGNALS`` plus :func:`repeat_signals` of each user's candidates."""
+    b, n = batch.size, batch.n_candidates
+    out = np.zeros((b, n, 5), np.float32)
+    out[:, :, :3] = batch.signals
+    for r in range(b):
+        out[r, :, 3:] = repeat_signals(
+            batch.history_ids[r].tolist(),
+            batch.history_age_s[r].tolist(),
+            batch.candidate_ids[r].tolist(),
+        )
+    return out

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ranking.data import Dataset, Period, Query
 from ranking.evaluate import F32, Metrics, evaluate_scorer, sample_queries
-from ranking.model import FusedRanker, RankerConfig, choose_device
+from ranking.model import N_SIGNALS, FusedRanker, RankerConfig, choose_device, repeat_signals
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class FusedScorer:
         self.model.eval()
         n_items = self.tables.text.shape[0]
         hist = history_tensors(queries, self.tables, self.h)
-        sig = torch.from_numpy(np.stack([q.dense_signals(n_items) for q in queries]))
+        sig = torch.from_numpy(np.stack([_dense_signals(q, n_items, self.h) for q in queries]))
         out = np.zeros((len(queries), n_items), np.float32)
         for s in range(0, n_items, self.chunk):
             cands = torch.arange(s, min(n_items, s + self.chunk)).unsqueeze(0)
@@ -170,17 +170,32 @@ def _train_batch(
     p, k = cfg.positives, cfg.negatives
     cands = torch.zeros(len(picked), p + k, dtype=torch.long)
     pos_mask = torch.zeros(len(picked), p, dtype=torch.bool)
-    sig = torch.zeros(len(picked), p + k, 3)
+    sig = torch.zeros(len(picked), p + k, N_SIGNALS)
     for r, (q, pos, negs) in enumerate(picked):
         cands[r, : len(pos)] = torch.tensor(pos)
         pos_mask[r, : len(pos)] = True
         cands[r, p:] = torch.tensor(negs)
-        for c, item in enumerate(cands[r].tolist()):
+        items = cands[r].tolist()
+        for c, item in enumerate(items):
             sig[r, c, 0] = q.covis.get(item, 0.0)
             sig[r, c, 1] = q.popularity.get(item, 0.0)
             sig[r, c, 2] = q.retrieval.get(item, 0.0)
+        h = cfg.history_len
+        sig[r, :, 3:] = torch.from_numpy(
+            repeat_signals(q.hist_items[:h].tolist(), q.hist_age_s[:h].tolist(), items)
+        )
     hist = history_tensors([q for q, _, _ in picked], tables, cfg.history_len)
     return hist | candidate_tensors(cands, sig, tables), pos_mask
+
+
+def _dense_signals(q: Query, n_items: int, h: int) -> F32:
+    """``[n_items, N_SIGNALS]``: the online signals and the repeat signals of every item."""
+    out = np.zeros((n_items, N_SIGNALS), np.float32)
+    out[:, :3] = q.dense_signals(n_items)
+    seen = list(dict.fromkeys(q.hist_items[:h].tolist()))
+    if seen:
+        out[seen, 3:] = repeat_signals(q.hist_items[:h].tolist(), q.hist_age_s[:h].tolist(), seen)
+    return out
 
 
 def sampled_softmax_loss(logits: Tensor, pos_mask: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ def _inputs(seed: int = 0, cand_batch: int = B) -> dict[str, torch.Tensor]:
         "cand_text": torch.randn(cand_batch, N, D, generator=g),
         "cand_has_text": torch.ones(cand_batch, N, dtype=torch.bool),
         "cand_rows": torch.randint(0, 20, (cand_batch, N), generator=g),
-        "signals": torch.rand(B, N, 3, generator=g) * 5,
+        "signals": torch.rand(B, N, 5, generator=g) * 5,
     }
 
 
