@@ -11,10 +11,12 @@ many items the same score gains nothing from the catalogue order.
 
 from __future__ import annotations
 
+import fcntl
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -110,22 +112,38 @@ def count_positives(queries: Sequence[Query]) -> int:
     return sum(len(q.targets) for q in queries)
 
 
-def report(
-    dataset: Dataset, results: dict[str, Metrics], extra: dict[str, object]
-) -> dict[str, object]:
-    """The JSON written by ``shoprec evaluate``."""
-    return {
-        "dataset": dataset.name,
-        "models": {name: m.to_json() for name, m in results.items()},
-        "split": {
-            "valid_from_ts": dataset.cut_ts[0],
-            "test_from_ts": dataset.cut_ts[1],
-            "test_queries": len(dataset.period(Period.TEST)),
-        },
-        **extra,
-    }
+def merge_report(
+    path: Path,
+    dataset: Dataset,
+    name: str,
+    metrics: Metrics,
+    info: dict[str, object],
+    common: dict[str, object],
+) -> None:
+    """Add one model's metrics to the JSON at ``path`` (created if absent), under a lock.
 
-
-def write_report(path: Path, payload: dict[str, object]) -> None:
+    Shape: ``{"dataset", "split", "models": {name: {"hr@10", "ndcg@10", "mrr", "n"}},
+    "details": {name: {...}}, ...common}``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        payload: dict[str, Any] = {}
+        if path.is_file():
+            payload = json.loads(path.read_text())
+            if payload.get("dataset") != dataset.name:
+                payload = {}
+        payload.update(
+            {
+                "dataset": dataset.name,
+                "split": {
+                    "valid_from_ts": dataset.cut_ts[0],
+                    "test_from_ts": dataset.cut_ts[1],
+                    "test_queries": len(dataset.period(Period.TEST)),
+                },
+                **common,
+            }
+        )
+        payload.setdefault("models", {})[name] = metrics.to_json()
+        payload.setdefault("details", {})[name] = info
+        path.write_text(json.dumps(payload, indent=2) + "\n")

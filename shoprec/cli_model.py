@@ -42,6 +42,8 @@ def _export(folder: Path, ds: Any, model: Any, tables: Any, report: dict[str, An
     click.echo(f"model written to {folder}", err=True)
 
 
+MODELS = ("popularity", "covisitation", "embedding", "sasrec", "fused", "fused_no_text")
+
 _data_option = click.option(
     "--data",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -162,6 +164,12 @@ def train(
     default=None,
     help="Also write the trained fused ranker there (e.g. model_repo/fused_ranker/2).",
 )
+@click.option(
+    "--models",
+    default="",
+    help=f"Comma-separated subset of {','.join(MODELS)} (default all); results are merged "
+    "into an existing --json file, so models can be evaluated in separate processes.",
+)
 @_cache_option
 @_with_split
 def evaluate(
@@ -171,6 +179,7 @@ def evaluate(
     seed: int,
     max_test_queries: int,
     export_dir: Path | None,
+    models: str,
     cache: Path,
     valid_frac: float,
     test_frac: float,
@@ -189,47 +198,48 @@ def evaluate(
     """
     from ranking.baselines import SASRecConfig, baseline_scorers, train_sasrec
     from ranking.data import Period
-    from ranking.evaluate import evaluate_scorer, report, sample_queries, write_report
+    from ranking.evaluate import evaluate_scorer, merge_report, sample_queries
     from ranking.train import FusedScorer, train_fused
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    wanted = set(models.split(",")) if models else set(MODELS)
+    if unknown := wanted - set(MODELS):
+        raise click.BadParameter(f"unknown models {sorted(unknown)}; choose from {MODELS}")
     ds = _load(data, cache, valid_frac, test_frac, threads)
-    valid = ds.period(Period.VALID)
+    valid = sample_queries(ds.period(Period.VALID), 400, seed)
     test = sample_queries(ds.period(Period.TEST), max_test_queries or None, seed)
-    scorers, extra = baseline_scorers(ds, sample_queries(valid, 400, seed))
-    results = {}
-    for name, scorer in scorers.items():
-        results[name] = evaluate_scorer(scorer, test, desc=name)
-        click.echo(f"{name}: {results[name].to_json()}", err=True)
-    sas_cfg = dataclasses.replace(SASRecConfig(), seed=seed)
-    sas, sas_info = train_sasrec(ds, sample_queries(valid, 400, seed), sas_cfg)
-    results["sasrec"] = evaluate_scorer(sas, test, desc="sasrec")
-    click.echo(f"sasrec: {results['sasrec'].to_json()}", err=True)
-    training: dict[str, Any] = {"sasrec": {k: v for k, v in sas_info.items() if k != "history"}}
+    common: dict[str, object] = {"test_sample": {"queries": len(test), "seed": seed}}
+
+    def record(name: str, metrics: Any, info: dict[str, Any]) -> None:
+        click.echo(f"{name}: {metrics.to_json()} ({metrics.skipped} unshowable skipped)", err=True)
+        merge_report(
+            json_out, ds, name, metrics, {**info, "skipped_positives": metrics.skipped}, common
+        )
+
+    if wanted & {"popularity", "covisitation", "embedding"}:
+        scorers, extra = baseline_scorers(ds, valid)
+        for name, scorer in scorers.items():
+            if name in wanted:
+                record(name, evaluate_scorer(scorer, test, desc=name), extra)
+    if "sasrec" in wanted:
+        sas, sas_info = train_sasrec(ds, valid, dataclasses.replace(SASRecConfig(), seed=seed))
+        info = {k: v for k, v in sas_info.items() if k != "history"}
+        record("sasrec", evaluate_scorer(sas, test, desc="sasrec"), info)
     for name, no_text in (("fused", False), ("fused_no_text", True)):
+        if name not in wanted:
+            continue
         t = time.perf_counter()
         model, tables, rep = train_fused(ds, _train_config(epochs, seed, no_text))
-        results[name] = evaluate_scorer(
+        metrics = evaluate_scorer(
             FusedScorer(model, tables, rep["config"]["history_len"]), test, desc=name
         )
-        click.echo(f"{name}: {results[name].to_json()}", err=True)
-        training[name] = {k: v for k, v in rep.items() if k not in ("history", "config", "model")}
-        training[name]["total_seconds"] = round(time.perf_counter() - t, 1)
+        info = {k: v for k, v in rep.items() if k not in ("history", "config", "model")}
+        info["total_seconds"] = round(time.perf_counter() - t, 1)
+        record(name, metrics, info)
         if name == "fused" and export_dir is not None:
             _export(export_dir, ds, model, tables, rep)
-    payload = report(
-        ds,
-        results,
-        {
-            "test_sample": {"queries": len(test), "seed": seed},
-            "skipped_positives": {n: m.skipped for n, m in results.items()},
-            "baselines": extra,
-            "training": training,
-        },
-    )
-    write_report(json_out, payload)
     click.echo(f"wrote {json_out}", err=True)
 
 
