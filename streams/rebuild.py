@@ -34,7 +34,7 @@ from redis.asyncio import Redis
 from features import keys
 from features.item_index import ItemIndex
 from features.store import FeatureStore
-from features.user_state import Vector, vector_from_bytes
+from features.user_state import Vector, decode_history, vector_from_bytes
 from ranking.client import RankerClient
 from shoprec.errors import ReplayError
 from shoprec.settings import Settings
@@ -330,7 +330,11 @@ def _vectors_close(a: bytes | None, b: bytes | None) -> bool:
 def user_fields_differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Fields of one user's state that differ (vectors to float32 rounding)."""
     out = [f for f in ("emb", "q") if not _vectors_close(a[f], b[f])]
-    out += [f for f in ("meta", "hist", "ev") if a[f] != b[f]]
+    out += [f for f in ("meta", "ev") if a[f] != b[f]]
+    # History as the read path sees it (newest event time first): one user's events on two
+    # topics may arrive in either order, which changes the list but not what it says.
+    if decode_history(a["hist"]) != decode_history(b["hist"]):
+        out.append("hist")
     return out
 
 

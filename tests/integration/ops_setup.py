@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,11 @@ class LiveRun:
     metrics_text: str
     log_text: str
     recs_out_end: dict[TopicPartition, int]
+    tag: str
+
+    def prefix(self, name: str) -> str:
+        """A state prefix of this run only (the session's Redis is shared)."""
+        return f"{name}{self.tag}:"
 
 
 async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:
@@ -116,34 +122,39 @@ async def start_live_run(stack: Endpoints, data_dir: Path, tmp: Path) -> LiveRun
         metrics_port=port,
         log_format="json",
         triton_timeout_s=30.0,
+        # One micro-batch at a time keeps each user's events in partition order, so the
+        # live state is the one a rebuild or replay of the same events reproduces.
+        agent_concurrency=1,
     )
     events, items = load_fixture(data_dir)
     await ensure_topics(settings)
     names = TopicNames.from_settings(settings)
-    producer = AIOKafkaProducer(**kafka_options(settings), acks="all")
-    await producer.start()
-    try:
-        for item in items:
-            await producer.send(names.catalog, orjson.dumps(item), key=item["item_id"].encode())
-        for n, e in enumerate(events):
-            topic = names.event_topic(e["type"])
-            await producer.send(topic, orjson.dumps(e), key=str(e["user_id"]).encode())
-            if n % 200 == 100:
-                bad, _ = BAD_RECORDS[(n // 200) % len(BAD_RECORDS)]
-                await producer.send(names.event_topic("view"), bad, key=b"bad")
-        await producer.flush()
-    finally:
-        await producer.stop()
-    # The worker embeds the catalogue while it reads the events: give it the items first.
     worker = WorkerProcess(settings, tmp / "worker.log")
     redis = Redis.from_url(stack.redis_url)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if await events_in_state(redis, settings.state_prefix) >= len(events):
-                break
-            assert worker.proc.poll() is None, worker.log()
-            await asyncio.sleep(1.0)
+        # The catalogue first, all of it embedded, as in steady state: an event whose item
+        # is not in the table yet folds in no vector, and a rebuild later would differ.
+        await send(
+            settings, [(names.catalog, it["item_id"].encode(), orjson.dumps(it)) for it in items]
+        )
+        await wait_for(lambda: items_embedded(redis, items), worker, 240)
+        # Every event on one topic: the worker keeps a user's order within a partition, not
+        # across the five topics, and history order and co-visitation depend on arrival
+        # order; on one topic live, replay and rebuild see the same order, so their states
+        # must be equal exactly.  (The type comes from the payload, not the topic.)
+        records = []
+        for n, e in enumerate(events):
+            key = str(e["user_id"]).encode()
+            records.append((names.event_topic("view"), key, orjson.dumps(e)))
+            if n % 200 == 100:
+                bad, _ = BAD_RECORDS[(n // 200) % len(BAD_RECORDS)]
+                records.append((names.event_topic("view"), b"bad", bad))
+        await send(settings, records)
+        await wait_for(
+            lambda: _at_least(events_in_state(redis, settings.state_prefix), len(events)),
+            worker,
+            240,
+        )
         assert await events_in_state(redis, settings.state_prefix) == len(events), worker.log()
         await asyncio.sleep(13)  # a lag probe (every 10 s) after the last commit (~3 s)
         metrics = await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")
@@ -156,7 +167,40 @@ async def start_live_run(stack: Endpoints, data_dir: Path, tmp: Path) -> LiveRun
         metrics_text=metrics,
         log_text=(tmp / "worker.log").read_text(errors="replace"),
         recs_out_end=await end_offsets(settings, names.recs_out),
+        tag=tag,
     )
+
+
+async def send(settings: Settings, records: list[tuple[str, bytes, bytes]]) -> None:
+    producer = AIOKafkaProducer(**kafka_options(settings), acks="all")
+    await producer.start()
+    try:
+        for topic, key, value in records:
+            await producer.send(topic, value, key=key)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def _at_least(count: Awaitable[int], n: int) -> bool:
+    return await count >= n
+
+
+async def items_embedded(redis: Redis, items: list[dict[str, Any]]) -> bool:
+    async with redis.pipeline(transaction=False) as pipe:
+        for it in items:
+            pipe.hexists(f"{{i:{it['item_id']}}}", "ts")
+        return all(await pipe.execute())
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[bool]], worker: WorkerProcess, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert worker.proc.poll() is None, worker.log()
+        assert time.monotonic() < deadline, worker.log()
+        await asyncio.sleep(0.5)
 
 
 async def snapshot(redis: Redis, exclude_prefixes: tuple[str, ...]) -> dict[bytes, bytes | None]:

@@ -52,39 +52,50 @@ async def test_default_replay_writes_nothing_live_and_twice_leaves_identical_sta
     live: LiveRun, redis: Redis
 ) -> None:
     s = live.settings
-    before_live = await snapshot(redis, exclude_prefixes=("r1:", "r2:"))
-    first = json_out(shoprec(s, "replay", *WHOLE_RANGE, "--state-prefix", "r1:", "--json"))
+    before_live = await snapshot(redis, exclude_prefixes=(live.prefix("r1"), live.prefix("r2")))
+    first = json_out(
+        shoprec(s, "replay", *WHOLE_RANGE, "--state-prefix", live.prefix("r1"), "--json")
+    )
     assert first["complete"] and first["read"] == first["planned"] > len(live.events)
     assert first["recommendations"] > 0 and first["dead_letters"] == 3
     assert first["into"] == s.topic("recs.replay")
 
     # Nothing reached recs.out or any key outside the shadow prefix.
     assert await end_offsets(s, TopicNames.from_settings(s).recs_out) == live.recs_out_end
-    assert await snapshot(redis, exclude_prefixes=("r1:", "r2:")) == before_live
+    assert (
+        await snapshot(redis, exclude_prefixes=(live.prefix("r1"), live.prefix("r2")))
+        == before_live
+    )
     replayed = await end_offsets(s, s.topic("recs.replay"))
     assert sum(replayed.values()) == first["recommendations"]
 
     # The shadow state is the live state, user by user and counter by counter.
-    same = await compare_state(redis, "r1:", s.state_prefix)
+    same = await compare_state(redis, live.prefix("r1"), s.state_prefix)
     assert same.equal and same.users_equal == len({e["user_id"] for e in live.events}), same
 
     # Running it again resumes a finished run: nothing to read.
-    again = json_out(shoprec(s, "replay", *WHOLE_RANGE, "--state-prefix", "r1:", "--json"))
+    again = json_out(
+        shoprec(s, "replay", *WHOLE_RANGE, "--state-prefix", live.prefix("r1"), "--json")
+    )
     assert again["read"] == 0 and again["resumed_from"] == first["planned"]
 
     # Re-reading the whole range into the same state changes nothing (ids are deduplicated).
-    state_before = await prefixed_snapshot(redis, "r1:")
+    state_before = await prefixed_snapshot(redis, live.prefix("r1"))
     redo = json_out(
-        shoprec(s, "replay", *WHOLE_RANGE, "--state-prefix", "r1:", "--restart", "--json")
+        shoprec(
+            s, "replay", *WHOLE_RANGE, "--state-prefix", live.prefix("r1"), "--restart", "--json"
+        )
     )
     assert redo["read"] == first["planned"] and redo["recommendations"] == 0
     assert redo["duplicates"] == len(live.events)
-    assert await prefixed_snapshot(redis, "r1:") == state_before
+    assert await prefixed_snapshot(redis, live.prefix("r1")) == state_before
 
     # A second replay of the same range into fresh state builds the identical state.
-    second = json_out(shoprec(s, "replay", *WHOLE_RANGE, "--state-prefix", "r2:", "--json"))
+    second = json_out(
+        shoprec(s, "replay", *WHOLE_RANGE, "--state-prefix", live.prefix("r2"), "--json")
+    )
     assert second["read"] == first["read"]
-    twin = await compare_state(redis, "r1:", "r2:")
+    twin = await compare_state(redis, live.prefix("r1"), live.prefix("r2"))
     assert twin.equal and twin.users_a == twin.users_b > 0, twin
 
 
@@ -107,13 +118,24 @@ async def test_dry_run_plans_and_changes_nothing(live: LiveRun, redis: Redis) ->
 async def test_interrupted_replay_resumes_to_the_same_state(live: LiveRun, redis: Redis) -> None:
     s = live.settings
     cut = json_out(
-        shoprec(s, "replay", *WHOLE_RANGE, "--state-prefix", "r3:", "--limit", "256", "--json")
+        shoprec(
+            s,
+            "replay",
+            *WHOLE_RANGE,
+            "--state-prefix",
+            live.prefix("r3"),
+            "--limit",
+            "256",
+            "--json",
+        )
     )
     assert not cut["complete"] and 256 <= cut["read"] < cut["planned"]
-    rest = json_out(shoprec(s, "replay", *WHOLE_RANGE, "--state-prefix", "r3:", "--json"))
+    rest = json_out(
+        shoprec(s, "replay", *WHOLE_RANGE, "--state-prefix", live.prefix("r3"), "--json")
+    )
     assert rest["complete"] and rest["resumed_from"] == cut["read"]
     assert cut["read"] + rest["read"] == cut["planned"]
-    same = await compare_state(redis, "r3:", s.state_prefix)
+    same = await compare_state(redis, live.prefix("r3"), s.state_prefix)
     assert same.equal, same
 
 
@@ -142,7 +164,7 @@ async def test_diff_is_zero_for_the_same_model_and_not_for_another(
     live: LiveRun, stack: Endpoints
 ) -> None:
     s = live.settings
-    for prefix, topic in (("d1:", "recs.d1"), ("d2:", "recs.d2")):
+    for prefix, topic in ((live.prefix("d1"), "recs.d1"), (live.prefix("d2"), "recs.d2")):
         run = json_out(
             shoprec(s, "replay", *WHOLE_RANGE, "--state-prefix", prefix, "--into", topic, "--json")
         )
@@ -159,7 +181,7 @@ async def test_diff_is_zero_for_the_same_model_and_not_for_another(
         "replay",
         *WHOLE_RANGE,
         "--state-prefix",
-        "d3:",
+        live.prefix("d3"),
         "--into",
         "recs.d3",
         "--json",
