@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -28,6 +29,9 @@ EXIT_INTERRUPTED = 130
 
 
 def _settings() -> Settings:
+    # Library chatter (aiokafka re-assignments, faiss' loader) buries what the tool says.
+    for noisy in ("aiokafka", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return load_settings()
     except Exception as exc:

@@ -205,7 +205,39 @@ async def _offsets_at(
             "Tansu keeps no time index. Give offsets instead: --from-offset P:O "
             "[--to-offset P:O] (`shoprec recs tail` and `shoprec dlq list` show offsets)"
         ) from exc
-    return {tp: end[tp] if found.get(tp) is None else found[tp].offset for tp in tps}
+    offsets = {tp: end[tp] if found.get(tp) is None else found[tp].offset for tp in tps}
+    await _check_time_index(consumer, offsets, ts_ms, end)
+    return offsets
+
+
+async def _check_time_index(
+    consumer: AIOKafkaConsumer,
+    offsets: Mapping[TopicPartition, int],
+    ts_ms: int,
+    end: Mapping[TopicPartition, int],
+) -> None:
+    """Refuse an answer the records contradict: a broker without a time index (Tansu)
+    answers ListOffsets-by-time with some offset anyway, and a replay of the wrong range
+    is worse than none."""
+    for tp, offset in offsets.items():
+        at = await _record_ts(consumer, tp, offset) if offset < end[tp] else None
+        before = await _record_ts(consumer, tp, offset - 1) if offset > 0 else None
+        if (at is not None and at < ts_ms) or (before is not None and before >= ts_ms):
+            raise ReplayError(
+                f"the broker answered offset {offset} of {tp.topic}[{tp.partition}] for time "
+                f"{ts_ms}, but the records there say otherwise (record times {before}, {at}): "
+                "it keeps no usable time index (Tansu does not). Give offsets instead: "
+                "--from-offset P:O [--to-offset P:O]"
+            )
+
+
+async def _record_ts(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> int | None:
+    """The timestamp of the record at ``offset`` (None when it is gone: retention, compaction)."""
+    consumer.assign([tp])
+    consumer.seek(tp, offset)
+    data = await consumer.getmany(tp, timeout_ms=5000, max_records=1)
+    records = data.get(tp, [])
+    return int(records[0].timestamp) if records and records[0].offset == offset else None
 
 
 # --- reading --------------------------------------------------------------------------------
