@@ -129,7 +129,7 @@ class RankerClient:
         self.ranker_model = ranker_model
         self.timeout_s = timeout_s
         self.max_batch = max_batch
-        self._client = grpcclient.InferenceServerClient(url)
+        self._client = grpcclient.InferenceServerClient(url, channel_args=_channel_args())
 
     async def __aenter__(self) -> RankerClient:
         return self
@@ -325,6 +325,28 @@ class RankerClient:
             if status in ("INVALID_ARGUMENT", "client error"):
                 err.retriable = False
             raise err from exc
+
+
+def _channel_args() -> list[tuple[str, int]]:
+    """tritonclient's own channel options, plus a short reconnect backoff.
+
+    gRPC backs off reconnecting to a dead server up to 120 s by default and
+    fails every call meanwhile with the cached "connection refused", so a
+    restarted Triton would stay unused for minutes.  The breaker decides how
+    often calls go out; the channel only has to be ready when they do.
+    """
+    keepalive = grpcclient.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(keepalive.keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
 
 
 async def _gather_all(calls: Sequence[Awaitable[T]]) -> list[T]:

@@ -1,0 +1,388 @@
+"""What every fault test does: a private stack, a catalogue, a worker, a stream, the books.
+
+The books close the same way in every test: each input record is counted once
+in the worker's final stats (``events_in`` = recommended + dead-lettered +
+duplicates + rate-limited + coalesced), records seen twice (redelivered after a
+fault) are exactly the ``duplicates``, and Redis holds each good event exactly
+once: the per-user event counts add up to the good events sent.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import gzip
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+from redis.asyncio import Redis
+
+from bench.e2e import group_lag
+from features import keys
+from features.catalog import upsert_items
+from infra.stack import Endpoints, Stack
+from ranking.client import RankerClient
+from shoprec.settings import Settings
+from streams.events import CatalogItem, Limits, parse_catalog_item
+from streams.topics import TopicNames, ensure_topics, kafka_options
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO.parent / "shared" / "data" / "rees46-sample"
+BUCKETS = ("recommended", "dead_lettered", "duplicates", "rate_limited", "coalesced")
+
+
+# --- the real data ----------------------------------------------------------------
+
+
+def load_events(n: int) -> list[dict[str, Any]]:
+    """The first ``n`` real rees46 events (views, carts, purchases)."""
+    with gzip.open(DATA / "events.jsonl.gz", "rb") as fh:
+        return [orjson.loads(line) for _, line in zip(range(n), fh, strict=False)]
+
+
+def load_items(item_ids: set[str]) -> list[CatalogItem]:
+    with gzip.open(DATA / "items.jsonl.gz", "rb") as fh:
+        raw = [orjson.loads(line) for line in fh]
+    limits = Limits()
+    return [
+        parse_catalog_item(r["item_id"].encode(), orjson.dumps(r), limits=limits)
+        for r in raw
+        if r["item_id"] in item_ids
+    ]
+
+
+@dataclass
+class Catalogue:
+    """Items embedded once by the real BERT on Triton; written to Redis again after a wipe."""
+
+    items: list[CatalogItem]
+    vectors: list[Any]
+
+    @classmethod
+    async def embed(cls, triton_url: str, items: list[CatalogItem]) -> Catalogue:
+        texts = sorted({i.text() for i in items if i.text()})
+        by_text: dict[str, Any] = {}
+        async with RankerClient(triton_url, timeout_s=60.0) as ranker:
+            # A few requests at a time: thousands at once would queue past the timeout.
+            for start in range(0, len(texts), 256):
+                chunk = texts[start : start + 256]
+                by_text |= dict(zip(chunk, await ranker.encode(chunk), strict=True))
+        # As the catalogue agent does: one vector per distinct text, none without text.
+        return cls(items, [by_text.get(i.text()) for i in items])
+
+    async def ensure_in(self, redis_url: str) -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            if await redis.xlen(keys.ITEM_LOG) < len(self.items):
+                await upsert_items(redis, self.items, self.vectors)
+        finally:
+            await redis.aclose()
+
+
+# --- one scenario: isolated topics and state, a worker, a stream --------------------
+
+
+@dataclass
+class FaultStack:
+    stack: Stack
+    endpoints: Endpoints
+    catalogue: Catalogue
+    logs: Path
+
+    def healthy(self) -> dict[str, bool]:
+        return {role: entry["healthy"] for role, entry in self.stack.status().items()}
+
+    def restore(self) -> None:
+        """Start whatever a test left stopped (so the next test finds the whole stack)."""
+        for role, ok in self.healthy().items():
+            if not ok:
+                with contextlib.suppress(Exception):
+                    self.stack.stop_component(role)
+                self.stack.start_component(role, timeout_s=300)
+        asyncio.run(self.catalogue.ensure_in(self.endpoints.redis_url))
+
+
+def scenario_settings(endpoints: Endpoints, **overrides: Any) -> Settings:
+    """Fresh topics, consumer group and Redis state prefix; every event emits (no interval)."""
+    tag = uuid.uuid4().hex[:8]
+    base: dict[str, Any] = {
+        "kafka_bootstrap": endpoints.kafka_bootstrap,
+        "redis_url": endpoints.redis_url,
+        "triton_url": endpoints.triton_url,
+        "topic_prefix": f"f{tag}.",
+        "app_id": f"shoprec-fault-{tag}",
+        "state_prefix": f"f{tag}:",
+        "min_emit_interval_ms": 0,
+        "topic_partitions": 4,
+        "metrics_port": 0,
+    }
+    return Settings(_env_file=None, **(base | overrides))  # type: ignore[call-arg]
+
+
+class Worker:
+    """``shoprec worker`` as a subprocess, as in production."""
+
+    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None):
+        self.log_path = log_path
+        env = {**os.environ, **settings.as_env(), **(extra_env or {})}
+        self._log = log_path.open("ab")
+        self._offset = log_path.stat().st_size
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shoprec.cli", "worker"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=log_path.parent,
+            start_new_session=True,
+        )
+
+    def log(self) -> str:
+        with self.log_path.open("rb") as fh:
+            fh.seek(self._offset)
+            return fh.read().decode(errors="replace")
+
+    def tail(self, n: int = 6000) -> str:
+        return self.log()[-n:]
+
+    async def wait_for(self, text: str, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker did not log {text!r}:\n{self.tail()}")
+            await asyncio.sleep(0.2)
+
+    async def ready(self) -> Worker:
+        await self.wait_for("Worker ready")
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """SIGTERM, wait, and return the final stats the worker logged."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(
+                    f"worker did not stop in {timeout_s} s:\n{self.tail()}"
+                ) from None
+        self._log.close()
+        return final_stats(self.log())
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole process group: no shutdown, no commit, no flush."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+        self._log.close()
+
+
+def final_stats(log: str) -> dict[str, Any]:
+    found = re.findall(r"final stats (\{.*\})", log)
+    if not found:
+        raise AssertionError(f"no final stats logged:\n{log[-6000:]}")
+    stats: dict[str, Any] = ast.literal_eval(found[-1])
+    return stats
+
+
+def live(events: Sequence[dict[str, Any]], tag: str) -> list[dict[str, Any]]:
+    """The events with unique ids for this run (ts is stamped at send time)."""
+    return [dict(e, event_id=f"{tag}-{i}") for i, e in enumerate(events)]
+
+
+@dataclass
+class Sent:
+    good: int = 0
+    bad: int = 0
+    failed_sends: int = 0  # producer deliveries that failed and were sent again
+
+
+async def start_producer(settings: Settings) -> AIOKafkaProducer:
+    # Not idempotent, like most shop producers: a send retried across a broker restart
+    # may be written twice, and the worker must count the copy as a duplicate.
+    producer = AIOKafkaProducer(
+        **kafka_options(settings), acks="all", linger_ms=2, request_timeout_ms=10_000
+    )
+    await producer.start()
+    return producer
+
+
+async def stream(
+    producer: AIOKafkaProducer,
+    names: TopicNames,
+    events: Sequence[dict[str, Any]],
+    rate: float,
+    sent: Sent,
+    *,
+    on_sent: Callable[[int], Any] | None = None,
+) -> None:
+    """Send ``events`` at ``rate`` events/s, stamping each with the current time;
+    deliveries that fail (broker away) are sent again until they land."""
+    start = time.monotonic()
+    pending: list[tuple[dict[str, Any], asyncio.Future[Any]]] = []
+    for i, event in enumerate(events):
+        await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+        event["ts"] = int(time.time() * 1000)
+        pending.append((event, await _send(producer, names, event)))
+        if on_sent is not None:
+            await on_sent(i + 1)
+    deadline = time.monotonic() + 180
+    while pending:
+        assert time.monotonic() < deadline, f"{len(pending)} events could not be delivered"
+        retry = []
+        for event, fut in pending:
+            try:
+                await fut
+            except Exception:
+                sent.failed_sends += 1
+                retry.append(event)
+        pending = []
+        for event in retry:
+            await asyncio.sleep(0.5)
+            pending.append((event, await _send(producer, names, event)))
+    sent.good += len(events)
+
+
+async def _send(
+    producer: AIOKafkaProducer, names: TopicNames, event: dict[str, Any]
+) -> asyncio.Future[Any]:
+    deadline = time.monotonic() + 180
+    while True:
+        assert time.monotonic() < deadline, "the producer could not send for 3 minutes"
+        try:
+            fut: asyncio.Future[Any] = await producer.send(
+                names.event_topic(event["type"]),
+                orjson.dumps(event),
+                key=str(event["user_id"]).encode(),
+            )
+            return fut
+        except Exception:  # buffer full or no metadata while the broker is away
+            await asyncio.sleep(0.5)
+
+
+class Collector:
+    """Reads ``recs.out`` and ``recs.dlq`` from the beginning, in the background."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.names = TopicNames.from_settings(settings)
+        self.recs: list[dict[str, Any]] = []
+        self.dead: list[ConsumerRecord[bytes, bytes]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    async def __aenter__(self) -> Collector:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            consumer = AIOKafkaConsumer(
+                self.names.recs_out,
+                self.names.dlq,
+                **kafka_options(self.settings),
+                group_id=None,
+                auto_offset_reset="earliest",
+            )
+            try:
+                await consumer.start()
+                # Positions survive reconnects inside one consumer; a new one after a
+                # failure starts over, so keep what was read and skip it again.
+                skip = {self.names.recs_out: len(self.recs), self.names.dlq: len(self.dead)}
+                seen = {self.names.recs_out: 0, self.names.dlq: 0}
+                while not self._stop.is_set():
+                    batch = await consumer.getmany(timeout_ms=200)
+                    for tp, records in sorted(batch.items(), key=lambda kv: kv[0].partition):
+                        for r in records:
+                            seen[tp.topic] += 1
+                            if seen[tp.topic] <= skip[tp.topic]:
+                                continue
+                            if tp.topic == self.names.dlq:
+                                self.dead.append(r)
+                            else:
+                                self.recs.append(orjson.loads(r.value or b"{}"))
+            except Exception:
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+
+    def trigger_ids(self) -> set[str]:
+        return {r["trigger"]["event_id"] for r in self.recs}
+
+
+async def wait_caught_up(
+    settings: Settings, worker: Worker, collector: Collector, timeout_s: float = 180.0
+) -> float:
+    """Seconds until the group has committed every input record and the output is quiet."""
+    names = TopicNames.from_settings(settings)
+    start = time.monotonic()
+    quiet_since, last = time.monotonic(), -1
+    while time.monotonic() - start < timeout_s:
+        if worker.proc.poll() is not None:
+            raise AssertionError(f"worker exited ({worker.proc.returncode}):\n{worker.tail()}")
+        n = len(collector.recs) + len(collector.dead)
+        if n != last:
+            quiet_since, last = time.monotonic(), n
+        with contextlib.suppress(Exception):
+            lag = await group_lag(settings, settings.app_id, names.events)
+            if lag == 0 and time.monotonic() - quiet_since > 2.0:
+                return time.monotonic() - start
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"not caught up in {timeout_s:.0f} s:\n{worker.tail()}")
+
+
+async def state_event_counts(settings: Settings, users: set[str]) -> dict[str, int]:
+    """Events folded into each user's state (the ``n`` of ``{u:<id>}:meta``)."""
+    redis = Redis.from_url(settings.redis_url.get_secret_value())
+    token = keys.STATE_PREFIX.set(settings.state_prefix)
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            for u in sorted(users):
+                pipe.hget(keys.user_meta(u), "n")
+            counts = await pipe.execute()
+    finally:
+        keys.STATE_PREFIX.reset(token)
+        await redis.aclose()
+    return {u: int(c or 0) for u, c in zip(sorted(users), counts, strict=True)}
+
+
+def assert_books_balance(stats: dict[str, Any], records_in: int) -> None:
+    """Every record in one bucket; anything counted beyond the input is a redelivery."""
+    assert stats["events_in"] == sum(stats[b] for b in BUCKETS), stats
+    assert stats["events_in"] - stats["duplicates"] == records_in, (stats, records_in)
+
+
+async def prepare(settings: Settings) -> TopicNames:
+    await ensure_topics(settings)
+    return TopicNames.from_settings(settings)
+
+
+def count_users(events: Sequence[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for e in events:
+        out[str(e["user_id"])] = out.get(str(e["user_id"]), 0) + 1
+    return out
+
+
+__all__ = ["field"]
