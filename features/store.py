@@ -51,6 +51,9 @@ from features.user_state import (
 HOUR_BUCKET_TTL_S = 2 * 86_400
 DAY_BUCKET_TTL_S = 3 * 86_400
 COVIS_TTL_S = 30 * 86_400
+# Neighbours kept per item: reads take the top 20-40; popular items would otherwise
+# collect every item ever bought beside them.
+COVIS_KEEP = 200
 # How many of a user's latest distinct items feed co-visitation and category trending.
 COVIS_SOURCES = 3
 CATEGORY_SOURCES = 2
@@ -126,8 +129,8 @@ class Context:
     trending: dict[str, float]  # item -> Popularity.trending()
 
 
-def _load_script() -> str:
-    return resources.files("features").joinpath("update_user.lua").read_text()
+def _load_script(name: str = "update_user.lua") -> str:
+    return resources.files("features").joinpath(name).read_text()
 
 
 class FeatureStore:
@@ -147,6 +150,7 @@ class FeatureStore:
         self._category_of = category_of
         self._query_categories = query_categories
         self._update = redis.register_script(_load_script())
+        self._bump = redis.register_script(_load_script("bump_counts.lua"))
 
     async def apply_events(self, updates: Sequence[UserUpdate]) -> list[UpdateResult]:
         """Fold a batch of events into user state; idempotent per event id."""
@@ -194,24 +198,40 @@ class FeatureStore:
     async def _record_signals(
         self, updates: Sequence[UserUpdate], results: Sequence[UpdateResult]
     ) -> None:
-        ttls: dict[str, int] = {}
+        """Popularity and co-visitation of the applied events: one script call per key.
+
+        Increments are summed per (key, member) over the batch first; a batch touches
+        far fewer keys than it has increments (measured on UCI: 10 ZINCRBY and 5 EXPIRE
+        per event, which cost more client and server time than the user update itself).
+        """
+        bumps: dict[str, dict[str, float]] = {}
+        limits: dict[str, tuple[int, int]] = {}  # key -> (ttl_s, members kept; 0 = all)
+
+        def bump(key: str, member: str, by: float, limit: tuple[int, int]) -> None:
+            row = bumps.setdefault(key, {})
+            row[member] = row.get(member, 0.0) + by
+            limits[key] = limit
+
+        for u, r in zip(updates, results, strict=True):
+            if not r.applied or u.item_id is None:
+                continue
+            weight = EVENT_WEIGHTS[u.type]
+            for key, ttl in popularity_keys(u.ts, self._category_of(u.item_id)):
+                bump(key, u.item_id, weight, (ttl, 0))
+            pair = forward_weight(u.ts)
+            for other in _covisited(u, r.recent):
+                covis_limit = (COVIS_TTL_S, COVIS_KEEP)
+                bump(keys.item_covis(u.item_id), other, pair, covis_limit)
+                bump(keys.item_covis(other), u.item_id, pair, covis_limit)
+        if not bumps:
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
-            for u, r in zip(updates, results, strict=True):
-                if not r.applied or u.item_id is None:
-                    continue
-                weight = EVENT_WEIGHTS[u.type]
-                for key, ttl in popularity_keys(u.ts, self._category_of(u.item_id)):
-                    pipe.zincrby(key, weight, u.item_id)
-                    ttls[key] = ttl
-                pair = forward_weight(u.ts)
-                for other in _covisited(u, r.recent):
-                    pipe.zincrby(keys.item_covis(u.item_id), pair, other)
-                    pipe.zincrby(keys.item_covis(other), pair, u.item_id)
-                    ttls[keys.item_covis(u.item_id)] = ttls[keys.item_covis(other)] = COVIS_TTL_S
-            for key, ttl in ttls.items():
-                pipe.expire(key, ttl)
-            if ttls:
-                await pipe.execute()
+            for key, row in bumps.items():
+                args: list[str | float] = [*limits[key]]
+                for member, by in row.items():
+                    args += [member, repr(by)]
+                await self._bump(keys=[key], args=args, client=pipe)
+            await pipe.execute()
 
     async def read_context(
         self,

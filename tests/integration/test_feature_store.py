@@ -17,7 +17,7 @@ from features.candidates import mix_candidates, semantic_neighbours
 from features.catalog import upsert_items
 from features.decay import COVIS_HALF_LIFE_MS, forward_weight
 from features.item_index import ItemIndex
-from features.store import FeatureStore, UpdatePolicy, UserUpdate
+from features.store import COVIS_KEEP, FeatureStore, UpdatePolicy, UserUpdate
 from features.user_state import decayed_sum, normalise
 from infra import procs
 from infra.redis_server import RedisServer
@@ -317,3 +317,21 @@ async def test_a_replay_older_than_the_dedupe_window_is_refused_not_counted_twic
     got = await store.user_embedding("u1")
     np.testing.assert_allclose(got, normalise(expected, DIM), atol=1e-5)
     assert not np.allclose(got, before)
+
+
+async def test_an_items_neighbours_are_capped_weakest_first(redis: Redis) -> None:
+    store = FeatureStore(redis, POLICY)
+    t0 = 1_700_000_000_000
+    # A hub item seen right after COVIS_KEEP + 5 others, each by its own user, oldest first.
+    n = COVIS_KEEP + 5
+    for k in range(0, n, 50):
+        batch = []
+        for j in range(k, min(n, k + 50)):
+            batch += [
+                update(f"a{j}", t0 + j * 60_000, f"x{j}", None, user=f"v{j}"),
+                update(f"b{j}", t0 + j * 60_000 + 1, "hub", None, user=f"v{j}"),
+            ]
+        await store.apply_events(batch)
+    kept = await redis.zrange(keys.item_covis("hub"), 0, -1)
+    assert len(kept) == COVIS_KEEP
+    assert b"x0" not in kept and f"x{n - 1}".encode() in kept
