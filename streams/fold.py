@@ -31,7 +31,14 @@ from redis.asyncio import Redis
 
 from features import keys
 from features.decay import DAY_MS, HOUR_MS, forward_weight
-from features.store import COVIS_TTL_S, UpdatePolicy, UserUpdate, _covisited, popularity_keys
+from features.store import (
+    COVIS_KEEP,
+    COVIS_SPAN,
+    COVIS_TTL_S,
+    COVIS_WINDOW_MS,
+    UpdatePolicy,
+    popularity_keys,
+)
 from features.user_state import (
     EVENT_WEIGHTS,
     HistoryEntry,
@@ -63,7 +70,9 @@ class UserFold:
 @dataclass(slots=True)
 class Folded:
     users: dict[str, UserFold] = field(default_factory=dict)
-    counters: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
+    counters: dict[str, dict[str, float]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(float))
+    )
     ttls: dict[str, int] = field(default_factory=dict)
     applied: int = 0
     duplicates: int = 0
@@ -84,6 +93,7 @@ class StateFolder:
         self._vectors: dict[str, npt.NDArray[np.float64] | None] = {}
         self._pop_keys: dict[tuple[int, int, str | None], list[tuple[str, int]]] = {}
         self._covis_keys: dict[str, str] = {}
+        self._pair_weights: dict[int, float] = {}
         self.out = Folded()
 
     def _item_vector(self, item_id: str) -> npt.NDArray[np.float64] | None:
@@ -165,21 +175,34 @@ class StateFolder:
         counters, ttls = self.out.counters, self.out.ttls
         weight = EVENT_WEIGHTS[e.type]
         for key, ttl in self._popularity_keys(e.ts, self._category_of(item)):
-            bucket = counters[key]
-            bucket[item] = bucket.get(item, 0.0) + weight
+            counters[key][item] += weight
             ttls[key] = ttl
-        update = UserUpdate(e.event_id, e.user_id, e.type, e.ts, item, None, False)
-        others = _covisited(update, recent)
+        others = covisited(item, e.ts, recent)
         if not others:
             return
-        pair = forward_weight(e.ts)
+        pair = self._pair_weights.get(e.ts)
+        if pair is None:
+            pair = self._pair_weights[e.ts] = forward_weight(e.ts)
         mine = self._covis_key(item)
+        ttls[mine] = COVIS_TTL_S
+        a = counters[mine]
         for other in others:
             theirs = self._covis_key(other)
-            a, b = counters[mine], counters[theirs]
-            a[other] = a.get(other, 0.0) + pair
-            b[item] = b.get(item, 0.0) + pair
-            ttls[mine] = ttls[theirs] = COVIS_TTL_S
+            a[other] += pair
+            counters[theirs][item] += pair
+            ttls[theirs] = COVIS_TTL_S
+
+
+def covisited(item_id: str, ts: int, recent: Sequence[HistoryEntry]) -> list[str]:
+    """``features.store._covisited`` without building a ``UserUpdate`` per event (a unit test
+    holds the two to the same answers)."""
+    out: list[str] = []
+    for h in recent:
+        if h.item_id != item_id and abs(ts - h.ts) <= COVIS_WINDOW_MS and h.item_id not in out:
+            out.append(h.item_id)
+            if len(out) >= COVIS_SPAN:
+                break
+    return out
 
 
 async def write_folded(redis: Redis, folded: Folded, ttl_s: int, per_round: int = 20_000) -> int:
@@ -195,6 +218,11 @@ async def write_folded(redis: Redis, folded: Folded, ttl_s: int, per_round: int 
         commands += _user_commands(user_id, u, ttl_s)
     for key, members in folded.counters.items():
         flat: list[Any] = []
+        if folded.ttls[key] == COVIS_TTL_S and len(members) > COVIS_KEEP:
+            # The worker trims each neighbour set to its strongest COVIS_KEEP after every
+            # batch; trimming once at the end keeps the same members unless one was trimmed
+            # live and came back later (then live holds it with a smaller score).
+            members = dict(heapq.nlargest(COVIS_KEEP, members.items(), key=lambda kv: kv[1]))
         for member, score in members.items():
             flat += (score, member)
         commands.append(("ZADD", key, *flat))

@@ -206,3 +206,20 @@ def test_dlq_selection_and_summary() -> None:
     s = summarise(letters, latest=2)
     assert s.total == 3 and s.by_reason == {"not_json": 2, "unknown_type": 1}
     assert [x["dlq"] for x in s.latest] == ["0:2", "0:3"]
+
+
+def test_fold_covisitation_agrees_with_the_store() -> None:
+    from features.store import UserUpdate, _covisited
+    from features.user_state import HistoryEntry
+    from streams.fold import covisited
+
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        ts = int(rng.integers(0, 10**9))
+        recent = [
+            HistoryEntry(f"i{rng.integers(0, 4)}", "view", ts - int(rng.integers(-1, 2) * 9e7))
+            for _ in range(int(rng.integers(0, 8)))
+        ]
+        item = f"i{rng.integers(0, 4)}"
+        update = UserUpdate("e", "u", "view", ts, item, None, False)
+        assert covisited(item, ts, recent) == _covisited(update, recent)
