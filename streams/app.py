@@ -142,7 +142,11 @@ class Runtime:
         t1 = time.perf_counter()
         outcome = await self.ingestor.ingest(records)
         t2 = time.perf_counter()
-        recs = await self.recommender.recommend(outcome.triggers)
+        # The batch is in user state now: an outage from here on retries the recommending
+        # alone, or the whole batch would come back as duplicates that recommend nothing.
+        recs = await retry(
+            "recommend", functools.partial(self.recommender.recommend, outcome.triggers)
+        )
         st = self.stats
         st.batch_sizes.append(len(records))
         st.record_stages(

@@ -1,0 +1,106 @@
+"""Back-pressure: a minute of load at several times the worker's capacity raises latency
+but loses no event, and afterwards the worker catches up (lag back to zero) and answers
+as fast as before."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.faults.harness import (
+    Collector,
+    FaultStack,
+    Sent,
+    Worker,
+    assert_books_balance,
+    count_users,
+    load_events,
+    prepare,
+    scenario_settings,
+    start_producer,
+    state_event_counts,
+    stream,
+    wait_caught_up,
+)
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
+
+CALM_RATE, CALM_S = 40.0, 10.0
+OVERLOAD_RATE, OVERLOAD_S = 600.0, 60.0
+EVENTS = load_events(4000)  # the events whose items the catalogue holds, cycled
+
+
+def take(n: int, start: int, tag: str) -> list[dict[str, Any]]:
+    """``n`` real events from ``start`` on, cycled, with ids unique to this run."""
+    out = []
+    for i in range(start, start + n):
+        e = dict(EVENTS[i % len(EVENTS)])
+        e["event_id"] = f"{tag}-{i}"
+        out.append(e)
+    return out
+
+
+def p(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+async def test_overload_raises_latency_loses_nothing_and_recovers(
+    faults: FaultStack, logs: Path
+) -> None:
+    # Every event ranked (no per-user interval): the heaviest load per event.
+    settings = scenario_settings(faults.endpoints)
+    names = await prepare(settings)
+    tag = uuid.uuid4().hex[:6]
+    calm_before = take(int(CALM_RATE * CALM_S), 0, tag)
+    overload = take(int(OVERLOAD_RATE * OVERLOAD_S), len(calm_before), tag)
+    calm_after = take(int(CALM_RATE * CALM_S), len(calm_before) + len(overload), tag)
+    sent = Sent()
+    worker = await Worker(settings, logs / "worker.log").ready()
+    producer = await start_producer(settings)
+    try:
+        async with Collector(settings) as out:
+            await stream(producer, names, calm_before, CALM_RATE, sent)
+            await wait_caught_up(settings, worker, out)
+            t0 = time.monotonic()
+            await stream(producer, names, overload, OVERLOAD_RATE, sent)
+            offered_s = time.monotonic() - t0
+            caught_up_s = await wait_caught_up(settings, worker, out, timeout_s=600)
+            busy_s = time.monotonic() - t0
+            await stream(producer, names, calm_after, CALM_RATE, sent)
+            await wait_caught_up(settings, worker, out)
+            recs = list(out.recs)
+        stats = worker.stop()
+    finally:
+        await producer.stop()
+        if worker.proc.poll() is None:
+            worker.kill()
+
+    def latencies(events: list[dict[str, Any]]) -> list[float]:
+        ids = {e["event_id"] for e in events}
+        return [r["latency_ms"] for r in recs if r["trigger"]["event_id"] in ids]
+
+    before, during, after = latencies(calm_before), latencies(overload), latencies(calm_after)
+    capacity = len(overload) / busy_s
+    print(
+        f"overload: offered {len(overload) / offered_s:.0f}/s for {offered_s:.0f} s, "
+        f"worker capacity {capacity:.0f}/s, caught up {caught_up_s:.0f} s after; "
+        f"p50/p99 ms before {p(before, 50):.0f}/{p(before, 99):.0f}, "
+        f"during {p(during, 50):.0f}/{p(during, 99):.0f}, "
+        f"after {p(after, 50):.0f}/{p(after, 99):.0f}"
+    )
+    # It was an overload: offered well above what the worker could do.
+    assert len(overload) / offered_s > 2 * capacity, (capacity, offered_s)
+    # Latency rose under the overload (queueing in Kafka, not loss) ...
+    assert p(during, 99) > 5 * p(before, 99)
+    # ... nothing was lost or counted twice ...
+    all_events = calm_before + overload + calm_after
+    assert_books_balance(stats, len(all_events))
+    counts = await state_event_counts(settings, set(count_users(all_events)))
+    assert counts == count_users(all_events)
+    # ... and once the backlog was gone, latency was back where it was.
+    assert after and p(after, 50) < 3 * p(before, 50) + 50, (before, after)
