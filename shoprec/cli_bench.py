@@ -115,3 +115,6 @@ def bench(
 from bench.features import features_command  # noqa: E402  (registered after the group exists)
 
 bench.add_command(features_command, "features")
+from bench.soak import soak_command  # noqa: E402
+
+bench.add_command(soak_command, "soak")
