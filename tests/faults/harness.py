@@ -21,7 +21,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -383,6 +383,3 @@ def count_users(events: Sequence[dict[str, Any]]) -> dict[str, int]:
     for e in events:
         out[str(e["user_id"])] = out.get(str(e["user_id"]), 0) + 1
     return out
-
-
-__all__ = ["field"]
