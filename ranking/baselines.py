@@ -106,11 +106,13 @@ class SASRecConfig:
     heads: int = 2
     dropout: float = 0.2
     max_len: int = 50
-    lr: float = 1e-3
+    lr: float = 2e-3
     batch: int = 128
-    max_epochs: int = 60
-    patience: int = 4
+    max_epochs: int = 30
+    patience: int = 3
     seed: int = 7
+    max_seconds: float = 0.0
+    """Stop after the epoch that crosses this much training time (0 = no limit)."""
 
 
 class SASRec(nn.Module):
@@ -202,6 +204,7 @@ def train_sasrec(
     scorer = SASRecScorer(model)
     best = (-1.0, 0, model.state_dict())
     history: list[dict[str, float]] = []
+    stopped_by_budget = False
     t0 = time.perf_counter()
     for epoch in range(cfg.max_epochs):
         model.train()
@@ -229,11 +232,17 @@ def train_sasrec(
             best = (m.ndcg, epoch, {k: v.clone() for k, v in model.state_dict().items()})
         elif epoch - best[1] >= cfg.patience:
             break
+        if cfg.max_seconds and time.perf_counter() - t0 > cfg.max_seconds:
+            log.warning("SASRec stopped by its time budget after epoch %d", epoch)
+            stopped_by_budget = True
+            break
     model.load_state_dict(best[2])
     info: dict[str, object] = {
         "best_epoch": best[1],
         "valid_ndcg@10": best[0],
         "train_windows": len(x),
+        "epochs_run": len(history),
+        "stopped_by_time_budget": stopped_by_budget,
         "seconds": round(time.perf_counter() - t0, 1),
         "history": history,
     }

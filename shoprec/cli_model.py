@@ -170,6 +170,12 @@ def train(
     help=f"Comma-separated subset of {','.join(MODELS)} (default all); results are merged "
     "into an existing --json file, so models can be evaluated in separate processes.",
 )
+@click.option(
+    "--sasrec-minutes",
+    default=0.0,
+    show_default=True,
+    help="Time budget for SASRec training (0 = until early stopping); the JSON says if it hit it.",
+)
 @_cache_option
 @_with_split
 def evaluate(
@@ -180,6 +186,7 @@ def evaluate(
     max_test_queries: int,
     export_dir: Path | None,
     models: str,
+    sasrec_minutes: float,
     cache: Path,
     valid_frac: float,
     test_frac: float,
@@ -224,7 +231,8 @@ def evaluate(
             if name in wanted:
                 record(name, evaluate_scorer(scorer, test, desc=name), extra)
     if "sasrec" in wanted:
-        sas, sas_info = train_sasrec(ds, valid, dataclasses.replace(SASRecConfig(), seed=seed))
+        sas_cfg = dataclasses.replace(SASRecConfig(), seed=seed, max_seconds=60.0 * sasrec_minutes)
+        sas, sas_info = train_sasrec(ds, valid, sas_cfg)
         info = {k: v for k, v in sas_info.items() if k != "history"}
         record("sasrec", evaluate_scorer(sas, test, desc="sasrec"), info)
     for name, no_text in (("fused", False), ("fused_no_text", True)):
