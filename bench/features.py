@@ -200,7 +200,9 @@ async def bench_dataset(redis_url: str, folder: Path, opts: FeatureBenchOptions)
         ttl_s=30 * 86_400,
         min_emit_interval_ms=30_000,
     )
-    store = FeatureStore(redis, policy, category_of=index.category)
+    store = FeatureStore(
+        redis, policy, category_of=index.category, query_categories=index.categories_near
+    )
 
     # The held-out period starts at the event that leaves test_share of the events after it
     # (a share of the time span would be skewed by a few stray timestamps, as in rees46).
