@@ -80,3 +80,34 @@ def test_quota_leaves_room_for_every_source() -> None:
     got = mix_candidates(ctx, semantic, {f"t{i}": 1.0 for i in range(10)}, cat, None, n=20)
     assert len(got.item_ids) == 20
     assert sum(s == "trending" for s in got.source) == 10
+
+
+def test_a_purchase_blocks_its_item_for_a_day_only() -> None:
+    day = 24 * 3_600_000
+    cat = Catalog({"old": None, "new": None, "viewed": None})
+    ctx = UserContext(
+        np.zeros(2, np.float32),
+        np.zeros(2, np.float32),
+        [
+            HistoryEntry("viewed", "view", 3 * day),
+            HistoryEntry("new", "purchase", 3 * day - 1000),
+            HistoryEntry("old", "purchase", day),
+        ],
+    )
+    got = mix_candidates(ctx, [], {"old": 1.0, "new": 2.0}, cat, item_in_view="viewed", n=10)
+    assert got.item_ids == ["old"]
+
+
+def test_unused_quota_flows_to_the_users_category_before_the_whole_shop() -> None:
+    cat = Catalog({f"c{i}": None for i in range(10)} | {f"t{i}": None for i in range(10)})
+    ctx = UserContext(
+        np.zeros(2, np.float32),
+        np.zeros(2, np.float32),
+        [],
+        category_trending={f"c{i}": 10.0 - i for i in range(10)},
+    )
+    trending = {f"t{i}": 100.0 - i for i in range(10)}
+    got = mix_candidates(ctx, [], trending, cat, item_in_view=None, n=10)
+    # No taste, no co-visitation: their 8 slots and the category's 1 go to the category.
+    assert got.source.count("category") == 9 and got.item_ids[:2] == ["c0", "c1"]
+    assert got.item_ids[-1] == "t0"
