@@ -7,9 +7,15 @@ live state and recs.out can only change if a replay writes to them.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import tritonclient.grpc as grpcclient
@@ -201,3 +207,48 @@ async def test_diff_is_zero_for_the_same_model_and_not_for_another(
         shoprec(s, "replay", "--diff", "--into", "recs.d1", "--against", "recs.out", "--json")
     )
     assert vs_live["compared"] > 0 and 0.0 <= vs_live["mean_overlap"] <= 1.0
+
+
+async def test_ctrl_c_keeps_the_checkpoint_and_the_same_command_resumes(
+    live: LiveRun, redis: Redis
+) -> None:
+    s = live.settings
+    prefix = live.prefix("r4")
+    args = ("replay", *WHOLE_RANGE, "--state-prefix", prefix, "--json")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "shoprec.cli",
+        *args,
+        "--rate",
+        "60",
+        env={**os.environ, **s.as_env()},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while await checkpointed(redis, prefix) < 128:
+            assert proc.returncode is None and time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err_bytes = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    err = err_bytes.decode()
+    assert proc.returncode == 130 and "run the same command to resume" in err, err[-2000:]
+    done = await checkpointed(redis, prefix)
+    rest = json_out(shoprec(s, *args))
+    assert rest["complete"] and rest["resumed_from"] == done >= 128
+    same = await compare_state(redis, prefix, s.state_prefix)
+    assert same.equal, same
+
+
+async def checkpointed(redis: Redis, prefix: str) -> int:
+    """Records a replay under ``prefix`` has checkpointed as done."""
+    total = 0
+    async for key in redis.scan_iter(match=f"{prefix}ckpt:replay:*"):
+        fields = cast(dict[bytes, bytes], await redis.hgetall(key))
+        total += sum(int(v) for k, v in fields.items() if k.startswith(b"pos|"))
+    return total
