@@ -1,10 +1,11 @@
 """The async Redis layer of the feature store.
 
-Two paths, kept apart so each batches into one round trip per micro-batch:
+Two paths, kept apart so each batches a whole micro-batch into two round trips:
 
 * the write path (:meth:`FeatureStore.apply_events`) runs the update script for
   every event of the batch in one pipeline, then (second pipeline, only for
-  events that were not duplicates) bumps co-visitation and popularity;
+  events that were not duplicates) sums the co-visitation and popularity
+  increments per key and writes each key with one ``bump_counts.lua`` call;
 * the read path (:meth:`FeatureStore.read_context`) fetches what the
   recommender needs for a set of users in two pipelines: user state and
   global popularity first, then what depends on it (co-visitation of the
