@@ -31,8 +31,8 @@ from features.store import UserContext
 
 # Quotas of the n candidates; trending gets the rest.  Co-visitation was the strongest
 # single source on three of the four datasets (bench/results/features.json); at 30 of 100
-# the mix fell 0.04 below it on UCI, at 40 it is within 0.015 on UCI and Amazon and above
-# every single source on rees46 and OTTO.
+# the mix fell 0.04 below it on UCI (a first run, on a time-span split); at 40 it is within
+# 0.015 on UCI and Amazon and above every single source on rees46 and OTTO.
 SEMANTIC_SHARE = 0.4
 COVIS_SHARE = 0.4
 CATEGORY_SHARE = 0.1

@@ -11,7 +11,8 @@ one slot (the update script touches them together); an item's keys share
     {u:<user>}:q       float32 bytes, embedding of the last search query
     {i:<item>}         hash: title, category, brand, price, in_stock, ts, emb (float32 bytes),
                        bemb (behavioural embedding of an item without text)
-    {i:<item>}:cv      sorted set: co-visited item -> forward-decayed count (features.decay)
+    {i:<item>}:cv      sorted set: co-visited item -> forward-decayed count (features.decay),
+                       the 200 strongest kept
     pop:h:<hour>       sorted set: item -> weighted events in that event-time hour (TTL 2 days)
     pop:d:<day>        the same per event-time day (TTL 3 days)
     pop:h:<hour>:c:<category>, pop:d:<day>:c:<category>   the same within one category
