@@ -252,3 +252,31 @@ async def checkpointed(redis: Redis, prefix: str) -> int:
         fields = cast(dict[bytes, bytes], await redis.hgetall(key))
         total += sum(int(v) for k, v in fields.items() if k.startswith(b"pos|"))
     return total
+
+
+async def test_replay_of_chosen_users_folds_only_their_events(live: LiveRun, redis: Redis) -> None:
+    s = live.settings
+    counts: dict[str, int] = {}
+    for e in live.events:
+        counts[e["user_id"]] = counts.get(e["user_id"], 0) + 1
+    chosen = sorted(counts, key=lambda u: (-counts[u], u))[:2]
+    prefix = live.prefix("r5")
+    run = json_out(
+        shoprec(
+            s,
+            "replay",
+            *WHOLE_RANGE,
+            "--state-prefix",
+            prefix,
+            "--users",
+            ",".join(chosen),
+            "--json",
+        )
+    )
+    assert run["read"] == run["planned"] and run["processed"] == sum(counts[u] for u in chosen)
+    users = {k async for k in redis.scan_iter(match=f"{prefix}{{u:*}}:meta")}
+    assert users == {f"{prefix}{{u:{u}}}:meta".encode() for u in chosen}
+    for u in chosen:
+        meta = cast(dict[bytes, bytes], await redis.hgetall(f"{prefix}{{u:{u}}}:meta"))
+        live_meta = cast(dict[bytes, bytes], await redis.hgetall(f"{s.state_prefix}{{u:{u}}}:meta"))
+        assert meta == live_meta and int(meta[b"n"]) == counts[u]
