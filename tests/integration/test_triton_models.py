@@ -9,6 +9,7 @@ package.  Start-up takes ~10-15 s on 2 cores.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -47,6 +48,20 @@ class Servers:
     triton_log: Path
 
 
+def _fixed_fusion_repo(factory: pytest.TempPathFactory) -> Path:
+    """The repository with ``fused_ranker`` held at v1, the fixed fusion these tests check.
+
+    Triton serves only the newest version; the trained ones are tested in
+    ``test_trained_ranker.py``.
+    """
+    dst = factory.mktemp("repo-v1") / "model_repo"
+    shutil.copytree(MODEL_REPO, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    for version in (dst / "fused_ranker").iterdir():
+        if version.is_dir() and version.name.isdigit() and version.name != "1":
+            shutil.rmtree(version)
+    return dst
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     settings = Settings(
@@ -57,7 +72,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         triton_metrics_port=0,
         _env_file=None,  # type: ignore[call-arg]
     )
-    stack = Stack(settings, model_repo=MODEL_REPO)
+    stack = Stack(settings, model_repo=_fixed_fusion_repo(tmp_path_factory))
     endpoints = stack.up(("redis", "triton"), timeout_s=300)
     try:
         log = Path(stack.status()["triton"]["log"])
