@@ -36,6 +36,12 @@ def _cuts(ev: Events) -> tuple[int, int]:
     return int(ev.ts[2000]), int(ev.ts[2500])
 
 
+@pytest.fixture(scope="module")
+def full(rees: tuple[Catalogue, Events, np.ndarray]) -> list[Query]:
+    cat, ev, emb = rees
+    return replay(ev, emb, cat.has_text, _cuts(ev), progress=False)
+
+
 def _features(q: Query) -> tuple[object, ...]:
     return (
         q.user,
@@ -50,9 +56,10 @@ def _features(q: Query) -> tuple[object, ...]:
     )
 
 
-def test_features_do_not_depend_on_later_events(rees: tuple[Catalogue, Events, np.ndarray]) -> None:
+def test_features_do_not_depend_on_later_events(
+    rees: tuple[Catalogue, Events, np.ndarray], full: list[Query]
+) -> None:
     cat, ev, emb = rees
-    full = replay(ev, emb, cat.has_text, _cuts(ev), progress=False)
     cut = int(ev.ts[1500])
     keep = ev.ts < cut
     early = Events(ev.user[keep], ev.item[keep], ev.type[keep], ev.ts[keep], ev.n_users)
@@ -63,9 +70,11 @@ def test_features_do_not_depend_on_later_events(rees: tuple[Catalogue, Events, n
         assert _features(q) == _features(by_key[(q.user, q.trigger_ts)])
 
 
-def test_queries_look_only_backwards(rees: tuple[Catalogue, Events, np.ndarray]) -> None:
-    cat, ev, emb = rees
-    queries = replay(ev, emb, cat.has_text, _cuts(ev), progress=False)
+def test_queries_look_only_backwards(
+    rees: tuple[Catalogue, Events, np.ndarray], full: list[Query]
+) -> None:
+    _, ev, _ = rees
+    queries = full
     assert {q.period for q in queries} == {Period.TRAIN, Period.VALID, Period.TEST}
     for q in queries:
         assert q.trigger_ts < q.target_ts
@@ -78,11 +87,11 @@ def test_queries_look_only_backwards(rees: tuple[Catalogue, Events, np.ndarray])
 
 
 def test_covisitation_mirrors_the_online_definition(
-    rees: tuple[Catalogue, Events, np.ndarray],
+    rees: tuple[Catalogue, Events, np.ndarray], full: list[Query]
 ) -> None:
     """Recount co-visitation the way features/store.py's write path does and compare."""
-    cat, ev, emb = rees
-    queries = replay(ev, emb, cat.has_text, _cuts(ev), progress=False)
+    _, ev, _ = rees
+    queries = full
     q = max(queries, key=lambda x: len(x.covis))
     counts: dict[int, dict[int, float]] = {}
     hist: dict[int, list[tuple[int, int]]] = {}
