@@ -15,37 +15,46 @@ Reuses the end-to-end benchmark's load generator and output consumer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.e2e import (
     BenchOptions,
     EventSource,
     Phase,
+    PhaseResult,
+    Received,
     _topic_of,
     bench_stack,
     cpu_seconds,
     final_stats,
     load_catalogue,
     machine,
+    offer,
     peak_rss_mb,
     percentiles_of,
+    receive,
     recommendation,
-    run_phase,
     say,
+    start_output_consumer,
     start_workers,
     summarise_run,
 )
 from infra import procs
-from shoprec.errors import ShoprecError
+from shoprec.errors import ShoprecError, StackError
 from shoprec.settings import Settings
-from streams.topics import TopicNames
+from streams.produce import start_producer
+from streams.topics import TopicNames, kafka_options
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "rees46-sample"
@@ -126,6 +135,77 @@ def latency_windows(latencies_ms: list[float], n: int = WINDOWS) -> list[dict[st
     return [percentiles_of(list(part)) for part in np.array_split(latencies_ms, n) if len(part)]
 
 
+async def input_lag(settings: Settings, group: str, topics: Sequence[str]) -> int:
+    """Input records ``group`` has not committed, over every partition of ``topics``.
+
+    The partitions are counted from the settings (shoprec creates its topics with
+    ``topic_partitions``): a consumer's ``partitions_for_topic`` knows nothing of
+    topics it is not subscribed to, and would make every lag 0.
+    """
+    admin = AIOKafkaAdminClient(**kafka_options(settings))
+    probe = AIOKafkaConsumer(**kafka_options(settings), group_id=None)
+    await admin.start()
+    await probe.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        parts = [TopicPartition(t, p) for t in topics for p in range(settings.topic_partitions)]
+        ends = await probe.end_offsets(parts)
+        return sum(e - (committed[tp].offset if tp in committed else 0) for tp, e in ends.items())
+    finally:
+        await probe.stop()
+        await admin.close()
+
+
+async def sample_lag(
+    phase: Phase, topics: Sequence[str], stop: asyncio.Event, out: list[int]
+) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(Exception):  # a sample missed while the group rebalances
+            out.append(await input_lag(phase.settings, phase.group, topics))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def drain(phase: Phase, topics: Sequence[str], got: Received, timeout_s: float) -> float:
+    """Seconds until the group has committed everything and the output has gone quiet."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        lag = await input_lag(phase.settings, phase.group, topics)
+        if lag == 0 and time.monotonic() - got.last_at > 1.0:
+            return time.monotonic() - start
+        await asyncio.sleep(1.0)
+    raise StackError(f"{phase.group} did not catch up within {timeout_s:.0f} s")
+
+
+async def soak_phase(
+    phase: Phase, events: list[dict[str, Any]], rate: float, opts: BenchOptions
+) -> tuple[PhaseResult, bool]:
+    """bench.e2e's run_phase, except that a backlog not drained in time is a result
+    (``drained`` False), not an error: the counters then say how far it got."""
+    consumer = await start_output_consumer(phase.settings, phase.output_topic)
+    producer = await start_producer(phase.settings)
+    wall_start_ms = time.time() * 1000 + 100
+    since_ms = int(wall_start_ms + opts.warmup_s * 1000)
+    got, stop, lags = Received(), asyncio.Event(), list[int]()
+    topics = sorted(set(phase.input_topics.values()))
+    receiver = asyncio.create_task(receive(consumer, phase.read, since_ms, got, stop))
+    sampler = asyncio.create_task(sample_lag(phase, topics, stop, lags))
+    drained, drain_s = True, float(opts.drain_timeout_s)
+    try:
+        offered = await offer(producer, events, rate, wall_start_ms, phase.input_topics)
+        try:
+            drain_s = await drain(phase, topics, got, opts.drain_timeout_s)
+        except StackError as exc:
+            say(f"soak: {exc}")
+            drained = False
+    finally:
+        stop.set()
+        await asyncio.gather(receiver, sampler, return_exceptions=True)
+        await producer.stop()
+        await consumer.stop()
+    return PhaseResult(offered, got, lags, drain_s), drained
+
+
 def run_soak(opts: SoakOptions, model_repo: Path) -> dict[str, Any]:
     source = EventSource(opts.data)
     with bench_stack(opts.broker, model_repo) as base:
@@ -139,7 +219,7 @@ def run_soak(opts: SoakOptions, model_repo: Path) -> dict[str, Any]:
             rates=[opts.rate],
             duration_s=opts.duration_s,
             warmup_s=10.0,
-            drain_timeout_s=900.0,
+            drain_timeout_s=600.0,
         )
         events = source.take(int(opts.rate * (bench_opts.warmup_s + opts.duration_s)), "soak")
         [worker] = start_workers(settings, 1, settings.stack_dir / "logs")
@@ -151,7 +231,7 @@ def run_soak(opts: SoakOptions, model_repo: Path) -> dict[str, Any]:
             say(f"soak: {len(events)} events at {opts.rate:.0f}/s for {opts.duration_s:.0f} s ...")
             began = time.monotonic()
             with RssSampler(worker.proc.pid) as rss:
-                result = asyncio.run(run_phase(phase, events, opts.rate, bench_opts))
+                result, drained = asyncio.run(soak_phase(phase, events, opts.rate, bench_opts))
             busy_s = result.received.last_at - began
             cpu = cpu_seconds(worker.proc.pid) - cpu0
             peak = peak_rss_mb(worker.proc.pid)
@@ -169,6 +249,7 @@ def run_soak(opts: SoakOptions, model_repo: Path) -> dict[str, Any]:
         "duration_s": opts.duration_s,
         "min_emit_interval_ms": opts.min_emit_interval_ms,
         "machine": machine(),
+        "drained": drained,
         "nothing_lost": run["lost"] == 0
         and c["events_in"] == sum(c[b] for b in buckets) == result.offered.sent,
         "memory": memory_trend(rss.samples) | {"rss_mb": rss.samples},
