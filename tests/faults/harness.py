@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 
-from bench.e2e import group_lag
 from features import keys
 from features.catalog import upsert_items
 from infra.stack import Endpoints, Stack
@@ -331,11 +331,33 @@ class Collector:
         return {r["trigger"]["event_id"] for r in self.recs}
 
 
+async def group_lag(settings: Settings) -> int:
+    """Input records the worker group has not committed yet, over every partition."""
+    names = TopicNames.from_settings(settings)
+    admin = AIOKafkaAdminClient(**kafka_options(settings))
+    probe = AIOKafkaConsumer(**kafka_options(settings), group_id=None)
+    await admin.start()
+    await probe.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(settings.app_id)
+        # Our topics were created with topic_partitions each; a fresh consumer's
+        # partitions_for_topic() knows nothing of topics it is not subscribed to.
+        parts = [
+            TopicPartition(t, p) for t in names.events for p in range(settings.topic_partitions)
+        ]
+        ends = await probe.end_offsets(parts)
+        return sum(
+            end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items()
+        )
+    finally:
+        await probe.stop()
+        await admin.close()
+
+
 async def wait_caught_up(
     settings: Settings, worker: Worker, collector: Collector, timeout_s: float = 180.0
 ) -> float:
     """Seconds until the group has committed every input record and the output is quiet."""
-    names = TopicNames.from_settings(settings)
     start = time.monotonic()
     quiet_since, last = time.monotonic(), -1
     while time.monotonic() - start < timeout_s:
@@ -345,7 +367,7 @@ async def wait_caught_up(
         if n != last:
             quiet_since, last = time.monotonic(), n
         with contextlib.suppress(Exception):
-            lag = await group_lag(settings, settings.app_id, names.events)
+            lag = await group_lag(settings)
             if lag == 0 and time.monotonic() - quiet_since > 2.0:
                 return time.monotonic() - start
         await asyncio.sleep(0.5)
