@@ -12,7 +12,9 @@ many items the same score gains nothing from the catalogue order.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +128,9 @@ def merge_report(
     "details": {name: {...}}, ...common}``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    # The lock lives in the temp dir so results folders hold results only.
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"shoprec-eval-{digest}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         payload: dict[str, Any] = {}
         if path.is_file():

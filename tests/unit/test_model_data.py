@@ -11,8 +11,17 @@ import pytest
 
 from features.decay import decayed_value, forward_weight
 from features.store import COVIS_SPAN, COVIS_WINDOW_MS
-from ranking.data import Catalogue, Events, Period, Query, load_catalogue, load_events, replay
-from ranking.evaluate import Metrics, ranks_for_query
+from ranking.data import (
+    Catalogue,
+    Dataset,
+    Events,
+    Period,
+    Query,
+    load_catalogue,
+    load_events,
+    replay,
+)
+from ranking.evaluate import Metrics, merge_report, ranks_for_query
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 REES = DATA / "rees46-sample"
@@ -166,3 +175,21 @@ def test_catalogue_text_is_what_the_catalogue_agent_embeds(tmp_path: Path) -> No
     cat = load_catalogue(tmp_path)
     assert cat.text == ["Mug | kitchen > cups | acme", ""]
     assert cat.has_text.tolist() == [True, False]
+
+
+def test_evaluations_of_separate_processes_merge_into_one_json(
+    rees: tuple[Catalogue, Events, np.ndarray], full: list[Query], tmp_path: Path
+) -> None:
+    cat, ev, emb = rees
+    ds = Dataset("rees46-sample", cat, emb, ev, full, _cuts(ev))
+    out = tmp_path / "eval.json"
+    for name, ranks in (("sasrec", [1.0, 20.0]), ("fused", [2.0])):
+        m = Metrics()
+        for r in ranks:
+            m.add(r)
+        merge_report(out, ds, name, m.finish(), {"epochs": 1}, {"test_sample": {"seed": 7}})
+    got = orjson.loads(out.read_bytes())
+    assert got["dataset"] == "rees46-sample"
+    assert got["models"]["sasrec"] == {"hr@10": 0.5, "ndcg@10": 0.5, "mrr": 0.525, "n": 2}
+    assert got["models"]["fused"]["n"] == 1 and got["details"]["fused"] == {"epochs": 1}
+    assert list(tmp_path.iterdir()) == [out]
