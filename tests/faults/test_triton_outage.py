@@ -45,6 +45,7 @@ async def test_triton_outage_degrades_then_recovers(faults: FaultStack, logs: Pa
     try:
         async with Collector(settings) as out:
             await stream(producer, names, before, RATE, sent)
+            await wait_caught_up(settings, worker, out)  # all served by the ranker
             await asyncio.to_thread(faults.stack.stop_component, "triton")
             down_at = time.monotonic()
             await stream(producer, names, during, RATE, sent)
