@@ -60,6 +60,7 @@ class BenchOptions:
     json_out: Path | None = None
     drain_timeout_s: float = 600.0  # an overloaded worker works off its backlog
     skip_floor: bool = False
+    min_emit_interval_ms: int = 0
 
 
 @dataclass(slots=True)
@@ -189,7 +190,13 @@ async def group_lag(settings: Settings, group: str, topics: Sequence[str]) -> in
     await probe.start()
     try:
         committed = await admin.list_consumer_group_offsets(group)
-        parts = [TopicPartition(t, p) for t in topics for p in probe.partitions_for_topic(t) or ()]
+        # The probe subscribes to nothing, so it knows no partitions: ask the cluster.
+        described = await admin.describe_topics(list(topics))
+        parts = [
+            TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]
+        ]
+        if not parts:
+            raise StackError(f"no partitions found for {', '.join(topics)}")
         ends = await probe.end_offsets(parts)
         return sum(
             end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items()
@@ -450,7 +457,7 @@ def replace_prefix(settings: Settings, prefix: str) -> Settings:
 
 
 @contextlib.contextmanager
-def bench_stack(broker: str, model_repo: Path) -> Iterator[Settings]:
+def bench_stack(broker: str, model_repo: Path, min_emit_interval_ms: int) -> Iterator[Settings]:
     """A private stack on free ports, removed afterwards, and settings that point at it."""
     from infra.stack import Stack
 
@@ -475,8 +482,10 @@ def bench_stack(broker: str, model_repo: Path) -> Iterator[Settings]:
                     "triton_url": endpoints.triton_url,
                     "topic_prefix": "bench.",
                     "app_id": "shoprec-bench",
-                    # Every event may trigger: the heaviest load the worker can get.
-                    "min_emit_interval_ms": 0,
+                    # 0: every event may trigger, the heaviest load the worker can get.
+                    "min_emit_interval_ms": min_emit_interval_ms,
+                    # Several workers share the host: no fixed metrics port to fight over.
+                    "metrics_port": 0,
                 }
             )
         finally:
@@ -509,7 +518,7 @@ def load_catalogue(settings: Settings, data: Path) -> int:
 def run_bench(opts: BenchOptions, model_repo: Path) -> dict[str, Any]:
     source = EventSource(opts.data)
     runs: list[dict[str, Any]] = []
-    with bench_stack(opts.broker, model_repo) as settings:
+    with bench_stack(opts.broker, model_repo, opts.min_emit_interval_ms) as settings:
         n_items = load_catalogue(settings, opts.data)
         for n, rate in enumerate(opts.rates):
             floor: dict[str, Any] = {}
@@ -529,6 +538,7 @@ def run_bench(opts: BenchOptions, model_repo: Path) -> dict[str, Any]:
         "catalogue_items": n_items,
         "duration_s": opts.duration_s,
         "warmup_s": opts.warmup_s,
+        "min_emit_interval_ms": opts.min_emit_interval_ms,
         "machine": machine(),
         "runs": runs,
     }

@@ -208,11 +208,9 @@ async def soak_phase(
 
 def run_soak(opts: SoakOptions, model_repo: Path) -> dict[str, Any]:
     source = EventSource(opts.data)
-    with bench_stack(opts.broker, model_repo) as base:
+    with bench_stack(opts.broker, model_repo, opts.min_emit_interval_ms) as base:
         n_items = load_catalogue(base, opts.data)
-        settings: Settings = base.model_copy(
-            update={"min_emit_interval_ms": opts.min_emit_interval_ms, "app_id": "shoprec-soak"}
-        )
+        settings: Settings = base.model_copy(update={"app_id": "shoprec-soak"})
         names = TopicNames.from_settings(settings)
         bench_opts = BenchOptions(
             data=opts.data,

@@ -55,6 +55,13 @@ def _numbers(kind: type[float] | type[int]) -> click.ParamType:
 )
 @click.option("--no-floor", is_flag=True, help="Skip the pass-through relay floor.")
 @click.option(
+    "--min-emit-interval-ms",
+    default=0,
+    show_default=True,
+    help="The workers' flood control; 0 lets every event trigger a ranked recommendation "
+    "(the heaviest load), 30000 is the production default.",
+)
+@click.option(
     "--json",
     "json_out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -70,6 +77,7 @@ def bench(
     workers: list[int],
     data: Path,
     no_floor: bool,
+    min_emit_interval_ms: int,
     json_out: Path | None,
 ) -> None:
     """Measure shoprec on the real stack and real data; write JSON and a plot.
@@ -100,6 +108,7 @@ def bench(
         workers=workers,
         json_out=json_out,
         skip_floor=no_floor,
+        min_emit_interval_ms=min_emit_interval_ms,
     )
     try:
         result = run_bench(opts, REPO_ROOT / "model_repo")

@@ -91,12 +91,12 @@ class Settings(BaseSettings):
         "and Triton calls in C.",
     )
     agent_concurrency: int = Field(
-        2,
+        1,
         ge=1,
         le=16,
-        description="Micro-batches one worker handles at once: while one waits on Redis "
-        "or Triton the next is ingested. One user's events may then be handled out of "
-        "order, which the user-state update tolerates (decay arithmetic, event-time emits).",
+        description="Micro-batches one worker handles at once. Above 1, one batch is "
+        "ingested while another waits on Triton, but one user's events may be handled out "
+        "of order (the embedding tolerates it; history order and co-visitation do not).",
     )
     batch_within_ms: int = Field(
         5, ge=0, description="Longest wait to fill a batch before handling what has come."
