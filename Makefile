@@ -51,8 +51,8 @@ test: lint
 # feature-store benchmark; results (JSON + plots) land in bench/results/.
 RATES ?= 100,500,1000,2000
 bench: install
-	$(BIN)/shoprec bench --rate $(RATES) --workers 1,2 --duration 20 --json bench/results/e2e-kafka.json
-	$(BIN)/shoprec bench --broker tansu --rate $(RATES) --duration 20 --json bench/results/e2e-tansu.json
+	$(BIN)/shoprec bench --rate $(RATES) --workers 1,2 --duration 10 --json bench/results/e2e-kafka.json
+	$(BIN)/shoprec bench --broker tansu --rate $(RATES) --duration 10 --json bench/results/e2e-tansu.json
 	$(BIN)/shoprec bench features --json bench/results/features.json
 
 clean:
