@@ -43,6 +43,7 @@ from streams.topics import TopicNames, ensure_topics, kafka_options
 
 PERCENTILES = (50, 95, 99)
 PROBE_TIMEOUT_S = 120.0
+QUIET_S = 5.0  # output silence that ends a phase where lag cannot be read
 
 
 def say(msg: str) -> None:
@@ -183,13 +184,15 @@ async def receive(
 
 
 async def group_lag(settings: Settings, group: str, topics: Sequence[str]) -> int:
-    """Input records not yet committed by ``group`` (Faust commits every few seconds)."""
+    """Input records not yet committed by ``group`` (Faust commits every few seconds).
+
+    Committed offsets come through a consumer of the group that never joins it (the
+    admin API's OffsetFetch version is one Tansu does not speak)."""
     admin = AIOKafkaAdminClient(**kafka_options(settings))
-    probe = AIOKafkaConsumer(**kafka_options(settings), group_id=None)
+    probe = AIOKafkaConsumer(**kafka_options(settings), group_id=group, enable_auto_commit=False)
     await admin.start()
     await probe.start()
     try:
-        committed = await admin.list_consumer_group_offsets(group)
         # The probe subscribes to nothing, so it knows no partitions: ask the cluster.
         described = await admin.describe_topics(list(topics))
         parts = [
@@ -198,18 +201,25 @@ async def group_lag(settings: Settings, group: str, topics: Sequence[str]) -> in
         if not parts:
             raise StackError(f"no partitions found for {', '.join(topics)}")
         ends = await probe.end_offsets(parts)
-        return sum(
-            end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items()
-        )
+        lag = 0
+        for tp, end in ends.items():
+            lag += end - (await probe.committed(tp) or 0)
+        return lag
     finally:
         await probe.stop()
         await admin.close()
 
 
+def lag_is_known(settings: Settings) -> bool:
+    """Tansu's ListOffsets answers are not end offsets (measured: 4 for 10 records), so
+    consumer lag cannot be computed there."""
+    return settings.broker != "tansu"
+
+
 async def sample_lag(
     settings: Settings, group: str, topics: Sequence[str], stop: asyncio.Event, out: list[int]
 ) -> None:
-    while not stop.is_set():
+    while lag_is_known(settings) and not stop.is_set():
         with contextlib.suppress(Exception):  # a sample missed while the group rebalances
             out.append(await group_lag(settings, group, topics))
         with contextlib.suppress(TimeoutError):
@@ -263,6 +273,13 @@ async def drain(phase: Phase, topics: Sequence[str], got: Received, timeout_s: f
     start = time.monotonic()
     shown = start
     while time.monotonic() - start < timeout_s:
+        if not lag_is_known(phase.settings):
+            # Every event may trigger an output, so a worker with a backlog keeps
+            # writing; the counters then show whether anything went missing.
+            if time.monotonic() - got.last_at > QUIET_S:
+                return time.monotonic() - start
+            await asyncio.sleep(0.5)
+            continue
         lag = await group_lag(phase.settings, phase.group, topics)
         if lag == 0 and time.monotonic() - got.last_at > 1.0:
             return time.monotonic() - start
@@ -417,7 +434,7 @@ def summarise_run(
         "counters": total,
         "dlq": total["dead_lettered"],
         "degraded": got.degraded,
-        "lag_max": max(result.lags, default=0),
+        "lag_max": max(result.lags) if result.lags else None,
         "drain_s": round(result.drain_s, 1),
         "batch_size": _mean_percentiles([s.get("batch_size", {}) for s in stats]),
         "worker_cpu_pct": [round(100 * c / busy_s, 1) for c in cpu_s],
