@@ -16,13 +16,16 @@ import signal
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 
-async def relay(bootstrap: str, inputs: list[str], output: str, group: str) -> None:
+async def relay(
+    bootstrap: str, inputs: list[str], output: str, group: str, fetch_max_wait_ms: int
+) -> None:
     consumer = AIOKafkaConsumer(
         *inputs,
         bootstrap_servers=bootstrap,
         group_id=group,
         auto_offset_reset="earliest",
         enable_auto_commit=True,
+        fetch_max_wait_ms=fetch_max_wait_ms,
     )
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await consumer.start()
@@ -48,9 +51,15 @@ def main() -> None:
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--out", required=True, help="Output topic.")
     parser.add_argument("--group", default="shoprec-relay")
+    parser.add_argument(
+        "--fetch-max-wait-ms",
+        type=int,
+        default=500,
+        help="Kafka answers a fetch as soon as data is there; Tansu waits this long.",
+    )
     parser.add_argument("inputs", nargs="+", help="Input topics.")
     args = parser.parse_args()
-    asyncio.run(relay(args.bootstrap, args.inputs, args.out, args.group))
+    asyncio.run(relay(args.bootstrap, args.inputs, args.out, args.group, args.fetch_max_wait_ms))
 
 
 if __name__ == "__main__":

@@ -23,16 +23,21 @@ def stack_env(endpoints: Endpoints, **extra: str) -> dict[str, str]:
 
 
 def isolated_settings(endpoints: Endpoints, **overrides: object) -> Settings:
-    """Settings with a fresh topic prefix and app id, so tests never see each other's data."""
+    """Settings with a fresh topic prefix, app id and user-state prefix, so tests never
+    see each other's data (several replay the same real events: same users, same event
+    ids, which shared state would count as duplicates)."""
     tag = uuid.uuid4().hex[:8]
+    isolation: dict[str, object] = {
+        "topic_prefix": f"t{tag}.",
+        "app_id": f"shoprec-test-{tag}",
+        "state_prefix": f"t{tag}:",
+    }
     return Settings(
         kafka_bootstrap=endpoints.kafka_bootstrap,
         redis_url=endpoints.redis_url,  # type: ignore[arg-type]
         triton_url=endpoints.triton_url,
-        topic_prefix=f"t{tag}.",
-        app_id=f"shoprec-test-{tag}",
         _env_file=None,  # type: ignore[call-arg]
-        **overrides,  # type: ignore[arg-type]
+        **(isolation | overrides),  # type: ignore[arg-type]
     )
 
 

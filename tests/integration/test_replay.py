@@ -220,8 +220,9 @@ async def test_ctrl_c_keeps_the_checkpoint_and_the_same_command_resumes(
         "-m",
         "shoprec.cli",
         *args,
+        # Slow enough that the checkpoint is seen mid-run even on a loaded machine.
         "--rate",
-        "60",
+        "20",
         env={**os.environ, **s.as_env()},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -248,7 +249,7 @@ async def test_ctrl_c_keeps_the_checkpoint_and_the_same_command_resumes(
 async def checkpointed(redis: Redis, prefix: str) -> int:
     """Records a replay under ``prefix`` has checkpointed as done."""
     total = 0
-    async for key in redis.scan_iter(match=f"{prefix}ckpt:replay:*"):
+    async for key in redis.scan_iter(match=f"{prefix}ckpt:replay:*", count=10_000):
         fields = cast(dict[bytes, bytes], await redis.hgetall(key))
         total += sum(int(v) for k, v in fields.items() if k.startswith(b"pos|"))
     return total
