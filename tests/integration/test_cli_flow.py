@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
 import pytest
+from redis import Redis
 
+from features import keys
 from infra.stack import Endpoints
 from tests.integration.helpers import WorkerProcess, isolated_settings, settings_env
 
@@ -35,13 +38,21 @@ def test_items_without_text_are_recommended_from_behaviour(
     settings = isolated_settings(stack, min_emit_interval_ms=0)
     env = settings_env(settings)
     worker = WorkerProcess(settings, tmp_path / "worker.log")
+    otto = str(data_dir / "otto-sample")
+    redis = Redis.from_url(stack.redis_url)
     try:
-        produced = shoprec(
-            env, "produce", "--data", str(data_dir / "otto-sample"), "--limit", "400"
-        )
+        # The operator's order: the catalogue first, events once it is stored (events
+        # that arrive before their items have nothing to recommend).
+        stored_before = redis.xlen(keys.ITEM_LOG)
+        loaded = shoprec(env, "catalog", "load", "--data", otto)
+        assert loaded.returncode == 0, loaded.stderr
+        deadline = time.monotonic() + 120
+        while redis.xlen(keys.ITEM_LOG) < stored_before + 510:
+            assert time.monotonic() < deadline, worker.log()
+            time.sleep(0.5)
+        produced = shoprec(env, "produce", "--data", otto, "--no-catalog", "--limit", "400")
         assert produced.returncode == 0, produced.stderr
-        report = orjson.loads(produced.stdout)
-        assert report["events"] == 400 and report["items"] == 510
+        assert orjson.loads(produced.stdout)["events"] == 400
         # Ten users, and the worker coalesces one user's events within a micro-batch:
         # only one recommendation per user is certain, however the batches fall.
         tail = shoprec(
@@ -50,6 +61,7 @@ def test_items_without_text_are_recommended_from_behaviour(
         assert tail.returncode == 0, tail.stderr + worker.log()
     finally:
         worker.stop()
+        redis.close()
     recs = [orjson.loads(line) for line in tail.stdout.splitlines()]
     assert len(recs) == 10, worker.log()
     # OTTO items have no text: every item recommended came from behaviour.
