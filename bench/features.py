@@ -174,16 +174,15 @@ def _progress(it: Any, desc: str, total: int | None = None) -> Any:
 
 
 async def bench_dataset(redis_url: str, folder: Path, opts: FeatureBenchOptions) -> dict[str, Any]:
-    from redis.asyncio import Redis
-
     from features.catalog import upsert_items
+    from features.connection import open_redis
     from features.item_index import ItemIndex
     from features.store import FeatureStore, UpdatePolicy
 
     items, events = read_dataset(folder)
     texts = [it.text() for it in items]
     vectors = embed_catalogue(folder.name, texts)
-    redis = Redis.from_url(redis_url)
+    redis = open_redis(redis_url)
     await redis.flushdb()
     for start in range(0, len(items), 1000):
         part = slice(start, start + 1000)

@@ -15,6 +15,7 @@ refresh after its catalogue record has run.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 
@@ -46,11 +47,22 @@ class ItemIndex:
     """What the agents know of the catalogue, fresh to within a refresh interval."""
 
     def __init__(
-        self, redis: Redis, dim: int = keys.EMB_DIM, ann_min_items: int = ANN_MIN_ITEMS
+        self,
+        redis: Redis,
+        dim: int = keys.EMB_DIM,
+        ann_min_items: int = ANN_MIN_ITEMS,
+        *,
+        write_behavioural: bool = True,
     ) -> None:
         self._redis = redis
         self.table = ItemTable(dim)
         self._next_refresh = 0.0
+        # The catalogue agent and the event path both refresh; one at a time, or both
+        # would apply the same log entries and rebuild the index twice.
+        self._refreshing = asyncio.Lock()
+        # Behavioural item embeddings live in the shared catalogue hashes: only a live
+        # worker computes them (a replay's shadow state must not leak into live retrieval).
+        self._write_behavioural = write_behavioural
         self._view: tuple[npt.NDArray[np.float32], list[str]] | None = None
         self._categories: dict[str, str] = {}
         self._behavioural: dict[str, Vector] = {}
@@ -60,15 +72,13 @@ class ItemIndex:
         self._next_behavioural = 0.0
         self._behavioural_cursor = 0
 
-    def mark_stale(self) -> None:
-        """The catalogue changed (this worker wrote to it): refresh before the next batch."""
-        self._next_refresh = 0.0
-
     async def maybe_refresh(self, interval_s: float) -> int:
-        if time.monotonic() < self._next_refresh:
+        """Refresh if ``interval_s`` has passed; skipped (0) while another refresh runs, so
+        an event batch never queues behind a catalogue burst: it serves what is loaded."""
+        if time.monotonic() < self._next_refresh or self._refreshing.locked():
             return 0
         changed = await self.refresh()
-        if time.monotonic() >= self._next_behavioural:
+        if self._write_behavioural and time.monotonic() >= self._next_behavioural:
             if await self.refresh_behavioural(BEHAVIOURAL_CHUNK):
                 changed += await self.refresh()
             self._next_behavioural = time.monotonic() + BEHAVIOURAL_EVERY_S
@@ -88,6 +98,10 @@ class ItemIndex:
 
     async def refresh(self) -> int:
         """Apply every ``items:log`` entry not seen yet; returns items changed."""
+        async with self._refreshing:
+            return await self._apply_log()
+
+    async def _apply_log(self) -> int:
         total = 0
         while True:
             resp = await self._redis.xread({keys.ITEM_LOG: self.table.last_stream_id}, count=10_000)

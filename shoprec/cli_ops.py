@@ -19,6 +19,7 @@ import click
 import orjson
 from tqdm import tqdm
 
+from features.connection import open_redis
 from shoprec.errors import ShoprecError
 from shoprec.settings import Settings, load_settings
 
@@ -348,7 +349,6 @@ def rebuild_state(
       shoprec rebuild-state                          # into rebuild:, verify against live
       shoprec rebuild-state --state-prefix '' --no-verify   # Redis lost its data
     """
-    from redis.asyncio import Redis
 
     from streams.rebuild import compare_state
     from streams.rebuild import rebuild_state as run_rebuild
@@ -379,7 +379,7 @@ def rebuild_state(
             progress=advance,
         )
         if not no_verify:
-            redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=60.0)
+            redis = open_redis(settings.redis_url, timeout_s=60.0)
             try:
                 report.verify = (await compare_state(redis, state_prefix, against)).to_dict()
             finally:

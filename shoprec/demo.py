@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer
-from redis.asyncio import Redis
 
 from features import keys
+from features.connection import open_redis
 from infra import procs
 from shoprec.errors import StackError
 from shoprec.settings import Settings, load_settings
@@ -52,7 +52,7 @@ async def wait_for_catalog(
     settings: Settings, expected: int, timeout_s: float, worker: procs.Proc
 ) -> float:
     """Wait until the worker has embedded and stored ``expected`` catalogue changes."""
-    redis = Redis.from_url(settings.redis_url.get_secret_value())
+    redis = open_redis(settings.redis_url)
     start = time.monotonic()
     try:
         while True:
@@ -119,7 +119,7 @@ async def stream_and_collect(
 
 
 async def titles(settings: Settings, ids: Sequence[str]) -> dict[str, str]:
-    redis = Redis.from_url(settings.redis_url.get_secret_value())
+    redis = open_redis(settings.redis_url)
     try:
         from features.catalog import item_titles
 

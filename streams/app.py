@@ -24,10 +24,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import faust
-from redis.asyncio import Redis
 
 from features import keys
 from features.catalog import remove_items, upsert_items
+from features.connection import open_redis
 from features.item_index import ItemIndex
 from features.store import FeatureStore, UpdatePolicy
 from features.user_state import Vector
@@ -74,8 +74,9 @@ def update_policy(settings: Settings) -> UpdatePolicy:
 class Runtime:
     """The worker's connections and pipeline objects, opened once."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, write_behavioural: bool = True) -> None:
         self.settings = settings
+        self._write_behavioural = write_behavioural
         self.stats = WorkerStats()
         self._lock = asyncio.Lock()
         self._opened = False
@@ -88,7 +89,7 @@ class Runtime:
 
     async def _open(self) -> None:
         s = self.settings
-        self.redis = Redis.from_url(s.redis_url.get_secret_value(), socket_timeout=5.0)
+        self.redis = open_redis(s.redis_url, timeout_s=5.0)
         try:
             await self.redis.ping()
         except Exception as exc:
@@ -108,7 +109,7 @@ class Runtime:
             ),
         )
         await self.ranker.wait_ready(timeout_s=60.0)
-        self.items = ItemIndex(self.redis)
+        self.items = ItemIndex(self.redis, write_behavioural=self._write_behavioural)
         loaded = await self.items.refresh()
         log.info("item table loaded: %d items", loaded)
         store = FeatureStore(
@@ -225,7 +226,10 @@ class Runtime:
             await retry("store items", lambda: upsert_items(self.redis, upserts, embeddings))
         if removals:
             await retry("remove items", lambda: remove_items(self.redis, removals))
-        self.items.mark_stale()
+        # Apply the change here, off the event path: the first event after a catalogue
+        # load would otherwise wait for the whole load to be read back (0.53 s measured
+        # for 6,493 items) and every recommendation in that batch with it.
+        await retry("refresh items", self.items.refresh)
         self.stats.catalog_items += len(upserts) + len(removals)
         self.stats.catalog_dead_lettered += len(dead)
         return dead

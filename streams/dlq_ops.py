@@ -20,8 +20,8 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer, ConsumerRecord
-from redis.asyncio import Redis
 
+from features.connection import open_redis
 from shoprec.errors import ReplayError
 from shoprec.settings import Settings
 from streams.dlq import event_id_of
@@ -166,7 +166,7 @@ async def reinject(
 ) -> ReinjectReport:
     """Send each letter's original record back to its source topic (or ``into``)."""
     report = ReinjectReport(selected=len(letters), dry_run=dry_run)
-    redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=10.0)
+    redis = open_redis(settings.redis_url, timeout_s=10.0)
     producer: AIOKafkaProducer | None = None
     try:
         for letter in letters:

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from features import keys
 from features.catalog import item_titles
+from features.connection import open_redis
 from features.item_index import ItemIndex
 from features.user_state import decode_history, normalise, vector_from_bytes
 from shoprec.settings import Settings
@@ -55,7 +56,7 @@ async def _nearest(
 async def inspect_user(
     settings: Settings, user_id: str, state_prefix: str, n_recs: int = 3, n_hist: int = 10
 ) -> dict[str, Any]:
-    redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=10.0)
+    redis = open_redis(settings.redis_url, timeout_s=10.0)
     token = keys.STATE_PREFIX.set(state_prefix)
     try:
         async with redis.pipeline(transaction=False) as pipe:
@@ -108,7 +109,7 @@ async def inspect_user(
 
 
 async def inspect_item(settings: Settings, item_id: str, state_prefix: str) -> dict[str, Any]:
-    redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=10.0)
+    redis = open_redis(settings.redis_url, timeout_s=10.0)
     token = keys.STATE_PREFIX.set(state_prefix)
     try:
         fields = cast(dict[bytes, bytes], await redis.hgetall(keys.item(item_id)))

@@ -33,6 +33,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from redis.asyncio import Redis
 
 from features import keys
+from features.connection import open_redis
 from features.item_index import ItemIndex
 from features.store import FeatureStore
 from features.user_state import Vector, decode_history, vector_from_bytes
@@ -103,9 +104,7 @@ async def rebuild_state(
     """
     if shards < 1 or chunk < 1:
         raise ReplayError("--shards and --chunk must be at least 1")
-    redis = Redis.from_url(
-        settings.redis_url.get_secret_value(), socket_timeout=60.0, max_connections=shards + 4
-    )
+    redis = open_redis(settings.redis_url, timeout_s=60.0, max_connections=shards + 4)
     consumer = await open_reader(settings)
     # Searches need BERT for their query vector; the client connects on first use, so a
     # history without searches rebuilds with Triton down.

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
+from features.connection import open_redis
 from shoprec.errors import ReplayError
 from shoprec.settings import Settings
 from streams.app import Runtime
@@ -181,7 +181,7 @@ async def replay(
     check_targets(settings, req)
     shadow = settings.model_copy(update={"state_prefix": req.state_prefix})
     consumer = await open_reader(settings)
-    redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=10.0)
+    redis = open_redis(settings.redis_url, timeout_s=10.0)
     try:
         ranges = await plan_ranges(consumer, req.spec)
         checkpoint = Checkpoint(redis, req.state_prefix, req.run_id())
@@ -228,12 +228,11 @@ async def _run(
     report: ReplayReport,
     progress: Callable[[int, int], None] | None,
 ) -> None:
-    runtime = Runtime(shadow)
-    await runtime.ensure_open()
     # Behavioural item embeddings are written to the live item hashes (catalogue, never
     # prefixed) from co-visitation: computed from the shadow's, they would leak into live
     # retrieval.  The live worker keeps them; a replay only reads them.
-    runtime.items._next_behavioural = math.inf
+    runtime = Runtime(shadow, write_behavioural=False)
+    await runtime.ensure_open()
     producer = AIOKafkaProducer(**kafka_options(shadow), acks="all", linger_ms=5)
     await producer.start()
     wanted = None if req.users is None else {u.encode() for u in req.users}

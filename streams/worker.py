@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from redis.asyncio import Redis
-
+from features.connection import open_redis
 from ranking.client import RankerClient
 from shoprec.errors import DependencyUnavailable
 from shoprec.settings import Settings
@@ -17,7 +16,7 @@ log = logging.getLogger("shoprec.worker")
 async def preflight(settings: Settings, triton_timeout_s: float = 60.0) -> None:
     """Fail fast and clearly when Kafka, Redis or Triton is not there (never loop silently)."""
     await ensure_topics(settings)
-    redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5.0)
+    redis = open_redis(settings.redis_url, timeout_s=5.0)
     try:
         await redis.ping()
     except Exception as exc:

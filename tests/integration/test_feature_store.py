@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from features import keys
 from features.candidates import mix_candidates, semantic_neighbours
 from features.catalog import upsert_items
+from features.connection import open_redis
 from features.decay import COVIS_HALF_LIFE_MS, forward_weight
 from features.item_index import ItemIndex
 from features.store import COVIS_KEEP, FeatureStore, UpdatePolicy, UserUpdate
@@ -43,7 +44,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
+    client = open_redis(redis_url)
     await client.flushdb()
     yield client
     await client.aclose()
@@ -232,6 +233,39 @@ async def test_a_new_item_is_retrievable_at_the_next_refresh(
     await upsert_items(redis, [CatalogItem("new", title="new", in_stock=False)], [unit(1, 0.01)])
     await index.refresh()
     assert "new" not in [i for i, _ in semantic_neighbours(index, unit(1, 0)[None, :], 9)[0]]
+
+
+async def test_an_event_batch_never_waits_for_a_catalogue_refresh_in_progress(
+    redis: Redis,
+) -> None:
+    """The catalogue agent refreshes after each write; an event batch arriving meanwhile
+    serves what is loaded instead of queueing behind it (or applying the same log twice)."""
+    index = ItemIndex(redis)
+    items = [CatalogItem(f"i{n}", title=f"item {n}") for n in range(600)]
+    await upsert_items(redis, items, [unit(1, n / 600) for n in range(600)])
+    catalogue_refresh = asyncio.create_task(index.refresh())
+    await asyncio.sleep(0)  # the refresh holds the index and is waiting on Redis
+    assert await index.maybe_refresh(0.0) == 0
+    assert await catalogue_refresh == 600
+    assert len(index) == 600
+    assert await index.maybe_refresh(0.0) == 0, "nothing new in the log"
+
+
+async def test_a_shadow_index_never_writes_behavioural_embeddings(redis: Redis) -> None:
+    """A replay's index reads the live catalogue; co-visitation from its shadow state
+    must not become the live items' behavioural embeddings."""
+    await upsert_items(
+        redis, [CatalogItem("a", title="a"), CatalogItem("mute")], [unit(1, 0), None]
+    )
+    store = FeatureStore(redis, POLICY)
+    t0 = 1_700_000_000_000
+    await store.apply_events([update("1", t0, "a", None), update("2", t0 + 1, "mute", None)])
+    shadow = ItemIndex(redis, write_behavioural=False)
+    await shadow.maybe_refresh(0.0)
+    assert await redis.hget(keys.item("mute"), "bemb") is None
+    live = ItemIndex(redis)
+    await live.maybe_refresh(0.0)
+    assert await redis.hget(keys.item("mute"), "bemb") is not None
 
 
 async def test_an_item_without_text_gets_a_behavioural_embedding(redis: Redis) -> None:
