@@ -3,6 +3,10 @@
 One stack serves the whole fault package (starting Triton with BERT costs tens of
 seconds on two cores); each test gets its own topics, consumer group and Redis
 state prefix, and whatever a test stops is started again before the next one.
+
+A test that streams events takes the ``scenario`` fixture: a started run on that stack
+(worker ready, producer, output collector, books), torn down even when the test fails;
+``@pytest.mark.scenario(setting=value)`` changes the run's settings.
 """
 
 from __future__ import annotations
@@ -10,17 +14,30 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from infra.stack import Stack
 from shoprec.settings import Settings
-from tests.faults.harness import REPO, Catalogue, FaultStack, load_events, load_items
+from tests.faults.harness import (
+    REPO,
+    Catalogue,
+    FaultStack,
+    Scenario,
+    load_events,
+    load_items,
+)
 
 # The catalogue covers the items of the events the tests stream (the overload cycles them).
 N_CATALOGUE_EVENTS = 4000
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "scenario(**settings): settings overrides for the `scenario` fixture's run"
+    )
 
 
 def committed_model_repo(dest: Path) -> Path:
@@ -79,3 +96,13 @@ def faults(fault_stack: FaultStack) -> Iterator[FaultStack]:
 @pytest.fixture
 def logs(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture
+async def scenario(
+    faults: FaultStack, logs: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Scenario]:
+    """One worker ready on fresh topics, the producer and the output collector running."""
+    marker = request.node.get_closest_marker("scenario")
+    async with Scenario.started(faults, logs, **(marker.kwargs if marker else {})) as started:
+        yield started

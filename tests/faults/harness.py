@@ -1,5 +1,9 @@
 """What every fault test does: a private stack, a catalogue, a worker, a stream, the books.
 
+``Scenario.started`` (the ``scenario`` fixture) sets all of it up for one test and
+tears it down whatever the test did, so a test only arranges its fault, injects it
+and checks the invariant.
+
 The books close the same way in every test: each input record is counted once
 in the worker's final stats (``events_in`` = recommended + dead-lettered +
 duplicates + rate-limited + coalesced), records seen twice (redelivered after a
@@ -20,10 +24,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -42,6 +46,9 @@ from streams.topics import TopicNames, ensure_topics, kafka_options
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "rees46-sample"
 BUCKETS = ("recommended", "dead_lettered", "duplicates", "rate_limited", "coalesced")
+
+T = TypeVar("T")
+Action = Callable[[], Awaitable[object]]
 
 
 # --- the real data ----------------------------------------------------------------
@@ -222,7 +229,7 @@ async def start_producer(settings: Settings) -> AIOKafkaProducer:
     return producer
 
 
-async def stream(
+async def send_paced(
     producer: AIOKafkaProducer,
     names: TopicNames,
     events: Sequence[dict[str, Any]],
@@ -405,3 +412,134 @@ def count_users(events: Sequence[dict[str, Any]]) -> dict[str, int]:
     for e in events:
         out[str(e["user_id"])] = out.get(str(e["user_id"]), 0) + 1
     return out
+
+
+# --- a started scenario: everything a fault test needs before it breaks something ---
+
+
+@dataclass
+class Scenario:
+    """One test's run on the private stack: its own topics, group and state prefix, the
+    workers, a producer, the collected output, and the books of what was sent."""
+
+    faults: FaultStack
+    settings: Settings
+    names: TopicNames
+    logs: Path
+    producer: AIOKafkaProducer
+    out: Collector
+    workers: list[Worker]
+    tasks: list[asyncio.Task[Any]]
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    sent: Sent = field(default_factory=Sent)
+    streamed: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def started(
+        cls, faults: FaultStack, logs: Path, **overrides: Any
+    ) -> AsyncIterator[Scenario]:
+        """Topics made, one worker ready, the producer and the collector running; on the way
+        out, whether the test passed or not: the collector and producer stopped, faults
+        still in progress finished (so the stack can be restored), live workers killed."""
+        settings = scenario_settings(faults.endpoints, **overrides)
+        names = await prepare(settings)
+        workers: list[Worker] = []
+        tasks: list[asyncio.Task[Any]] = []
+        async with contextlib.AsyncExitStack() as cleanup:
+            cleanup.callback(_kill_running, workers)
+            cleanup.push_async_callback(_settle, tasks)
+            workers.append(Worker(settings, logs / "worker.log"))
+            await workers[0].ready()
+            producer = await start_producer(settings)
+            cleanup.push_async_callback(producer.stop)
+            out = await cleanup.enter_async_context(Collector(settings))
+            yield cls(faults, settings, names, logs, producer, out, workers, tasks)
+
+    @property
+    def worker(self) -> Worker:
+        """The worker the scenario started with."""
+        return self.workers[0]
+
+    def events(self, n: int) -> list[dict[str, Any]]:
+        """The first ``n`` real events, with event ids unique to this scenario."""
+        return live(load_events(n), self.tag)
+
+    def start_worker(self, name: str) -> Worker:
+        """Another worker in the same group, logging to ``<name>.log``; not waited for."""
+        worker = Worker(self.settings, self.logs / f"{name}.log")
+        self.workers.append(worker)
+        return worker
+
+    def background(self, work: Awaitable[T]) -> asyncio.Task[T]:
+        """Run ``work`` beside the test; the teardown waits for it if the test does not."""
+        task = asyncio.ensure_future(work)
+        self.tasks.append(task)
+        return task
+
+    async def stream(
+        self,
+        events: Sequence[dict[str, Any]],
+        rate: float,
+        *,
+        at: Mapping[int, Action] | None = None,
+        meanwhile: Mapping[int, Action] | None = None,
+    ) -> None:
+        """Send ``events`` at ``rate`` events/s until each is delivered. Once the n-th is
+        sent, ``at[n]`` runs with the stream paused and ``meanwhile[n]`` starts beside it;
+        this returns when those have finished too."""
+        started: list[asyncio.Task[object]] = []
+
+        async def on_sent(n: int) -> None:
+            if meanwhile and n in meanwhile:
+                started.append(self.background(meanwhile[n]()))
+            if at and n in at:
+                await at[n]()
+
+        # No callback unless asked: at hundreds of events/s each await costs.
+        hook = on_sent if at or meanwhile else None
+        await send_paced(self.producer, self.names, events, rate, self.sent, on_sent=hook)
+        self.streamed.extend(events)
+        await asyncio.gather(*started)
+
+    async def caught_up(self, timeout_s: float = 180.0, worker: Worker | None = None) -> float:
+        """Seconds until the group committed every input record and the output went quiet;
+        ``worker`` (the first by default) must stay alive meanwhile."""
+        return await wait_caught_up(self.settings, worker or self.worker, self.out, timeout_s)
+
+    async def lag(self) -> int:
+        return await group_lag(self.settings)
+
+    async def stop_component(self, role: str) -> None:
+        await asyncio.to_thread(self.faults.stack.stop_component, role)
+
+    async def start_component(self, role: str, timeout_s: float) -> None:
+        await asyncio.to_thread(self.faults.stack.start_component, role, timeout_s)
+
+    async def bounce(self, role: str, away_s: float, start_timeout_s: float) -> None:
+        """Stop ``role``, leave it down for ``away_s`` while events keep coming, start it."""
+        await self.stop_component(role)
+        await asyncio.sleep(away_s)
+        await self.start_component(role, start_timeout_s)
+
+    async def state_counts(self, events: Sequence[dict[str, Any]]) -> dict[str, int]:
+        """Events folded into the state of each user of ``events``."""
+        return await state_event_counts(self.settings, set(count_users(events)))
+
+    async def assert_in_state_once(self, events: Sequence[dict[str, Any]]) -> None:
+        """Each of ``events`` folded into its user's state exactly once."""
+        counts, expected = await self.state_counts(events), count_users(events)
+        assert counts == expected, {
+            u: (counts[u], n) for u, n in expected.items() if counts[u] != n
+        }
+
+
+def _kill_running(workers: Sequence[Worker]) -> None:
+    for worker in workers:
+        if worker.proc.poll() is None:
+            worker.kill()
+
+
+async def _settle(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    # A component half way through its restart must finish before the stack is restored.
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -5,29 +5,12 @@ as fast as before."""
 from __future__ import annotations
 
 import time
-import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.faults.harness import (
-    Collector,
-    FaultStack,
-    Sent,
-    Worker,
-    assert_books_balance,
-    count_users,
-    group_lag,
-    load_events,
-    prepare,
-    scenario_settings,
-    start_producer,
-    state_event_counts,
-    stream,
-    wait_caught_up,
-)
+from tests.faults.harness import Scenario, assert_books_balance, load_events
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
 
@@ -50,37 +33,24 @@ def p(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-async def test_overload_raises_latency_loses_nothing_and_recovers(
-    faults: FaultStack, logs: Path
-) -> None:
-    # Every event ranked (no per-user interval): the heaviest load per event.
-    settings = scenario_settings(faults.endpoints)
-    names = await prepare(settings)
-    tag = uuid.uuid4().hex[:6]
-    calm_before = take(int(CALM_RATE * CALM_S), 0, tag)
-    overload = take(int(OVERLOAD_RATE * OVERLOAD_S), len(calm_before), tag)
-    calm_after = take(int(CALM_RATE * CALM_S), len(calm_before) + len(overload), tag)
-    sent = Sent()
-    worker = await Worker(settings, logs / "worker.log").ready()
-    producer = await start_producer(settings)
-    try:
-        async with Collector(settings) as out:
-            await stream(producer, names, calm_before, CALM_RATE, sent)
-            await wait_caught_up(settings, worker, out)
-            t0 = time.monotonic()
-            await stream(producer, names, overload, OVERLOAD_RATE, sent)
-            offered_s = time.monotonic() - t0
-            backlog = await group_lag(settings)
-            caught_up_s = await wait_caught_up(settings, worker, out, timeout_s=600)
-            busy_s = time.monotonic() - t0
-            await stream(producer, names, calm_after, CALM_RATE, sent)
-            await wait_caught_up(settings, worker, out)
-            recs = list(out.recs)
-        stats = worker.stop()
-    finally:
-        await producer.stop()
-        if worker.proc.poll() is None:
-            worker.kill()
+async def test_overload_raises_latency_loses_nothing_and_recovers(scenario: Scenario) -> None:
+    # Every event ranked (no per-user interval, the scenario's default): the heaviest load.
+    s = scenario
+    calm_before = take(int(CALM_RATE * CALM_S), 0, s.tag)
+    overload = take(int(OVERLOAD_RATE * OVERLOAD_S), len(calm_before), s.tag)
+    calm_after = take(int(CALM_RATE * CALM_S), len(calm_before) + len(overload), s.tag)
+    await s.stream(calm_before, CALM_RATE)
+    await s.caught_up()
+    t0 = time.monotonic()
+    await s.stream(overload, OVERLOAD_RATE)
+    offered_s = time.monotonic() - t0
+    backlog = await s.lag()
+    caught_up_s = await s.caught_up(timeout_s=600)
+    busy_s = time.monotonic() - t0
+    await s.stream(calm_after, CALM_RATE)
+    await s.caught_up()
+    recs = list(s.out.recs)
+    stats = s.worker.stop()
 
     def latencies(events: list[dict[str, Any]]) -> list[float]:
         ids = {e["event_id"] for e in events}
@@ -104,7 +74,6 @@ async def test_overload_raises_latency_loses_nothing_and_recovers(
     # ... nothing was lost or counted twice ...
     all_events = calm_before + overload + calm_after
     assert_books_balance(stats, len(all_events))
-    counts = await state_event_counts(settings, set(count_users(all_events)))
-    assert counts == count_users(all_events)
+    await s.assert_in_state_once(all_events)
     # ... and once the backlog was gone, latency was back where it was.
     assert after and p(after, 50) < 3 * p(before, 50) + 50, (before, after)
