@@ -1,18 +1,14 @@
 """The one way shoprec processes open Redis, so every client is configured alike.
 
-RESP2 on purpose: redis-py 8 speaks RESP3 by default and then reshapes sorted-set and
-stream replies into their RESP2 form in Python; with hiredis parsing RESP2 directly the
-worker's Redis reads cost less CPU (see bench/results/ablation/).  Every reply shape
-shoprec reads is the same under both protocols (``ranking.item_table.stream_entries``
-accepts either), so this is a speed choice, not a contract.
+redis-py 8's default protocol (RESP3) stays: RESP2 was measured no cheaper for the
+worker's read (``bench/redis_protocol.py``: 157 vs 149 CPU-us per user for RESP2 vs
+RESP3, rees46-sample, batches of 32; bench/results/ablation/redis-protocol.json).
 """
 
 from __future__ import annotations
 
 from pydantic import SecretStr
 from redis.asyncio import Redis
-
-RESP_PROTOCOL = 2
 
 
 def open_redis(
@@ -28,5 +24,4 @@ def open_redis(
         raw,
         socket_timeout=timeout_s,
         max_connections=max_connections,
-        protocol=RESP_PROTOCOL,
     )
