@@ -1,4 +1,5 @@
-"""What may appear in logs: user ids only as a short hash, never raw.
+"""What may appear in logs: user ids only as a short hash, never raw; exceptions by type
+and place, never by message.
 
 A user id is personal data; a log line needs only to tell one user from
 another and to be matched against ``user_ref`` of a known id by an operator
@@ -8,6 +9,8 @@ another and to be matched against ``user_ref`` of a known id by an operator
 from __future__ import annotations
 
 import hashlib
+import traceback
+from pathlib import Path
 
 _PREFIX = "u#"
 
@@ -18,3 +21,17 @@ def user_ref(user_id: str | bytes | None) -> str:
         return f"{_PREFIX}-"
     raw = user_id if isinstance(user_id, bytes) else user_id.encode("utf-8", "surrogatepass")
     return _PREFIX + hashlib.sha256(raw).hexdigest()[:12]
+
+
+def exception_ref(exc: BaseException) -> str:
+    """The exception's type and where it was raised, never its message.
+
+    Messages of exceptions raised while processing an event often quote the event
+    (``KeyError('alice@example.com')``); the code location is what on-call needs in a
+    log line, and the dead-letter record keeps the full text next to the original bytes.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    return f"{type(exc).__name__} at {Path(last.filename).name}:{last.lineno} in {last.name}"

@@ -180,8 +180,15 @@ class Runtime:
             return await retry("event batch", functools.partial(self.handle_events, records))
         except Exception as exc:
             if len(records) == 1:
-                log.exception("record failed processing; dead-lettering it")
                 r = records[0]
+                log.error(
+                    "record %s[%d]@%d key %s failed processing (%s); dead-lettering it",
+                    r.topic,
+                    r.partition,
+                    r.offset,
+                    redact.user_ref(r.key),
+                    redact.exception_ref(exc),
+                )
                 letter = DeadLetter(
                     "processing_error",
                     repr(exc)[:500],

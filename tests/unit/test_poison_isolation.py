@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+
+import pytest
 
 from shoprec.settings import Settings
 from streams.app import Runtime
@@ -22,12 +25,14 @@ class OnePoisonRuntime(Runtime):
         self, records: Sequence[RawRecord]
     ) -> tuple[list[Recommendation], list[DeadLetter]]:
         if any(r.value == b"poison" for r in records):
-            raise KeyError("a bug, not an outage")
+            raise KeyError("alice@example.com")  # a bug quoting its input
         self.processed += [r.value for r in records]
         return [], []
 
 
-async def test_poison_record_is_dead_lettered_and_the_rest_processed() -> None:
+async def test_poison_record_is_dead_lettered_and_the_rest_processed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     rt = OnePoisonRuntime()
     records = [
         RawRecord("shop.views", 0, n, b"u", v) for n, v in enumerate([b"a", b"poison", b"c"])
@@ -36,4 +41,9 @@ async def test_poison_record_is_dead_lettered_and_the_rest_processed() -> None:
     assert recs == []
     assert rt.processed == [b"a", b"c"]
     assert [(d.reason, d.offset, d.original) for d in dead] == [("processing_error", 1, b"poison")]
-    assert "KeyError" in dead[0].detail
+    assert "KeyError" in dead[0].detail and "alice@example.com" in dead[0].detail
+    # The log names the record and the failing code, not the data the exception quotes.
+    failed = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failed) == 1 and "shop.views[0]@1" in failed[0]
+    assert "KeyError at test_poison_isolation.py" in failed[0]
+    assert "alice" not in caplog.text
