@@ -6,11 +6,13 @@ module isolates itself with its own topic prefix and Faust app id.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
+from features.connection import open_redis
 from infra.stack import Endpoints, Stack
 from shoprec.settings import Settings
 
@@ -43,3 +45,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
         yield endpoints
     finally:
         s.down(wipe=True)
+
+
+@pytest.fixture
+async def redis(stack: Endpoints) -> AsyncIterator[Redis]:
+    """A client of the stack's Redis, configured as shoprec's own."""
+    client = open_redis(stack.redis_url)
+    yield client
+    await client.aclose()

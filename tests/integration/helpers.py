@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from infra.stack import Endpoints
 from shoprec.settings import Settings
@@ -73,3 +77,16 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def rees46_fixture(
+    data_dir: Path, n_events: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The first ``n_events`` real rees46 events and the catalogue records of their items."""
+    folder = data_dir / "rees46-sample"
+    with gzip.open(folder / "events.jsonl.gz", "rb") as fh:
+        events = [orjson.loads(line) for _, line in zip(range(n_events), fh, strict=False)]
+    wanted = {e["item_id"] for e in events}
+    with gzip.open(folder / "items.jsonl.gz", "rb") as fh:
+        items = [it for line in fh if (it := orjson.loads(line))["item_id"] in wanted]
+    return events, items

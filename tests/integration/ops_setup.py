@@ -10,7 +10,6 @@ that can change anything.
 from __future__ import annotations
 
 import asyncio
-import gzip
 import os
 import socket
 import subprocess
@@ -30,7 +29,7 @@ from redis.asyncio import Redis
 from infra.stack import Endpoints
 from shoprec.settings import Settings
 from streams.topics import TopicNames, ensure_topics, kafka_options
-from tests.integration.helpers import WorkerProcess, isolated_settings
+from tests.integration.helpers import WorkerProcess, isolated_settings, rees46_fixture
 
 N_EVENTS = 600
 BAD_RECORDS: list[tuple[bytes, str]] = [
@@ -68,16 +67,6 @@ def json_out(result: subprocess.CompletedProcess[str]) -> Any:
 def scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as resp:
         return str(resp.read().decode())
-
-
-def load_fixture(data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    folder = data_dir / "rees46-sample"
-    with gzip.open(folder / "events.jsonl.gz", "rb") as fh:
-        events = [orjson.loads(line) for _, line in zip(range(N_EVENTS), fh, strict=False)]
-    wanted = {e["item_id"] for e in events}
-    with gzip.open(folder / "items.jsonl.gz", "rb") as fh:
-        items = [it for line in fh if (it := orjson.loads(line))["item_id"] in wanted]
-    return events, items
 
 
 @dataclass
@@ -126,7 +115,7 @@ async def start_live_run(stack: Endpoints, data_dir: Path, tmp: Path) -> LiveRun
         # live state is the one a rebuild or replay of the same events reproduces.
         agent_concurrency=1,
     )
-    events, items = load_fixture(data_dir)
+    events, items = rees46_fixture(data_dir, N_EVENTS)
     await ensure_topics(settings)
     names = TopicNames.from_settings(settings)
     worker = WorkerProcess(settings, tmp / "worker.log")

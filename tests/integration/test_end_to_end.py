@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import gzip
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from infra.stack import Endpoints
 from shoprec.settings import Settings
 from streams.dlq import original_bytes
 from streams.topics import TopicNames, ensure_topics, kafka_options
-from tests.integration.helpers import WorkerProcess, isolated_settings
+from tests.integration.helpers import WorkerProcess, isolated_settings, rees46_fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,16 +45,6 @@ BAD_RECORDS: list[tuple[bytes, str]] = [
     ),
     (b"\xff\xfe\x00garbage", "not_json"),
 ]
-
-
-def load_fixture(data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    folder = data_dir / "rees46-sample"
-    with gzip.open(folder / "events.jsonl.gz", "rb") as fh:
-        events = [orjson.loads(line) for _, line in zip(range(N_EVENTS), fh, strict=False)]
-    wanted = {e["item_id"] for e in events}
-    with gzip.open(folder / "items.jsonl.gz", "rb") as fh:
-        items = [it for line in fh if (it := orjson.loads(line))["item_id"] in wanted]
-    return events, items
 
 
 async def consume_all(settings: Settings, topic: str, until: Any, timeout_s: float) -> list[Any]:
@@ -85,7 +74,7 @@ async def settings(stack: Endpoints) -> AsyncIterator[Settings]:
 async def test_events_become_recommendations_and_bad_input_is_dead_lettered(
     settings: Settings, data_dir: Path, tmp_path: Path
 ) -> None:
-    events, items = load_fixture(data_dir)
+    events, items = rees46_fixture(data_dir, N_EVENTS)
     names = TopicNames.from_settings(settings)
     redis = Redis.from_url(settings.redis_url.get_secret_value())
     await redis.flushdb()
@@ -187,7 +176,7 @@ async def test_events_become_recommendations_and_bad_input_is_dead_lettered(
 async def test_catalog_updates_tombstones_and_bad_records(
     settings: Settings, data_dir: Path, tmp_path: Path
 ) -> None:
-    _, items = load_fixture(data_dir)
+    _, items = rees46_fixture(data_dir, N_EVENTS)
     items = items[:5]
     names = TopicNames.from_settings(settings)
     redis = Redis.from_url(settings.redis_url.get_secret_value())

@@ -7,7 +7,6 @@ on a free port, three malformed records) feeds every test.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -33,13 +32,6 @@ async def live(
     stack: Endpoints, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> LiveRun:
     return await start_live_run(stack, data_dir, tmp_path_factory.mktemp("ops-live"))
-
-
-@pytest.fixture
-async def redis(stack: Endpoints) -> AsyncIterator[Redis]:
-    client = Redis.from_url(stack.redis_url)
-    yield client
-    await client.aclose()
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
@@ -45,13 +44,6 @@ async def live(
     stack: Endpoints, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> LiveRun:
     return await start_live_run(stack, data_dir, tmp_path_factory.mktemp("replay-live"))
-
-
-@pytest.fixture
-async def redis(stack: Endpoints) -> AsyncIterator[Redis]:
-    client = Redis.from_url(stack.redis_url)
-    yield client
-    await client.aclose()
 
 
 async def test_default_replay_writes_nothing_live_and_twice_leaves_identical_state(
