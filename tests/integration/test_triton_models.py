@@ -293,8 +293,15 @@ async def test_ranker_keeps_serving_through_a_redis_outage(
     """Last in this module: it restarts Redis, empty."""
     batch = RankBatch.from_rows(rows_for(catalogue), history_len=H, n_candidates=N)
     before = await client.rank(batch)
+    # Read by the model's background thread while no request comes in; served during
+    # the outage, so no request had to read it from Redis.
+    r = redis.Redis.from_url(servers.redis_url)
+    write_items(r, {"shoe-4": catalogue["shoe-2"]}, ())
+    r.close()
+    await asyncio.sleep(1.5)  # three refresh intervals
     servers.stack.stop_component("redis")
     try:
+        assert (await client.rank(probe_for("shoe-4", catalogue))).scores[0, 0] > 0.5
         for _ in range(3):
             during = await client.rank(batch)
             np.testing.assert_allclose(during.scores, before.scores, rtol=1e-6)
@@ -307,12 +314,18 @@ async def test_ranker_keeps_serving_through_a_redis_outage(
     r = redis.Redis.from_url(servers.redis_url)
     write_items(r, {"shoe-3": catalogue["shoe-2"]}, ())
     r.close()
-    probe = RankBatch.from_rows(
-        [RankRow(["shoe-3"], [[0, 0, 0]], user_emb=catalogue["shoe-2"])],
-        history_len=1,
-        n_candidates=1,
-    )
+    probe = probe_for("shoe-3", catalogue)
     deadline = time.monotonic() + 15
     while (await client.rank(probe)).scores[0, 0] <= 0.5:
         assert time.monotonic() < deadline, "the ranker never saw the item written after recovery"
         await asyncio.sleep(0.25)
+
+
+def probe_for(item_id: str, catalogue: dict[str, np.ndarray]) -> RankBatch:
+    """One candidate for a shoe lover: scores above 0.5 only if the ranker knows the item
+    (it carries shoe-2's vector)."""
+    return RankBatch.from_rows(
+        [RankRow([item_id], [[0, 0, 0]], user_emb=catalogue["shoe-2"])],
+        history_len=1,
+        n_candidates=1,
+    )

@@ -1,21 +1,24 @@
-"""The ranker's item table: the pure parts, and the refresh logic against a fake Redis."""
+"""The ranker's item table, its pure parts.
+
+The Redis side runs against a real server in tests/integration/test_item_log_follower.py.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 import pytest
-import redis
 
-from features import keys
 from ranking.item_table import (
+    ItemChanges,
+    ItemLogFollower,
     ItemRecord,
     ItemTable,
-    ItemTableRefresher,
+    coalesce,
     parse_item_hash,
     parse_log_entries,
+    retry_delay,
 )
 
 D = 4
@@ -106,118 +109,85 @@ def test_parse_item_hash() -> None:
     assert parse_item_hash(nan, b"1", D).emb is None
 
 
-# --- refresh, against a fake synchronous Redis ------------------------------------------
+# --- prepared changes: what the follower thread hands to the scoring thread --------------
 
 
-class FakeRedis:
-    """Just what ItemTable.refresh_from_redis uses: XREAD, pipelined EXISTS/HMGET."""
-
-    def __init__(self) -> None:
-        self.log: list[tuple[bytes, dict[bytes, bytes]]] = []
-        self.hashes: dict[str, dict[str, bytes]] = {}
-        self.down = False
-        self.xreads = 0
-
-    def put(self, item_id: str, emb: np.ndarray | None, in_stock: bytes = b"1") -> None:
-        h = {"in_stock": in_stock}
-        if emb is not None:
-            h["emb"] = emb.astype("<f4").tobytes()
-        self.hashes[keys.item(item_id)] = h
-        self.log.append((f"{len(self.log) + 1}-0".encode(), {b"id": item_id.encode()}))
-
-    def delete(self, item_id: str) -> None:
-        self.hashes.pop(keys.item(item_id), None)
-        self.log.append((f"{len(self.log) + 1}-0".encode(), {b"id": item_id.encode()}))
-
-    def xread(self, streams: dict[str, bytes], count: int) -> Any:
-        self.xreads += 1
-        if self.down:
-            raise redis.ConnectionError("connection refused")
-        ((name, after),) = streams.items()
-        assert name == keys.ITEM_LOG
-        seq = int(after.split(b"-")[0])
-        new = self.log[seq : seq + count]
-        return [[name.encode(), new]] if new else []
-
-    def pipeline(self, transaction: bool) -> FakePipe:
-        return FakePipe(self)
-
-    def close(self) -> None:
-        pass
+def table_state(t: ItemTable) -> dict[str, tuple[list[float], bool, bool]]:
+    mat, has = t.lookup(t.ids)
+    stock = t.in_stock(t.ids)
+    return {
+        i: (mat[k].round(6).tolist(), bool(has[k]), bool(stock[k])) for k, i in enumerate(t.ids)
+    }
 
 
-class FakePipe:
-    def __init__(self, r: FakeRedis) -> None:
-        self.r, self.calls = r, []  # type: list[Any]
+def test_apply_changes_equals_apply_and_moves_the_stream_id() -> None:
+    records: dict[str, ItemRecord | None] = {
+        "a": ItemRecord(emb=vec(3, 4)),
+        "b": ItemRecord(emb=None, in_stock=False),
+        "z": ItemRecord(emb=vec()),
+        "gone": None,
+    }
+    direct = ItemTable(dim=D, capacity=1)
+    direct.upsert(["gone"], [vec(1)])
+    direct.apply(records)
+    prepared = ItemChanges.from_records(b"9-1", records, D)
+    assert len(prepared) == 4 and prepared.removed == ["gone"]
+    np.testing.assert_allclose(prepared.embs[0], vec(0.6, 0.8), atol=1e-6)
+    assert prepared.has_emb.tolist() == [True, False, False], "a zero vector has no direction"
 
-    def exists(self, key: str) -> None:
-        self.calls.append(int(key in self.r.hashes))
-
-    def hmget(self, key: str, fields: list[str]) -> None:
-        h = self.r.hashes.get(key, {})
-        self.calls.append([h.get(f) for f in fields])
-
-    def execute(self) -> list[Any]:
-        if self.r.down:
-            raise redis.ConnectionError("connection refused")
-        return self.calls
-
-
-def test_refresh_reads_whole_log_then_only_changes() -> None:
-    r = FakeRedis()
-    for k in range(7):
-        r.put(f"i{k}", vec(1, k) if k % 2 else None)
-    t = ItemTable(dim=D)
-    assert t.catch_up(r, max_entries=3) == 7  # type: ignore[arg-type]
-    assert len(t) == 7 and t.last_stream_id == b"7-0"
-    assert list(t.lookup(["i0", "i1"])[1]) == [False, True]
-
-    r.put("i1", None, in_stock=b"0")
-    r.delete("i2")
-    r.delete("never-existed")
-    assert t.refresh_from_redis(r) == 3  # type: ignore[arg-type]
-    assert "i2" not in t and len(t) == 6
-    assert not t.lookup(["i1"])[1][0] and not t.in_stock(["i1"])[0]
-    assert t.refresh_from_redis(r) == 0  # type: ignore[arg-type]
+    via_changes = ItemTable(dim=D, capacity=1)
+    via_changes.upsert(["gone"], [vec(1)])
+    assert via_changes.apply_changes(prepared) == 4
+    assert table_state(via_changes) == table_state(direct)
+    assert via_changes.last_stream_id == b"9-1"
+    with pytest.raises(ValueError, match="dim"):
+        ItemTable(dim=D + 1).apply_changes(prepared)
 
 
-def test_refresher_throttles_survives_outage_and_logs_once(
+def test_coalesce_keeps_the_newest_word_on_each_item() -> None:
+    steps: list[dict[str, ItemRecord | None]] = [
+        {"a": ItemRecord(vec(1)), "b": ItemRecord(vec(0, 1)), "c": ItemRecord(vec(0, 0, 1))},
+        {"a": None, "d": ItemRecord(vec(1, 1))},
+        {"a": ItemRecord(vec(0, 0, 0, 1), in_stock=False), "b": None, "e": None},
+        {"d": ItemRecord(None)},
+    ]
+    batches = [ItemChanges.from_records(f"{k}-0".encode(), r, D) for k, r in enumerate(steps)]
+    merged = coalesce(batches)
+    assert merged.last_stream_id == b"3-0"
+    assert sorted(merged.ids) == ["a", "c", "d"] and sorted(merged.removed) == ["b", "e"]
+
+    one_by_one, at_once = ItemTable(dim=D), ItemTable(dim=D)
+    for t in (one_by_one, at_once):
+        t.upsert(["b", "e", "old"], [vec(1), vec(1), vec(1)])
+    for batch in batches:
+        one_by_one.apply_changes(batch)
+    at_once.apply_changes(merged)
+    assert table_state(at_once) == table_state(one_by_one)
+    assert sorted(at_once.ids) == ["a", "c", "d", "old"]
+    assert coalesce(batches[:1]) is batches[0]
+    with pytest.raises(ValueError):
+        coalesce([])
+
+
+def test_retry_delay_doubles_up_to_the_cap() -> None:
+    assert [retry_delay(f, 0.5, 5.0) for f in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+def test_follower_does_not_retry_or_hang_when_redis_is_down(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    now = [100.0]
-    r = FakeRedis()
-    r.put("a", vec(1))
-    t = ItemTable(dim=D)
-    ref = ItemTableRefresher(t, r, interval_s=0.5, max_backoff_s=2.0, clock=lambda: now[0])  # type: ignore[arg-type]
-    assert ref.catch_up() == 1 and "a" in t
-    reads = r.xreads
-    assert ref.maybe_refresh() == 0 and r.xreads == reads, "not due yet"
-
-    r.put("b", vec(0, 1))
-    now[0] += 0.6
-    assert ref.maybe_refresh() == 1 and "b" in t
-
-    r.down = True
-    with caplog.at_level(logging.WARNING, logger="ranking.item_table"):
-        for _ in range(6):
-            now[0] += 0.6
-            assert ref.maybe_refresh() == 0
-    assert not ref.healthy and len(t) == 2, "keeps serving what it has"
-    assert sum("unavailable" in m for m in caplog.messages) == 1
-    assert r.xreads - reads < 1 + 6, "backs off while Redis is down"
-
-    r.down = False
-    r.put("c", vec(0, 0, 1))
-    now[0] += 2.1
-    assert ref.maybe_refresh() == 1 and ref.healthy and "c" in t
-
-
-def test_from_url_does_not_retry_or_hang_when_redis_is_down() -> None:
+    """Port 1 on loopback refuses at once: a real refusal, not a stand-in."""
     import time
 
-    ref = ItemTableRefresher.from_url(ItemTable(dim=D), "redis://127.0.0.1:1/0")
+    follower = ItemLogFollower.from_url("redis://127.0.0.1:1/0", interval_s=0.5)
+    table = ItemTable(dim=D)
     start = time.monotonic()
-    assert ref.catch_up() == 0
-    assert ref.maybe_refresh() == 0
+    with caplog.at_level(logging.WARNING, logger="ranking.item_table"):
+        assert follower.catch_up(table) == 0
+        delays = [follower.poll_once() for _ in range(4)]
     assert time.monotonic() - start < 1.0
-    ref.close()
+    assert delays == [1.0, 2.0, 4.0, 5.0], "backs off, capped at max_backoff_s"
+    assert not follower.healthy and len(table) == 0
+    assert sum("unavailable" in m for m in caplog.messages) == 1, "an outage is logged once"
+    assert follower.apply_pending(table) == 0
+    assert follower.close() is True

@@ -1,95 +1,18 @@
-"""Triton python-backend model ``fused_ranker``: ids + signals -> candidate scores.
+"""Triton python-backend model ``fused_ranker`` v1: the fixed fusion.
 
-Thin on purpose: the maths is ``ranking.fusion``, the item-embedding table
-``ranking.item_table``.  Every request of a dynamic batch (each possibly
-several users) is validated alone, then all are stacked into one numpy batch
-and scored in one call.
+Thin on purpose: the maths is ``ranking.fusion.score_batch``; the Triton glue (item
+table kept fresh from Redis by a background thread, per-request validation, one
+scoring call per dynamic batch, per-request errors) is ``ranking.triton_model``.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ranking.fusion import TRITON_INPUTS, TRITON_OUTPUTS, RankBatch, score_batch
-from ranking.item_table import ItemTable, ItemTableRefresher
-
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+from ranking.fusion import score_batch
+from ranking.triton_model import FusedRankerModel
 
 
-class TritonPythonModel:
+class TritonPythonModel(FusedRankerModel):
     def initialize(self, args: dict[str, str]) -> None:
-        self.logger = pb_utils.Logger
-        # ranking.item_table logs through `logging`; the stub's stderr lands in Triton's log.
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-        config = json.loads(args["model_config"])
-        params = config.get("parameters", {})
-        interval = float(params.get("ITEM_REFRESH_INTERVAL_S", {}).get("string_value", "0.5"))
-        self.table = ItemTable()
-        url = os.environ.get("SHOPREC_REDIS_URL", DEFAULT_REDIS_URL)
-        self.refresher = ItemTableRefresher.from_url(self.table, url, interval_s=interval)
-        # Start-up may take its time; serving never waits on more than one refresh.
-        loaded = self.refresher.catch_up()
-        self.logger.log_info(
-            f"fused_ranker v{args['model_version']}: {loaded} items loaded from Redis"
-        )
-
-    def execute(self, requests: list) -> list:
-        # Never raises: Redis trouble is logged once inside and we score with what we have.
-        self.refresher.maybe_refresh()
-
-        responses: list = [None] * len(requests)
-        batches: list[RankBatch] = []
-        owners: list[int] = []
-        for i, request in enumerate(requests):
-            try:
-                batches.append(_decode(request))
-                owners.append(i)
-            except (ValueError, AttributeError) as exc:
-                responses[i] = _error(f"bad fused_ranker request: {exc}", "INVALID_ARG")
-
-        if batches:
-            try:
-                out = score_batch(RankBatch.concat(batches), self.table)
-            except Exception as exc:  # a failed batch must still answer every request
-                self.logger.log_error(f"fused_ranker: scoring failed: {exc!r}")
-                for i in owners:
-                    responses[i] = _error(f"scoring failed: {exc}", "INTERNAL")
-            else:
-                start = 0
-                for i, batch in zip(owners, batches, strict=True):
-                    stop, n = start + batch.size, batch.n_candidates
-                    tensors = [
-                        pb_utils.Tensor(name, np.ascontiguousarray(arr[start:stop, :n]))
-                        for name, arr in zip(TRITON_OUTPUTS, out.arrays(), strict=True)
-                    ]
-                    responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
-                    start = stop
-        return responses
-
-    def finalize(self) -> None:
-        self.refresher.close()
-
-
-def _decode(request) -> RankBatch:
-    arrays = {}
-    for name, field in TRITON_INPUTS:
-        tensor = pb_utils.get_input_tensor_by_name(request, name)
-        if tensor is None:
-            raise ValueError(f"missing input {name}")
-        arrays[field] = tensor.as_numpy()
-    batch = RankBatch(**arrays)
-    batch.validate()
-    return batch
-
-
-def _error(message: str, code: str) -> pb_utils.InferenceResponse:
-    return pb_utils.InferenceResponse(
-        error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
-    )
+        self.setup(args, pb_utils, score_batch)
