@@ -153,18 +153,12 @@ def recommendation(value: bytes) -> tuple[int, int | None, bool]:
 Reader = Callable[[bytes], tuple[int, "int | None", bool]]
 
 
-def fetch_max_wait_ms(settings: Settings) -> int:
-    """Apache Kafka answers a fetch as soon as records arrive; Tansu holds it for the
-    whole wait (its measured one-hop p50 is 3 ms only with a 5 ms wait)."""
-    return 5 if settings.broker == "tansu" else 500
-
-
 async def start_output_consumer(settings: Settings, topic: str) -> AIOKafkaConsumer:
     consumer = AIOKafkaConsumer(
         topic,
         **kafka_options(settings),
         group_id=None,
-        fetch_max_wait_ms=fetch_max_wait_ms(settings),
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
     await consumer.start()
     await consumer.seek_to_end()
@@ -384,7 +378,7 @@ def measure_floor(
     group = f"relay-{tag}"
     argv = [sys.executable, "-m", "bench.relay", "--bootstrap", settings.kafka_bootstrap]
     argv += ["--out", names.recs_out, "--group", group]
-    argv += ["--fetch-max-wait-ms", str(fetch_max_wait_ms(settings)), *names.events]
+    argv += ["--fetch-max-wait-ms", str(settings.fetch_max_wait_ms), *names.events]
     relay = start_process("relay", argv, settings.stack_dir / "logs" / "relay.log", {})
     try:
         wait_for_line(relay.proc, "relay ready", relay.log_offset, 60)

@@ -101,6 +101,14 @@ class Settings(BaseSettings):
     batch_within_ms: int = Field(
         5, ge=0, description="Longest wait to fill a batch before handling what has come."
     )
+    consumer_fetch_max_wait_ms: int | None = Field(
+        None,
+        ge=1,
+        le=30_000,
+        description="Longest a broker may hold a consumer's fetch that has no records. "
+        "Unset: 500 on Kafka (which answers as soon as a record arrives), 5 on Tansu "
+        "(which holds every fetch for the whole wait).",
+    )
 
     # --- recommendations ------------------------------------------------------------
     top_k: int = Field(10, ge=1, le=100, description="Items per recommendation.")
@@ -170,10 +178,19 @@ class Settings(BaseSettings):
         env = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
+            if value is None:
+                continue  # unset stays unset ("None" would not parse back)
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
             env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
         return env
+
+    @property
+    def fetch_max_wait_ms(self) -> int:
+        """``consumer_fetch_max_wait_ms``, or the default that suits the broker."""
+        if self.consumer_fetch_max_wait_ms is not None:
+            return self.consumer_fetch_max_wait_ms
+        return 5 if self.broker == "tansu" else 500
 
     @property
     def faust_broker(self) -> str:

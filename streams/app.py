@@ -45,6 +45,7 @@ from streams.metrics import WorkerStats
 from streams.output import Recommendation
 from streams.recommend import Recommender, RecommendPolicy
 from streams.topics import TopicNames, kafka_ssl_context
+from streams.transport import StreamApp
 
 log = logging.getLogger("shoprec.worker")
 
@@ -273,8 +274,9 @@ def broker_in_ms(events: Sequence[faust.EventT[bytes]]) -> float:
 def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     """Build the Faust app and its runtime; ``shoprec worker`` runs it."""
     names = TopicNames.from_settings(settings)
-    app = faust.App(
+    app = StreamApp(
         settings.app_id,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
         broker=settings.faust_broker,
         key_serializer="raw",
         value_serializer="raw",

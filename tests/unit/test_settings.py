@@ -53,3 +53,23 @@ def test_secrets_are_not_printed() -> None:
 def test_help_names_environment_variables() -> None:
     result = CliRunner().invoke(main, ["stack", "up", "--help"])
     assert "SHOPREC_BROKER" in result.output
+
+
+@pytest.mark.parametrize("fetch_wait", [None, 40])
+def test_settings_survive_the_trip_to_a_child_process(
+    monkeypatch: pytest.MonkeyPatch, fetch_wait: int | None
+) -> None:
+    """Workers, benches and replays hand settings to children as SHOPREC_* variables."""
+    parent = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        broker="tansu",
+        top_k=7,
+        consumer_fetch_max_wait_ms=fetch_wait,
+    )
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"SHOPREC_{name.upper()}", raising=False)
+    for key, value in parent.as_env().items():
+        monkeypatch.setenv(key, value)
+    child = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert child == parent
+    assert child.fetch_max_wait_ms == (5 if fetch_wait is None else fetch_wait)
