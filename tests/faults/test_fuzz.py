@@ -13,6 +13,7 @@ import asyncio
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,7 @@ class Probe:
         return out
 
     async def run(
-        self, bad: list[tuple[bytes, str, bytes | None]], n_good: int, timeout_s: float = 60
+        self, bad: Sequence[tuple[bytes, str, bytes | None]], n_good: int, timeout_s: float = 60
     ) -> None:
         tag = uuid.uuid4().hex[:6]
         good = self.good_events(n_good, tag)
