@@ -9,6 +9,8 @@ one slot (the update script touches them together); an item's keys share
     {u:<user>}:hist    list of "item|type|ts", newest first, capped
     {u:<user>}:ev      sorted set of recent event ids (score ts): the dedupe window
     {u:<user>}:q       float32 bytes, embedding of the last search query
+    {u:<user>}:pend    id of the user's latest trigger whose recommendation is not yet
+                       confirmed published (a redelivery of that event re-triggers it)
     {i:<item>}         hash: title, category, brand, price, in_stock, ts, emb (float32 bytes),
                        bemb (behavioural embedding of an item without text)
     {i:<item>}:cv      sorted set: co-visited item -> forward-decayed count (features.decay),
@@ -58,6 +60,10 @@ def user_events(user: str) -> str:
 
 def user_query(user: str) -> str:
     return _state(f"{{u:{user}}}:q")
+
+
+def user_pending(user: str) -> str:
+    return _state(f"{{u:{user}}}:pend")
 
 
 def user_keys(user: str) -> list[str]:

@@ -80,7 +80,9 @@ class UserUpdate:
 @dataclass(frozen=True, slots=True)
 class UpdateResult:
     applied: bool  # False: the event id was seen before, nothing changed
-    emit: bool  # the per-user rate limit allows a recommendation now
+    # The per-user rate limit allows a recommendation now; for a duplicate, True means it
+    # is the user's pending trigger, whose recommendation was never confirmed published.
+    emit: bool
     recent: list[HistoryEntry]  # the user's latest items before this event
 
 
@@ -130,6 +132,16 @@ class Context:
     trending: dict[str, float]  # item -> Popularity.trending()
 
 
+# Clears a user's pending trigger once its recommendation is acknowledged by the broker,
+# unless a newer trigger has replaced it meanwhile.
+_CONFIRM_PUBLISHED = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
 def _load_script(name: str = "update_user.lua") -> str:
     return resources.files("features").joinpath(name).read_text()
 
@@ -152,6 +164,7 @@ class FeatureStore:
         self._query_categories = query_categories
         self._update = redis.register_script(_load_script())
         self._bump = redis.register_script(_load_script("bump_counts.lua"))
+        self._confirm = redis.register_script(_CONFIRM_PUBLISHED)
 
     async def apply_events(self, updates: Sequence[UserUpdate]) -> list[UpdateResult]:
         """Fold a batch of events into user state; idempotent per event id."""
@@ -167,6 +180,7 @@ class FeatureStore:
                         keys.user_hist(u.user_id),
                         keys.user_events(u.user_id),
                         keys.user_query(u.user_id),
+                        keys.user_pending(u.user_id),
                     ],
                     args=[
                         u.event_id,
@@ -195,6 +209,18 @@ class FeatureStore:
         ]
         await self._record_signals(updates, results)
         return results
+
+    async def confirm_published(self, triggers: Iterable[tuple[str, str]]) -> int:
+        """Mark these ``(user_id, event_id)`` triggers' recommendations as published, so a
+        redelivery of the event is a plain duplicate again; returns how many were pending."""
+        pairs = list(triggers)
+        if not pairs:
+            return 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for user_id, event_id in pairs:
+                await self._confirm(keys=[keys.user_pending(user_id)], args=[event_id], client=pipe)
+            cleared = await pipe.execute()
+        return sum(int(c) for c in cleared)
 
     async def _record_signals(
         self, updates: Sequence[UserUpdate], results: Sequence[UpdateResult]

@@ -1,16 +1,20 @@
 -- Apply one shop event to one user's state, atomically and idempotently.
 --
--- KEYS: 1 emb, 2 meta, 3 hist, 4 ev (dedupe window), 5 q (last query)
+-- KEYS: 1 emb, 2 meta, 3 hist, 4 ev (dedupe window), 5 q (last query),
+--       6 pend (the latest trigger not yet confirmed published)
 -- ARGV: 1 event_id, 2 ts (ms), 3 type, 4 item_id ("" for search), 5 weight,
 --       6 half_life_ms, 7 hist_len, 8 ttl_s, 9 vec (float32 LE bytes or ""),
 --       10 min_emit_interval_ms, 11 always_emit (0/1), 12 dedupe_window
 -- Returns {applied (0 = duplicate), emit (0/1), recent items before this event...}
+-- A duplicate returns emit = 1 only when it is the pending trigger: the worker wrote the
+-- state, then died before its recommendation was published; the redelivery re-triggers it.
 --
 -- The embedding is kept as a decayed sum referenced to meta.ref_ts (the newest
 -- event time seen): a newer event rescales the sum, an older one is added with
 -- its own decay factor.  Either way the result is the same sum, so arrival
 -- order does not matter and a late event is folded in, not dropped.
 local emb_key, meta_key, hist_key, ev_key, q_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local pend_key = KEYS[6]
 local event_id, ts, etype, item_id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local weight, half_life = tonumber(ARGV[5]), tonumber(ARGV[6])
 local hist_len, ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -21,6 +25,9 @@ local window = tonumber(ARGV[12])
 -- than all of them when the window is full cannot be told from a replay of one that left
 -- the window: it is refused (counted as a duplicate) rather than risk counting it twice.
 if redis.call('ZSCORE', ev_key, event_id) then
+  if redis.call('GET', pend_key) == event_id then
+    return {0, 1}
+  end
   return {0, 0}
 end
 if redis.call('ZCARD', ev_key) >= window then
@@ -77,6 +84,7 @@ if always or last < 0 or ts - last >= min_gap then
   if ts > last then
     redis.call('HSET', meta_key, 'last_emit_ts', ts)
   end
+  redis.call('SET', pend_key, event_id, 'EX', ttl)
 end
 
 redis.call('EXPIRE', meta_key, ttl)

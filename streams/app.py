@@ -20,7 +20,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, cast
 
 import faust
@@ -51,6 +51,8 @@ log = logging.getLogger("shoprec.worker")
 
 # The item table follows items:log at most this often (catalogue freshness).
 ITEM_REFRESH_S = 0.5
+# How long a stopping worker waits for its last publishes to be acknowledged.
+CONFIRM_ON_CLOSE_S = 3.0
 STATS_EVERY_S = 10.0
 
 
@@ -81,6 +83,7 @@ class Runtime:
         self.stats = WorkerStats()
         self._lock = asyncio.Lock()
         self._opened = False
+        self._confirming: set[asyncio.Task[None]] = set()
 
     async def ensure_open(self) -> None:
         async with self._lock:
@@ -119,6 +122,7 @@ class Runtime:
             category_of=self.items.category,
             query_categories=self.items.categories_near,
         )
+        self.store = store
         self.ingestor = Ingestor(store, self.items, self.ranker, limits_from(s), now_ms)
         self.recommender = Recommender(
             store,
@@ -131,8 +135,43 @@ class Runtime:
 
     async def close(self) -> None:
         if self._opened:
+            if self._confirming:
+                # A confirmation cut short only means a redelivery re-emits: at least once.
+                await asyncio.wait(self._confirming, timeout=CONFIRM_ON_CLOSE_S)
             await self.ranker.close()
             await self.redis.aclose()
+
+    def confirm_when_acknowledged(
+        self, acks: Sequence[Awaitable[Any]], recs: Sequence[Recommendation]
+    ) -> None:
+        """:meth:`confirm_published` once the broker has acknowledged every publish, in
+        the background: the next batch need not wait for the acknowledgements."""
+        task = asyncio.create_task(self._confirm_after(acks, recs))
+        self._confirming.add(task)
+        task.add_done_callback(self._confirming.discard)
+
+    async def _confirm_after(
+        self, acks: Sequence[Awaitable[Any]], recs: Sequence[Recommendation]
+    ) -> None:
+        try:
+            await asyncio.gather(*acks)
+        except Exception as exc:
+            log.warning("publish not acknowledged (%r): %d triggers stay pending", exc, len(recs))
+            return
+        await self.confirm_published(recs)
+
+    async def confirm_published(self, recs: Sequence[Recommendation]) -> None:
+        """The broker acknowledged these: a redelivery of their triggers is a duplicate.
+
+        Until then each trigger stays pending in user state, so a worker that dies between
+        writing the state and publishing leaves its successor something to re-trigger
+        (at least once; ``trigger.event_id`` tells a consumer it has seen one already).
+        """
+        keys.STATE_PREFIX.set(self.settings.state_prefix)
+        await retry(
+            "confirm published",
+            lambda: self.store.confirm_published((r.user_id, r.trigger_event_id) for r in recs),
+        )
 
     async def handle_events(
         self, records: Sequence[RawRecord]
@@ -160,7 +199,9 @@ class Runtime:
         st.duplicates += outcome.duplicates
         st.rate_limited += outcome.rate_limited
         st.coalesced += outcome.coalesced
-        st.recommended += len(recs)
+        re_emitted = sum(r.trigger_event_id in outcome.redelivered for r in recs)
+        st.recommended += len(recs) - re_emitted
+        st.re_emitted += re_emitted
         st.degraded += sum(r.degraded for r in recs)
         st.latencies_ms.extend(r.latency_ms for r in recs)
         st.observe_batch(
@@ -314,8 +355,11 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
         async for events in micro_batches(stream, settings.batch_max, within):
             runtime.stats.record_stages({"broker_in": broker_in_ms(events)})
             recs, dead = await runtime.handle_events_isolating_failures(raw_records(events))
-            for rec in recs:
-                await recs_topic.send(key=rec.user_id.encode(), value=rec.to_json())
+            acks = [
+                await recs_topic.send(key=rec.user_id.encode(), value=rec.to_json()) for rec in recs
+            ]
+            if recs:
+                runtime.confirm_when_acknowledged(acks, recs)
             await publish_dead(dead)
 
     @app.agent(catalog_topic, name="catalog")

@@ -44,6 +44,9 @@ class IngestOutcome:
     duplicates: int = 0
     rate_limited: int = 0
     coalesced: int = 0  # triggers superseded by a later event of the same user in the batch
+    # Triggers that are duplicates (counted there too): state written by a worker that died
+    # before publishing their recommendation.  They recommend again; nothing is re-applied.
+    redelivered: set[str] = field(default_factory=set)
     query_embedding_failed: int = 0
 
 
@@ -100,21 +103,28 @@ class Ingestor:
         ]
         results = await self._store.apply_events(updates)
         latest: dict[str, ShopEvent] = {}
+        redelivered: set[str] = set()
         for event, result in zip(events, results, strict=True):
-            if not result.applied:
+            if result.applied:
+                outcome.applied += 1
+                if not result.emit:
+                    outcome.rate_limited += 1
+                    continue
+            else:
                 outcome.duplicates += 1
-                continue
-            outcome.applied += 1
-            if not result.emit:
-                outcome.rate_limited += 1
-                continue
+                if not result.emit:
+                    continue
+                redelivered.add(event.event_id)
             previous = latest.get(event.user_id)
             if previous is not None:
-                outcome.coalesced += 1
-                if previous.ts > event.ts:
+                superseded = event if previous.ts > event.ts else previous
+                if superseded.event_id not in redelivered:  # already in duplicates
+                    outcome.coalesced += 1
+                if superseded is event:
                     continue
             latest[event.user_id] = event
         outcome.triggers = list(latest.values())
+        outcome.redelivered = {e.event_id for e in outcome.triggers} & redelivered
         return outcome
 
     async def _event_vectors(

@@ -3,7 +3,9 @@
 Every input record ends in exactly one bucket: ``dead_lettered``,
 ``duplicates``, ``rate_limited``, ``coalesced`` or ``recommended`` (users a
 recommendation was published for), so ``events_in`` always equals their sum:
-nothing is dropped without a count.
+nothing is dropped without a count.  ``re_emitted`` counts recommendations published
+again for redelivered triggers (a worker died between writing the state and publishing);
+their events are in ``duplicates``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class WorkerStats:
     rate_limited: int = 0
     coalesced: int = 0
     recommended: int = 0
+    re_emitted: int = 0
     degraded: int = 0
     catalog_items: int = 0
     catalog_dead_lettered: int = 0
@@ -86,6 +89,7 @@ class WorkerStats:
             "duplicates": self.duplicates,
             "rate_limited": self.rate_limited,
             "coalesced": self.coalesced,
+            "re_emitted": self.re_emitted,
             "degraded": self.degraded,
             "catalog_items": self.catalog_items,
             "latency_ms": self.latency_percentiles(),

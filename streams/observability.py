@@ -7,6 +7,8 @@ scrape time (a custom collector), so the hot path only bumps plain counters:
     shoprec_outcomes_total{outcome}             recommended, duplicate, rate_limited, ...
     shoprec_dead_letters_total{reason}          records sent to recs.dlq, by reason
     shoprec_degraded_total                      recommendations from the fallback path
+    shoprec_re_emitted_total                    recommendations published again for triggers
+                                                redelivered after a crash before publishing
     shoprec_event_age_ms                        histogram: event time -> emission
     shoprec_stage_ms{stage}                     histogram per pipeline stage; stage="ranker"
                                                 is the Triton call
@@ -79,6 +81,11 @@ class StatsCollector(Collector):
         yield dead
         yield CounterMetricFamily(
             "shoprec_degraded", "Recommendations from the fallback path.", value=st.degraded
+        )
+        yield CounterMetricFamily(
+            "shoprec_re_emitted",
+            "Recommendations published again for triggers redelivered after a crash.",
+            value=st.re_emitted,
         )
         yield CounterMetricFamily(
             "shoprec_triton_errors",

@@ -249,6 +249,7 @@ async def _run(
                 await producer.send(req.into, r.to_json(), key=r.user_id.encode()) for r in recs
             ]
             await asyncio.gather(*sends)  # acknowledged before the checkpoint moves on
+            await runtime.confirm_published(recs)
             await checkpoint.save(reader.positions)
             report.read += len(batch)
             report.processed += len(records)
