@@ -44,7 +44,8 @@ from streams.topics import TopicNames, ensure_topics, kafka_options
 
 PERCENTILES = (50, 95, 99)
 PROBE_TIMEOUT_S = 120.0
-QUIET_S = 5.0  # output silence that ends a phase where lag cannot be read
+STATS_TAIL_BYTES = 256 * 1024  # a worker log's tail holds its latest stats line
+STALL_S = 60.0  # no progress for this long ends a drain where lag cannot be read
 
 
 def say(msg: str) -> None:
@@ -242,6 +243,9 @@ class Phase:
     output_topic: str
     group: str
     read: Reader
+    # Input events the system under test has accounted for so far; where the broker
+    # cannot report lag (Tansu), the drain waits for this to reach what was sent.
+    counted: Callable[[Received], int]
 
 
 @dataclass(slots=True)
@@ -265,7 +269,7 @@ async def run_phase(
     sampler = asyncio.create_task(sample_lag(phase.settings, phase.group, topics, stop, lags))
     try:
         offered = await offer(producer, events, rate, wall_start_ms, phase.input_topics)
-        drain_s = await drain(phase, topics, got, opts.drain_timeout_s)
+        drain_s = await drain(phase, topics, got, offered.sent, opts.drain_timeout_s)
     finally:
         stop.set()
         await asyncio.gather(receiver, sampler, return_exceptions=True)
@@ -274,16 +278,27 @@ async def run_phase(
     return PhaseResult(offered, got, lags, drain_s)
 
 
-async def drain(phase: Phase, topics: Sequence[str], got: Received, timeout_s: float) -> float:
+async def drain(
+    phase: Phase, topics: Sequence[str], got: Received, sent: int, timeout_s: float
+) -> float:
     """Wait until the group has committed everything and the output has gone quiet."""
     start = time.monotonic()
     shown = start
+    progress = (-1, start)  # (events counted, when that count last moved)
     while time.monotonic() - start < timeout_s:
         if not lag_is_known(phase.settings):
-            # Every event may trigger an output, so a worker with a backlog keeps
-            # writing; the counters then show whether anything went missing.
-            if time.monotonic() - got.last_at > QUIET_S:
-                return time.monotonic() - start
+            # No lag to read: wait until every sent event is accounted for (a quiet
+            # output alone once ended a drain while a stalled worker had 16k to go),
+            # or until nothing has moved for a minute: the counters then show the loss.
+            counted, now = phase.counted(got), time.monotonic()
+            if counted != progress[0]:
+                progress = (counted, now)
+            quiet = now - got.last_at > 1.0
+            if quiet and (counted >= sent or now - max(progress[1], got.last_at) > STALL_S):
+                return now - start
+            if time.monotonic() - shown > 5:
+                say(f"  draining: {sent - counted} events not yet counted")
+                shown = time.monotonic()
             await asyncio.sleep(0.5)
             continue
         lag = await group_lag(phase.settings, phase.group, topics)
@@ -345,6 +360,17 @@ def start_workers(settings: Settings, n: int, logs: Path) -> list[Started]:
     return workers
 
 
+def events_counted(w: Started) -> int:
+    """``events_in`` of the worker's latest periodic stats line (0 before the first)."""
+    with open(w.proc.log_path, "rb") as fh:
+        fh.seek(max(w.log_offset, fh.seek(0, os.SEEK_END) - STATS_TAIL_BYTES))
+        lines = fh.read().decode(errors="replace").splitlines()
+    for line in reversed(lines):
+        if "] stats {" in line:
+            return int(ast.literal_eval(line.split("] stats ", 1)[1].strip())["events_in"])
+    return 0
+
+
 def final_stats(w: Started) -> dict[str, Any]:
     """The counters a worker logs as it shuts down."""
     with open(w.proc.log_path, "rb") as fh:
@@ -382,7 +408,14 @@ def measure_floor(
     relay = start_process("relay", argv, settings.stack_dir / "logs" / "relay.log", {})
     try:
         wait_for_line(relay.proc, "relay ready", relay.log_offset, 60)
-        phase = Phase(relay_settings, _topic_of(names), names.recs_out, group, relayed_event)
+        phase = Phase(
+            relay_settings,
+            _topic_of(names),
+            names.recs_out,
+            group,
+            relayed_event,
+            counted=lambda got: got.records,  # one output per input
+        )
         events = source.take(_n_events(rate, opts), tag)
         result = asyncio.run(run_phase(phase, events, rate, opts))
     finally:
@@ -404,7 +437,14 @@ def measure_shoprec(
     try:
         for w in workers:
             w.cpu_at_start = cpu_seconds(w.proc.pid)
-        phase = Phase(settings, _topic_of(names), names.recs_out, settings.app_id, recommendation)
+        phase = Phase(
+            settings,
+            _topic_of(names),
+            names.recs_out,
+            settings.app_id,
+            recommendation,
+            counted=lambda _: sum(events_counted(w) for w in workers),
+        )
         events = source.take(_n_events(rate, opts), tag)
         began = time.monotonic()
         result = asyncio.run(run_phase(phase, events, rate, opts))

@@ -37,6 +37,7 @@ from bench.e2e import (
     _topic_of,
     bench_stack,
     cpu_seconds,
+    events_counted,
     final_stats,
     load_catalogue,
     machine,
@@ -224,7 +225,12 @@ def run_soak(opts: SoakOptions, model_repo: Path) -> dict[str, Any]:
         try:
             cpu0 = cpu_seconds(worker.proc.pid)
             phase = Phase(
-                settings, _topic_of(names), names.recs_out, settings.app_id, recommendation
+                settings,
+                _topic_of(names),
+                names.recs_out,
+                settings.app_id,
+                recommendation,
+                counted=lambda _: events_counted(worker),
             )
             say(f"soak: {len(events)} events at {opts.rate:.0f}/s for {opts.duration_s:.0f} s ...")
             began = time.monotonic()
