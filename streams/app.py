@@ -155,10 +155,9 @@ class Runtime:
     ) -> None:
         try:
             await asyncio.gather(*acks)
-        except Exception as exc:
-            log.warning("publish not acknowledged (%r): %d triggers stay pending", exc, len(recs))
-            return
-        await self.confirm_published(recs)
+            await self.confirm_published(recs)
+        except Exception as exc:  # never fatal: a redelivery would only recommend again
+            log.warning("%d triggers stay pending: %s", len(recs), redact.exception_ref(exc))
 
     async def confirm_published(self, recs: Sequence[Recommendation]) -> None:
         """The broker acknowledged these: a redelivery of their triggers is a duplicate.

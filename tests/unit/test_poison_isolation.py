@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import pytest
 
@@ -47,3 +48,34 @@ async def test_poison_record_is_dead_lettered_and_the_rest_processed(
     assert len(failed) == 1 and "shop.views[0]@1" in failed[0]
     assert "KeyError at test_poison_isolation.py" in failed[0]
     assert "alice" not in caplog.text
+
+
+class FailingStore:
+    def __init__(self) -> None:
+        self.confirmed: list[tuple[str, str]] = []
+
+    async def confirm_published(self, triggers: Iterable[tuple[str, str]]) -> int:
+        self.confirmed += list(triggers)
+        raise ValueError("confirm failed")
+
+
+async def test_a_publish_or_confirmation_failure_leaves_triggers_pending_without_crashing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rt = OnePoisonRuntime()
+    store = FailingStore()
+    rt.store = store  # type: ignore[assignment]
+    rec = Recommendation("u1", (), "m", "e1", "view", 0, 0, False)
+
+    async def acked() -> None:
+        return None
+
+    async def not_acked() -> None:
+        raise ConnectionError("broker gone")
+
+    rt.confirm_when_acknowledged([not_acked()], [rec])
+    rt.confirm_when_acknowledged([acked()], [rec])
+    await asyncio.sleep(0.1)
+    assert store.confirmed == [("u1", "e1")], "only the acknowledged publish is confirmed"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("1 triggers stay pending" in w for w in warnings)
