@@ -66,7 +66,8 @@ async def inspect_user(
             pipe.zcard(keys.user_events(user_id))
             pipe.exists(keys.user_query(user_id))
             pipe.ttl(keys.user_meta(user_id))
-            emb, meta_raw, hist_raw, n_ids, has_query, ttl = await pipe.execute()
+            pipe.get(keys.user_pending(user_id))
+            emb, meta_raw, hist_raw, n_ids, has_query, ttl, pending = await pipe.execute()
         meta = {k.decode(): v for k, v in cast(dict[bytes, bytes], meta_raw).items()}
         raw = vector_from_bytes(emb)
         unit = normalise(raw, keys.EMB_DIM) if raw is not None else None
@@ -81,6 +82,9 @@ async def inspect_user(
                 "newest_event": iso(_int(meta.get("ref_ts"))),
                 "last_emit": iso(_int(meta.get("last_emit_ts"))),
                 "event_ids_in_dedupe_window": n_ids,
+                # Set between the state write and the broker's acknowledgement of the
+                # recommendation; one left behind means a publish never confirmed.
+                "unconfirmed_trigger": pending.decode() if pending else None,
                 "ttl_s": ttl,
             },
             "embedding": {
@@ -173,7 +177,8 @@ def format_user(doc: dict[str, Any]) -> str:
         f"user {doc['user_id']}"
         + (f"  (state prefix {doc['state_prefix']!r})" if doc["state_prefix"] else ""),
         f"  events {c['events']}  newest {c['newest_event']}  last emit {c['last_emit']}  "
-        f"ttl {c['ttl_s']} s  ids in dedupe window {c['event_ids_in_dedupe_window']}",
+        f"ttl {c['ttl_s']} s  ids in dedupe window {c['event_ids_in_dedupe_window']}"
+        + (f"  unconfirmed trigger {c['unconfirmed_trigger']}" if c["unconfirmed_trigger"] else ""),
         f"  embedding: {'decayed norm ' + str(e['decayed_norm']) if e['present'] else 'none'}"
         + ("  + search query" if e["has_search_query"] else ""),
     ]

@@ -77,6 +77,7 @@ async def test_inspect_user_and_item(live: LiveRun) -> None:
     doc = json_out(shoprec(s, "inspect", "user", user, "--json"))
     mine = [e for e in live.events if e["user_id"] == user]
     assert doc["known"] and doc["counters"]["events"] == len(mine)
+    assert doc["counters"]["unconfirmed_trigger"] is None, "every publish was confirmed"
     assert {h["item_id"] for h in doc["history"]} <= {e["item_id"] for e in mine}
     assert doc["history"][0]["name"]  # item names resolved from the catalogue
     assert doc["embedding"]["present"] and doc["embedding"]["nearest_items"]
