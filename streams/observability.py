@@ -199,12 +199,21 @@ def install(app: Any, stats: WorkerStats, settings: Settings, topics: Sequence[s
     async def start_metrics() -> None:
         serve_metrics(settings, collector)
 
+    failing = False
+
     @app.timer(LAG_EVERY_S)  # type: ignore[untyped-decorator]
     async def probe_lag() -> None:
+        nonlocal failing
         try:
             collector.lag = await probe.measure()
         except Exception as exc:  # lag is advisory; the next probe tries again
-            log.warning("consumer lag probe failed: %r", exc)
+            # Once per outage, not every 10 s (Tansu, for one, never answers it).
+            log.log(logging.DEBUG if failing else logging.WARNING, "lag probe failed: %r", exc)
+            failing = True
+        else:
+            if failing:
+                log.info("lag probe answers again")
+            failing = False
 
     @app.on_before_shutdown.connect  # type: ignore[untyped-decorator]
     async def close_probe(sender: Any, /, *args: Any, **kwargs: Any) -> None:

@@ -1,0 +1,66 @@
+"""Each event lands in exactly one bucket, redelivered pending triggers included."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+
+from features.store import UpdateResult, UserUpdate
+from streams.events import Limits
+from streams.ingest import Ingestor, RawRecord
+
+T0 = 1_764_000_000_000
+
+# (event id, user, ts offset, applied, emit): applied False + emit True is a trigger
+# redelivered after a crash before its recommendation was published.
+SCRIPT = [
+    ("e1", "u1", 1, False, True),  # redelivered, then superseded by e2: a duplicate only
+    ("e2", "u1", 2, True, True),
+    ("e3", "u2", 5, True, True),
+    ("e4", "u2", 3, False, True),  # redelivered but older than e3: a duplicate only
+    ("e5", "u3", 1, False, True),  # redelivered alone: recommends again
+    ("e6", "u4", 1, True, True),  # superseded by e7: coalesced
+    ("e7", "u4", 2, True, True),
+    ("e8", "u5", 1, True, False),  # rate-limited
+    ("e9", "u5", 2, False, False),  # a plain duplicate
+]
+
+
+class ScriptedStore:
+    async def apply_events(self, updates: Sequence[UserUpdate]) -> list[UpdateResult]:
+        by_id = {s[0]: s for s in SCRIPT}
+        return [UpdateResult(by_id[u.event_id][3], by_id[u.event_id][4], []) for u in updates]
+
+
+class NoVectors:
+    def vector(self, item_id: str) -> None:
+        return None
+
+
+class NoEncoder:
+    async def encode(self, texts: Sequence[str]) -> list[list[float]]:
+        raise AssertionError("no searches here")
+
+
+async def test_redelivered_triggers_recommend_once_and_every_event_is_counted_once() -> None:
+    records = [
+        RawRecord(
+            "shop.views",
+            0,
+            n,
+            user.encode(),
+            orjson.dumps(
+                {"event_id": eid, "type": "view", "user_id": user, "ts": T0 + dt, "item_id": "i"}
+            ),
+        )
+        for n, (eid, user, dt, _, _) in enumerate(SCRIPT)
+    ]
+    ingestor = Ingestor(ScriptedStore(), NoVectors(), NoEncoder(), Limits(), lambda: T0)  # type: ignore[arg-type]
+    out = await ingestor.ingest(records)
+    assert sorted(e.event_id for e in out.triggers) == ["e2", "e3", "e5", "e7"]
+    assert out.redelivered == {"e5"}
+    assert (out.duplicates, out.rate_limited, out.coalesced) == (4, 1, 1)
+    # The worker's books: a re-emitted recommendation is not counted as recommended.
+    recommended = len(out.triggers) - len(out.redelivered)
+    assert out.duplicates + out.rate_limited + out.coalesced + recommended == len(SCRIPT)
