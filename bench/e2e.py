@@ -371,6 +371,19 @@ def events_counted(w: Started) -> int:
     return 0
 
 
+def worker_phase(settings: Settings, workers: Sequence[Started]) -> Phase:
+    """shoprec's workers under test: shop topics in, recs.out out, counted from their logs."""
+    names = TopicNames.from_settings(settings)
+    return Phase(
+        settings,
+        _topic_of(names),
+        names.recs_out,
+        settings.app_id,
+        recommendation,
+        counted=lambda _: sum(events_counted(w) for w in workers),
+    )
+
+
 def final_stats(w: Started) -> dict[str, Any]:
     """The counters a worker logs as it shuts down."""
     with open(w.proc.log_path, "rb") as fh:
@@ -432,19 +445,11 @@ def measure_shoprec(
     opts: BenchOptions,
     tag: str,
 ) -> dict[str, Any]:
-    names = TopicNames.from_settings(settings)
     workers = start_workers(settings, n_workers, settings.stack_dir / "logs")
     try:
         for w in workers:
             w.cpu_at_start = cpu_seconds(w.proc.pid)
-        phase = Phase(
-            settings,
-            _topic_of(names),
-            names.recs_out,
-            settings.app_id,
-            recommendation,
-            counted=lambda _: sum(events_counted(w) for w in workers),
-        )
+        phase = worker_phase(settings, workers)
         events = source.take(_n_events(rate, opts), tag)
         began = time.monotonic()
         result = asyncio.run(run_phase(phase, events, rate, opts))

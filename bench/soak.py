@@ -34,10 +34,8 @@ from bench.e2e import (
     Phase,
     PhaseResult,
     Received,
-    _topic_of,
     bench_stack,
     cpu_seconds,
-    events_counted,
     final_stats,
     load_catalogue,
     machine,
@@ -45,17 +43,17 @@ from bench.e2e import (
     peak_rss_mb,
     percentiles_of,
     receive,
-    recommendation,
     say,
     start_output_consumer,
     start_workers,
     summarise_run,
+    worker_phase,
 )
 from infra import procs
 from shoprec.errors import ShoprecError, StackError
 from shoprec.settings import Settings
 from streams.produce import start_producer
-from streams.topics import TopicNames, kafka_options
+from streams.topics import kafka_options
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "rees46-sample"
@@ -212,7 +210,6 @@ def run_soak(opts: SoakOptions, model_repo: Path) -> dict[str, Any]:
     with bench_stack(opts.broker, model_repo, opts.min_emit_interval_ms) as base:
         n_items = load_catalogue(base, opts.data)
         settings: Settings = base.model_copy(update={"app_id": "shoprec-soak"})
-        names = TopicNames.from_settings(settings)
         bench_opts = BenchOptions(
             data=opts.data,
             rates=[opts.rate],
@@ -224,14 +221,7 @@ def run_soak(opts: SoakOptions, model_repo: Path) -> dict[str, Any]:
         [worker] = start_workers(settings, 1, settings.stack_dir / "logs")
         try:
             cpu0 = cpu_seconds(worker.proc.pid)
-            phase = Phase(
-                settings,
-                _topic_of(names),
-                names.recs_out,
-                settings.app_id,
-                recommendation,
-                counted=lambda _: events_counted(worker),
-            )
+            phase = worker_phase(settings, [worker])
             say(f"soak: {len(events)} events at {opts.rate:.0f}/s for {opts.duration_s:.0f} s ...")
             began = time.monotonic()
             with RssSampler(worker.proc.pid) as rss:
