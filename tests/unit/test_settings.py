@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from shoprec.cli import main
 from shoprec.settings import Settings
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
 def test_every_setting_is_documented() -> None:
