@@ -17,7 +17,6 @@ of a dataset, cycled with fresh event ids when a run needs more of them.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import contextlib
 import os
@@ -32,19 +31,25 @@ from typing import Any
 
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import SecretStr
 
 from infra import procs
+from ops.produce import (
+    dataset_files,
+    produce_catalog,
+    read_jsonl,
+    start_producer,
+    wait_for_catalog,
+)
 from shoprec.errors import StackError
 from shoprec.settings import Settings, load_settings
-from streams.produce import dataset_files, produce_catalog, read_jsonl, start_producer
+from streams.lag import group_lag, lag_is_known
+from streams.observability import scrape
 from streams.topics import TopicNames, ensure_topics, kafka_options
 
 PERCENTILES = (50, 95, 99)
 PROBE_TIMEOUT_S = 120.0
-STATS_TAIL_BYTES = 256 * 1024  # a worker log's tail holds its latest stats line
 STALL_S = 60.0  # no progress for this long ends a drain where lag cannot be read
 
 
@@ -190,39 +195,6 @@ async def receive(
 # --- lag --------------------------------------------------------------------------
 
 
-async def group_lag(settings: Settings, group: str, topics: Sequence[str]) -> int:
-    """Input records not yet committed by ``group`` (Faust commits every few seconds).
-
-    Committed offsets come through a consumer of the group that never joins it (the
-    admin API's OffsetFetch version is one Tansu does not speak)."""
-    admin = AIOKafkaAdminClient(**kafka_options(settings))
-    probe = AIOKafkaConsumer(**kafka_options(settings), group_id=group, enable_auto_commit=False)
-    await admin.start()
-    await probe.start()
-    try:
-        # The probe subscribes to nothing, so it knows no partitions: ask the cluster.
-        described = await admin.describe_topics(list(topics))
-        parts = [
-            TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]
-        ]
-        if not parts:
-            raise StackError(f"no partitions found for {', '.join(topics)}")
-        ends = await probe.end_offsets(parts)
-        lag = 0
-        for tp, end in ends.items():
-            lag += end - (await probe.committed(tp) or 0)
-        return lag
-    finally:
-        await probe.stop()
-        await admin.close()
-
-
-def lag_is_known(settings: Settings) -> bool:
-    """Tansu's ListOffsets answers are not end offsets (measured: 4 for 10 records), so
-    consumer lag cannot be computed there."""
-    return settings.broker != "tansu"
-
-
 async def sample_lag(
     settings: Settings, group: str, topics: Sequence[str], stop: asyncio.Event, out: list[int]
 ) -> None:
@@ -254,6 +226,12 @@ class PhaseResult:
     received: Received
     lags: list[int]
     drain_s: float
+    drained: bool  # False: the backlog was not worked off within the drain timeout
+
+    def raise_unless_drained(self, phase: Phase, timeout_s: float) -> PhaseResult:
+        if not self.drained:
+            raise StackError(f"{phase.group} did not catch up within {timeout_s:.0f} s")
+        return self
 
 
 async def run_phase(
@@ -275,13 +253,16 @@ async def run_phase(
         await asyncio.gather(receiver, sampler, return_exceptions=True)
         await producer.stop()
         await consumer.stop()
-    return PhaseResult(offered, got, lags, drain_s)
+    if drain_s is None:
+        return PhaseResult(offered, got, lags, opts.drain_timeout_s, drained=False)
+    return PhaseResult(offered, got, lags, drain_s, drained=True)
 
 
 async def drain(
     phase: Phase, topics: Sequence[str], got: Received, sent: int, timeout_s: float
-) -> float:
-    """Wait until the group has committed everything and the output has gone quiet."""
+) -> float | None:
+    """Seconds until the group has committed everything and the output has gone quiet;
+    None when that did not happen within ``timeout_s``."""
     start = time.monotonic()
     shown = start
     progress = (-1, start)  # (events counted, when that count last moved)
@@ -308,7 +289,7 @@ async def drain(
             say(f"  draining: {lag} events behind")
             shown = time.monotonic()
         await asyncio.sleep(0.5)
-    raise StackError(f"{phase.group} did not catch up within {timeout_s:.0f} s")
+    return None
 
 
 # --- the processes under test -----------------------------------------------------
@@ -341,6 +322,11 @@ class Started:
     proc: procs.Proc
     log_offset: int
     cpu_at_start: float = 0.0
+    metrics_url: str = ""  # a worker's Prometheus endpoint, where its counters are read
+
+    def counters(self) -> dict[str, Any]:
+        """The worker's counters now, from its metrics endpoint."""
+        return scrape(self.metrics_url)
 
 
 def start_process(name: str, argv: Sequence[str], log: Path, env: dict[str, str]) -> Started:
@@ -350,29 +336,29 @@ def start_process(name: str, argv: Sequence[str], log: Path, env: dict[str, str]
 
 
 def start_workers(settings: Settings, n: int, logs: Path) -> list[Started]:
-    argv = [sys.executable, "-m", "shoprec.cli", "worker"]
-    workers = [
-        start_process(f"worker-{i}", argv, logs / f"worker-{i}.log", settings.as_env())
-        for i in range(n)
-    ]
+    """``n`` workers, each with a metrics endpoint on a free port of its own."""
+    argv = [sys.executable, "-m", "cli.main", "worker"]
+    workers = []
+    for i, port in enumerate(procs.free_ports(n)):
+        env = settings.model_copy(update={"metrics_port": port}).as_env()
+        worker = start_process(f"worker-{i}", argv, logs / f"worker-{i}.log", env)
+        worker.metrics_url = f"http://{settings.metrics_host}:{port}/metrics"
+        workers.append(worker)
     for w in workers:
         wait_for_line(w.proc, "Worker ready", w.log_offset, PROBE_TIMEOUT_S)
     return workers
 
 
 def events_counted(w: Started) -> int:
-    """``events_in`` of the worker's latest periodic stats line (0 before the first)."""
-    with open(w.proc.log_path, "rb") as fh:
-        fh.seek(max(w.log_offset, fh.seek(0, os.SEEK_END) - STATS_TAIL_BYTES))
-        lines = fh.read().decode(errors="replace").splitlines()
-    for line in reversed(lines):
-        if "] stats {" in line:
-            return int(ast.literal_eval(line.split("] stats ", 1)[1].strip())["events_in"])
-    return 0
+    """Input records the worker has counted so far (0 while its endpoint is not up)."""
+    try:
+        return int(w.counters()["events_in"])
+    except OSError:
+        return 0
 
 
 def worker_phase(settings: Settings, workers: Sequence[Started]) -> Phase:
-    """shoprec's workers under test: shop topics in, recs.out out, counted from their logs."""
+    """shoprec's workers under test: shop topics in, recs.out out, counted by their metrics."""
     names = TopicNames.from_settings(settings)
     return Phase(
         settings,
@@ -382,18 +368,6 @@ def worker_phase(settings: Settings, workers: Sequence[Started]) -> Phase:
         recommendation,
         counted=lambda _: sum(events_counted(w) for w in workers),
     )
-
-
-def final_stats(w: Started) -> dict[str, Any]:
-    """The counters a worker logs as it shuts down."""
-    with open(w.proc.log_path, "rb") as fh:
-        fh.seek(w.log_offset)
-        lines = fh.read().decode(errors="replace").splitlines()
-    for line in reversed(lines):
-        if "final stats " in line:
-            stats: dict[str, Any] = ast.literal_eval(line.split("final stats ", 1)[1].strip())
-            return stats
-    raise StackError(f"{w.proc.name} logged no final stats (see {w.proc.log_path})")
 
 
 # --- one offered rate -------------------------------------------------------------
@@ -431,6 +405,7 @@ def measure_floor(
         )
         events = source.take(_n_events(rate, opts), tag)
         result = asyncio.run(run_phase(phase, events, rate, opts))
+        result.raise_unless_drained(phase, opts.drain_timeout_s)
     finally:
         procs.stop(relay.proc)
     lost = result.offered.sent - result.received.records
@@ -453,13 +428,15 @@ def measure_shoprec(
         events = source.take(_n_events(rate, opts), tag)
         began = time.monotonic()
         result = asyncio.run(run_phase(phase, events, rate, opts))
+        result.raise_unless_drained(phase, opts.drain_timeout_s)
         busy_s = result.received.last_at - began
         cpu = [cpu_seconds(w.proc.pid) - w.cpu_at_start for w in workers]
         rss = [peak_rss_mb(w.proc.pid) for w in workers]
+        # Drained: every input record is committed, so the counters are final.
+        stats = [w.counters() for w in workers]
     finally:
         for w in workers:
             procs.stop(w.proc)
-    stats = [final_stats(w) for w in workers]
     return summarise_run(result, stats, busy_s, cpu, rss) | {"workers": n_workers}
 
 
@@ -553,7 +530,7 @@ def bench_stack(broker: str, model_repo: Path, min_emit_interval_ms: int) -> Ite
                     "app_id": "shoprec-bench",
                     # 0: every event may trigger, the heaviest load the worker can get.
                     "min_emit_interval_ms": min_emit_interval_ms,
-                    # Several workers share the host: no fixed metrics port to fight over.
+                    # Several workers share the host: each gets a free port when it starts.
                     "metrics_port": 0,
                 }
             )
@@ -562,8 +539,6 @@ def bench_stack(broker: str, model_repo: Path, min_emit_interval_ms: int) -> Ite
 
 
 def load_catalogue(settings: Settings, data: Path) -> int:
-    from shoprec.demo import wait_for_catalog
-
     asyncio.run(ensure_topics(settings))
     n_items = sum(1 for _ in read_jsonl(data / "items.jsonl.gz"))
     [worker] = start_workers(settings, 1, settings.stack_dir / "logs")
@@ -575,7 +550,9 @@ def load_catalogue(settings: Settings, data: Path) -> int:
                 await produce_catalog(producer, TopicNames.from_settings(settings), data)
             finally:
                 await producer.stop()
-            return await wait_for_catalog(settings, n_items, 900, worker.proc)
+            return await wait_for_catalog(
+                settings, n_items, 900, lambda: procs.is_alive(worker.proc)
+            )
 
         took = asyncio.run(load())
     finally:

@@ -118,8 +118,8 @@ def percentiles(values: Sequence[float]) -> dict[str, float | None]:
 
 
 def read_dataset(folder: Path) -> tuple[list[Any], list[dict[str, Any]]]:
-    from streams.events import CatalogItem
-    from streams.produce import dataset_files, read_jsonl
+    from ops.produce import dataset_files, read_jsonl
+    from shoprec.events import CatalogItem
 
     items_path, events_path = dataset_files(folder)
     fields = set(CatalogItem.__dataclass_fields__)

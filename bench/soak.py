@@ -8,52 +8,41 @@ lag every second; afterwards the worker's final counters are checked against
 what was offered.  Results: JSON and a three-panel plot (memory, lag, latency
 per window) beside it.
 
-Reuses the end-to-end benchmark's load generator and output consumer
-(:mod:`bench.e2e`), so the two measure latency the same way.
+Runs the end-to-end benchmark's phase (:mod:`bench.e2e`: load generator, output
+consumer, lag samples, drain), so the two measure latency, and drain on a broker
+without lag (Tansu), the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.e2e import (
     BenchOptions,
     EventSource,
-    Phase,
-    PhaseResult,
-    Received,
     bench_stack,
     cpu_seconds,
-    final_stats,
     load_catalogue,
     machine,
-    offer,
     peak_rss_mb,
     percentiles_of,
-    receive,
+    run_phase,
     say,
-    start_output_consumer,
     start_workers,
     summarise_run,
     worker_phase,
 )
 from infra import procs
-from shoprec.errors import ShoprecError, StackError
+from shoprec.errors import ShoprecError
 from shoprec.settings import Settings
-from streams.produce import start_producer
-from streams.topics import kafka_options
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "rees46-sample"
@@ -134,77 +123,6 @@ def latency_windows(latencies_ms: list[float], n: int = WINDOWS) -> list[dict[st
     return [percentiles_of(list(part)) for part in np.array_split(latencies_ms, n) if len(part)]
 
 
-async def input_lag(settings: Settings, group: str, topics: Sequence[str]) -> int:
-    """Input records ``group`` has not committed, over every partition of ``topics``.
-
-    The partitions are counted from the settings (shoprec creates its topics with
-    ``topic_partitions``): a consumer's ``partitions_for_topic`` knows nothing of
-    topics it is not subscribed to, and would make every lag 0.
-    """
-    admin = AIOKafkaAdminClient(**kafka_options(settings))
-    probe = AIOKafkaConsumer(**kafka_options(settings), group_id=None)
-    await admin.start()
-    await probe.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(group)
-        parts = [TopicPartition(t, p) for t in topics for p in range(settings.topic_partitions)]
-        ends = await probe.end_offsets(parts)
-        return sum(e - (committed[tp].offset if tp in committed else 0) for tp, e in ends.items())
-    finally:
-        await probe.stop()
-        await admin.close()
-
-
-async def sample_lag(
-    phase: Phase, topics: Sequence[str], stop: asyncio.Event, out: list[int]
-) -> None:
-    while not stop.is_set():
-        with contextlib.suppress(Exception):  # a sample missed while the group rebalances
-            out.append(await input_lag(phase.settings, phase.group, topics))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
-
-
-async def drain(phase: Phase, topics: Sequence[str], got: Received, timeout_s: float) -> float:
-    """Seconds until the group has committed everything and the output has gone quiet."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        lag = await input_lag(phase.settings, phase.group, topics)
-        if lag == 0 and time.monotonic() - got.last_at > 1.0:
-            return time.monotonic() - start
-        await asyncio.sleep(1.0)
-    raise StackError(f"{phase.group} did not catch up within {timeout_s:.0f} s")
-
-
-async def soak_phase(
-    phase: Phase, events: list[dict[str, Any]], rate: float, opts: BenchOptions
-) -> tuple[PhaseResult, bool]:
-    """bench.e2e's run_phase, except that a backlog not drained in time is a result
-    (``drained`` False), not an error: the counters then say how far it got."""
-    consumer = await start_output_consumer(phase.settings, phase.output_topic)
-    producer = await start_producer(phase.settings)
-    wall_start_ms = time.time() * 1000 + 100
-    since_ms = int(wall_start_ms + opts.warmup_s * 1000)
-    got, stop, lags = Received(), asyncio.Event(), list[int]()
-    topics = sorted(set(phase.input_topics.values()))
-    receiver = asyncio.create_task(receive(consumer, phase.read, since_ms, got, stop))
-    sampler = asyncio.create_task(sample_lag(phase, topics, stop, lags))
-    drained, drain_s = True, float(opts.drain_timeout_s)
-    try:
-        offered = await offer(producer, events, rate, wall_start_ms, phase.input_topics)
-        try:
-            drain_s = await drain(phase, topics, got, opts.drain_timeout_s)
-        except StackError as exc:
-            say(f"soak: {exc}")
-            drained = False
-    finally:
-        stop.set()
-        await asyncio.gather(receiver, sampler, return_exceptions=True)
-        await producer.stop()
-        await consumer.stop()
-    return PhaseResult(offered, got, lags, drain_s), drained
-
-
 def run_soak(opts: SoakOptions, model_repo: Path) -> dict[str, Any]:
     source = EventSource(opts.data)
     with bench_stack(opts.broker, model_repo, opts.min_emit_interval_ms) as base:
@@ -225,13 +143,17 @@ def run_soak(opts: SoakOptions, model_repo: Path) -> dict[str, Any]:
             say(f"soak: {len(events)} events at {opts.rate:.0f}/s for {opts.duration_s:.0f} s ...")
             began = time.monotonic()
             with RssSampler(worker.proc.pid) as rss:
-                result, drained = asyncio.run(soak_phase(phase, events, opts.rate, bench_opts))
+                # A backlog not drained in time is a result, not an error: the counters
+                # then say how far the worker got.
+                result = asyncio.run(run_phase(phase, events, opts.rate, bench_opts))
+            if not result.drained:
+                say(f"soak: {phase.group} did not catch up in {bench_opts.drain_timeout_s:.0f} s")
             busy_s = result.received.last_at - began
             cpu = cpu_seconds(worker.proc.pid) - cpu0
             peak = peak_rss_mb(worker.proc.pid)
+            stats = worker.counters()
         finally:
             procs.stop(worker.proc)
-        stats = final_stats(worker)
     run = summarise_run(result, [stats], busy_s, [cpu], [peak])
     buckets = ("recommended", "dead_lettered", "duplicates", "rate_limited", "coalesced")
     c = run["counters"]
@@ -243,7 +165,7 @@ def run_soak(opts: SoakOptions, model_repo: Path) -> dict[str, Any]:
         "duration_s": opts.duration_s,
         "min_emit_interval_ms": opts.min_emit_interval_ms,
         "machine": machine(),
-        "drained": drained,
+        "drained": result.drained,
         "nothing_lost": run["lost"] == 0
         and c["events_in"] == sum(c[b] for b in buckets) == result.offered.sent,
         "memory": memory_trend(rss.samples) | {"rss_mb": rss.samples},

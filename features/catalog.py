@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from features import keys
 from features.user_state import Vector, vector_to_bytes
-from streams.events import CatalogItem
+from shoprec.events import CatalogItem
 
 # The log only needs to reach every follower once; followers that fall further
 # behind than this reload the whole table.

@@ -26,8 +26,7 @@ from redis.asyncio import Redis
 from features import keys
 from features.ann import ANN_MIN_ITEMS, ExactIndex, IvfIndex, RetrievalIndex
 from features.behavioural import refresh_behavioural
-from features.user_state import Vector, vector_from_bytes
-from ranking.item_table import (
+from features.item_table import (
     ItemRecord,
     ItemTable,
     parse_log_entries,
@@ -35,6 +34,7 @@ from ranking.item_table import (
     records_from_replies,
     stream_entries,
 )
+from features.user_state import Vector, vector_from_bytes
 
 REFRESH_CHUNK = 500
 # Behavioural embeddings move slowly (co-visitation accumulates): a slice a minute,

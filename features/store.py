@@ -39,7 +39,6 @@ from features.decay import (
     window_buckets,
 )
 from features.user_state import (
-    EVENT_WEIGHTS,
     HistoryEntry,
     Vector,
     decode_history,
@@ -48,6 +47,7 @@ from features.user_state import (
     vector_from_bytes,
     vector_to_bytes,
 )
+from shoprec.events import EVENT_WEIGHTS
 
 HOUR_BUCKET_TTL_S = 2 * 86_400
 DAY_BUCKET_TTL_S = 3 * 86_400
@@ -62,6 +62,8 @@ CATEGORY_SOURCES = 2
 COVIS_SPAN = 5
 # Two purchases further apart than this are not "bought together".
 COVIS_WINDOW_MS = 24 * HOUR_MS
+# Purchases and searches change what a user wants right now: always answer them.
+ALWAYS_EMIT = frozenset({"purchase", "search"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +248,7 @@ class FeatureStore:
             for key, ttl in popularity_keys(u.ts, self._category_of(u.item_id)):
                 bump(key, u.item_id, weight, (ttl, 0))
             pair = forward_weight(u.ts)
-            for other in _covisited(u, r.recent):
+            for other in covisited(u.item_id, u.ts, r.recent):
                 covis_limit = (COVIS_TTL_S, COVIS_KEEP)
                 bump(keys.item_covis(u.item_id), other, pair, covis_limit)
                 bump(keys.item_covis(other), u.item_id, pair, covis_limit)
@@ -355,15 +357,17 @@ class FeatureStore:
         return normalise(vector_from_bytes(raw), self._dim)
 
 
-def _covisited(update: UserUpdate, recent: Sequence[HistoryEntry]) -> list[str]:
-    """Items the user touched shortly before this one (excluding itself), at most COVIS_SPAN."""
+def covisited(item_id: str, ts: int, recent: Sequence[HistoryEntry]) -> list[str]:
+    """The items an event on ``item_id`` at ``ts`` pairs with for co-visitation: those of
+    the user's ``recent`` history (newest first) within ``COVIS_WINDOW_MS``, distinct, not
+    the item itself, at most ``COVIS_SPAN``.  The live store and the rebuild's fold
+    (``features/fold.py``) both pair with this."""
     out: list[str] = []
     for h in recent:
-        near = abs(update.ts - h.ts) <= COVIS_WINDOW_MS
-        if near and h.item_id != update.item_id and h.item_id not in out:
+        if h.item_id != item_id and abs(ts - h.ts) <= COVIS_WINDOW_MS and h.item_id not in out:
             out.append(h.item_id)
-        if len(out) >= COVIS_SPAN:
-            break
+            if len(out) >= COVIS_SPAN:
+                break
     return out
 
 

@@ -1,26 +1,14 @@
 """The maths of a user's state, as pure functions (the Lua script mirrors them).
 
-Event weights: a purchase says most about taste, then a cart, a click, a view.
-A search contributes the query's embedding with the weight of a click.
+Event weights: ``shoprec.events.EVENT_WEIGHTS``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-
-EVENT_WEIGHTS: Final[dict[str, float]] = {
-    "view": 1.0,
-    "click": 2.0,
-    "search": 2.0,
-    "cart": 3.0,
-    "purchase": 4.0,
-}
-# The ranker's HISTORY_TYPES codes; 0 is padding.
-TYPE_CODES: Final[dict[str, int]] = {"view": 1, "click": 2, "cart": 3, "purchase": 4, "search": 5}
 
 Vector = npt.NDArray[np.float32]
 

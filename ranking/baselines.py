@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from features.user_state import EVENT_WEIGHTS, TYPE_CODES
 from ranking.data import Dataset, Period, Query
 from ranking.evaluate import F32, Metrics, Scorer, evaluate_scorer
+from shoprec.events import EVENT_WEIGHTS, EventType, event_code
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,9 @@ class Popularity:
     def __init__(self, ds: Dataset, window_ms: int | None) -> None:
         self.ts = ds.events.ts
         self.items = ds.events.item
-        weights = np.zeros(max(TYPE_CODES.values()) + 1, np.float32)
-        for name, code in TYPE_CODES.items():
-            weights[code] = EVENT_WEIGHTS[name]
+        weights = np.zeros(len(EventType), np.float32)
+        for name, weight in EVENT_WEIGHTS.items():
+            weights[event_code(name)] = weight
         self.w = weights[ds.events.type]
         self.n = len(ds.catalogue)
         self.window = window_ms

@@ -28,7 +28,6 @@ from ranking.fusion import (
     TRITON_INPUTS,
     TRITON_OUTPUTS,
     HistoryEvent,
-    HistoryType,
     RankBatch,
     RankRow,
     Reason,
@@ -39,7 +38,6 @@ from shoprec.retry import retry
 __all__ = [
     "MAX_BATCH",
     "HistoryEvent",
-    "HistoryType",
     "RankBatch",
     "RankResult",
     "RankRow",

@@ -44,10 +44,9 @@ from features.decay import (
 )
 from features.keys import EMB_DIM
 from features.store import COVIS_SOURCES, COVIS_SPAN, COVIS_WINDOW_MS
-from features.user_state import EVENT_WEIGHTS, TYPE_CODES
-from shoprec.errors import ShoprecError
+from shoprec.errors import DatasetError
+from shoprec.events import EVENT_TYPES, EVENT_WEIGHTS, CatalogItem, EventType, event_code
 from shoprec.settings import Settings
-from streams.events import CatalogItem
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +62,6 @@ COVIS_WIDE = 200
 TRENDING_N = 50
 RECENT_SEEN = 5
 """The update script hands co-visitation the user's five latest history entries."""
-
-
-class DataError(ShoprecError):
-    """A dataset folder is missing or malformed."""
 
 
 class Period(IntEnum):
@@ -128,7 +123,7 @@ class Query:
         if not self.hist_items.size:
             return set()
         since_latest = self.hist_age_s - self.hist_age_s.min()
-        just = (self.hist_types == TYPE_CODES["purchase"]) & (
+        just = (self.hist_types == EventType.PURCHASE) & (
             since_latest * 1000.0 <= JUST_PURCHASED_MS
         )
         out = {int(i) for i in self.hist_items[just]}
@@ -172,7 +167,7 @@ class Dataset:
 
 def _read_jsonl(path: Path) -> Iterator[dict[str, object]]:
     if not path.is_file():
-        raise DataError(
+        raise DatasetError(
             f"{path} not found: a dataset folder holds events.jsonl.gz and items.jsonl.gz"
         )
     with gzip.open(path, "rb") as fh:
@@ -208,7 +203,7 @@ def load_events(folder: Path, catalogue: Catalogue) -> Events:
     rows: list[tuple[int, int, int, int]] = []
     for rec in _read_jsonl(folder / "events.jsonl.gz"):
         etype, item = str(rec.get("type")), rec.get("item_id")
-        if item is None or etype not in TYPE_CODES or etype == "search":
+        if item is None or etype not in EVENT_TYPES or etype == "search":
             continue
         item_id = str(item)
         if item_id not in index:
@@ -218,10 +213,10 @@ def load_events(folder: Path, catalogue: Catalogue) -> Events:
         uid = users.setdefault(str(rec["user_id"]), len(users))
         ts = rec["ts"]
         if not isinstance(ts, int):
-            raise DataError(f"event {rec.get('event_id')} has a non-integer ts")
-        rows.append((ts, uid, index[item_id], TYPE_CODES[etype]))
+            raise DatasetError(f"event {rec.get('event_id')} has a non-integer ts")
+        rows.append((ts, uid, index[item_id], event_code(etype)))
     if not rows:
-        raise DataError(f"{folder} has no item events")
+        raise DatasetError(f"{folder} has no item events")
     arr = np.array(rows, dtype=np.int64)
     order = np.argsort(arr[:, 0], kind="stable")
     arr = arr[order]
@@ -269,7 +264,7 @@ def time_cuts(ts: I64, valid_frac: float, test_frac: float) -> tuple[int, int]:
     v = int(ts[min(n - 1, int(n * (1.0 - valid_frac - test_frac)))])
     t = int(ts[min(n - 1, int(n * (1.0 - test_frac)))])
     if not v < t:
-        raise DataError("the dataset's time span is too short to split into three periods")
+        raise DatasetError("the dataset's time span is too short to split into three periods")
     return v, t
 
 
@@ -303,8 +298,7 @@ class _Replay:
 
     def apply(self, u: int, item: int, etype: int, ts: int) -> None:
         st = self.user(u)
-        name = _TYPE_NAMES[etype]
-        weight = EVENT_WEIGHTS[name]
+        weight = EVENT_WEIGHTS[EventType(etype).label]
         if self.has_text[item]:
             vec = self.emb[item]
             if st.emb is None or st.ref_ts < 0:
@@ -408,9 +402,6 @@ def _as_arrays(sparse: dict[int, float]) -> tuple[I64, F32]:
     return np.fromiter(sparse.keys(), np.int64, len(sparse)), np.fromiter(
         sparse.values(), np.float32, len(sparse)
     )
-
-
-_TYPE_NAMES = {code: name for name, code in TYPE_CODES.items()}
 
 
 def replay(

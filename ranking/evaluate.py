@@ -110,10 +110,6 @@ def sample_queries(queries: Sequence[Query], limit: int | None, seed: int) -> li
     return [queries[i] for i in sorted(idx)]
 
 
-def count_positives(queries: Sequence[Query]) -> int:
-    return sum(len(q.targets) for q in queries)
-
-
 def merge_report(
     path: Path,
     dataset: Dataset,

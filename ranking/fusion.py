@@ -29,8 +29,9 @@ from enum import IntEnum
 import numpy as np
 import numpy.typing as npt
 
+from features.item_table import ItemTable
 from features.keys import EMB_DIM
-from ranking.item_table import ItemTable
+from shoprec.events import EventType
 
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
@@ -39,17 +40,6 @@ Bools = npt.NDArray[np.bool_]
 PAD_SCORE = float("-inf")
 """Score of padding candidates: sorts last under any ordering and is unmistakable
 (``np.isfinite`` tells it apart); never add or multiply it, filter it first."""
-
-
-class HistoryType(IntEnum):
-    """``HISTORY_TYPES`` codes."""
-
-    PAD = 0
-    VIEW = 1
-    CLICK = 2
-    CART = 3
-    PURCHASE = 4
-    SEARCH = 5
 
 
 class Reason(IntEnum):
@@ -93,7 +83,7 @@ class FusionWeights:
       a small bonus keeps the signal in the interface for the learned model.
     * ``type_weights`` -- purchase > cart > click > view, as in the rolling
       embedding (DESIGN §5); a searched item (rare: searches carry no item)
-      counts like a click.  Index = :class:`HistoryType` code.
+      counts like a click.  Index = :class:`EventType` code.
     * ``history_half_life_s = 1800`` -- session-scale intent fades within the
       hour; older history still shapes the user embedding.
     """
@@ -110,8 +100,8 @@ class FusionWeights:
     history_half_life_s: float = 1800.0
 
     def __post_init__(self) -> None:
-        if len(self.type_weights) != len(HistoryType):
-            raise ValueError(f"type_weights needs {len(HistoryType)} entries (one per HistoryType)")
+        if len(self.type_weights) != len(EventType):
+            raise ValueError(f"type_weights needs {len(EventType)} entries (one per EventType)")
         if self.covis_half <= 0 or self.pop_half <= 0 or self.history_half_life_s <= 0:
             raise ValueError("covis_half, pop_half and history_half_life_s must be > 0")
 
@@ -176,7 +166,7 @@ def fused_scores(
     cos_query = np.matmul(cand, _unit(query_emb.astype(f32, copy=False))[:, :, None])[..., 0]
 
     if h:
-        type_w = np.asarray(w.type_weights, dtype=f32)[np.clip(hist_types, 0, len(HistoryType) - 1)]
+        type_w = np.asarray(w.type_weights, dtype=f32)[np.clip(hist_types, 0, len(EventType) - 1)]
         age = np.maximum(hist_age_s.astype(f32, copy=False), f32(0.0))
         decay = np.exp2(-age / f32(w.history_half_life_s)).astype(f32)
         hist_w = type_w * decay * hist_mask
@@ -228,7 +218,9 @@ TRITON_INPUTS: tuple[tuple[str, str], ...] = (
 """(Triton input name, :class:`RankBatch` field) of ``fused_ranker``, in config order."""
 
 TRITON_OUTPUTS = ("SCORES", "REASONS", "HISTORY_MATCH")
-N_SIGNALS = 3
+N_REQUEST_SIGNALS = 3
+"""Per candidate in a ranking request (``SIGNALS``): co-visitation, popularity, retrieval
+cosine.  The learned model adds two of its own (``ranking.model.N_MODEL_SIGNALS``)."""
 
 
 @dataclass(frozen=True)
@@ -236,7 +228,7 @@ class HistoryEvent:
     """One recent event of a user, as the ranker sees it."""
 
     item_id: str
-    type: HistoryType | int
+    type: EventType | int
     age_s: float
 
 
@@ -283,7 +275,7 @@ class RankBatch:
             history_types=np.zeros((b, history_len), np.int32),
             history_age_s=np.zeros((b, history_len), np.float32),
             candidate_ids=np.full((b, n_candidates), "", dtype=object),
-            signals=np.zeros((b, n_candidates, N_SIGNALS), np.float32),
+            signals=np.zeros((b, n_candidates, N_REQUEST_SIGNALS), np.float32),
         )
 
     @classmethod
@@ -320,9 +312,9 @@ class RankBatch:
                 )
             if k:
                 sig = np.asarray(row.signals, np.float32)
-                if sig.shape != (k, N_SIGNALS):
+                if sig.shape != (k, N_REQUEST_SIGNALS):
                     raise ValueError(
-                        f"row {i}: signals must be [{k}, {N_SIGNALS}], got {sig.shape}"
+                        f"row {i}: signals must be [{k}, {N_REQUEST_SIGNALS}], got {sig.shape}"
                     )
                 batch.candidate_ids[i, :k] = list(row.candidates)
                 batch.signals[i, :k] = sig
@@ -367,9 +359,9 @@ class RankBatch:
         if self.candidate_ids.ndim != 2 or self.candidate_ids.shape[0] != b:
             raise ValueError(f"CANDIDATE_IDS must be [{b}, N], got {self.candidate_ids.shape}")
         n = self.candidate_ids.shape[1]
-        if self.signals.shape != (b, n, N_SIGNALS):
+        if self.signals.shape != (b, n, N_REQUEST_SIGNALS):
             raise ValueError(
-                f"SIGNALS must have shape {(b, n, N_SIGNALS)}, got {self.signals.shape}"
+                f"SIGNALS must have shape {(b, n, N_REQUEST_SIGNALS)}, got {self.signals.shape}"
             )
         for name, arr in (
             ("USER_EMB", self.user_emb),

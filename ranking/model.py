@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-N_TYPES = 6  # HistoryType codes 0..5
+N_TYPES = 6  # EventType codes 0..5 (shoprec.events)
 N_AGE_BUCKETS = 24
 N_SCALARS = 13
-N_SIGNALS = 5
-"""Per candidate: co-visitation, popularity, retrieval cosine (the request's SIGNALS), then
-how often the candidate is in the history and the age of its newest occurrence
-(:func:`repeat_signals`)."""
+N_MODEL_SIGNALS = 5
+"""Per candidate, what the model reads: the request's ``N_REQUEST_SIGNALS`` (co-visitation,
+popularity, retrieval cosine; ``ranking.fusion``), then how often the candidate is in the
+history and the age of its newest occurrence (:func:`repeat_signals`)."""
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from features.item_table import ItemTable
 from ranking import export
 from ranking.fusion import PAD_SCORE, RankBatch, RankOutputs, score_batch
-from ranking.item_table import ItemTable
 from ranking.model import choose_device, repeat_signals
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,19 +26,17 @@ from tqdm import tqdm
 
 from ranking.data import Dataset, Period, Query
 from ranking.evaluate import F32, Metrics, evaluate_scorer, sample_queries
-from ranking.model import N_SIGNALS, FusedRanker, RankerConfig, choose_device, repeat_signals
+from ranking.model import N_MODEL_SIGNALS, FusedRanker, RankerConfig, choose_device, repeat_signals
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    d: int = 64
-    layers: int = 2
-    heads: int = 2
-    dropout: float = 0.1
-    use_text: bool = True
-    history_len: int = 30
+class TrainOptions:
+    """How to train: the model's shape is its :class:`RankerConfig` (``n_items`` is set
+    from the dataset), the rest is sampling, optimisation and early stopping."""
+
+    model: RankerConfig = field(default_factory=RankerConfig)
     positives: int = 4
     negatives: int = 64
     batch: int = 128
@@ -137,7 +135,7 @@ class FusedScorer:
 
 
 def _sample_candidates(
-    q: Query, cfg: TrainConfig, n_items: int, rng: np.random.Generator
+    q: Query, cfg: TrainOptions, n_items: int, rng: np.random.Generator
 ) -> tuple[list[int], list[int]] | None:
     blocked = q.blocked()
     pos = [t for t in q.targets if t not in blocked]
@@ -157,7 +155,7 @@ def _sample_candidates(
 
 
 def _train_batch(
-    queries: Sequence[Query], cfg: TrainConfig, tables: Tables, rng: np.random.Generator
+    queries: Sequence[Query], cfg: TrainOptions, tables: Tables, rng: np.random.Generator
 ) -> tuple[dict[str, Tensor], Tensor] | None:
     picked: list[tuple[Query, list[int], list[int]]] = []
     n_items = tables.text.shape[0]
@@ -170,7 +168,7 @@ def _train_batch(
     p, k = cfg.positives, cfg.negatives
     cands = torch.zeros(len(picked), p + k, dtype=torch.long)
     pos_mask = torch.zeros(len(picked), p, dtype=torch.bool)
-    sig = torch.zeros(len(picked), p + k, N_SIGNALS)
+    sig = torch.zeros(len(picked), p + k, N_MODEL_SIGNALS)
     for r, (q, pos, negs) in enumerate(picked):
         cands[r, : len(pos)] = torch.tensor(pos)
         pos_mask[r, : len(pos)] = True
@@ -180,17 +178,17 @@ def _train_batch(
             sig[r, c, 0] = q.covis.get(item, 0.0)
             sig[r, c, 1] = q.popularity.get(item, 0.0)
             sig[r, c, 2] = q.retrieval.get(item, 0.0)
-        h = cfg.history_len
+        h = cfg.model.history_len
         sig[r, :, 3:] = torch.from_numpy(
             repeat_signals(q.hist_items[:h].tolist(), q.hist_age_s[:h].tolist(), items)
         )
-    hist = history_tensors([q for q, _, _ in picked], tables, cfg.history_len)
+    hist = history_tensors([q for q, _, _ in picked], tables, cfg.model.history_len)
     return hist | candidate_tensors(cands, sig, tables), pos_mask
 
 
 def _dense_signals(q: Query, n_items: int, h: int) -> F32:
-    """``[n_items, N_SIGNALS]``: the online signals and the repeat signals of every item."""
-    out = np.zeros((n_items, N_SIGNALS), np.float32)
+    """``[n_items, N_MODEL_SIGNALS]``: the online signals and the repeat signals of every item."""
+    out = np.zeros((n_items, N_MODEL_SIGNALS), np.float32)
     out[:, :3] = q.dense_signals(n_items)
     seen = list(dict.fromkeys(q.hist_items[:h].tolist()))
     if seen:
@@ -208,27 +206,19 @@ def sampled_softmax_loss(logits: Tensor, pos_mask: Tensor) -> Tensor:
 
 
 def train_fused(
-    ds: Dataset, cfg: TrainConfig, progress: bool = True
+    ds: Dataset, cfg: TrainOptions, progress: bool = True
 ) -> tuple[FusedRanker, Tables, dict[str, Any]]:
     """Train on the training period; returns the best model on validation and a report."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device, dtype = choose_device()
-    tables = Tables.build(ds, cfg.use_text)
-    rc = RankerConfig(
-        n_items=len(ds.catalogue),
-        d=cfg.d,
-        layers=cfg.layers,
-        heads=cfg.heads,
-        dropout=cfg.dropout,
-        use_text=cfg.use_text,
-        history_len=cfg.history_len,
-    )
+    rc = replace(cfg.model, n_items=len(ds.catalogue))
+    tables = Tables.build(ds, rc.use_text)
     model = FusedRanker(rc).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train = ds.period(Period.TRAIN)
     valid = sample_queries(ds.period(Period.VALID), cfg.valid_queries, cfg.seed)
-    scorer = FusedScorer(model, tables, cfg.history_len)
+    scorer = FusedScorer(model, tables, rc.history_len)
     best: tuple[float, int, dict[str, Tensor]] = (-1.0, -1, {})
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
@@ -272,7 +262,7 @@ def train_fused(
     model.load_state_dict(best[2])
     report: dict[str, Any] = {
         "dataset": ds.name,
-        "config": asdict(cfg),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "model"},  # shape: "model"
         "model": rc.to_dict(),
         "device": str(device),
         "best_epoch": best[1],

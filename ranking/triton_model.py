@@ -6,7 +6,7 @@ module and what scores a batch.  The utilities are passed in because that module
 exists only inside Triton's stub process.  This module does the rest:
 
 * the item table: loaded from Redis during ``initialize``, then kept fresh by an
-  :class:`~ranking.item_table.ItemLogFollower` thread, so ``execute`` never waits on
+  :class:`~features.item_table.ItemLogFollower` thread, so ``execute`` never waits on
   Redis; it only copies in the rows the thread has prepared;
 * each request of a dynamic batch is decoded and validated alone: a bad one gets
   ``INVALID_ARG`` and the others are still scored;
@@ -26,8 +26,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from features.item_table import ItemLogFollower, ItemTable
 from ranking.fusion import TRITON_INPUTS, TRITON_OUTPUTS, RankBatch, RankOutputs
-from ranking.item_table import ItemLogFollower, ItemTable
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_REFRESH_INTERVAL_S = 0.5
@@ -68,7 +68,7 @@ class FusedRankerModel:
         start-up log line (what scores, on which device).  Start-up may take its time,
         but serving never waits on Redis.
         """
-        # ranking.item_table logs through `logging`; the stub's stderr lands in Triton's log.
+        # features.item_table logs through `logging`; the stub's stderr lands in Triton's log.
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )

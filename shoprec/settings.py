@@ -51,11 +51,22 @@ class Settings(BaseSettings):
     kafka_ssl_keyfile: str = Field(
         "", description="Private key (PEM) of SHOPREC_KAFKA_SSL_CERTFILE."
     )
+    kafka_replication_factor: int = Field(
+        1,
+        ge=1,
+        description="Replicas of each topic shoprec creates (3 on a cluster, with the brokers' "
+        "min.insync.replicas=2); at most the number of brokers.",
+    )
     redis_url: SecretStr = Field(
         SecretStr("redis://127.0.0.1:6379/0"),
         description="Redis URL: redis:// or rediss:// (TLS), may carry an ACL user:password; "
         "TLS files as query parameters, e.g. rediss://user:pw@host:6380/0?ssl_ca_certs=ca.pem"
         "&ssl_certfile=client.pem&ssl_keyfile=client.key.",
+    )
+    redis_cluster: bool = Field(
+        False,
+        description="Redis is a Redis Cluster: SHOPREC_REDIS_URL names one of its nodes and "
+        "the client finds the others.",
     )
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port.")
     triton_timeout_s: float = Field(2.0, gt=0, description="Timeout of one Triton call.")

@@ -12,17 +12,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from features.store import FeatureStore, UserUpdate
+from features.store import ALWAYS_EMIT, FeatureStore, UserUpdate
 from features.user_state import Vector
+from shoprec.dlq import DeadLetter
 from shoprec.errors import InvalidEvent, ShoprecError
-from streams.dlq import DeadLetter
-from streams.events import Limits, ShopEvent, parse_event
-from streams.protocols import ItemVectors, TextEncoder
+from shoprec.events import Limits, ShopEvent, parse_event
+from streams.protocols import ItemVectors, QueryEncoder
 
 log = logging.getLogger("shoprec.ingest")
-
-# Purchases and searches change what a user wants right now: always answer them.
-ALWAYS_EMIT = frozenset({"purchase", "search"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +70,7 @@ class Ingestor:
         self,
         store: FeatureStore,
         items: ItemVectors,
-        encoder: TextEncoder,
+        encoder: QueryEncoder,
         limits: Limits,
         clock_ms: Callable[[], int],
     ) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,7 +98,7 @@ class WorkerStats:
         }
 
 
-def percentiles(values: deque[int] | deque[float]) -> dict[str, float]:
+def percentiles(values: Collection[float]) -> dict[str, float]:
     if not values:
         return {}
     arr = np.fromiter(values, dtype=np.float64)

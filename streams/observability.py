@@ -15,6 +15,12 @@ scrape time (a custom collector), so the hot path only bumps plain counters:
     shoprec_triton_errors_total                 ranker calls answered by the fallback
                                                 plus failed query embeddings
     shoprec_consumer_lag{topic,partition}       end offset - committed offset, every 10 s
+                                                (streams/lag.py; not on Tansu)
+    shoprec_stage_recent_ms{stage,quantile}     p50/p95/p99 per stage over the latest
+                                                10,000 batches, as the stats line logs them
+    shoprec_batch_size_recent{quantile}         p50/p95/p99 micro-batch size, likewise
+
+:func:`scrape` reads the counters back (benchmarks and fault tests do, never a log line).
 
 The endpoint binds to ``SHOPREC_METRICS_HOST`` (127.0.0.1 by default: metrics
 are not for the internet) on ``SHOPREC_METRICS_PORT`` (0 turns it off).
@@ -24,12 +30,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -37,17 +42,20 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from shoprec.settings import Settings
-from streams.metrics import Histogram, WorkerStats
-from streams.ranges import partitions_of
-from streams.topics import kafka_options
+from streams.lag import LagProbe, lag_is_known
+from streams.metrics import Histogram, WorkerStats, percentiles
 
 log = logging.getLogger("shoprec.observability")
 
 LAG_EVERY_S = 10.0
+# The stats line's percentile names and the Prometheus quantile label of each.
+QUANTILES = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
+OUTCOMES = ("recommended", "duplicates", "rate_limited", "coalesced", "dead_lettered")
 # Fields of a log record every record has; anything else was passed as ``extra``.
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -70,7 +78,7 @@ class StatsCollector(Collector):
         outcomes = CounterMetricFamily(
             "shoprec_outcomes", "Where each input record ended.", labels=["outcome"]
         )
-        for name in ("recommended", "duplicates", "rate_limited", "coalesced", "dead_lettered"):
+        for name in OUTCOMES:
             outcomes.add_metric([name], getattr(st, name))
         yield outcomes
         dead = CounterMetricFamily(
@@ -112,6 +120,25 @@ class StatsCollector(Collector):
         for (topic, partition), n in sorted(self.lag.items()):
             lag.add_metric([topic, str(partition)], n)
         yield lag
+        # The percentiles the stats line logs, over the latest 10,000 batches: what a
+        # benchmark reports per stage (the histograms' buckets are too coarse for that).
+        recent = GaugeMetricFamily(
+            "shoprec_stage_recent_ms",
+            "Percentiles of each stage's milliseconds over the latest 10,000 micro-batches.",
+            labels=["stage", "quantile"],
+        )
+        for stage, values in sorted(dict(st.stage_ms).items()):
+            for p, value in percentiles(list(values)).items():
+                recent.add_metric([stage, QUANTILES[p]], value)
+        yield recent
+        sizes = GaugeMetricFamily(
+            "shoprec_batch_size_recent",
+            "Percentiles of the micro-batch size over the latest 10,000 batches.",
+            labels=["quantile"],
+        )
+        for p, value in percentiles(list(st.batch_sizes)).items():
+            sizes.add_metric([QUANTILES[p]], value)
+        yield sizes
 
 
 def _buckets(hist: Histogram) -> tuple[list[tuple[str, float]], float]:
@@ -152,44 +179,6 @@ def serve_metrics(settings: Settings, collector: StatsCollector) -> bool:
     return True
 
 
-class LagProbe:
-    """Consumer lag of a group: the end offset of each partition minus what it committed."""
-
-    def __init__(self, settings: Settings, group_id: str, topics: Sequence[str]) -> None:
-        self._settings = settings
-        self._group = group_id
-        self._topics = list(topics)
-        self._admin: AIOKafkaAdminClient | None = None
-        self._consumer: AIOKafkaConsumer | None = None
-
-    async def _open(self) -> tuple[AIOKafkaAdminClient, AIOKafkaConsumer]:
-        if self._admin is None or self._consumer is None:
-            opts = kafka_options(self._settings)
-            self._admin = AIOKafkaAdminClient(**opts)
-            await self._admin.start()
-            self._consumer = AIOKafkaConsumer(**opts, group_id=None, enable_auto_commit=False)
-            await self._consumer.start()
-        return self._admin, self._consumer
-
-    async def measure(self) -> dict[tuple[str, int], int]:
-        admin, consumer = await self._open()
-        committed = await admin.list_consumer_group_offsets(self._group)
-        tps = await partitions_of(consumer, self._topics)
-        ends = await consumer.end_offsets(tps)
-        lag: dict[tuple[str, int], int] = {}
-        for tp in tps:
-            meta = committed.get(tp)
-            done = meta.offset if meta is not None and meta.offset >= 0 else 0
-            lag[(tp.topic, tp.partition)] = max(0, ends[tp] - done)
-        return lag
-
-    async def close(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._admin is not None:
-            await self._admin.close()
-
-
 def install(app: Any, stats: WorkerStats, settings: Settings, topics: Sequence[str]) -> None:
     """Give a Faust app its /metrics endpoint and the consumer-lag probe."""
     collector = StatsCollector(stats)
@@ -199,15 +188,18 @@ def install(app: Any, stats: WorkerStats, settings: Settings, topics: Sequence[s
     async def start_metrics() -> None:
         serve_metrics(settings, collector)
 
+    if not lag_is_known(settings):
+        log.info("consumer lag is not reported: the %s broker cannot tell it", settings.broker)
+        return
     failing = False
 
     @app.timer(LAG_EVERY_S)  # type: ignore[untyped-decorator]
     async def probe_lag() -> None:
         nonlocal failing
         try:
-            collector.lag = await probe.measure()
+            collector.lag = await probe.per_partition()
         except Exception as exc:  # lag is advisory; the next probe tries again
-            # Once per outage, not every 10 s (Tansu, for one, never answers it).
+            # Once per outage, not every 10 s.
             log.log(logging.DEBUG if failing else logging.WARNING, "lag probe failed: %r", exc)
             failing = True
         else:
@@ -218,6 +210,45 @@ def install(app: Any, stats: WorkerStats, settings: Settings, topics: Sequence[s
     @app.on_before_shutdown.connect  # type: ignore[untyped-decorator]
     async def close_probe(sender: Any, /, *args: Any, **kwargs: Any) -> None:
         await probe.close()
+
+
+# --- reading it back -------------------------------------------------------------------
+
+
+def worker_counters(text: str) -> dict[str, Any]:
+    """A worker's counters from its ``/metrics`` text, named as in its stats line
+    (:meth:`~streams.metrics.WorkerStats.summary`): ``events_in`` (every input record,
+    the sum of ``shoprec_events_total``), the outcome buckets, ``re_emitted``,
+    ``degraded``, ``catalog_items``, and the recent ``stages_ms`` and ``batch_size``
+    percentiles.  The benchmarks and the fault tests read a worker through this."""
+    names = {v: k for k, v in QUANTILES.items()}
+    out: dict[str, Any] = dict.fromkeys(
+        ("events_in", *OUTCOMES, "re_emitted", "degraded", "catalog_items"), 0
+    )
+    stages: dict[str, dict[str, float]] = {}
+    batch_size: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, labels, value = sample.name, sample.labels, sample.value
+            if name == "shoprec_events_total":
+                out["events_in"] += int(value)
+            elif name == "shoprec_outcomes_total":
+                out[labels["outcome"]] = int(value)
+            elif name in ("shoprec_re_emitted_total", "shoprec_degraded_total"):
+                out[name.removeprefix("shoprec_").removesuffix("_total")] = int(value)
+            elif name == "shoprec_catalog_items_total":
+                out["catalog_items"] = int(value)
+            elif name == "shoprec_stage_recent_ms":
+                stages.setdefault(labels["stage"], {})[names[labels["quantile"]]] = value
+            elif name == "shoprec_batch_size_recent":
+                batch_size[names[labels["quantile"]]] = value
+    return out | {"stages_ms": stages, "batch_size": batch_size}
+
+
+def scrape(url: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """:func:`worker_counters` of the endpoint at ``url`` (``http://host:port/metrics``)."""
+    with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+        return worker_counters(reply.read().decode())
 
 
 # --- logs ----------------------------------------------------------------------------------
@@ -265,9 +296,3 @@ def logging_config(settings: Settings, level: str = "INFO") -> dict[str, Any]:
         },
         "root": {"level": level.upper(), "handlers": ["stderr"]},
     }
-
-
-def configure_logging(settings: Settings, level: str = "INFO") -> None:
-    import logging.config
-
-    logging.config.dictConfig(logging_config(settings, level))

@@ -26,7 +26,10 @@ class ItemTableView(ItemVectors, ItemCatalog, Protocol):
         ...
 
 
-class TextEncoder(Protocol):
+class QueryEncoder(Protocol):
+    """Embeds search queries for the ingest path: the Triton client, asynchronously (the
+    BERT model itself is ``ranking.encoder.TextEncoder``, run inside Triton)."""
+
     async def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """BERT embeddings [n, 384], L2-normalised; raises a ShoprecError when unavailable."""
         ...

@@ -21,11 +21,10 @@ from redis.asyncio import Redis
 from features.candidates import Candidates, mix_candidates, semantic_neighbours
 from features.catalog import item_titles
 from features.store import FeatureStore, UserContext
-from features.user_state import TYPE_CODES
 from ranking.client import RankBatch, RankerClient, Reason
 from shoprec.errors import RankerUnavailable
-from streams.events import ShopEvent
-from streams.output import RecItem, Recommendation
+from shoprec.events import ShopEvent, event_code
+from shoprec.output import RecItem, Recommendation
 from streams.protocols import ItemTableView
 
 log = logging.getLogger("shoprec.recommend")
@@ -145,7 +144,7 @@ class Recommender:
             batch.query_emb[row] = u.query
             for j, entry in enumerate(u.history[:h]):
                 batch.history_ids[row, j] = entry.item_id
-                batch.history_types[row, j] = TYPE_CODES.get(entry.type, 0)
+                batch.history_types[row, j] = event_code(entry.type)
                 batch.history_age_s[row, j] = max(0.0, (t.ts - entry.ts) / 1000.0)
             m = len(c.item_ids)
             batch.candidate_ids[row, :m] = c.item_ids

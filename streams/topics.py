@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from shoprec.errors import ConfigError, StackError
+from shoprec.errors import ConfigError, ReplayError, StackError
 from shoprec.settings import Settings
 
 log = logging.getLogger("shoprec.topics")
@@ -24,6 +26,8 @@ EVENT_TOPICS: Final[dict[str, str]] = {
 }
 CATALOG: Final = "catalog.items"
 RECS_OUT: Final = "recs.out"
+# Where ``shoprec replay`` publishes by default: never the live output.
+RECS_REPLAY: Final = "recs.replay"
 DLQ: Final = "recs.dlq"
 
 _TOPIC_EXISTS = 36
@@ -120,3 +124,18 @@ async def ensure_topics(settings: Settings) -> None:
                 log.info("created topic %s", topic)
     finally:
         await admin.close()
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> list[TopicPartition]:
+    """Every partition of ``topics``; a topic the broker does not know is an error."""
+    # A consumer only caches metadata of topics it subscribed to; ask for the whole cluster.
+    cluster = await consumer._client.fetch_all_metadata()
+    missing = [t for t in topics if t not in cluster.topics()]
+    if missing:
+        raise ReplayError(
+            f"no such topic on the broker: {', '.join(missing)} "
+            f"(names take SHOPREC_TOPIC_PREFIX; known: {', '.join(sorted(cluster.topics())[:20])})"
+        )
+    return [
+        TopicPartition(t, p) for t in topics for p in sorted(cluster.partitions_for_topic(t) or ())
+    ]

@@ -5,23 +5,17 @@ tears it down whatever the test did, so a test only arranges its fault, injects 
 and checks the invariant.
 
 The books close the same way in every test: each input record is counted once
-in the worker's final stats (``events_in`` = recommended + dead-lettered +
-duplicates + rate-limited + coalesced), records seen twice (redelivered after a
-fault) are exactly the ``duplicates``, and Redis holds each good event exactly
-once: the per-user event counts add up to the good events sent.
+in the worker's final counters, read from its metrics endpoint (``events_in`` =
+recommended + dead-lettered + duplicates + rate-limited + coalesced), records seen
+twice (redelivered after a fault) are exactly the ``duplicates``, and Redis holds
+each good event exactly once: the per-user event counts add up to the good events sent.
 """
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import contextlib
 import gzip
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -30,8 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 from redis.asyncio import Redis
 
@@ -39,9 +32,11 @@ from features import keys
 from features.catalog import upsert_items
 from infra.stack import Endpoints, Stack
 from ranking.client import RankerClient
+from shoprec.events import CatalogItem, Limits, parse_catalog_item
 from shoprec.settings import Settings
-from streams.events import CatalogItem, Limits, parse_catalog_item
+from streams.lag import group_lag
 from streams.topics import TopicNames, ensure_topics, kafka_options
+from tests.worker import WorkerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "rees46-sample"
@@ -137,74 +132,6 @@ def scenario_settings(endpoints: Endpoints, **overrides: Any) -> Settings:
         "metrics_port": 0,
     }
     return Settings(_env_file=None, **(base | overrides))  # type: ignore[call-arg]
-
-
-class Worker:
-    """``shoprec worker`` as a subprocess, as in production."""
-
-    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None):
-        self.log_path = log_path
-        env = {**os.environ, **settings.as_env(), **(extra_env or {})}
-        self._log = log_path.open("ab")
-        self._offset = log_path.stat().st_size
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shoprec.cli", "worker"],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=log_path.parent,
-            start_new_session=True,
-        )
-
-    def log(self) -> str:
-        with self.log_path.open("rb") as fh:
-            fh.seek(self._offset)
-            return fh.read().decode(errors="replace")
-
-    def tail(self, n: int = 6000) -> str:
-        return self.log()[-n:]
-
-    async def wait_for(self, text: str, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while text not in self.log():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"worker did not log {text!r}:\n{self.tail()}")
-            await asyncio.sleep(0.2)
-
-    async def ready(self) -> Worker:
-        await self.wait_for("Worker ready")
-        return self
-
-    def stop(self, timeout_s: float = 60.0) -> dict[str, Any]:
-        """SIGTERM, wait, and return the final stats the worker logged."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                raise AssertionError(
-                    f"worker did not stop in {timeout_s} s:\n{self.tail()}"
-                ) from None
-        self._log.close()
-        return final_stats(self.log())
-
-    def kill(self) -> None:
-        """SIGKILL the worker's whole process group: no shutdown, no commit, no flush."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-        self._log.close()
-
-
-def final_stats(log: str) -> dict[str, Any]:
-    found = re.findall(r"final stats (\{.*\})", log)
-    if not found:
-        raise AssertionError(f"no final stats logged:\n{log[-6000:]}")
-    stats: dict[str, Any] = ast.literal_eval(found[-1])
-    return stats
 
 
 def live(events: Sequence[dict[str, Any]], tag: str) -> list[dict[str, Any]]:
@@ -338,31 +265,13 @@ class Collector:
         return {r["trigger"]["event_id"] for r in self.recs}
 
 
-async def group_lag(settings: Settings) -> int:
+async def worker_group_lag(settings: Settings) -> int:
     """Input records the worker group has not committed yet, over every partition."""
-    names = TopicNames.from_settings(settings)
-    admin = AIOKafkaAdminClient(**kafka_options(settings))
-    probe = AIOKafkaConsumer(**kafka_options(settings), group_id=None)
-    await admin.start()
-    await probe.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(settings.app_id)
-        # Our topics were created with topic_partitions each; a fresh consumer's
-        # partitions_for_topic() knows nothing of topics it is not subscribed to.
-        parts = [
-            TopicPartition(t, p) for t in names.events for p in range(settings.topic_partitions)
-        ]
-        ends = await probe.end_offsets(parts)
-        return sum(
-            end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items()
-        )
-    finally:
-        await probe.stop()
-        await admin.close()
+    return await group_lag(settings, settings.app_id, TopicNames.from_settings(settings).events)
 
 
 async def wait_caught_up(
-    settings: Settings, worker: Worker, collector: Collector, timeout_s: float = 180.0
+    settings: Settings, worker: WorkerProcess, collector: Collector, timeout_s: float = 180.0
 ) -> float:
     """Seconds until the group has committed every input record and the output is quiet."""
     start = time.monotonic()
@@ -374,7 +283,7 @@ async def wait_caught_up(
         if n != last:
             quiet_since, last = time.monotonic(), n
         with contextlib.suppress(Exception):
-            lag = await group_lag(settings)
+            lag = await worker_group_lag(settings)
             if lag == 0 and time.monotonic() - quiet_since > 2.0:
                 return time.monotonic() - start
         await asyncio.sleep(0.5)
@@ -428,7 +337,7 @@ class Scenario:
     logs: Path
     producer: AIOKafkaProducer
     out: Collector
-    workers: list[Worker]
+    workers: list[WorkerProcess]
     tasks: list[asyncio.Task[Any]]
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     sent: Sent = field(default_factory=Sent)
@@ -444,12 +353,12 @@ class Scenario:
         still in progress finished (so the stack can be restored), live workers killed."""
         settings = scenario_settings(faults.endpoints, **overrides)
         names = await prepare(settings)
-        workers: list[Worker] = []
+        workers: list[WorkerProcess] = []
         tasks: list[asyncio.Task[Any]] = []
         async with contextlib.AsyncExitStack() as cleanup:
             cleanup.callback(_kill_running, workers)
             cleanup.push_async_callback(_settle, tasks)
-            workers.append(Worker(settings, logs / "worker.log"))
+            workers.append(WorkerProcess(settings, logs / "worker.log"))
             await workers[0].ready()
             producer = await start_producer(settings)
             cleanup.push_async_callback(producer.stop)
@@ -457,7 +366,7 @@ class Scenario:
             yield cls(faults, settings, names, logs, producer, out, workers, tasks)
 
     @property
-    def worker(self) -> Worker:
+    def worker(self) -> WorkerProcess:
         """The worker the scenario started with."""
         return self.workers[0]
 
@@ -465,9 +374,9 @@ class Scenario:
         """The first ``n`` real events, with event ids unique to this scenario."""
         return live(load_events(n), self.tag)
 
-    def start_worker(self, name: str) -> Worker:
+    def start_worker(self, name: str) -> WorkerProcess:
         """Another worker in the same group, logging to ``<name>.log``; not waited for."""
-        worker = Worker(self.settings, self.logs / f"{name}.log")
+        worker = WorkerProcess(self.settings, self.logs / f"{name}.log")
         self.workers.append(worker)
         return worker
 
@@ -502,13 +411,15 @@ class Scenario:
         self.streamed.extend(events)
         await asyncio.gather(*started)
 
-    async def caught_up(self, timeout_s: float = 180.0, worker: Worker | None = None) -> float:
+    async def caught_up(
+        self, timeout_s: float = 180.0, worker: WorkerProcess | None = None
+    ) -> float:
         """Seconds until the group committed every input record and the output went quiet;
         ``worker`` (the first by default) must stay alive meanwhile."""
         return await wait_caught_up(self.settings, worker or self.worker, self.out, timeout_s)
 
     async def lag(self) -> int:
-        return await group_lag(self.settings)
+        return await worker_group_lag(self.settings)
 
     async def stop_component(self, role: str) -> None:
         await asyncio.to_thread(self.faults.stack.stop_component, role)
@@ -534,7 +445,7 @@ class Scenario:
         }
 
 
-def _kill_running(workers: Sequence[Worker]) -> None:
+def _kill_running(workers: Sequence[WorkerProcess]) -> None:
     for worker in workers:
         if worker.proc.poll() is None:
             worker.kill()

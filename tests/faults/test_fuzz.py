@@ -25,18 +25,18 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from shoprec.dlq import original_bytes
+from shoprec.events import EVENT_TYPES, MIN_TS_MS
 from shoprec.settings import Settings
-from streams.dlq import original_bytes
-from streams.events import EVENT_TYPES, MIN_TS_MS
 from streams.topics import TopicNames, kafka_options
 from tests.faults.harness import (
     FaultStack,
-    Worker,
     load_events,
     prepare,
     scenario_settings,
     start_producer,
 )
+from tests.worker import WorkerProcess
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
 
@@ -261,7 +261,7 @@ def test_hostile_input_is_dead_lettered_and_good_events_served(
 ) -> None:
     settings = scenario_settings(faults.endpoints, batch_max=256)
     asyncio.run(prepare(settings))
-    worker = Worker(settings, logs / "worker.log")
+    worker = WorkerProcess(settings, logs / "worker.log")
     probe = Probe(settings)
     try:
         asyncio.run(worker.ready())

@@ -12,7 +12,8 @@ import pytest
 
 from infra import procs
 from shoprec.settings import Settings
-from tests.faults.harness import FaultStack, Worker, scenario_settings
+from tests.faults.harness import FaultStack, scenario_settings
+from tests.worker import WorkerProcess
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -68,7 +69,7 @@ async def test_worker_metrics_bind_loopback_by_default(faults: FaultStack, logs:
     assert Settings.model_fields["metrics_host"].default == "127.0.0.1"
     [port] = procs.free_ports(1)
     settings = scenario_settings(faults.endpoints, metrics_port=port)
-    worker = await Worker(settings, logs / "worker.log").ready()
+    worker = await WorkerProcess(settings, logs / "worker.log").ready()
     try:
         await worker.wait_for("metrics on http://127.0.0.1")
         assert listening_addresses(port) == {"127.0.0.1"}, listening_addresses(port)

@@ -27,7 +27,7 @@ PASSWORD = "s3cret-Pa55word-7f1e"
 def run_worker(settings: Settings, timeout_s: float = 90) -> tuple[int, str, float]:
     start = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "shoprec.cli", "worker"],
+        [sys.executable, "-m", "cli.main", "worker"],
         env={**os.environ, **settings.as_env()},
         capture_output=True,
         timeout=timeout_s,

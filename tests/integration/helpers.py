@@ -1,11 +1,9 @@
-"""Helpers shared by the integration tests: isolated settings and a worker subprocess."""
+"""Helpers shared by the integration tests: isolated settings and the real data
+(the worker subprocess is ``tests/worker.py``, shared with the fault tests)."""
 
 from __future__ import annotations
 
 import gzip
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,8 @@ def isolated_settings(endpoints: Endpoints, **overrides: object) -> Settings:
         "topic_prefix": f"t{tag}.",
         "app_id": f"shoprec-test-{tag}",
         "state_prefix": f"t{tag}:",
+        # Each worker gets a free metrics port (tests.worker), never the shared default.
+        "metrics_port": 0,
     }
     return Settings(
         kafka_bootstrap=endpoints.kafka_bootstrap,
@@ -48,35 +48,6 @@ def isolated_settings(endpoints: Endpoints, **overrides: object) -> Settings:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The same settings as SHOPREC_* variables, for a worker subprocess."""
     return settings.as_env()
-
-
-class WorkerProcess:
-    """`shoprec worker` in a subprocess, as in production."""
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        self.log_path = log_path
-        env = {**os.environ, **settings_env(settings)}
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shoprec.cli", "worker"],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=log_path.parent,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 def rees46_fixture(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,10 +25,12 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
 
+from infra import procs
 from infra.stack import Endpoints
 from shoprec.settings import Settings
 from streams.topics import TopicNames, ensure_topics, kafka_options
-from tests.integration.helpers import WorkerProcess, isolated_settings, rees46_fixture
+from tests.integration.helpers import isolated_settings, rees46_fixture
+from tests.worker import WorkerProcess
 
 N_EVENTS = 600
 BAD_RECORDS: list[tuple[bytes, str]] = [
@@ -39,18 +40,12 @@ BAD_RECORDS: list[tuple[bytes, str]] = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def shoprec(
     settings: Settings, *args: str, timeout: float = 300, **env: str
 ) -> subprocess.CompletedProcess[str]:
     """The CLI in a subprocess, as an operator runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "shoprec.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         env={**os.environ, **settings.as_env(), **env},
         capture_output=True,
         text=True,
@@ -102,7 +97,7 @@ async def events_in_state(redis: Redis, prefix: str) -> int:
 
 async def start_live_run(stack: Endpoints, data_dir: Path, tmp: Path) -> LiveRun:
     tag = uuid.uuid4().hex[:6]
-    port = free_port()
+    port = procs.free_port()
     settings = isolated_settings(
         stack,
         min_emit_interval_ms=0,
@@ -144,11 +139,11 @@ async def start_live_run(stack: Endpoints, data_dir: Path, tmp: Path) -> LiveRun
             worker,
             240,
         )
-        assert await events_in_state(redis, settings.state_prefix) == len(events), worker.log()
+        assert await events_in_state(redis, settings.state_prefix) == len(events), worker.tail()
         await asyncio.sleep(13)  # a lag probe (every 10 s) after the last commit (~3 s)
         metrics = await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")
     finally:
-        worker.stop()
+        worker.close()
         await redis.aclose()
     return LiveRun(
         settings=settings,
@@ -187,8 +182,8 @@ async def wait_for(
 ) -> None:
     deadline = time.monotonic() + timeout_s
     while not await condition():
-        assert worker.proc.poll() is None, worker.log()
-        assert time.monotonic() < deadline, worker.log()
+        assert worker.proc.poll() is None, worker.tail()
+        assert time.monotonic() < deadline, worker.tail()
         await asyncio.sleep(0.5)
 
 

@@ -14,7 +14,8 @@ from redis import Redis
 
 from features import keys
 from infra.stack import Endpoints
-from tests.integration.helpers import WorkerProcess, isolated_settings, settings_env
+from tests.integration.helpers import isolated_settings, settings_env
+from tests.worker import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -23,7 +24,7 @@ def shoprec(
     env: dict[str, str], *args: str, timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shoprec.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -48,7 +49,7 @@ def test_items_without_text_are_recommended_from_behaviour(
         assert loaded.returncode == 0, loaded.stderr
         deadline = time.monotonic() + 120
         while redis.xlen(keys.ITEM_LOG) < stored_before + 510:
-            assert time.monotonic() < deadline, worker.log()
+            assert time.monotonic() < deadline, worker.tail()
             time.sleep(0.5)
         produced = shoprec(env, "produce", "--data", otto, "--no-catalog", "--limit", "400")
         assert produced.returncode == 0, produced.stderr
@@ -58,12 +59,12 @@ def test_items_without_text_are_recommended_from_behaviour(
         tail = shoprec(
             env, "recs", "tail", "--from-beginning", "--json", "--limit", "10", "--timeout", "120"
         )
-        assert tail.returncode == 0, tail.stderr + worker.log()
+        assert tail.returncode == 0, tail.stderr + worker.tail()
     finally:
-        worker.stop()
+        worker.close()
         redis.close()
     recs = [orjson.loads(line) for line in tail.stdout.splitlines()]
-    assert len(recs) == 10, worker.log()
+    assert len(recs) == 10, worker.tail()
     # OTTO items have no text: every item recommended came from behaviour.
     with_items = [r for r in recs if r["items"]]
     assert with_items, recs

@@ -7,7 +7,6 @@ malformed records interleaved between the good ones.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import time
 from collections.abc import AsyncIterator
@@ -21,10 +20,11 @@ from redis.asyncio import Redis
 
 from features import keys
 from infra.stack import Endpoints
+from shoprec.dlq import original_bytes
 from shoprec.settings import Settings
-from streams.dlq import original_bytes
 from streams.topics import TopicNames, ensure_topics, kafka_options
-from tests.integration.helpers import WorkerProcess, isolated_settings, rees46_fixture
+from tests.integration.helpers import isolated_settings, rees46_fixture
+from tests.worker import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -87,8 +87,8 @@ async def test_events_become_recommendations_and_bad_input_is_dead_lettered(
         await producer.flush()
         deadline = time.monotonic() + 240
         while await redis.xlen(keys.ITEM_LOG) < len(items):
-            assert worker.proc.poll() is None, worker.log()
-            assert time.monotonic() < deadline, "catalogue not embedded in time\n" + worker.log()
+            assert worker.proc.poll() is None, worker.tail()
+            assert time.monotonic() < deadline, "catalogue not embedded in time\n" + worker.tail()
             await asyncio.sleep(0.5)
         assert await redis.hexists(keys.item(items[0]["item_id"]), "emb")
 
@@ -117,20 +117,19 @@ async def test_events_become_recommendations_and_bad_input_is_dead_lettered(
         dead = await consume_all(
             settings, names.dlq, lambda rs: len(rs) >= len(BAD_RECORDS), timeout_s=30
         )
+        # A clean shutdown, with the final counters on the worker's metrics endpoint.
+        stats = worker.stop()
     finally:
-        worker.stop()
+        worker.close()
         await redis.aclose()
 
-    # A clean shutdown, and every record accounted for in exactly one bucket.
-    final = [line for line in worker.log().splitlines() if "final stats" in line]
-    assert final, worker.log()
-    stats = ast.literal_eval(final[-1].split("final stats ", 1)[1].strip())
+    # Every record accounted for in exactly one bucket.
     buckets = ("recommended", "dead_lettered", "duplicates", "rate_limited", "coalesced")
     assert stats["events_in"] == len(events) + len(BAD_RECORDS) == sum(stats[b] for b in buckets)
 
     # Every user who acted got recommendations (no per-user interval in this test).
     got = [orjson.loads(r.value) for r in recs]
-    assert {g["user_id"] for g in got} == users, worker.log()
+    assert {g["user_id"] for g in got} == users, worker.tail()
 
     # The output contract.
     purchases_by_user: dict[str, list[tuple[int, str]]] = {}
@@ -198,14 +197,14 @@ async def test_catalog_updates_tombstones_and_bad_records(
         dead = await consume_all(settings, names.dlq, lambda rs: len(rs) >= 2, timeout_s=120)
         deadline = time.monotonic() + 60
         while await redis.xlen(keys.ITEM_LOG) < start_len + len(items) + 2:
-            assert time.monotonic() < deadline, worker.log()
+            assert time.monotonic() < deadline, worker.tail()
             await asyncio.sleep(0.5)
         assert not await redis.exists(keys.item(gone))
         assert await redis.hget(keys.item(sold_out), "in_stock") == b"0"
         assert await redis.hexists(keys.item(items[2]["item_id"]), "emb")
     finally:
         await producer.stop()
-        worker.stop()
+        worker.close()
         await redis.aclose()
     assert sorted(orjson.loads(r.value)["reason"] for r in dead) == ["not_json", "wrong_type"]
     assert {dict(r.headers)["shoprec-source-topic"] for r in dead} == {names.catalog.encode()}

@@ -22,7 +22,7 @@ from features.store import COVIS_KEEP, FeatureStore, UpdatePolicy, UserUpdate
 from features.user_state import decayed_sum, normalise
 from infra import procs
 from infra.redis_server import RedisServer
-from streams.events import CatalogItem
+from shoprec.events import CatalogItem
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,9 @@ import pytest
 import redis
 
 from features import keys
+from features.item_table import ItemLogFollower, ItemTable
 from infra import procs
 from infra.redis_server import RedisServer
-from ranking.item_table import ItemLogFollower, ItemTable
 
 pytestmark = pytest.mark.integration
 
@@ -155,7 +155,7 @@ def test_outage_keeps_the_table_serving_and_the_thread_recovers(
     write(r, known)
     table = ItemTable()
     assert follower.catch_up(table) == 2
-    with caplog.at_level(logging.WARNING, logger="ranking.item_table"):
+    with caplog.at_level(logging.WARNING, logger="features.item_table"):
         follower.start()
         server.stop()
         wait_for(lambda: not follower.healthy, 5, "the follower to notice the outage")

@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from infra.stack import Endpoints
-from streams.rebuild import compare_state
+from ops.rebuild import compare_state
 from tests.integration.ops_setup import (
     BAD_RECORDS,
     LiveRun,

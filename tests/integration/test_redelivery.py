@@ -15,10 +15,10 @@ import orjson
 import pytest
 
 from infra.stack import Endpoints
+from shoprec.output import Recommendation
 from shoprec.settings import Settings
-from streams.app import Runtime
 from streams.ingest import RawRecord
-from streams.output import Recommendation
+from streams.runtime import Runtime
 from streams.topics import TopicNames
 from tests.integration.helpers import isolated_settings, rees46_fixture
 

@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from redis.asyncio import Redis
 
 from infra.stack import Endpoints
-from streams.rebuild import compare_state
+from ops.rebuild import compare_state
 from streams.topics import TopicNames
 from tests.integration.ops_setup import (
     LiveRun,
@@ -210,7 +210,7 @@ async def test_ctrl_c_keeps_the_checkpoint_and_the_same_command_resumes(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "shoprec.cli",
+        "cli.main",
         *args,
         # Slow enough that the checkpoint is seen mid-run even on a loaded machine.
         "--rate",

@@ -23,15 +23,16 @@ import redis
 import tritonclient.grpc.aio as grpc_aio
 
 from features import keys
+from features.item_table import ItemTable
 from infra.stack import Endpoints, Stack
 from ranking.client import RankerClient
 from ranking.data import load_catalogue, load_events
 from ranking.encoder import TextEncoder
 from ranking.fusion import HistoryEvent, RankBatch, RankRow
-from ranking.item_table import ItemTable
 from ranking.serve import LearnedRanker
 from shoprec.settings import Settings
-from tests.integration.helpers import WorkerProcess, isolated_settings, settings_env
+from tests.integration.helpers import isolated_settings, settings_env
+from tests.worker import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -167,7 +168,7 @@ async def test_a_new_version_is_served_without_restarting_triton(
 
 def _shoprec(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shoprec.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -190,11 +191,11 @@ def test_worker_records_the_trained_version(
         tail = _shoprec(
             env, "recs", "tail", "--from-beginning", "--json", "--limit", "120", "--timeout", "240"
         )
-        assert tail.returncode == 0, tail.stderr + worker.log()
+        assert tail.returncode == 0, tail.stderr + worker.tail()
     finally:
-        worker.stop()
+        worker.close()
     recs = [orjson.loads(line) for line in tail.stdout.splitlines()]
-    assert len(recs) == 120, worker.log()
-    assert {r["model"] for r in recs} == {"fused_ranker@2"}, worker.log()
+    assert len(recs) == 120, worker.tail()
+    assert {r["model"] for r in recs} == {"fused_ranker@2"}, worker.tail()
     # The first triggers may come before the catalogue agent has embedded the items.
-    assert sum(1 for r in recs if r["items"]) >= 20, worker.log()
+    assert sum(1 for r in recs if r["items"]) >= 20, worker.tail()

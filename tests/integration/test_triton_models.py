@@ -24,9 +24,10 @@ from tritonclient.utils import InferenceServerException
 from features import keys
 from infra import procs
 from infra.stack import Stack
-from ranking.client import HistoryEvent, HistoryType, RankBatch, RankerClient, RankRow, Reason
+from ranking.client import HistoryEvent, RankBatch, RankerClient, RankRow, Reason
 from ranking.encoder import TextEncoder
 from shoprec.errors import RankerUnavailable
+from shoprec.events import EventType
 from shoprec.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -173,14 +174,14 @@ def rows_for(embs: dict[str, np.ndarray]) -> list[RankRow]:
         RankRow(
             candidates=cands,
             signals=signals,
-            history=[HistoryEvent("shoe-1", HistoryType.CART, 60.0)],
+            history=[HistoryEvent("shoe-1", EventType.CART, 60.0)],
             user_emb=embs["shoe-1"],
         ),
         # A cook who just searched for pans.
         RankRow(
             candidates=cands,
             signals=signals,
-            history=[HistoryEvent("", HistoryType.SEARCH, 5.0)],
+            history=[HistoryEvent("", EventType.SEARCH, 5.0)],
             query_emb=embs["pan-1"],
         ),
         # Unknown user, nothing but behaviour.

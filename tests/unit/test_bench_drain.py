@@ -1,4 +1,5 @@
-"""The benchmark's drain on brokers without lag: every sent event must be counted."""
+"""The benchmark's drain on brokers without lag: every sent event must be counted, as the
+workers' metrics endpoints count them."""
 
 from __future__ import annotations
 
@@ -7,32 +8,42 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from bench import e2e
 from bench.e2e import Phase, Received, Started, events_counted
+from infra import procs
 from infra.procs import Proc
 from shoprec.settings import Settings
-
-STATS = "[2026-11-25 20:29:37,894] [4993] [INFO] stats {{'events_in': {n}, 'recommended': 1}}\n"
-
-
-def worker_log(tmp_path: Path, *counts: int, final: bool = False) -> Started:
-    log = tmp_path / "worker.log"
-    log.write_text("earlier run\n" + STATS.format(n=999))
-    offset = log.stat().st_size
-    with log.open("a") as fh:
-        fh.write("[2026-11-25] [1] [INFO] Worker ready\n")
-        for n in counts:
-            fh.write(STATS.format(n=n))
-        if final:
-            fh.write("[2026-11-25] [1] [INFO] final stats {'events_in': 5}\n")
-    return Started(Proc("worker-0", 1, None, log), offset)
+from streams.metrics import WorkerStats
+from streams.observability import StatsCollector, worker_counters
 
 
-def test_the_latest_periodic_stats_line_of_this_run_counts(tmp_path: Path) -> None:
-    assert events_counted(worker_log(tmp_path)) == 0, "the earlier run's line is not ours"
-    assert events_counted(worker_log(tmp_path, 10, 250)) == 250
-    assert events_counted(worker_log(tmp_path, 10, 250, final=True)) == 250
+def test_counters_read_from_the_metrics_endpoint_are_the_stats_lines(tmp_path: Path) -> None:
+    # The benchmarks and the fault tests read a worker's counters from /metrics.
+    stats = WorkerStats()
+    stats.events_in, stats.recommended, stats.duplicates, stats.dead_lettered = 7, 4, 2, 1
+    stats.re_emitted, stats.degraded = 1, 3
+    stats.observe_batch(["shop.views"] * 6, ["not_json"], [12, 30])
+    stats.observe_batch(["shop.carts"], [], [])
+    stats.batch_sizes.extend([3, 4])
+    stats.record_stages({"ingest": 2.0, "ranker": 9.5})
+    registry = CollectorRegistry()
+    registry.register(StatsCollector(stats))
+    read = worker_counters(generate_latest(registry).decode())
+    summary = stats.summary()
+    for key in ("events_in", "recommended", "duplicates", "dead_lettered", "re_emitted"):
+        assert read[key] == summary[key], key
+    assert read["degraded"] == 3
+    assert read["stages_ms"] == summary["stages_ms"]
+    assert read["batch_size"] == summary["batch_size"]
+
+
+def test_a_worker_whose_endpoint_is_not_up_has_counted_nothing() -> None:
+    url = f"http://127.0.0.1:{procs.free_port()}/metrics"
+    assert (
+        events_counted(Started(Proc("worker-0", 1, None, Path("w.log")), 0, metrics_url=url)) == 0
+    )
 
 
 def tansu_phase(counted: list[int]) -> Phase:
@@ -48,7 +59,8 @@ async def test_a_quiet_output_does_not_end_the_drain_while_events_are_uncounted(
     await asyncio.sleep(1.5)
     assert not drain.done(), "200 events are not counted yet"
     counted[0] = 300
-    assert await asyncio.wait_for(drain, 5) < 10
+    took = await asyncio.wait_for(drain, 5)
+    assert took is not None and took < 10
 
 
 async def test_a_drain_without_progress_ends_and_leaves_the_loss_to_the_counters(
@@ -58,4 +70,4 @@ async def test_a_drain_without_progress_ends_and_leaves_the_loss_to_the_counters
     got = Received()
     got.last_at = time.monotonic() - 30
     took = await asyncio.wait_for(e2e.drain(tansu_phase([100]), [], got, 300, timeout_s=30), 10)
-    assert 1.0 <= took < 5
+    assert took is not None and 1.0 <= took < 5

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import orjson
 
-from streams.dlq import DeadLetter, original_bytes
-from streams.output import RecItem, Recommendation
+from shoprec.dlq import DeadLetter, original_bytes
+from shoprec.output import RecItem, Recommendation
 
 
 def test_recommendation_follows_schema_1() -> None:

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from shoprec.errors import InvalidEvent
-from streams.events import Limits, parse_catalog_item, parse_event, tombstone_item_id
+from shoprec.events import Limits, parse_catalog_item, parse_event, tombstone_item_id
 
 NOW = 1_764_000_000_000
 LIMITS = Limits(max_event_bytes=2048, max_field_chars=64, max_future_skew_ms=60_000)

@@ -5,18 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from features.item_table import ItemTable
 from ranking.fusion import (
     PAD_SCORE,
     FusionWeights,
     HistoryEvent,
-    HistoryType,
     RankBatch,
     RankRow,
     Reason,
     fused_scores,
     score_batch,
 )
-from ranking.item_table import ItemTable
+from shoprec.events import EventType
 
 D = 8
 
@@ -109,7 +109,7 @@ def test_history_weighted_by_type_and_recency_and_matched() -> None:
     x = inputs(h=3, n=3)
     x["hist_embs"][0] = [unit(1, 0, 0), unit(0, 1, 0), unit(0, 0, 1)]
     x["hist_mask"][0] = True
-    x["hist_types"][0] = [HistoryType.PURCHASE, HistoryType.VIEW, HistoryType.PURCHASE]
+    x["hist_types"][0] = [EventType.PURCHASE, EventType.VIEW, EventType.PURCHASE]
     x["hist_age_s"][0] = [60, 60, 86_400]  # the third purchase is a day old
     x["cand_embs"][0] = [unit(1, 0, 0), unit(0, 1, 0), unit(0, 0, 1)]
     x["cand_has_emb"][0] = True
@@ -157,7 +157,7 @@ def test_from_rows_pads_truncates_and_validates() -> None:
         RankRow(
             candidates=["boot", "pan", "gift-card"],
             signals=[[0, 1, 0.5], [0, 1, 0], [4, 9, 0]],
-            history=[HistoryEvent("shoe", HistoryType.CLICK, 30.0)] * 3,
+            history=[HistoryEvent("shoe", EventType.CLICK, 30.0)] * 3,
             user_emb=unit(1),
         ),
         RankRow(candidates=[], signals=np.zeros((0, 3))),

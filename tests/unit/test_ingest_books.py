@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import orjson
 
 from features.store import UpdateResult, UserUpdate
-from streams.events import Limits
+from shoprec.events import Limits
 from streams.ingest import Ingestor, RawRecord
 
 T0 = 1_764_000_000_000

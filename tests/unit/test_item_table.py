@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import pytest
 
-from ranking.item_table import (
+from features.item_table import (
     ItemChanges,
     ItemLogFollower,
     ItemRecord,
@@ -182,7 +182,7 @@ def test_follower_does_not_retry_or_hang_when_redis_is_down(
     follower = ItemLogFollower.from_url("redis://127.0.0.1:1/0", interval_s=0.5)
     table = ItemTable(dim=D)
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="ranking.item_table"):
+    with caplog.at_level(logging.WARNING, logger="features.item_table"):
         assert follower.catch_up(table) == 0
         delays = [follower.poll_once() for _ in range(4)]
     assert time.monotonic() - start < 1.0

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from features.item_table import ItemTable
 from ranking import export
-from ranking.fusion import PAD_SCORE, HistoryEvent, HistoryType, RankBatch, RankRow, Reason
-from ranking.item_table import ItemTable
+from ranking.fusion import PAD_SCORE, HistoryEvent, RankBatch, RankRow, Reason
 from ranking.model import FusedRanker, RankerConfig, age_bucket, choose_device
 from ranking.serve import LearnedRanker
 from ranking.train import sampled_softmax_loss
+from shoprec.events import EventType
 
 B, H, N, D = 3, 7, 11, 384
 
@@ -125,7 +126,7 @@ def test_exported_artefact_serves_a_rank_batch(tmp_path: Path, model: FusedRanke
         RankRow(
             candidates=["item-3", "plain-1", "never-seen"],
             signals=np.array([[2, 10, 0.3], [0, 50, 0], [0, 0, 0]], np.float32),
-            history=[HistoryEvent("item-1", HistoryType.CART, 30.0)],
+            history=[HistoryEvent("item-1", EventType.CART, 30.0)],
             user_emb=np.ones(D, np.float32) / np.sqrt(D),
         ),
         RankRow(candidates=["item-5"], signals=np.zeros((1, 3), np.float32)),

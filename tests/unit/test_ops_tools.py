@@ -9,19 +9,19 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from features.fold import StateFolder
 from features.store import UpdatePolicy
-from features.user_state import EVENT_WEIGHTS, decayed_sum
+from features.user_state import decayed_sum
+from ops.dlq import Letter, select, summarise
+from ops.ranges import RangeSpec, parse_offsets, parse_time
+from ops.replay import ReplayRequest, check_targets
+from ops.replay_diff import RecView, diff_recs, overlap_at
+from shoprec.dlq import event_id_of
 from shoprec.errors import ConfigError, ReplayError
+from shoprec.events import EVENT_WEIGHTS, ShopEvent
 from shoprec.settings import Settings
-from streams.dlq import event_id_of
-from streams.dlq_ops import Letter, select, summarise
-from streams.events import ShopEvent
-from streams.fold import StateFolder
 from streams.metrics import Histogram, WorkerStats
 from streams.observability import JsonFormatter, StatsCollector
-from streams.ranges import RangeSpec, parse_offsets, parse_time
-from streams.replay import ReplayRequest, check_targets
-from streams.replay_diff import RecView, diff_recs, overlap_at
 
 NOW = 1_764_080_000_000  # 2025-11-25T14:13:20Z
 
@@ -208,18 +208,19 @@ def test_dlq_selection_and_summary() -> None:
     assert [x["dlq"] for x in s.latest] == ["0:2", "0:3"]
 
 
-def test_fold_covisitation_agrees_with_the_store() -> None:
-    from features.store import UserUpdate, _covisited
+def test_covisitation_pairs_recent_distinct_items_within_the_window() -> None:
+    # The store and the fold pair events with this one function (features.store).
+    from features.store import COVIS_SPAN, COVIS_WINDOW_MS, covisited
     from features.user_state import HistoryEntry
-    from streams.fold import covisited
 
     rng = np.random.default_rng(3)
     for _ in range(500):
         ts = int(rng.integers(0, 10**9))
         recent = [
-            HistoryEntry(f"i{rng.integers(0, 4)}", "view", ts - int(rng.integers(-1, 2) * 9e7))
-            for _ in range(int(rng.integers(0, 8)))
+            HistoryEntry(f"i{rng.integers(0, 8)}", "view", ts - int(rng.integers(-1, 2) * 9e7))
+            for _ in range(int(rng.integers(0, 12)))
         ]
-        item = f"i{rng.integers(0, 4)}"
-        update = UserUpdate("e", "u", "view", ts, item, None, False)
-        assert covisited(item, ts, recent) == _covisited(update, recent)
+        item = f"i{rng.integers(0, 8)}"
+        near = [h.item_id for h in recent if abs(ts - h.ts) <= COVIS_WINDOW_MS]
+        expected = list(dict.fromkeys(i for i in near if i != item))[:COVIS_SPAN]
+        assert covisited(item, ts, recent) == expected

@@ -8,11 +8,11 @@ from collections.abc import Iterable, Sequence
 
 import pytest
 
+from shoprec.dlq import DeadLetter
+from shoprec.output import Recommendation
 from shoprec.settings import Settings
-from streams.app import Runtime
-from streams.dlq import DeadLetter
 from streams.ingest import RawRecord
-from streams.output import Recommendation
+from streams.runtime import Runtime
 
 
 class OnePoisonRuntime(Runtime):

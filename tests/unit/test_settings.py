@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from shoprec.cli import main
+from cli.main import main
 from shoprec.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ranking.fusion import HistoryEvent, HistoryType, RankBatch, RankRow, score_batch
-from ranking.item_table import ItemTable
+from features.item_table import ItemTable
+from ranking.fusion import HistoryEvent, RankBatch, RankRow, score_batch
 from ranking.triton_model import DEFAULT_REFRESH_INTERVAL_S, refresh_interval_s, split_outputs
+from shoprec.events import EventType
 
 D = 384
 
@@ -24,7 +25,7 @@ def test_split_outputs_gives_each_request_what_scoring_it_alone_gives() -> None:
     # Requests of different widths and user counts, as the dynamic batcher merges them.
     requests = [
         RankBatch.from_rows(
-            [RankRow(ids[:3], signals[:3], [HistoryEvent("i5", HistoryType.CART, 9.0)])],
+            [RankRow(ids[:3], signals[:3], [HistoryEvent("i5", EventType.CART, 9.0)])],
             history_len=1,
             n_candidates=3,
         ),

@@ -185,7 +185,7 @@ def catalog() -> None:
 @click.option("--limit", type=int, help="Load at most this many items.")
 def catalog_load(data: Path, limit: int | None) -> None:
     """Publish a dataset's items.jsonl.gz to catalog.items (the worker embeds them)."""
-    from streams.produce import produce_catalog, start_producer
+    from ops.produce import produce_catalog, start_producer
     from streams.topics import TopicNames, ensure_topics
 
     settings = _settings()
@@ -228,7 +228,7 @@ def produce(
 
     Without --rate or --speedup, events go as fast as the broker takes them.
     """
-    from streams.produce import Pacing, produce_dataset
+    from ops.produce import Pacing, produce_dataset
     from streams.topics import ensure_topics
 
     settings = _settings()
@@ -265,7 +265,7 @@ def recs_tail(
     user: str | None, from_beginning: bool, limit: int | None, timeout: float | None, as_json: bool
 ) -> None:
     """Follow recs.out and print each recommendation (Ctrl-C to stop)."""
-    from streams.tail import format_recommendation, tail_topic
+    from ops.tail import format_recommendation, tail_topic
     from streams.topics import RECS_OUT
 
     settings = _settings()
@@ -331,7 +331,7 @@ def demo(
     Uses fixed ports (SHOPREC_*_PORT) and the stack directory .shoprec; stop a
     running stack first (`shoprec stack down`).
     """
-    from shoprec.demo import DemoOptions, run_demo
+    from cli.demo import DemoOptions, run_demo
 
     opts = DemoOptions(data, events, rate, broker, keep_stack, json_out)
     try:
@@ -342,9 +342,9 @@ def demo(
 
 def _register_subcommands() -> None:
     """Commands that live in their own modules, one per area of work."""
-    from shoprec.cli_bench import bench
-    from shoprec.cli_model import COMMANDS as MODEL_COMMANDS
-    from shoprec.cli_ops import COMMANDS as OPS_COMMANDS
+    from cli.bench import bench
+    from cli.model import COMMANDS as MODEL_COMMANDS
+    from cli.ops import COMMANDS as OPS_COMMANDS
 
     main.add_command(bench)
     for command in (*OPS_COMMANDS, *MODEL_COMMANDS):

@@ -1,4 +1,5 @@
-"""The input contracts (DESIGN §3): shop events and catalogue records.
+"""The input contracts (DESIGN §3): the event-type vocabulary, shop events and catalogue
+records.
 
 Parsing is a pure function from the record's bytes to a frozen dataclass, or
 an :class:`~shoprec.errors.InvalidEvent` naming what is wrong.  Unknown extra
@@ -10,13 +11,51 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any, Final
 
 import orjson
 
 from shoprec.errors import InvalidEvent
 
-EVENT_TYPES: Final = ("view", "click", "cart", "purchase", "search")
+
+class EventType(IntEnum):
+    """The event types of the shop topics; the code is what the ranker reads
+    (``HISTORY_TYPES``), and 0 pads a history."""
+
+    PAD = 0
+    VIEW = 1
+    CLICK = 2
+    CART = 3
+    PURCHASE = 4
+    SEARCH = 5
+
+    @property
+    def label(self) -> str:
+        """The name events carry in their ``type`` field (``"view"`` ...)."""
+        return self.name.lower()
+
+
+EVENT_TYPES: Final = tuple(t.label for t in EventType if t is not EventType.PAD)
+"""What an event's ``type`` may be: view, click, cart, purchase, search."""
+_CODES: Final = {t.label: t for t in EventType if t is not EventType.PAD}
+
+# What an event says about taste: a purchase most, then a cart, a click, a view.  A
+# search contributes the query's embedding with the weight of a click.
+EVENT_WEIGHTS: Final[dict[str, float]] = {
+    "view": 1.0,
+    "click": 2.0,
+    "search": 2.0,
+    "cart": 3.0,
+    "purchase": 4.0,
+}
+
+
+def event_code(event_type: str) -> int:
+    """The :class:`EventType` code of an event's ``type`` (0, padding, for an unknown one)."""
+    return _CODES.get(event_type, EventType.PAD)
+
+
 # Event time before this is not a shop event but a broken clock or a unit
 # mistake (seconds instead of milliseconds): 2000-01-01T00:00:00Z.
 MIN_TS_MS: Final = 946_684_800_000

@@ -27,9 +27,10 @@ def _load(data: Path, cache: Path, valid_frac: float, test_frac: float, threads:
 
 
 def _train_config(epochs: int, seed: int, no_text: bool) -> Any:
-    from ranking.train import TrainConfig
+    from ranking.model import RankerConfig
+    from ranking.train import TrainOptions
 
-    return TrainConfig(max_epochs=epochs, seed=seed, use_text=not no_text)
+    return TrainOptions(RankerConfig(use_text=not no_text), max_epochs=epochs, seed=seed)
 
 
 def _export(folder: Path, ds: Any, model: Any, tables: Any, report: dict[str, Any]) -> None:
@@ -241,7 +242,7 @@ def evaluate(
         t = time.perf_counter()
         model, tables, rep = train_fused(ds, _train_config(epochs, seed, no_text))
         metrics = evaluate_scorer(
-            FusedScorer(model, tables, rep["config"]["history_len"]), test, desc=name
+            FusedScorer(model, tables, rep["model"]["history_len"]), test, desc=name
         )
         info = {k: v for k, v in rep.items() if k not in ("history", "config", "model")}
         info["total_seconds"] = round(time.perf_counter() - t, 1)

@@ -3,7 +3,7 @@
 Events are validated exactly as the worker does (:func:`streams.ingest.parse_records`),
 then folded into state without ranking or output, by one of two paths:
 
-* the default, :mod:`streams.fold`: each user's events folded in Python with the update
+* the default, :mod:`features.fold`: each user's events folded in Python with the update
   script's arithmetic, counters summed per key and member, the final state written with
   a few hiredis-packed commands per key (measured on uci-online-retail: about 9 times
   faster than the script, which costs Redis ~200 µs per event);
@@ -34,16 +34,16 @@ from redis.asyncio import Redis
 
 from features import keys
 from features.connection import open_redis
+from features.fold import StateFolder, write_folded
 from features.item_index import ItemIndex
 from features.store import FeatureStore
 from features.user_state import Vector, decode_history, vector_from_bytes
+from ops.ranges import PartitionRange, RangeSpec, open_reader, plan_ranges
 from ranking.client import RankerClient
 from shoprec.errors import ReplayError
 from shoprec.settings import Settings
-from streams.app import limits_from, now_ms, update_policy
-from streams.fold import StateFolder, write_folded
 from streams.ingest import Ingestor, RawRecord, parse_records
-from streams.ranges import PartitionRange, RangeSpec, open_reader, plan_ranges
+from streams.runtime import limits_from, now_ms, update_policy
 
 log = logging.getLogger("shoprec.rebuild")
 
@@ -99,7 +99,7 @@ async def rebuild_state(
 ) -> RebuildReport:
     """Fold the events of ``spec`` into the state under ``state_prefix``.
 
-    By default in Python (:mod:`streams.fold`), written at the end; ``exact`` sends every
+    By default in Python (:mod:`features.fold`), written at the end; ``exact`` sends every
     event through the worker's own update script instead (about 15 times slower).
     """
     if shards < 1 or chunk < 1:

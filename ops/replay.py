@@ -2,7 +2,7 @@
 
 The range goes through :meth:`streams.app.Runtime.handle_events`, the very code
 the ingest agent runs, driven by a plain consumer over fixed offsets
-(:mod:`streams.ranges`).  What it writes is kept away from production by
+(:mod:`ops.ranges`).  What it writes is kept away from production by
 default: recommendations go to a replay topic (``recs.replay``), never
 ``recs.out``, so the push service is not flooded; state goes under a shadow
 key prefix (``replay:``), never the live keys, so live users are not
@@ -34,16 +34,15 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
 from features.connection import open_redis
+from ops.ranges import MergedReader, PartitionRange, RangeSpec, open_reader, plan_ranges
 from shoprec.errors import ReplayError
 from shoprec.settings import Settings
-from streams.app import Runtime
 from streams.ingest import RawRecord
-from streams.ranges import MergedReader, PartitionRange, RangeSpec, open_reader, plan_ranges
+from streams.runtime import Runtime
 from streams.topics import RECS_OUT, kafka_options
 
 log = logging.getLogger("shoprec.replay")
 
-REPLAY_TOPIC = "recs.replay"
 DEFAULT_STATE_PREFIX = "replay:"
 CHECKPOINT_TTL_S = 7 * 86_400
 TOPIC_EXISTS = 36

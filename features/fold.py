@@ -11,7 +11,7 @@ history, flood-control timestamp), counters are summed per key and member,
 and the final state is written with a few commands per key.
 
 Keeping the two in step is the job of ``shoprec rebuild-state``'s verification
-(:func:`streams.rebuild.compare_state`) and of the integration test that
+(:func:`ops.rebuild.compare_state`) and of the integration test that
 compares a folded state with one the worker built event by event.
 """
 
@@ -32,22 +32,20 @@ from redis.asyncio import Redis
 from features import keys
 from features.decay import DAY_MS, HOUR_MS, forward_weight
 from features.store import (
+    ALWAYS_EMIT,
     COVIS_KEEP,
-    COVIS_SPAN,
     COVIS_TTL_S,
-    COVIS_WINDOW_MS,
     UpdatePolicy,
+    covisited,
     popularity_keys,
 )
 from features.user_state import (
-    EVENT_WEIGHTS,
     HistoryEntry,
     Vector,
     encode_history_entry,
     vector_to_bytes,
 )
-from streams.events import ShopEvent
-from streams.ingest import ALWAYS_EMIT
+from shoprec.events import EVENT_WEIGHTS, ShopEvent
 
 F32 = np.float32
 RECENT = 5  # the script returns this many history entries for co-visitation
@@ -191,18 +189,6 @@ class StateFolder:
             a[other] += pair
             counters[theirs][item] += pair
             ttls[theirs] = COVIS_TTL_S
-
-
-def covisited(item_id: str, ts: int, recent: Sequence[HistoryEntry]) -> list[str]:
-    """``features.store._covisited`` without building a ``UserUpdate`` per event (a unit test
-    holds the two to the same answers)."""
-    out: list[str] = []
-    for h in recent:
-        if h.item_id != item_id and abs(ts - h.ts) <= COVIS_WINDOW_MS and h.item_id not in out:
-            out.append(h.item_id)
-            if len(out) >= COVIS_SPAN:
-                break
-    return out
 
 
 async def write_folded(redis: Redis, folded: Folded, ttl_s: int, per_round: int = 20_000) -> int:

@@ -20,12 +20,9 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer
 
-from features import keys
 from features.connection import open_redis
 from infra import procs
-from shoprec.errors import StackError
-from shoprec.settings import Settings, load_settings
-from streams.produce import (
+from ops.produce import (
     Pacing,
     ProduceReport,
     dataset_files,
@@ -33,8 +30,10 @@ from streams.produce import (
     produce_events,
     read_jsonl,
     start_producer,
+    wait_for_catalog,
 )
-from streams.tail import format_recommendation
+from ops.tail import format_recommendation
+from shoprec.settings import Settings, load_settings
 from streams.topics import TopicNames, ensure_topics, kafka_options
 
 
@@ -44,31 +43,8 @@ def say(msg: str) -> None:
 
 def start_worker_process(log_path: Path, extra_env: dict[str, str]) -> procs.Proc:
     """The worker as its own process, as in production."""
-    argv = [sys.executable, "-m", "shoprec.cli", "worker"]
+    argv = [sys.executable, "-m", "cli.main", "worker"]
     return procs.start("worker", argv, log_path, env={**os.environ, **extra_env})
-
-
-async def wait_for_catalog(
-    settings: Settings, expected: int, timeout_s: float, worker: procs.Proc
-) -> float:
-    """Wait until the worker has embedded and stored ``expected`` catalogue changes."""
-    redis = open_redis(settings.redis_url)
-    start = time.monotonic()
-    try:
-        while True:
-            done = await redis.xlen(keys.ITEM_LOG)
-            say(f"\r  catalogue: {done}/{expected} items embedded and stored")
-            if done >= expected:
-                return time.monotonic() - start
-            if not procs.is_alive(worker):
-                raise StackError("the worker exited while loading the catalogue (see its log)")
-            if time.monotonic() - start > timeout_s:
-                raise StackError(
-                    f"catalogue not loaded after {timeout_s:.0f} s ({done}/{expected})"
-                )
-            await asyncio.sleep(1.0)
-    finally:
-        await redis.aclose()
 
 
 async def collect(
@@ -194,7 +170,9 @@ def run_demo(opts: DemoOptions, model_repo: Path) -> None:
                 await produce_catalog(producer, TopicNames.from_settings(settings), data)
             finally:
                 await producer.stop()
-            return await wait_for_catalog(settings, n_items, 900, worker_proc)
+            return await wait_for_catalog(
+                settings, n_items, 900, lambda: procs.is_alive(worker_proc)
+            )
 
         took = asyncio.run(load())
         say(f"\n    catalogue ready in {took:.1f} s")

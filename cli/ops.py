@@ -1,7 +1,7 @@
 """On-call commands: `shoprec replay`, `rebuild-state`, `inspect user|item`, `dlq ...`.
 
-Each is a thin shell over a module in ``streams/`` (replay, replay_diff,
-rebuild, inspect, dlq_ops): parse, show progress on stderr, print a human
+Each is a thin shell over a module in ``ops/`` (replay, replay_diff,
+rebuild, inspect, dlq): parse, show progress on stderr, print a human
 summary or ``--json`` on stdout, exit non-zero on failure.
 """
 
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from features.connection import open_redis
 from shoprec.errors import ShoprecError
 from shoprec.settings import Settings, load_settings
+from streams.topics import RECS_REPLAY
 
 T = TypeVar("T")
 
@@ -106,7 +107,7 @@ def _spec(
     from_offset: str | None,
     to_offset: str | None,
 ) -> Any:
-    from streams.ranges import RangeSpec, parse_offsets, parse_time
+    from ops.ranges import RangeSpec, parse_offsets, parse_time
 
     now = int(time.time() * 1000)
     try:
@@ -132,7 +133,7 @@ def _spec(
 @_TO_OFFSET
 @click.option(
     "--into",
-    default="recs.replay",
+    default=RECS_REPLAY,
     show_default=True,
     help="Topic for the replay's recommendations (SHOPREC_TOPIC_PREFIX applies). "
     "recs.out needs --live.",
@@ -202,8 +203,8 @@ def replay(
     if diff:
         _replay_diff(settings, into, against, k, as_json)
         return
-    from streams.replay import ReplayRequest
-    from streams.replay import replay as run_replay
+    from ops.replay import ReplayRequest
+    from ops.replay import replay as run_replay
 
     spec = _spec(settings, topics, from_time, to_time, from_offset, to_offset)
     if not (spec.by_time or spec.from_offsets is not None or spec.to_offsets is not None):
@@ -267,7 +268,7 @@ def replay(
 
 
 def _replay_diff(settings: Settings, into: str, against: str, k: int, as_json: bool) -> None:
-    from streams.replay_diff import diff_topics
+    from ops.replay_diff import diff_topics
 
     report = _run(diff_topics(settings, settings.topic(into), settings.topic(against), k))
     if as_json:
@@ -350,8 +351,8 @@ def rebuild_state(
       shoprec rebuild-state --state-prefix '' --no-verify   # Redis lost its data
     """
 
-    from streams.rebuild import compare_state
-    from streams.rebuild import rebuild_state as run_rebuild
+    from ops.rebuild import compare_state
+    from ops.rebuild import rebuild_state as run_rebuild
 
     settings = _settings()
     spec = _spec(settings, topics, from_time, to_time, from_offset, to_offset)
@@ -361,7 +362,7 @@ def rebuild_state(
     bar, advance = _progress(0, "rebuild")
 
     async def plan_then_rebuild() -> Any:
-        from streams.ranges import open_reader, plan_ranges
+        from ops.ranges import open_reader, plan_ranges
 
         consumer = await open_reader(settings)
         try:
@@ -443,8 +444,8 @@ def inspect_user(
     user_id: str, state_prefix: str | None, n_recs: int, n_hist: int, as_json: bool
 ) -> None:
     """A user's rolling embedding, counters, recent history and last recommendations."""
-    from streams.inspect import format_user
-    from streams.inspect import inspect_user as run
+    from ops.inspect import format_user
+    from ops.inspect import inspect_user as run
 
     settings = _settings()
     prefix = settings.state_prefix if state_prefix is None else state_prefix
@@ -458,8 +459,8 @@ def inspect_user(
 @_JSON
 def inspect_item(item_id: str, state_prefix: str | None, as_json: bool) -> None:
     """An item's catalogue record, embedding, nearest items, co-visitation, popularity."""
-    from streams.inspect import format_item
-    from streams.inspect import inspect_item as run
+    from ops.inspect import format_item
+    from ops.inspect import inspect_item as run
 
     settings = _settings()
     prefix = settings.state_prefix if state_prefix is None else state_prefix
@@ -481,7 +482,7 @@ def dlq() -> None:
 @click.option("--timeout", type=float, help="Stop after this many idle seconds.")
 def dlq_tail(from_beginning: bool, limit: int | None, timeout: float | None) -> None:
     """Follow dead letters as they arrive, with their reason and origin."""
-    from streams.tail import tail_topic
+    from ops.tail import tail_topic
     from streams.topics import DLQ
 
     settings = _settings()
@@ -504,7 +505,7 @@ _REASON = click.option("--reason", "reasons", multiple=True, help="Only this rea
 @_JSON
 def dlq_list(reasons: tuple[str, ...], latest: int, as_json: bool) -> None:
     """Count the retained dead letters by reason and source, and list the latest."""
-    from streams.dlq_ops import read_letters, select, summarise
+    from ops.dlq import read_letters, select, summarise
 
     settings = _settings()
     summary = summarise(select(_run(read_letters(settings)), reasons), latest)
@@ -527,7 +528,7 @@ def dlq_list(reasons: tuple[str, ...], latest: int, as_json: bool) -> None:
 @click.argument("ref", metavar="PARTITION:OFFSET")
 def dlq_show(ref: str) -> None:
     """One dead letter in full: reason, detail, origin, the original record."""
-    from streams.dlq_ops import read_letters, select, show
+    from ops.dlq import read_letters, select, show
 
     settings = _settings()
     found = select(_run(read_letters(settings)), refs=[ref])
@@ -561,7 +562,7 @@ def dlq_replay(
     with --reason and/or --ref, or everything.
     Example: shoprec dlq replay --reason processing_error --dry-run
     """
-    from streams.dlq_ops import read_letters, reinject, select
+    from ops.dlq import read_letters, reinject, select
 
     settings = _settings()
     chosen = select(_run(read_letters(settings)), reasons, refs, source_topic)

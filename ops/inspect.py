@@ -23,9 +23,9 @@ from features.catalog import item_titles
 from features.connection import open_redis
 from features.item_index import ItemIndex
 from features.user_state import decode_history, normalise, vector_from_bytes
+from ops.ranges import read_topic
+from ops.tail import format_recommendation
 from shoprec.settings import Settings
-from streams.ranges import read_topic
-from streams.tail import format_recommendation
 
 NEAREST = 5
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
+from ops.ranges import read_topic
 from shoprec.settings import Settings
-from streams.ranges import read_topic
 
 
 @dataclass(frozen=True, slots=True)

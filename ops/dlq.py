@@ -1,7 +1,7 @@
 """``shoprec dlq list|show|replay``: read dead letters, and re-inject them once fixed.
 
 A dead letter keeps the rejected record's bytes, key and origin
-(:mod:`streams.dlq`).  Re-injection sends those exact bytes, with the same
+(:mod:`shoprec.dlq`).  Re-injection sends those exact bytes, with the same
 key, back to the topic they came from (or ``--into``), with headers naming
 the dead letter they came from.  Every re-injected dead letter is remembered
 in Redis (``dlq:reinjected``), so running the same command twice does not
@@ -22,10 +22,10 @@ import orjson
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from features.connection import open_redis
+from ops.ranges import read_topic
+from shoprec.dlq import event_id_of
 from shoprec.errors import ReplayError
 from shoprec.settings import Settings
-from streams.dlq import event_id_of
-from streams.ranges import read_topic
 from streams.topics import DLQ, kafka_options
 
 log = logging.getLogger("shoprec.dlq")

@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from shoprec.errors import ConfigError, DependencyUnavailable, ReplayError
 from shoprec.settings import Settings
-from streams.topics import kafka_options
+from streams.topics import kafka_options, partitions_of
 
 FETCH_MAX_RECORDS = 5000
 
@@ -141,21 +141,6 @@ async def open_reader(settings: Settings) -> AIOKafkaConsumer:
             f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc!r} (SHOPREC_KAFKA_BOOTSTRAP)"
         ) from exc
     return consumer
-
-
-async def partitions_of(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> list[TopicPartition]:
-    """Every partition of ``topics``; a topic the broker does not know is an error."""
-    # A consumer only caches metadata of topics it subscribed to; ask for the whole cluster.
-    cluster = await consumer._client.fetch_all_metadata()
-    missing = [t for t in topics if t not in cluster.topics()]
-    if missing:
-        raise ReplayError(
-            f"no such topic on the broker: {', '.join(missing)} "
-            f"(names take SHOPREC_TOPIC_PREFIX; known: {', '.join(sorted(cluster.topics())[:20])})"
-        )
-    return [
-        TopicPartition(t, p) for t in topics for p in sorted(cluster.partitions_for_topic(t) or ())
-    ]
 
 
 async def plan_ranges(consumer: AIOKafkaConsumer, spec: RangeSpec) -> list[PartitionRange]:

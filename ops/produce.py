@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from shoprec.errors import DatasetError
+from features import keys
+from features.connection import open_redis
+from shoprec.errors import DatasetError, StackError
 from shoprec.settings import Settings
 from streams.topics import TopicNames, kafka_options
 
@@ -150,3 +153,31 @@ async def produce_dataset(
         await producer.stop()
     report.items = items
     return report
+
+
+async def wait_for_catalog(
+    settings: Settings, expected: int, timeout_s: float, worker_alive: Callable[[], bool]
+) -> float:
+    """Seconds until the worker has embedded and stored ``expected`` catalogue changes
+    (the demo and the benchmarks wait so before they send events); progress on stderr."""
+    redis = open_redis(settings.redis_url)
+    start = time.monotonic()
+    try:
+        while True:
+            done = await redis.xlen(keys.ITEM_LOG)
+            print(
+                f"\r  catalogue: {done}/{expected} items embedded and stored",
+                file=sys.stderr,
+                flush=True,
+            )
+            if done >= expected:
+                return time.monotonic() - start
+            if not worker_alive():
+                raise StackError("the worker exited while loading the catalogue (see its log)")
+            if time.monotonic() - start > timeout_s:
+                raise StackError(
+                    f"catalogue not loaded after {timeout_s:.0f} s ({done}/{expected})"
+                )
+            await asyncio.sleep(1.0)
+    finally:
+        await redis.aclose()
