@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -37,10 +38,9 @@ from pydantic import SecretStr
 from infra import procs
 from ops.produce import (
     dataset_files,
-    produce_catalog,
+    produce_catalog_and_wait,
     read_jsonl,
     start_producer,
-    wait_for_catalog,
 )
 from shoprec.errors import StackError
 from shoprec.settings import Settings, load_settings
@@ -543,18 +543,8 @@ def load_catalogue(settings: Settings, data: Path) -> int:
     n_items = sum(1 for _ in read_jsonl(data / "items.jsonl.gz"))
     [worker] = start_workers(settings, 1, settings.stack_dir / "logs")
     try:
-
-        async def load() -> float:
-            producer = await start_producer(settings)
-            try:
-                await produce_catalog(producer, TopicNames.from_settings(settings), data)
-            finally:
-                await producer.stop()
-            return await wait_for_catalog(
-                settings, n_items, 900, lambda: procs.is_alive(worker.proc)
-            )
-
-        took = asyncio.run(load())
+        alive = functools.partial(procs.is_alive, worker.proc)
+        took = asyncio.run(produce_catalog_and_wait(settings, data, n_items, alive))
     finally:
         procs.stop(worker.proc)
     say(f"\ncatalogue of {n_items} items embedded in {took:.1f} s")

@@ -8,6 +8,7 @@ recs.out, and prints recommendations for real users with their latencies.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sys
 import time
@@ -26,11 +27,10 @@ from ops.produce import (
     Pacing,
     ProduceReport,
     dataset_files,
-    produce_catalog,
+    produce_catalog_and_wait,
     produce_events,
     read_jsonl,
     start_producer,
-    wait_for_catalog,
 )
 from ops.tail import format_recommendation
 from shoprec.settings import Settings, load_settings
@@ -162,19 +162,8 @@ def run_demo(opts: DemoOptions, model_repo: Path) -> None:
         n_items = sum(1 for _ in read_jsonl(data / "items.jsonl.gz"))
         say(f"3/5 loading the catalogue of {data.name} ({n_items} items) ...")
 
-        worker_proc = worker
-
-        async def load() -> float:
-            producer = await start_producer(settings)
-            try:
-                await produce_catalog(producer, TopicNames.from_settings(settings), data)
-            finally:
-                await producer.stop()
-            return await wait_for_catalog(
-                settings, n_items, 900, lambda: procs.is_alive(worker_proc)
-            )
-
-        took = asyncio.run(load())
+        alive = functools.partial(procs.is_alive, worker)
+        took = asyncio.run(produce_catalog_and_wait(settings, data, n_items, alive))
         say(f"\n    catalogue ready in {took:.1f} s")
         say(f"4/5 streaming {events} real events at {rate:.0f}/s ...")
         recs, report = asyncio.run(stream_and_collect(settings, data, events, rate))

@@ -181,3 +181,20 @@ async def wait_for_catalog(
             await asyncio.sleep(1.0)
     finally:
         await redis.aclose()
+
+
+async def produce_catalog_and_wait(
+    settings: Settings,
+    folder: Path,
+    n_items: int,
+    worker_alive: Callable[[], bool],
+    timeout_s: float = 900.0,
+) -> float:
+    """Produce the dataset's catalogue and wait until the worker has embedded and stored
+    its ``n_items`` items; returns the seconds the wait took."""
+    producer = await start_producer(settings)
+    try:
+        await produce_catalog(producer, TopicNames.from_settings(settings), folder)
+    finally:
+        await producer.stop()
+    return await wait_for_catalog(settings, n_items, timeout_s, worker_alive)

@@ -108,12 +108,7 @@ async def rebuild_state(
     consumer = await open_reader(settings)
     # Searches need BERT for their query vector; the client connects on first use, so a
     # history without searches rebuilds with Triton down.
-    ranker = RankerClient(
-        settings.triton_url,
-        settings.item_encoder_model,
-        settings.ranker_model,
-        timeout_s=settings.triton_timeout_s,
-    )
+    ranker = RankerClient.from_settings(settings)
     try:
         if await has_user_state(redis, state_prefix) and not force:
             raise ReplayError(

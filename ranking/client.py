@@ -34,6 +34,7 @@ from ranking.fusion import (
 )
 from shoprec.errors import RankerUnavailable
 from shoprec.retry import retry
+from shoprec.settings import Settings
 
 __all__ = [
     "MAX_BATCH",
@@ -128,6 +129,19 @@ class RankerClient:
         self.timeout_s = timeout_s
         self.max_batch = max_batch
         self._client = grpcclient.InferenceServerClient(url, channel_args=_channel_args())
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, breaker: CircuitBreaker | None = None
+    ) -> RankerClient:
+        """The client of the configured Triton and models (``SHOPREC_TRITON_*``)."""
+        return cls(
+            settings.triton_url,
+            settings.item_encoder_model,
+            settings.ranker_model,
+            timeout_s=settings.triton_timeout_s,
+            breaker=breaker,
+        )
 
     async def __aenter__(self) -> RankerClient:
         return self

@@ -86,11 +86,8 @@ class Runtime:
             raise DependencyUnavailable(
                 f"cannot reach Redis ({exc!r}); check SHOPREC_REDIS_URL and that Redis is up"
             ) from exc
-        self.ranker = RankerClient(
-            s.triton_url,
-            s.item_encoder_model,
-            s.ranker_model,
-            timeout_s=s.triton_timeout_s,
+        self.ranker = RankerClient.from_settings(
+            s,
             breaker=CircuitBreaker(
                 f"triton {s.triton_url}",
                 failures=s.triton_breaker_failures,

@@ -25,12 +25,7 @@ async def preflight(settings: Settings, triton_timeout_s: float = 60.0) -> None:
         ) from exc
     finally:
         await redis.aclose()
-    ranker = RankerClient(
-        settings.triton_url,
-        settings.item_encoder_model,
-        settings.ranker_model,
-        timeout_s=settings.triton_timeout_s,
-    )
+    ranker = RankerClient.from_settings(settings)
     try:
         await ranker.wait_ready(timeout_s=triton_timeout_s)
     finally:

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from infra.stack import Stack
-from shoprec.settings import Settings
 from tests.faults.harness import (
     REPO,
     Catalogue,
@@ -29,6 +28,7 @@ from tests.faults.harness import (
     load_events,
     load_items,
 )
+from tests.stack import private_stack_settings
 
 # The catalogue covers the items of the events the tests stream (the overload cycles them).
 N_CATALOGUE_EVENTS = 4000
@@ -63,16 +63,7 @@ def committed_model_repo(dest: Path) -> Path:
 
 @pytest.fixture(scope="package")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
-    settings = Settings(
-        stack_dir=tmp_path_factory.mktemp("fault-stack"),
-        broker="kafka",
-        kafka_port=0,
-        redis_port=0,
-        triton_http_port=0,
-        triton_grpc_port=0,
-        triton_metrics_port=0,
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    settings = private_stack_settings(tmp_path_factory.mktemp("fault-stack"))
     model_repo = committed_model_repo(tmp_path_factory.mktemp("models"))
     stack = Stack(settings, model_repo=model_repo)
     endpoints = stack.up(("broker", "redis", "triton"), timeout_s=300)

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
+from bench.features import private_redis
 from features import keys
 from features.candidates import mix_candidates, semantic_neighbours
 from features.catalog import upsert_items
@@ -20,8 +21,6 @@ from features.decay import COVIS_HALF_LIFE_MS, forward_weight
 from features.item_index import ItemIndex
 from features.store import COVIS_KEEP, FeatureStore, UpdatePolicy, UserUpdate
 from features.user_state import decayed_sum, normalise
-from infra import procs
-from infra.redis_server import RedisServer
 from shoprec.events import CatalogItem
 
 pytestmark = pytest.mark.integration
@@ -32,14 +31,9 @@ POLICY = UpdatePolicy(half_life_ms=HOUR, history_len=5, ttl_s=3600, min_emit_int
 
 
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"), procs.free_port())
-    proc = server.start()
-    try:
-        procs.wait_until(server.ready, 20, "redis", server.log_path, proc=proc)
-        yield server.url
-    finally:
-        procs.stop(proc)
+def redis_url() -> Iterator[str]:
+    with private_redis() as url:
+        yield url
 
 
 @pytest.fixture

@@ -30,8 +30,8 @@ from ranking.data import load_catalogue, load_events
 from ranking.encoder import TextEncoder
 from ranking.fusion import HistoryEvent, RankBatch, RankRow
 from ranking.serve import LearnedRanker
-from shoprec.settings import Settings
 from tests.integration.helpers import isolated_settings, settings_env
+from tests.stack import private_stack_settings
 from tests.worker import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -51,14 +51,7 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory, repo_copy: Path) -> Iterator[Stack]:
-    settings = Settings(
-        stack_dir=tmp_path_factory.mktemp("trained-ranker"),
-        redis_port=0,
-        triton_http_port=0,
-        triton_grpc_port=0,
-        triton_metrics_port=0,
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    settings = private_stack_settings(tmp_path_factory.mktemp("trained-ranker"))
     stack = Stack(settings, model_repo=repo_copy)
     stack.up(("redis", "triton"), timeout_s=300)
     try:

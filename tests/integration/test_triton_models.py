@@ -28,7 +28,7 @@ from ranking.client import HistoryEvent, RankBatch, RankerClient, RankRow, Reaso
 from ranking.encoder import TextEncoder
 from shoprec.errors import RankerUnavailable
 from shoprec.events import EventType
-from shoprec.settings import Settings
+from tests.stack import private_stack_settings
 
 pytestmark = pytest.mark.integration
 
@@ -65,14 +65,7 @@ def _fixed_fusion_repo(factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    settings = Settings(
-        stack_dir=tmp_path_factory.mktemp("triton-models"),
-        redis_port=0,
-        triton_http_port=0,
-        triton_grpc_port=0,
-        triton_metrics_port=0,
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    settings = private_stack_settings(tmp_path_factory.mktemp("triton-models"))
     stack = Stack(settings, model_repo=_fixed_fusion_repo(tmp_path_factory))
     endpoints = stack.up(("redis", "triton"), timeout_s=300)
     try:

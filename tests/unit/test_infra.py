@@ -23,14 +23,7 @@ from infra.stack import Endpoints, Stack, format_env_file
 from infra.triton import TritonServer, model_names, prepare_backends, python_tag, triton_env
 from shoprec.errors import StackError
 from shoprec.settings import Settings
-
-
-def running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
+from tests.stack import running
 
 
 def props(text: str) -> dict[str, str]:
