@@ -8,9 +8,7 @@ from typing import Literal
 from shoprec.settings import Settings
 
 
-def private_stack_settings(
-    stack_dir: Path, broker: Literal["kafka", "tansu"] = "kafka"
-) -> Settings:
+def stack_settings(stack_dir: Path, broker: Literal["kafka", "tansu"] = "kafka") -> Settings:
     """A stack kept in ``stack_dir`` on ports the OS assigns, whatever a developer's
     environment or ``.shoprec/stack.env`` says."""
     return Settings(

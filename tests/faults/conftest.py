@@ -28,7 +28,7 @@ from tests.faults.harness import (
     load_events,
     load_items,
 )
-from tests.stack import private_stack_settings
+from tests.stack import stack_settings
 
 # The catalogue covers the items of the events the tests stream (the overload cycles them).
 N_CATALOGUE_EVENTS = 4000
@@ -63,7 +63,7 @@ def committed_model_repo(dest: Path) -> Path:
 
 @pytest.fixture(scope="package")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
-    settings = private_stack_settings(tmp_path_factory.mktemp("fault-stack"))
+    settings = stack_settings(tmp_path_factory.mktemp("fault-stack"))
     model_repo = committed_model_repo(tmp_path_factory.mktemp("models"))
     stack = Stack(settings, model_repo=model_repo)
     endpoints = stack.up(("broker", "redis", "triton"), timeout_s=300)

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from features.connection import open_redis
 from infra.stack import Endpoints, Stack
-from tests.stack import private_stack_settings
+from tests.stack import stack_settings
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
@@ -29,7 +29,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
-    settings = private_stack_settings(tmp_path_factory.mktemp("stack"))
+    settings = stack_settings(tmp_path_factory.mktemp("stack"))
     s = Stack(settings, model_repo=REPO / "model_repo")
     endpoints = s.up(("broker", "redis", "triton"), timeout_s=300)
     try:

@@ -26,7 +26,7 @@ from infra import procs
 from infra.stack import Endpoints, Stack
 from shoprec.errors import StackError
 from shoprec.settings import Settings
-from tests.stack import private_stack_settings, running
+from tests.stack import stack_settings, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -157,7 +157,7 @@ def kafka_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     root = tmp_path_factory.mktemp("kafka-stack")
     probe_out = root / "probe.json"
     repo = write_model_repo(root / "models", probe_out)
-    stack = Stack(private_stack_settings(root / "stack"), model_repo=repo)
+    stack = Stack(stack_settings(root / "stack"), model_repo=repo)
     endpoints = stack.up(timeout_s=120)
     try:
         yield Running(stack, endpoints, root, probe_out)
@@ -270,7 +270,7 @@ async def test_down_from_another_process_leaves_nothing(kafka_stack: Running) ->
 
 
 async def test_tansu_broker_round_trip(tmp_path: Path) -> None:
-    stack = Stack(private_stack_settings(tmp_path / "stack", broker="tansu"))
+    stack = Stack(stack_settings(tmp_path / "stack", broker="tansu"))
     with stack:
         ep = stack.up(components=("broker",), timeout_s=30)
         assert ep.broker == "tansu"
@@ -287,7 +287,7 @@ async def test_tansu_broker_round_trip(tmp_path: Path) -> None:
 
 def test_a_model_that_fails_to_load_fails_up_fast(tmp_path: Path) -> None:
     repo = write_model_repo(tmp_path / "models", tmp_path / "probe.json", broken=True)
-    stack = Stack(private_stack_settings(tmp_path / "stack"), model_repo=repo)
+    stack = Stack(stack_settings(tmp_path / "stack"), model_repo=repo)
     started = time.monotonic()
     with pytest.raises(StackError, match="deliberately broken") as err:
         stack.up(components=("triton",), timeout_s=120)
@@ -298,13 +298,11 @@ def test_a_model_that_fails_to_load_fails_up_fast(tmp_path: Path) -> None:
 
 
 def test_a_taken_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
-    busy = Stack(private_stack_settings(tmp_path / "busy"))
+    busy = Stack(stack_settings(tmp_path / "busy"))
     with busy:
         ep = busy.up(components=("redis",), timeout_s=30)
         port = int(ep.redis_url.rsplit(":", 1)[1].split("/")[0])
-        settings = private_stack_settings(tmp_path / "other").model_copy(
-            update={"redis_port": port}
-        )
+        settings = stack_settings(tmp_path / "other").model_copy(update={"redis_port": port})
         with pytest.raises(StackError, match=f"port {port} for redis is already in use"):
             Stack(settings).up(components=("redis",))
     assert processes_mentioning(str(tmp_path)) == []

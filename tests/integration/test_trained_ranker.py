@@ -31,7 +31,7 @@ from ranking.encoder import TextEncoder
 from ranking.fusion import HistoryEvent, RankBatch, RankRow
 from ranking.serve import LearnedRanker
 from tests.integration.helpers import isolated_settings, settings_env
-from tests.stack import private_stack_settings
+from tests.stack import stack_settings
 from tests.worker import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -51,7 +51,7 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory, repo_copy: Path) -> Iterator[Stack]:
-    settings = private_stack_settings(tmp_path_factory.mktemp("trained-ranker"))
+    settings = stack_settings(tmp_path_factory.mktemp("trained-ranker"))
     stack = Stack(settings, model_repo=repo_copy)
     stack.up(("redis", "triton"), timeout_s=300)
     try:

@@ -28,7 +28,7 @@ from ranking.client import HistoryEvent, RankBatch, RankerClient, RankRow, Reaso
 from ranking.encoder import TextEncoder
 from shoprec.errors import RankerUnavailable
 from shoprec.events import EventType
-from tests.stack import private_stack_settings
+from tests.stack import stack_settings
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +65,7 @@ def _fixed_fusion_repo(factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    settings = private_stack_settings(tmp_path_factory.mktemp("triton-models"))
+    settings = stack_settings(tmp_path_factory.mktemp("triton-models"))
     stack = Stack(settings, model_repo=_fixed_fusion_repo(tmp_path_factory))
     endpoints = stack.up(("redis", "triton"), timeout_s=300)
     try:
