@@ -26,7 +26,7 @@ from infra import procs
 from infra.stack import Endpoints, Stack
 from shoprec.errors import StackError
 from shoprec.settings import Settings
-from tests.stack import stack_settings, running
+from tests.stack import running, stack_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
