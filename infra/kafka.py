@@ -1,9 +1,12 @@
-"""A single-node Apache Kafka broker (KRaft, broker and controller in one JVM).
+"""Apache Kafka nodes (KRaft, broker and controller in one JVM): one alone, or a cluster.
 
 The broker is the set of jars Maven Central holds for ``kafka_2.13``
 (``infra/kafka/pom.xml``), resolved once into ``infra/kafka/jars/`` and
 shared by every stack directory.  The data directory lives under the stack
 directory and is formatted only once, so topics survive a broker restart.
+
+A cluster is several such combined nodes that are all voters of one static
+controller quorum (``controller.quorum.voters``) and share one cluster id.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import struct
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,24 +109,50 @@ def random_cluster_id() -> str:
             return cid
 
 
-def server_properties(*, port: int, controller_port: int, data_dir: Path, partitions: int) -> str:
-    """The broker's ``server.properties``: one combined node on loopback."""
+def server_properties(
+    *,
+    port: int,
+    controller_port: int,
+    data_dir: Path,
+    partitions: int,
+    node_id: int = 1,
+    voters: Sequence[tuple[int, int]] = (),
+    replication_factor: int = 1,
+    min_insync: int = 1,
+) -> str:
+    """A node's ``server.properties``: a combined broker and controller on loopback.
+
+    ``voters`` lists (node id, controller port) of every node of a cluster;
+    empty, the node is alone and its quorum is bootstrapped (``--standalone``).
+    ``replication_factor`` and ``min_insync`` are the defaults of every topic,
+    the internal ones included.
+    """
     host = procs.LOOPBACK
+    if voters:
+        # Static voters: the quorum is the configured set, nothing to bootstrap.
+        quorum = "controller.quorum.voters=" + ",".join(
+            f"{vid}@{host}:{vport}" for vid, vport in voters
+        )
+    else:
+        quorum = f"controller.quorum.bootstrap.servers={host}:{controller_port}"
     lines = [
         "process.roles=broker,controller",
-        "node.id=1",
+        f"node.id={node_id}",
         f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
         f"advertised.listeners=PLAINTEXT://{host}:{port}",
         "controller.listener.names=CONTROLLER",
         "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-        f"controller.quorum.bootstrap.servers={host}:{controller_port}",
+        quorum,
         f"log.dirs={data_dir}",
-        # One node: internal topics cannot have more than one replica.
-        "offsets.topic.replication.factor=1",
-        "transaction.state.log.replication.factor=1",
-        "transaction.state.log.min.isr=1",
-        "share.coordinator.state.topic.replication.factor=1",
-        "share.coordinator.state.topic.min.isr=1",
+        # Internal topics get as many replicas as the cluster's topics (one
+        # node: one, since a topic cannot have more replicas than brokers).
+        f"default.replication.factor={replication_factor}",
+        f"min.insync.replicas={min_insync}",
+        f"offsets.topic.replication.factor={replication_factor}",
+        f"transaction.state.log.replication.factor={replication_factor}",
+        f"transaction.state.log.min.isr={min_insync}",
+        f"share.coordinator.state.topic.replication.factor={replication_factor}",
+        f"share.coordinator.state.topic.min.isr={min_insync}",
         # Tests and the demo join consumer groups often; the default waits 3 s.
         "group.initial.rebalance.delay.ms=0",
         "auto.create.topics.enable=true",
@@ -131,35 +161,152 @@ def server_properties(*, port: int, controller_port: int, data_dir: Path, partit
     return "\n".join(lines) + "\n"
 
 
+def shared_cluster_id(path: Path) -> str:
+    """The cluster id kept in ``path``, made on first use: every node is formatted with it."""
+    try:
+        cid = path.read_text().strip()
+    except FileNotFoundError:
+        cid = ""
+    if not cid:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cid = random_cluster_id()
+        path.write_text(cid + "\n")
+    return cid
+
+
+_METADATA_CORRELATION_ID = 0x5EC
+
+
+def metadata_request(*, all_topics: bool) -> bytes:
+    """A Metadata v4 request, size prefix included.
+
+    Version 4 is the oldest one Kafka 4 still serves, and Tansu serves it too.
+    Header v1: api_key=3 (Metadata), api_version=4, correlation id, client id;
+    body: the topics (an empty array: none, just brokers; null: every topic),
+    no auto-creation.
+    """
+    client_id = b"shoprec-infra"
+    body = struct.pack(">hhih", 3, 4, _METADATA_CORRELATION_ID, len(client_id)) + client_id
+    body += struct.pack(">ib", -1 if all_topics else 0, 0)
+    return struct.pack(">i", len(body)) + body
+
+
+def _metadata_payload(host: str, port: int, *, all_topics: bool, timeout: float) -> bytes | None:
+    """The Metadata response after its correlation id, or None when nothing sensible answers."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(metadata_request(all_topics=all_topics))
+            head = _recv_exact(sock, 4)
+            if head is None:
+                return None
+            (size,) = struct.unpack(">i", head)
+            if size < 12 or size > 64 << 20:
+                return None
+            payload = _recv_exact(sock, size)
+    except OSError:
+        return None
+    if payload is None or struct.unpack(">i", payload[:4])[0] != _METADATA_CORRELATION_ID:
+        return None
+    return payload[4:]
+
+
 def metadata_broker_count(host: str, port: int, timeout: float = 1.0) -> int | None:
     """Brokers listed by a Metadata (v4) request, or None when nothing sensible answers.
 
     A broker answers Metadata with itself only once it is registered and
     unfenced, so this says "ready for clients" where an open port does not.
-    Version 4 is the oldest one Kafka 4 still serves, and Tansu serves it too.
     """
-    client_id = b"shoprec-infra"
-    correlation_id = 0x5EC
-    # Header v1: api_key=3 (Metadata), api_version=4, correlation id, client id;
-    # body: an empty topic array (no topics, just brokers), no auto-creation.
-    body = struct.pack(">hhih", 3, 4, correlation_id, len(client_id)) + client_id
-    body += struct.pack(">ib", 0, 0)
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(struct.pack(">i", len(body)) + body)
-            head = _recv_exact(sock, 4)
-            if head is None:
-                return None
-            (size,) = struct.unpack(">i", head)
-            if size < 12 or size > 1 << 20:
-                return None
-            payload = _recv_exact(sock, size)
-    except OSError:
-        return None
+    payload = _metadata_payload(host, port, all_topics=False, timeout=timeout)
     if payload is None:
         return None
-    got_id, _throttle_ms, brokers = struct.unpack(">iii", payload[:12])
-    return brokers if got_id == correlation_id else None
+    _throttle_ms, brokers = struct.unpack(">ii", payload[:8])
+    return int(brokers)
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    """One partition as the cluster's metadata has it (node ids; leader -1: none)."""
+
+    partition: int
+    leader: int
+    replicas: tuple[int, ...]
+    isr: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ClusterMetadata:
+    """What a Metadata (v4) answer says: live brokers, the active controller, every topic."""
+
+    brokers: dict[int, str]  # node id -> host:port
+    controller: int
+    topics: dict[str, list[PartitionInfo]]  # by partition number
+
+
+class _Reader:
+    """Reads the big-endian fields of a Kafka response, in order."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, fmt: str) -> tuple[int, ...]:
+        values = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return tuple(int(v) for v in values)
+
+    def int32(self) -> int:
+        return self.take(">i")[0]
+
+    def string(self) -> str | None:
+        (size,) = self.take(">h")
+        if size < 0:
+            return None
+        raw = self.data[self.pos : self.pos + size]
+        if len(raw) != size:
+            raise struct.error("string runs past the end of the response")
+        self.pos += size
+        return raw.decode()
+
+    def int32_array(self) -> tuple[int, ...]:
+        return tuple(self.int32() for _ in range(self.int32()))
+
+
+def parse_metadata(payload: bytes) -> ClusterMetadata:
+    """A Metadata v4 response body (after the correlation id); struct.error if truncated."""
+    r = _Reader(payload)
+    r.int32()  # throttle time
+    brokers = {}
+    for _ in range(r.int32()):
+        node_id = r.int32()
+        host = r.string()
+        port = r.int32()
+        r.string()  # rack
+        brokers[node_id] = f"{host}:{port}"
+    r.string()  # cluster id
+    controller = r.int32()
+    topics: dict[str, list[PartitionInfo]] = {}
+    for _ in range(r.int32()):
+        r.take(">h")  # error code
+        name = r.string() or ""
+        r.take(">b")  # is internal
+        partitions = []
+        for _ in range(r.int32()):
+            r.take(">h")  # error code
+            index, leader = r.take(">ii")
+            partitions.append(PartitionInfo(index, leader, r.int32_array(), r.int32_array()))
+        topics[name] = sorted(partitions, key=lambda p: p.partition)
+    return ClusterMetadata(brokers=brokers, controller=controller, topics=topics)
+
+
+def describe_cluster(host: str, port: int, timeout: float = 2.0) -> ClusterMetadata | None:
+    """Brokers, controller and every topic's partitions, or None when nothing sensible answers."""
+    payload = _metadata_payload(host, port, all_topics=True, timeout=timeout)
+    if payload is None:
+        return None
+    try:
+        return parse_metadata(payload)
+    except (struct.error, UnicodeDecodeError):
+        return None
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -179,7 +326,12 @@ def broker_ready(host: str, port: int) -> bool:
 
 @dataclass(frozen=True)
 class KafkaBroker:
-    """Apache Kafka in ``workdir``: server.properties, data/ and kafka.log."""
+    """Apache Kafka in ``workdir``: server.properties, data/ and kafka.log.
+
+    Alone by default.  As a node of a cluster it has its ``node_id``, the
+    quorum's ``voters`` and ``cluster_id_file``, the cluster id every node is
+    formatted with.
+    """
 
     workdir: Path
     port: int
@@ -187,6 +339,11 @@ class KafkaBroker:
     heap: str = "512m"
     partitions: int = 4
     jars_dir: Path = JARS_DIR
+    node_id: int = 1
+    voters: tuple[tuple[int, int], ...] = ()
+    cluster_id_file: Path | None = None
+    replication_factor: int = 1
+    min_insync: int = 1
 
     kind = "kafka"
     # A controlled shutdown takes about 2 s; give it room before SIGKILL.
@@ -221,12 +378,20 @@ class KafkaBroker:
                 controller_port=self.controller_port,
                 data_dir=self.data_dir,
                 partitions=self.partitions,
+                node_id=self.node_id,
+                voters=self.voters,
+                replication_factor=self.replication_factor,
+                min_insync=self.min_insync,
             )
         )
         # Formatting again would refuse (or, with --ignore-formatted, forget
         # nothing but waste a JVM start): the data must outlive restarts.
         if (self.data_dir / "meta.properties").exists():
             return
+        if self.cluster_id_file is not None:
+            cluster_id = shared_cluster_id(self.cluster_id_file)
+        else:
+            cluster_id = random_cluster_id()
         argv = [
             java_binary(),
             f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}",
@@ -235,11 +400,12 @@ class KafkaBroker:
             "kafka.tools.StorageTool",
             "format",
             "-t",
-            random_cluster_id(),
+            cluster_id,
             "-c",
             str(self.config_path),
-            "--standalone",
         ]
+        if not self.voters:
+            argv.append("--standalone")
         result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         if result.returncode != 0:
             output = "\n".join((result.stdout + result.stderr).splitlines()[-30:])

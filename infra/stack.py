@@ -6,6 +6,12 @@
 later process pointed at the same stack directory can ask for ``status`` or
 bring it ``down``; nothing is kept in memory between calls.
 
+``up(cluster=True)`` starts the cluster profile instead (``ClusterShape``): a
+Kafka cluster of combined broker+controller nodes with replicated topics, a
+Redis Cluster of primaries and replicas, and several Triton servers.  Each
+node is one of the single-node parts (``KafkaBroker``, ``RedisServer``,
+``TritonServer``) with its own role: ``broker-1``, ``redis-4``, ``triton-2``.
+
 Layout of the stack directory::
 
     stack.json  stack.env  .lock
@@ -13,6 +19,7 @@ Layout of the stack directory::
     tansu/   tansu.log
     redis/   redis.conf  redis.log
     triton/  backends/python/  triton.log
+    cluster/ kafka.cluster-id  kafka-1/ ...  redis-1/ ...  triton-1/ ...
 """
 
 from __future__ import annotations
@@ -23,18 +30,18 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from infra import procs
-from infra.kafka import KafkaBroker
+from infra import procs, redis_cluster
+from infra.kafka import ClusterMetadata, KafkaBroker, describe_cluster
 from infra.redis_server import RedisServer
 from infra.tansu import TansuBroker
-from infra.triton import TritonServer, shm_regions
+from infra.triton import TritonServer, shm_prefix_for
 from shoprec.errors import StackError
 from shoprec.settings import Settings
 
@@ -45,8 +52,68 @@ DEFAULT_MODEL_REPO = Path(__file__).resolve().parent.parent / "model_repo"
 STATE_FILE = "stack.json"
 ENV_FILE = "stack.env"
 _STATE_VERSION = 1
+CLUSTER_DIR = "cluster"
 # Subfolders `down --wipe` removes; anything else in the stack dir is not ours.
-_COMPONENT_DIRS = ("kafka", "tansu", "redis", "triton")
+_COMPONENT_DIRS = ("kafka", "tansu", "redis", "triton", CLUSTER_DIR)
+# In the cluster profile a fixed port P of a part gives its nodes P, P + stride,
+# P + 2 * stride, ...: Triton has three ports (8000-8002, then 8003-8005, ...).
+_PORT_STRIDE = {"broker": 1, "redis": 1, "triton": 3}
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """How many of each part the cluster profile starts, and how Kafka replicates.
+
+    Kafka runs ``kafka_nodes`` combined broker+controller nodes: every node
+    is a voter of the controller quorum, so the cluster keeps its metadata
+    and its partitions with one node down, at half the JVMs (and memory) of
+    separate controllers.  Topics, the internal ones included, have
+    ``replication_factor`` replicas and take writes while ``min_insync``
+    of them are in sync.
+    """
+
+    kafka_nodes: int = 3
+    redis_primaries: int = 3
+    redis_replicas: int = 1  # per primary
+    tritons: int = 2
+    replication_factor: int = 3
+    min_insync: int = 2
+    # Three JVMs on a small machine next to Redis, two Tritons and the workers.
+    kafka_heap: str = "384m"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_insync < self.replication_factor <= self.kafka_nodes:
+            raise StackError(
+                "the Kafka cluster needs 1 <= min_insync < replication_factor <= kafka_nodes "
+                "(so a write survives a broker going away), got "
+                f"{self.min_insync}, {self.replication_factor}, {self.kafka_nodes}"
+            )
+        if self.redis_primaries < 3 or self.redis_replicas < 0:
+            raise StackError(
+                f"Redis Cluster needs at least 3 primaries, got {self.redis_primaries} "
+                f"(and {self.redis_replicas} replicas each)"
+            )
+        if self.tritons < 1:
+            raise StackError(f"the cluster needs at least one Triton server, got {self.tritons}")
+
+    def size(self, component: str) -> int:
+        if component == "broker":
+            return self.kafka_nodes
+        if component == "redis":
+            return self.redis_primaries * (1 + self.redis_replicas)
+        return self.tritons
+
+
+def member_roles(component: str, shape: ClusterShape | None) -> list[str]:
+    """The roles a component runs as: itself alone, or ``<component>-1..n`` in a cluster."""
+    if shape is None:
+        return [component]
+    return [f"{component}-{i}" for i in range(1, shape.size(component) + 1)]
+
+
+def component_of(role: str) -> str:
+    """``broker-2`` -> ``broker``; a single-node role is its component."""
+    return role.split("-", 1)[0]
 
 
 class Service(Protocol):
@@ -76,17 +143,23 @@ class Endpoints:
     """Where the running stack's services listen ('' for a part not started)."""
 
     broker: str  # "kafka" or "tansu"
-    kafka_bootstrap: str  # host:port
-    redis_url: str  # redis://host:port/0
-    triton_url: str  # gRPC host:port
-    triton_http: str  # host:port
-    triton_metrics: str  # host:port (Prometheus text at /metrics)
+    kafka_bootstrap: str  # host:port, comma-separated in a cluster
+    redis_url: str  # redis://host:port/0 (in a cluster: one node, the client finds the rest)
+    triton_url: str  # gRPC host:port, comma-separated in a cluster
+    triton_http: str  # host:port, comma-separated in a cluster
+    triton_metrics: str  # host:port (Prometheus text at /metrics), comma-separated
+    redis_cluster: bool = False  # redis_url is a node of a Redis Cluster
+    kafka_replication_factor: int = 1  # replicas shoprec's topics should have
 
     def env(self) -> dict[str, str]:
         """The ``SHOPREC_*`` variables that point shoprec at this stack."""
         pairs = {
             "SHOPREC_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
+            "SHOPREC_KAFKA_REPLICATION_FACTOR": (
+                str(self.kafka_replication_factor) if self.kafka_replication_factor > 1 else ""
+            ),
             "SHOPREC_REDIS_URL": self.redis_url,
+            "SHOPREC_REDIS_CLUSTER": "true" if self.redis_cluster else "",
             "SHOPREC_TRITON_URL": self.triton_url,
         }
         return {k: v for k, v in pairs.items() if v}
@@ -130,49 +203,73 @@ class Stack:
 
     # --- public API -----------------------------------------------------------------
 
-    def up(self, components: Sequence[str] = COMPONENTS, timeout_s: float = 180.0) -> Endpoints:
+    def up(
+        self,
+        components: Sequence[str] = COMPONENTS,
+        timeout_s: float = 180.0,
+        cluster: bool | ClusterShape = False,
+    ) -> Endpoints:
         """Start ``components``, wait until each is ready, record and return the endpoints.
+
+        ``cluster`` (True, or a ``ClusterShape``) starts the cluster profile:
+        every component as several nodes, Kafka and Redis joined into clusters.
 
         Raises StackError when a stack recorded in this directory still runs,
         when a fixed port is taken, or when a part does not become ready
-        within ``timeout_s`` (counted per part from its start); whatever was
-        started is stopped again before the error propagates.
+        within ``timeout_s`` (counted per part from its start; for a cluster,
+        from its first node's start); whatever was started is stopped again
+        before the error propagates.
         """
         wanted = _check_components(components)
+        shape = ClusterShape() if cluster is True else cluster or None
+        if shape is not None and "broker" in wanted and self.settings.broker != "kafka":
+            raise StackError(
+                f"the cluster profile runs Apache Kafka, not {self.settings.broker} "
+                "(which does not replicate): unset SHOPREC_BROKER or set it to kafka"
+            )
         with self._locked():
             self._refuse_if_running()
-            ports = self._resolve_ports(wanted)
-            services = self._services(self.settings.broker, ports)
-            state = self._new_state()
+            ports = self._resolve_ports(wanted, shape)
+            services = self._services(self.settings.broker, ports, shape)
+            members = {component: member_roles(component, shape) for component in wanted}
+            state = self._new_state(shape)
             started: dict[str, procs.Proc] = {}
             began: dict[str, float] = {}
 
-            def start(role: str) -> None:
-                began[role] = time.monotonic()
-                started[role] = self._start(role, services[role], state)
+            def start(component: str) -> None:
+                for role in members.get(component, []):
+                    service = services[role]
+                    if shape is not None and isinstance(service, RedisServer):
+                        service.forget_cluster()
+                    began[role] = time.monotonic()
+                    started[role] = self._start(role, service, state)
 
-            def wait(role: str) -> None:
-                left = max(0.0, began[role] + timeout_s - time.monotonic())
-                _wait(services[role], started[role], left, began[role])
+            def wait(component: str) -> None:
+                for role in members.get(component, []):
+                    left = max(0.0, began[role] + timeout_s - time.monotonic())
+                    _wait(services[role], started[role], left, began[role])
+                if shape is not None and component in members:
+                    first = members[component][0]
+                    left = max(0.0, began[first] + timeout_s - time.monotonic())
+                    self._form_cluster(
+                        component, [services[r] for r in members[component]], shape, left
+                    )
 
             try:
                 # Redis first, and ready before Triton starts: models may
                 # connect to it while they initialise.  It takes milliseconds.
-                if "redis" in wanted:
-                    start("redis")
-                    wait("redis")
+                start("redis")
+                wait("redis")
                 # Triton and the broker take seconds each; start both, then wait.
-                for role in ("triton", "broker"):
-                    if role in wanted:
-                        start(role)
-                for role in ("broker", "triton"):
-                    if role in wanted:
-                        wait(role)
+                start("triton")
+                start("broker")
+                wait("broker")
+                wait("triton")
             except BaseException:
                 self._stop({role: (services[role], proc) for role, proc in started.items()})
                 self.state_path.unlink(missing_ok=True)
                 raise
-            endpoints = self._endpoints(ports, wanted)
+            endpoints = self._endpoints(ports, members, shape)
             state["ready"] = True
             state["endpoints"] = asdict(endpoints)
             self._write_state(state)
@@ -188,7 +285,7 @@ class Stack:
                 log.info("no stack recorded in %s", self.stack_dir)
             else:
                 running = {
-                    role: (self._service(role, state), _recorded(entry))
+                    role: (self._service(role, state), _recorded(entry, role))
                     for role, entry in state["components"].items()
                 }
                 self._stop(running)
@@ -200,7 +297,14 @@ class Stack:
                 log.info("wiped the stack's data in %s", self.stack_dir)
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """Per recorded component: kind, pid, port, endpoint, alive, healthy, log."""
+        """Per recorded component: kind, pid, port, endpoint, alive, healthy, log.
+
+        A cluster adds one entry per cluster, each with its own ``healthy``:
+        ``kafka-cluster`` (live brokers, the active controller, the leader of
+        every partition per topic, partitions missing in-sync replicas) and
+        ``redis-cluster`` (its state and the slot ranges and replicas of each
+        primary); each Redis node says whether it is a primary or a replica.
+        """
         state = self._read_state()
         if state is None:
             return {}
@@ -218,6 +322,15 @@ class Stack:
                 "healthy": alive and _healthy(service),
                 "log": str(service.log_path),
             }
+        shape = _recorded_shape(state)
+        if shape is not None:
+            ports = {role: dict(entry["ports"]) for role, entry in state["components"].items()}
+            brokers = {r: p["port"] for r, p in ports.items() if component_of(r) == "broker"}
+            if brokers:
+                report["kafka-cluster"] = kafka_cluster_report(brokers, shape)
+            nodes = {r: p["port"] for r, p in ports.items() if component_of(r) == "redis"}
+            if nodes:
+                report["redis-cluster"] = redis_cluster_report(nodes, shape, report)
         return report
 
     def endpoints(self) -> Endpoints | None:
@@ -235,7 +348,7 @@ class Stack:
             if entry is None:
                 raise StackError(f"the stack in {self.stack_dir} has no {role}")
             service = self._service(role, state)
-            self._stop({role: (service, _recorded(entry))})
+            self._stop({role: (service, _recorded(entry, role))})
 
     def start_component(self, role: str, timeout_s: float = 180.0) -> None:
         """Start one stopped part again on the same ports and wait until it is ready."""
@@ -302,9 +415,11 @@ class Stack:
         self.state_path.unlink(missing_ok=True)
         self.env_path.unlink(missing_ok=True)
 
-    def _resolve_ports(self, wanted: Sequence[str]) -> dict[str, dict[str, int]]:
+    def _resolve_ports(
+        self, wanted: Sequence[str], shape: ClusterShape | None = None
+    ) -> dict[str, dict[str, int]]:
         s = self.settings
-        asked: dict[str, dict[str, tuple[int, str]]] = {
+        per_component: dict[str, dict[str, tuple[int, str]]] = {
             "broker": {"port": (s.kafka_port, "SHOPREC_KAFKA_PORT")},
             "redis": {"port": (s.redis_port, "SHOPREC_REDIS_PORT")},
             "triton": {
@@ -315,8 +430,23 @@ class Stack:
         }
         if s.broker == "kafka":
             # No setting: nothing outside the broker talks to its controller.
-            asked["broker"]["controller"] = (0, "")
-        needed = [(role, key) for role in wanted for key in asked[role]]
+            per_component["broker"]["controller"] = (0, "")
+        if shape is not None:
+            # Nor to the Redis Cluster bus, which only the nodes use.
+            per_component["redis"]["bus"] = (0, "")
+        asked: dict[str, dict[str, tuple[int, str]]] = {}
+        for component in wanted:
+            stride = _PORT_STRIDE[component]
+            for i, role in enumerate(member_roles(component, shape)):
+                asked[role] = {}
+                for key, (base, variable) in per_component[component].items():
+                    port = base + i * stride if base else 0
+                    if port > 65535:
+                        raise StackError(
+                            f"{role} would need port {port}: set {variable} lower, or to 0"
+                        )
+                    asked[role][key] = (port, variable)
+        needed = [(role, key) for role in asked for key in asked[role]]
         fixed = [asked[role][key][0] for role, key in needed if asked[role][key][0]]
         if len(fixed) != len(set(fixed)):
             raise StackError(f"the stack's ports must differ, got {sorted(fixed)}")
@@ -334,13 +464,16 @@ class Stack:
             ports.setdefault(role, {})[key] = port
         return ports
 
-    def _services(self, broker: str, ports: dict[str, dict[str, int]]) -> dict[str, Service]:
+    def _services(
+        self, broker: str, ports: dict[str, dict[str, int]], shape: ClusterShape | None = None
+    ) -> dict[str, Service]:
         return build_services(
             self.settings,
             stack_dir=self.stack_dir,
             model_repo=self.model_repo,
             broker=broker,
             ports=ports,
+            cluster=shape,
         )
 
     def _service(self, role: str, state: dict[str, Any]) -> Service:
@@ -352,22 +485,57 @@ class Stack:
             model_repo=Path(state["model_repo"]),
             broker=state["broker"],
             ports=ports,
+            cluster=_recorded_shape(state),
         )
         if role not in services:
             raise StackError(f"unknown component {role!r} in {self.state_path}")
         return services[role]
 
-    def _new_state(self) -> dict[str, Any]:
+    def _new_state(self, shape: ClusterShape | None = None) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
             "stack_dir": str(self.stack_dir),
             "model_repo": str(self.model_repo),
             "broker": self.settings.broker,
+            "cluster": asdict(shape) if shape is not None else None,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "ready": False,
             "components": {},
             "endpoints": None,
         }
+
+    def _form_cluster(
+        self, component: str, nodes: Sequence[Service], shape: ClusterShape, timeout_s: float
+    ) -> None:
+        """Wait until the started nodes of ``component`` work as one cluster.
+
+        Redis nodes are joined by ``redis-cli --cluster create`` first; Kafka's
+        join by themselves (static quorum), and are a cluster once every
+        node is registered.  Tritons are independent servers.
+        """
+        ports = [node.ports()["port"] for node in nodes]
+        first = nodes[0]
+        began = time.monotonic()
+        check: Callable[[], bool]
+        if component == "redis":
+            redis_cluster.create(ports, shape.redis_replicas, timeout_s=max(1.0, timeout_s))
+            what = f"Redis Cluster on ports {ports}"
+
+            def check() -> bool:
+                return redis_cluster.ready(ports, shape.redis_primaries)
+
+        elif component == "broker":
+            what = f"Kafka cluster on ports {ports}"
+
+            def check() -> bool:
+                meta = _first_metadata(ports)
+                return meta is not None and len(meta.brokers) == shape.kafka_nodes
+
+        else:
+            return
+        left = max(0.0, timeout_s - (time.monotonic() - began))
+        procs.wait_until(check, left, what, first.log_path, interval=0.2)
+        log.info("%s formed in %.1f s", what, time.monotonic() - began)
 
     def _start(self, role: str, service: Service, state: dict[str, Any]) -> procs.Proc:
         log.info("starting %s on %s", service.kind, service.endpoint)
@@ -385,25 +553,36 @@ class Stack:
     def _stop(self, running: dict[str, tuple[Service, procs.Proc]]) -> None:
         leftovers = []
         for service, proc in running.values():
-            if service.kind == "triton":
-                leftovers += shm_regions(proc)
+            if isinstance(service, TritonServer):
+                leftovers += service.shm_regions(proc)
         procs.stop_all([(proc, service.grace_s) for service, proc in running.values()])
         for path in leftovers:
             path.unlink(missing_ok=True)
 
-    def _endpoints(self, ports: dict[str, dict[str, int]], wanted: Sequence[str]) -> Endpoints:
+    def _endpoints(
+        self,
+        ports: dict[str, dict[str, int]],
+        members: dict[str, list[str]],
+        shape: ClusterShape | None,
+    ) -> Endpoints:
         host = procs.LOOPBACK
 
-        def hp(role: str, key: str = "port") -> str:
-            return f"{host}:{ports[role][key]}" if role in wanted else ""
+        def hp(component: str, key: str = "port") -> str:
+            return ",".join(f"{host}:{ports[role][key]}" for role in members.get(component, []))
 
+        redis_nodes = members.get("redis", [])
         return Endpoints(
-            broker=self.settings.broker if "broker" in wanted else "",
+            broker=self.settings.broker if "broker" in members else "",
             kafka_bootstrap=hp("broker"),
-            redis_url=f"redis://{host}:{ports['redis']['port']}/0" if "redis" in wanted else "",
+            # One node is enough: a cluster client learns the others from it.
+            redis_url=f"redis://{host}:{ports[redis_nodes[0]]['port']}/0" if redis_nodes else "",
             triton_url=hp("triton"),
             triton_http=hp("triton", "http"),
             triton_metrics=hp("triton", "metrics"),
+            redis_cluster=shape is not None and bool(redis_nodes),
+            kafka_replication_factor=(
+                shape.replication_factor if shape is not None and "broker" in members else 1
+            ),
         )
 
 
@@ -414,11 +593,22 @@ def build_services(
     model_repo: Path,
     broker: str,
     ports: dict[str, dict[str, int]],
+    cluster: ClusterShape | None = None,
 ) -> dict[str, Service]:
     """The stack's components for these ports (a part absent from ``ports`` gets port 0)."""
 
     def port(role: str, key: str = "port") -> int:
         return ports.get(role, {}).get(key, 0)
+
+    if cluster is not None:
+        return _cluster_services(
+            settings,
+            root=stack_dir / CLUSTER_DIR,
+            model_repo=model_repo,
+            ports=ports,
+            shape=cluster,
+            port=port,
+        )
 
     redis = RedisServer(workdir=stack_dir / "redis", port=port("redis"))
     broker_service: Service
@@ -446,6 +636,152 @@ def build_services(
     return {"broker": broker_service, "redis": redis, "triton": triton}
 
 
+def _cluster_services(
+    settings: Settings,
+    *,
+    root: Path,
+    model_repo: Path,
+    ports: dict[str, dict[str, int]],
+    shape: ClusterShape,
+    port: Callable[..., int],
+) -> dict[str, Service]:
+    """The cluster profile's nodes, each a single-node part with its own folder under ``root``."""
+    services: dict[str, Service] = {}
+    brokers = member_roles("broker", shape)
+    voters = tuple((i, port(role, "controller")) for i, role in enumerate(brokers, 1))
+    for i, role in enumerate(brokers, 1):
+        services[role] = KafkaBroker(
+            workdir=root / f"kafka-{i}",
+            port=port(role),
+            controller_port=port(role, "controller"),
+            heap=shape.kafka_heap,
+            partitions=settings.topic_partitions,
+            node_id=i,
+            voters=voters,
+            cluster_id_file=root / "kafka.cluster-id",
+            replication_factor=shape.replication_factor,
+            min_insync=shape.min_insync,
+        )
+    redis_nodes = member_roles("redis", shape)
+    for i, role in enumerate(redis_nodes, 1):
+        services[role] = RedisServer(
+            workdir=root / f"redis-{i}", port=port(role), cluster_bus_port=port(role, "bus")
+        )
+    seed = services[redis_nodes[0]]
+    ours = redis_nodes[0] in ports and isinstance(seed, RedisServer)
+    for i, role in enumerate(member_roles("triton", shape), 1):
+        workdir = root / f"triton-{i}"
+        services[role] = TritonServer(
+            workdir=workdir,
+            model_repo=model_repo,
+            http_port=port(role, "http"),
+            grpc_port=port(role),
+            metrics_port=port(role, "metrics"),
+            # Triton started without the cluster's Redis talks to the configured one.
+            redis_url=seed.endpoint if ours else settings.redis_url.get_secret_value(),
+            redis_cluster=True if ours else settings.redis_cluster,
+            shm_prefix=shm_prefix_for(workdir),
+        )
+    return services
+
+
+def _first_metadata(ports: Sequence[int]) -> ClusterMetadata | None:
+    """The cluster's metadata from the first broker that answers."""
+    for port in ports:
+        meta = describe_cluster(procs.LOOPBACK, port)
+        if meta is not None:
+            return meta
+    return None
+
+
+def kafka_cluster_report(brokers: dict[str, int], shape: ClusterShape) -> dict[str, Any]:
+    """The Kafka cluster as its metadata says: ``brokers`` maps role -> client port.
+
+    Node ids are the roles' numbers (``broker-2`` is node 2); partitions are
+    listed by number, each with its leader's role (None while it has none).
+    """
+    meta = _first_metadata(list(brokers.values()))
+    if meta is None:
+        return {"kind": "kafka-cluster", "healthy": False, "error": "no broker answers"}
+    return kafka_report_from(meta, shape)
+
+
+def kafka_report_from(meta: ClusterMetadata, shape: ClusterShape) -> dict[str, Any]:
+    def role(node_id: int) -> str | None:
+        return f"broker-{node_id}" if node_id >= 0 else None
+
+    leaders = {
+        topic: [role(p.leader) for p in parts] for topic, parts in sorted(meta.topics.items())
+    }
+    under = {
+        topic: [p.partition for p in parts if len(p.isr) < len(p.replicas)]
+        for topic, parts in sorted(meta.topics.items())
+    }
+    offline = [t for t, ls in leaders.items() if None in ls]
+    return {
+        "kind": "kafka-cluster",
+        "healthy": len(meta.brokers) == shape.kafka_nodes and not offline,
+        "brokers": sorted(r for r in map(role, meta.brokers) if r is not None),
+        "controller": role(meta.controller),
+        "replication_factor": shape.replication_factor,
+        "min_insync_replicas": shape.min_insync,
+        "leaders": leaders,
+        "under_replicated": {topic: ps for topic, ps in under.items() if ps},
+    }
+
+
+def redis_cluster_report(
+    nodes: dict[str, int], shape: ClusterShape, report: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The Redis Cluster as its nodes say: ``nodes`` maps role -> port.
+
+    Also notes in each node's entry of ``report`` whether it is a primary
+    or a replica (roles change: a replica takes over a failed primary).
+    """
+    info = redis_cluster.cluster_info(list(nodes.values()))
+    seen = redis_cluster.nodes(list(nodes.values()))
+    if info is None or seen is None:
+        return {"kind": "redis-cluster", "healthy": False, "error": "no node answers"}
+    return redis_report_from(info, seen, nodes, shape, report)
+
+
+def redis_report_from(
+    info: dict[str, str],
+    seen: Sequence[redis_cluster.ClusterNode],
+    nodes: dict[str, int],
+    shape: ClusterShape,
+    report: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    by_port = {port: role for role, port in nodes.items()}
+    by_id = {n.node_id: by_port.get(n.port, f"?:{n.port}") for n in seen}
+    primaries: dict[str, dict[str, Any]] = {}
+    for node in sorted(seen, key=lambda n: (n.slots or ((redis_cluster.HASH_SLOTS, 0),))[0]):
+        role = by_id[node.node_id]
+        if role in report:
+            report[role]["cluster_role"] = "primary" if node.primary else "replica"
+            report[role]["cluster_failed"] = node.failed
+        if node.primary and node.slots:
+            primaries[role] = {"slots": node.slot_ranges, "replicas": []}
+    for node in seen:
+        primary = by_id.get(node.primary_id or "")
+        if not node.primary and primary in primaries:
+            primaries[primary]["replicas"].append(by_id[node.node_id])
+    return {
+        "kind": "redis-cluster",
+        "healthy": info.get("cluster_state") == "ok"
+        and info.get("cluster_slots_ok") == str(redis_cluster.HASH_SLOTS),
+        "state": info.get("cluster_state"),
+        "slots_ok": int(info.get("cluster_slots_ok", 0)),
+        "known_nodes": int(info.get("cluster_known_nodes", 0)),
+        "primaries": primaries,
+    }
+
+
+def _recorded_shape(state: dict[str, Any]) -> ClusterShape | None:
+    recorded = state.get("cluster")
+    return ClusterShape(**recorded) if recorded else None
+
+
 def _wait(service: Service, proc: procs.Proc, timeout_s: float, began: float) -> None:
     procs.wait_until(
         service.ready,
@@ -466,8 +802,10 @@ def _check_components(components: Sequence[str]) -> list[str]:
     return [c for c in COMPONENTS if c in components]
 
 
-def _recorded(entry: dict[str, Any]) -> procs.Proc:
-    return procs.Proc.from_json(str(entry.get("kind", "?")), entry)
+def _recorded(entry: dict[str, Any], role: str = "") -> procs.Proc:
+    # Named by kind alone ("kafka"), or by role where there are several ("broker-2").
+    name = role if role and role != component_of(role) else str(entry.get("kind", "?"))
+    return procs.Proc.from_json(name, entry)
 
 
 def _healthy(service: Service) -> bool:

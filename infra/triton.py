@@ -15,6 +15,7 @@ What makes the wheel's server work outside PyTriton (measured, see
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -84,6 +85,7 @@ def triton_env(
     venv_bin: Path,
     libpython_dir: Path,
     wheel_libs: Path,
+    redis_cluster: bool = False,
 ) -> dict[str, str]:
     """The server's environment: the caller's, with the venv and its libraries first."""
     env = dict(base)
@@ -98,6 +100,8 @@ def triton_env(
         ]
     )
     env["SHOPREC_REDIS_URL"] = redis_url
+    if redis_cluster:
+        env["SHOPREC_REDIS_CLUSTER"] = "true"
     # Models load their weights from installed packages; never wait on the Hub.
     env["HF_HUB_OFFLINE"] = "1"
     env["TRANSFORMERS_OFFLINE"] = "1"
@@ -143,7 +147,7 @@ def _repository_index(http: str, timeout: float = 2.0) -> list[dict[str, str]]:
     return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
 
 
-def shm_regions(proc: procs.Proc) -> list[Path]:
+def shm_regions(proc: procs.Proc, prefix: str = _SHM_PREFIX) -> list[Path]:
     """Shared-memory files the server's stubs hold (their names are on their command lines).
 
     A SIGTERMed server removes them; one that had to be SIGKILLed leaves
@@ -157,9 +161,21 @@ def shm_regions(proc: procs.Proc) -> list[Path]:
             continue
         for arg in args:
             name = arg.decode(errors="replace")
-            if name.startswith(_SHM_PREFIX) and "/" not in name:
+            if name.startswith(prefix) and "/" not in name:
                 regions.append(SHM_DIR / name)
     return regions
+
+
+def shm_prefix_for(workdir: Path) -> str:
+    """A shared-memory prefix of the server in ``workdir``, unlike any other server's.
+
+    Two servers with one prefix can still run (the python backend adds a
+    random suffix since 24.04), but a prefix of its own makes every region
+    in /dev/shm attributable to one server, so one that was SIGKILLed, or
+    crashed before ``down`` could read its stubs' command lines, is cleaned up too.
+    """
+    digest = hashlib.sha256(str(workdir.resolve()).encode()).hexdigest()[:12]
+    return f"shoprec_{digest}_"
 
 
 @dataclass(frozen=True)
@@ -172,6 +188,9 @@ class TritonServer:
     grpc_port: int
     metrics_port: int
     redis_url: str
+    redis_cluster: bool = False
+    # The python backend's shared-memory prefix; None keeps Triton's default.
+    shm_prefix: str | None = None
 
     kind = "triton"
     # The server waits up to --exit-timeout-secs for in-flight requests, then
@@ -224,6 +243,11 @@ class TritonServer:
             "--exit-on-error=false",
             "--strict-readiness=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
+            *(
+                [f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
+                if self.shm_prefix
+                else []
+            ),
         ]
 
     def env(self, server_dir: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -233,7 +257,16 @@ class TritonServer:
             venv_bin=venv_bin_dir(),
             libpython_dir=libpython_dir(),
             wheel_libs=wheel_libs_dir(server_dir),
+            redis_cluster=self.redis_cluster,
         )
+
+    def shm_regions(self, proc: procs.Proc) -> list[Path]:
+        """The shared-memory files of this server: those its stubs hold and, with a
+        prefix of its own, any left in /dev/shm by an earlier run that died."""
+        regions = shm_regions(proc, self.shm_prefix or _SHM_PREFIX)
+        if self.shm_prefix:
+            regions += [p for p in SHM_DIR.glob(f"{self.shm_prefix}*") if p not in regions]
+        return regions
 
     def start(self) -> procs.Proc:
         if not self.model_repo.is_dir():
