@@ -221,7 +221,9 @@ class Stack:
         before the error propagates.
         """
         wanted = _check_components(components)
-        shape = ClusterShape() if cluster is True else cluster or None
+        shape = (
+            cluster if isinstance(cluster, ClusterShape) else ClusterShape() if cluster else None
+        )
         if shape is not None and "broker" in wanted and self.settings.broker != "kafka":
             raise StackError(
                 f"the cluster profile runs Apache Kafka, not {self.settings.broker} "
