@@ -326,7 +326,13 @@ class Started:
 
     def counters(self) -> dict[str, Any]:
         """The worker's counters now, from its metrics endpoint."""
-        return scrape(self.metrics_url)
+        try:
+            return scrape(self.metrics_url)
+        except OSError as exc:
+            raise StackError(
+                f"{self.proc.name}'s metrics endpoint {self.metrics_url} did not answer ({exc}); "
+                f"see {self.proc.log_path}"
+            ) from exc
 
 
 def start_process(name: str, argv: Sequence[str], log: Path, env: dict[str, str]) -> Started:
@@ -353,7 +359,7 @@ def events_counted(w: Started) -> int:
     """Input records the worker has counted so far (0 while its endpoint is not up)."""
     try:
         return int(w.counters()["events_in"])
-    except OSError:
+    except StackError:
         return 0
 
 

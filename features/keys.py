@@ -32,7 +32,7 @@ EMB_DIM = 384
 # Event-derived keys (users, co-visitation, popularity) start with this prefix, so a replay
 # can fold history into shadow state beside the live one; "" is the live state.  A context
 # variable, so it holds per asyncio task without threading a parameter through every layer
-# (streams.app.Runtime sets it from SHOPREC_STATE_PREFIX).  The prefix comes before the hash
+# (streams.runtime.Runtime sets it from SHOPREC_STATE_PREFIX).  The prefix comes before the hash
 # tag, so a user's keys still share one Cluster slot.  Item hashes and items:log are the
 # catalogue, shared by live and shadow state, and never prefixed.
 STATE_PREFIX: ContextVar[str] = ContextVar("shoprec_state_prefix", default="")

@@ -1,6 +1,6 @@
 """Replay: re-read a retained range of the event topics through the live pipeline.
 
-The range goes through :meth:`streams.app.Runtime.handle_events`, the very code
+The range goes through :meth:`streams.runtime.Runtime.handle_events`, the very code
 the ingest agent runs, driven by a plain consumer over fixed offsets
 (:mod:`ops.ranges`).  What it writes is kept away from production by
 default: recommendations go to a replay topic (``recs.replay``), never

@@ -1,7 +1,6 @@
-"""The ranking side of shoprec: what runs inside Triton and the client that calls it.
+"""The ranking side of shoprec: what runs inside Triton, the client that calls it, training.
 
     encoder      BERT text encoder (all-MiniLM-L6-v2, offline): text -> 384-d unit vectors
-    item_table   the in-memory item-embedding table, refreshed from Redis
     fusion       the fused ranker's maths and its request contract (RankBatch)
     client       the one async Triton client (RankerClient) the worker uses
 

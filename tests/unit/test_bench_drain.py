@@ -15,6 +15,7 @@ from bench.e2e import Phase, Received, Started, events_counted
 from infra import procs
 from infra.procs import Proc
 from shoprec.settings import Settings
+from streams.lag import LagUnknown, group_lag, lag_is_known
 from streams.metrics import WorkerStats
 from streams.observability import StatsCollector, worker_counters
 
@@ -71,3 +72,12 @@ async def test_a_drain_without_progress_ends_and_leaves_the_loss_to_the_counters
     got.last_at = time.monotonic() - 30
     took = await asyncio.wait_for(e2e.drain(tansu_phase([100]), [], got, 300, timeout_s=30), 10)
     assert took is not None and 1.0 <= took < 5
+
+
+async def test_tansu_reports_no_lag_so_every_drain_counts_events_instead() -> None:
+    # One probe (streams.lag) for the worker, bench, soak and fault tests: on Tansu it
+    # raises before it asks the broker, and the drains wait on counted events.
+    tansu = Settings(_env_file=None, broker="tansu")  # type: ignore[call-arg]
+    assert not lag_is_known(tansu)
+    with pytest.raises(LagUnknown):
+        await group_lag(tansu, "group", ["topic"])
