@@ -182,15 +182,16 @@ def serve_metrics(settings: Settings, collector: StatsCollector) -> bool:
 def install(app: Any, stats: WorkerStats, settings: Settings, topics: Sequence[str]) -> None:
     """Give a Faust app its /metrics endpoint and the consumer-lag probe."""
     collector = StatsCollector(stats)
-    probe = LagProbe(settings, settings.app_id, topics)
 
     @app.task  # type: ignore[untyped-decorator]
     async def start_metrics() -> None:
         serve_metrics(settings, collector)
 
     if not lag_is_known(settings):
+        # Said once here; probing would only fail every 10 s (streams/lag.py says why).
         log.info("consumer lag is not reported: the %s broker cannot tell it", settings.broker)
         return
+    probe = LagProbe(settings, settings.app_id, topics)
     failing = False
 
     @app.timer(LAG_EVERY_S)  # type: ignore[untyped-decorator]
