@@ -1,12 +1,13 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   venv + install + stack + real catalogue + real events + recommendations + stop
-#   make test   venv + install + lint + types + unit and integration tests on the real stack
+#   make test   venv + install + lint + types + unit, integration and fault tests on the real stack
+#   make test-cluster   the same code on a local cluster (3 Kafka nodes, Redis Cluster, 2 Tritons)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= ../shared/data
 
-.PHONY: demo test lint unit integration system-deps install clean bench
+.PHONY: demo test test-cluster lint unit integration system-deps install clean bench
 
 $(BIN)/shoprec: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +46,14 @@ unit: install
 integration: install
 	$(BIN)/pytest tests/integration -q
 
+# Everything but the cluster suite (unit, integration, faults: about 20 minutes on 2 cores).
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not cluster"
+
+# The cluster suite: 3 Kafka nodes, Redis Cluster (3+3), 2 Tritons on loopback, and the
+# faults that break them (about 4.3 GiB of memory; CI runs it after `make test`).
+test-cluster: install
+	$(BIN)/pytest -q -m cluster
 
 # The latency sweep on Apache Kafka (1 and 2 workers) and on Tansu, then the
 # feature-store benchmark; results (JSON + plots) land in bench/results/.
