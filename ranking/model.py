@@ -136,6 +136,24 @@ class FusedRanker(nn.Module):
         out: Tensor = vec
         return out
 
+    @torch.jit.export
+    def item_cache(
+        self, text: Tensor, has_text: Tensor, rows: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """What the model computes per item, independent of any user: ``(vector, target
+        query, head term)``, each ``[..., d]``.
+
+        Serving computes it once per catalogue change and gathers rows per request;
+        :meth:`forward` computes it for the candidates it is given.
+        """
+        vec = self.items(text, has_text, rows)
+        d = vec.shape[-1]
+        # The fusion head's first layer is linear in its input, so the block that
+        # multiplies the candidate vector alone can be applied ahead of time.
+        # nn.Module attributes are typed `Tensor | Module`; this one is a Linear's weight.
+        head_w: Tensor = self.head[0].weight  # type: ignore[assignment]
+        return vec, self.target_q(vec), torch.matmul(vec, head_w[:, d : 2 * d].t())
+
     def forward(
         self,
         user_emb: Tensor,
@@ -162,14 +180,50 @@ class FusedRanker(nn.Module):
         candidates for every user, as in full-catalogue evaluation): item projections
         are then computed once.
         """
+        hist_vec = self.items(hist_text, hist_has_text, hist_rows)
+        cand_vec, cand_q, cand_head = self.item_cache(cand_text, cand_has_text, cand_rows)
+        return self.score(
+            user_emb,
+            query_emb,
+            hist_vec,
+            hist_text,
+            hist_types,
+            hist_age_s,
+            cand_vec,
+            cand_q,
+            cand_head,
+            cand_text,
+            signals,
+        )
+
+    @torch.jit.export
+    def score(
+        self,
+        user_emb: Tensor,
+        query_emb: Tensor,
+        hist_vec: Tensor,
+        hist_text: Tensor,
+        hist_types: Tensor,
+        hist_age_s: Tensor,
+        cand_vec: Tensor,
+        cand_q: Tensor,
+        cand_head: Tensor,
+        cand_text: Tensor,
+        signals: Tensor,
+    ) -> Tensor:
+        """:meth:`forward` from item vectors already computed (:meth:`item_cache`).
+
+        ``hist_vec`` ``[B, H, d]`` are the history items' vectors; ``cand_vec``,
+        ``cand_q``, ``cand_head`` ``[B or 1, N, d]`` the candidates' cache rows;
+        ``hist_text``/``cand_text`` their BERT rows (zero where an item has no text).
+        """
         b, h = hist_types.shape
         hist_mask = hist_types > 0
         if not self.use_text:
             user_emb = torch.zeros_like(user_emb)
             query_emb = torch.zeros_like(query_emb)
-        hv = self.items(hist_text, hist_has_text, hist_rows)
-        pos = torch.arange(h, device=hv.device).clamp(max=511)
-        x = hv + self.type_emb(hist_types.long()) + self.age_emb(age_bucket(hist_age_s))
+        pos = torch.arange(h, device=hist_vec.device).clamp(max=511)
+        x = hist_vec + self.type_emb(hist_types.long()) + self.age_emb(age_bucket(hist_age_s))
         x = x + self.pos_emb(pos).unsqueeze(0)
         # An all-padding history would make every attention row -inf; let it see slot 0.
         keep = hist_mask.clone()
@@ -179,22 +233,32 @@ class FusedRanker(nn.Module):
             x = block(x, attn)
         x = self.norm(x)
 
-        cv = self.items(cand_text, cand_has_text, cand_rows)
-        d = cv.shape[-1]
-        n = cv.shape[1]
+        d = cand_vec.shape[-1]
+        n = cand_vec.shape[1]
         dh = d // self.heads
-        q = self.target_q(cv).view(-1, n, self.heads, dh).transpose(1, 2).expand(b, -1, -1, -1)
+        q = cand_q.view(-1, n, self.heads, dh).transpose(1, 2).expand(b, -1, -1, -1)
         k, v = self.target_kv(x).view(b, h, 2, self.heads, dh).unbind(2)
         att = F.scaled_dot_product_attention(
             q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn
         )
         interest = att.transpose(1, 2).reshape(b, n, d) * hist_mask.any(1).view(b, 1, 1)
 
-        cv = cv.expand(b, n, d)
+        cv = cand_vec.expand(b, n, d)
         user = self.user_proj(user_emb).unsqueeze(1)
         scalars = self._scalars(user_emb, query_emb, hist_text, hist_mask, cand_text, signals)
-        z = torch.cat([interest * cv, cv, interest, user * cv, scalars], dim=-1)
-        logit: Tensor = self.head(z).squeeze(-1) + self.scalar_lin(scalars).squeeze(-1)
+        # head[0] applied block by block (the candidate-only block is cand_head): the same
+        # sum as Linear(cat([interest*cv, cv, interest, user*cv, scalars])).
+        w: Tensor = self.head[0].weight  # type: ignore[assignment]
+        bias: Tensor = self.head[0].bias  # type: ignore[assignment]
+        hidden = (
+            F.linear(interest * cv, w[:, :d])
+            + cand_head
+            + F.linear(interest, w[:, 2 * d : 3 * d])
+            + F.linear(user * cv, w[:, 3 * d : 4 * d])
+            + F.linear(scalars, w[:, 4 * d :], bias)
+        )
+        logit: Tensor = self.head[3](self.head[2](self.head[1](hidden))).squeeze(-1)
+        logit = logit + self.scalar_lin(scalars).squeeze(-1)
         return logit + self.query_weight * scalars[..., 1]
 
     def _scalars(

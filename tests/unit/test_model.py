@@ -52,6 +52,30 @@ def test_scores_every_candidate_even_without_history(model: FusedRanker) -> None
     assert torch.isfinite(out).all()
 
 
+def test_scoring_from_the_item_cache_equals_the_plain_forward(model: FusedRanker) -> None:
+    # Serving computes item_cache once per catalogue change and gathers its rows per
+    # request; the scores must be the ones the trained module gives (within 1e-5).
+    x = _inputs(seed=3)
+    scripted = torch.jit.script(model)
+    with torch.inference_mode():
+        plain = model(**x)
+        for m in (model, scripted):
+            hist = m.items(x["hist_text"], x["hist_has_text"], x["hist_rows"])
+            cand = m.item_cache(x["cand_text"], x["cand_has_text"], x["cand_rows"])
+            cached = m.score(
+                x["user_emb"],
+                x["query_emb"],
+                hist,
+                x["hist_text"],
+                x["hist_types"],
+                x["hist_age_s"],
+                *cand,
+                x["cand_text"],
+                x["signals"],
+            )
+            assert torch.allclose(cached, plain, atol=1e-5)
+
+
 def test_shared_candidates_broadcast_like_per_user_copies(model: FusedRanker) -> None:
     shared = _inputs(cand_batch=1)
     copied = dict(shared)
