@@ -1,7 +1,8 @@
-"""On-call commands: `shoprec replay`, `rebuild-state`, `inspect user|item`, `dlq ...`.
+"""On-call commands: `shoprec replay`, `rebuild-state`, `inspect user|item`, `dlq ...`,
+`forget-user`.
 
 Each is a thin shell over a module in ``ops/`` (replay, replay_diff,
-rebuild, inspect, dlq): parse, show progress on stderr, print a human
+rebuild, inspect, dlq, forget): parse, show progress on stderr, print a human
 summary or ``--json`` on stdout, exit non-zero on failure.
 """
 
@@ -265,6 +266,8 @@ def replay(
             f"{report.duplicates:,} duplicates in {report.seconds:.1f} s "
             f"({report.events_per_s:,.0f} events/s){'' if report.complete else '  (not complete)'}"
         )
+        if report.suppressed:
+            click.echo(f"  {report.suppressed:,} events of erased users skipped (forget-user)")
 
 
 def _replay_diff(settings: Settings, into: str, against: str, k: int, as_json: bool) -> None:
@@ -398,7 +401,8 @@ def rebuild_state(
         click.echo(
             f"rebuilt {report.read:,} events into {state_prefix!r} in {report.seconds:.1f} s "
             f"({report.events_per_s:,.0f} events/s; {report.applied:,} applied, "
-            f"{report.duplicates:,} duplicates, {report.dead_letters:,} rejected)"
+            f"{report.duplicates:,} duplicates, {report.dead_letters:,} rejected"
+            + (f", {report.suppressed:,} of erased users skipped)" if report.suppressed else ")")
         )
         if report.verify is not None:
             v = report.verify
@@ -579,4 +583,44 @@ def dlq_replay(
     )
 
 
-COMMANDS = (replay, rebuild_state, inspect, dlq)
+# --- forget-user -----------------------------------------------------------------------------
+
+
+@click.command("forget-user")
+@click.argument("user_id")
+@click.option("--dry-run", is_flag=True, help="Say what would be erased; change nothing.")
+@click.option(
+    "--settle",
+    "settle_s",
+    type=float,
+    help="Seconds between the two sweeps, for a batch in flight at the erase to finish "
+    "writing (default streams.control.SETTLE_S, 5).",
+)
+@_JSON
+def forget_user(user_id: str, dry_run: bool, settle_s: float | None, as_json: bool) -> None:
+    """Erase a user: their state under every key prefix, and their recommendations.
+
+    \b
+    1. Adds the user's keyed hash (never the id) to the suppression list, kept
+       SHOPREC_TOPIC_RETENTION_S: the worker, replay and rebuild skip the user's
+       retained events up to now; later events are a new relationship, processed.
+    2. Deletes every Redis key under the user's hash tag {u:ID}, in the live state
+       and in every shadow prefix (replay:, rebuild:, ...), then again after --settle.
+    3. Publishes a tombstone (key ID, null value) on recs.out.
+    The same happens for {"type": "forget_user", "user_id": ID} on shop.control.
+    \b
+    Examples:
+      shoprec forget-user 541312140 --dry-run
+      shoprec forget-user 541312140 --json
+    """
+    from ops.forget import forget_user as run
+    from ops.forget import format_report
+    from streams.control import SETTLE_S
+
+    settings = _settings()
+    settle = SETTLE_S if settle_s is None else settle_s
+    report = _run(run(settings, user_id, dry_run=dry_run, settle_s=settle))
+    _echo_json(report.to_dict()) if as_json else click.echo(format_report(report))
+
+
+COMMANDS = (replay, rebuild_state, inspect, dlq, forget_user)

@@ -20,11 +20,25 @@ one slot (the update script touches them together); an item's keys share
     pop:h:<hour>:c:<category>, pop:d:<day>:c:<category>   the same within one category
     items:log          stream of item changes (field "id"): workers and the ranker
                        follow it to keep their in-memory item tables fresh
+    <prefix>ckpt:replay:<run>   hash: a replay's next offsets per partition (ops.replay)
+    dlq:reinjected     set of dead letters already re-injected (ops.dlq)
+    <topics>forget:users   sorted set: keyed hash of an erased user id -> erase time (ms);
+                       the suppression list replay, rebuild and the worker consult
+
+Anything stored about one user goes under their hash tag ``{u:<id>}`` (any prefix, any
+suffix without braces): ``shoprec forget-user`` erases every such key, so a new per-user
+key (attribution records, cached lists) is erased without touching the eraser.  Add its
+suffix to :data:`USER_KEY_SUFFIXES` and its :class:`KeySpec` to :data:`SCHEMA` (how long
+it lives, or why it never expires): inspect shows it, and the retention test fails on a
+key that matches no spec or lacks the TTL its spec promises.  A key that holds one user's
+data without their hash tag would survive an erase: don't.
 """
 
 from __future__ import annotations
 
+import re
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 ITEM_LOG = "items:log"
 EMB_DIM = 384
@@ -66,9 +80,18 @@ def user_pending(user: str) -> str:
     return _state(f"{{u:{user}}}:pend")
 
 
+# Every per-user key's suffix; the first six in the order the update script takes them.
+USER_KEY_SUFFIXES: tuple[str, ...] = ("emb", "meta", "hist", "ev", "q", "pend")
+
+
+def user_tag(user: str) -> str:
+    """The hash tag every key of ``user`` carries, under any prefix."""
+    return f"{{u:{user}}}"
+
+
 def user_keys(user: str) -> list[str]:
-    """Every key of one user, in the order the update script takes them."""
-    return [user_emb(user), user_meta(user), user_hist(user), user_events(user), user_query(user)]
+    """Every key of one user under the current prefix (see :data:`USER_KEY_SUFFIXES`)."""
+    return [_state(f"{user_tag(user)}:{suffix}") for suffix in USER_KEY_SUFFIXES]
 
 
 def item(item_id: str) -> str:
@@ -87,3 +110,155 @@ def popularity_hour(hour: int, category: str | None = None) -> str:
 def popularity_day(day: int, category: str | None = None) -> str:
     key = f"pop:d:{day}" if category is None else f"pop:d:{day}:c:{category}"
     return _state(key)
+
+
+# --- operations and privacy keys ------------------------------------------------------------
+
+DLQ_REINJECTED = "dlq:reinjected"
+
+
+def replay_checkpoint(state_prefix: str, run_id: str) -> str:
+    """A replay's checkpoint, under the replay's own state prefix."""
+    return f"{state_prefix}ckpt:replay:{run_id}"
+
+
+def forgotten_users(topic_prefix: str) -> str:
+    """The suppression list of erased users: one per topic namespace, since what it
+    suppresses are the events still retained in those topics (never state-prefixed: a
+    replay's shadow state must skip the same users as the live one)."""
+    return f"{topic_prefix}forget:users"
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal inside a Redis SCAN/KEYS glob pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
+
+
+# --- what each key holds and how long it lives ----------------------------------------------
+
+_PLACEHOLDER = re.compile(r"<(\w+)>")
+_STATE_PREFIX_RE = r"(?P<prefix>[^{}\s]*?)"  # SHOPREC_STATE_PREFIX or a replay's shadow
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """One kind of key: what it holds and how long it lives.
+
+    ``ttl`` says how long, and who sets it; a key that never expires (``expires`` False)
+    says why instead.  ``personal``: it holds data about one user, under their hash tag,
+    and ``shoprec forget-user`` erases it.
+    """
+
+    pattern: str  # as in the docs; <placeholders> stand for ids
+    holds: str
+    ttl: str
+    expires: bool = True
+    personal: bool = False
+    prefixed: str = "state"  # "state": under a state prefix; "topics": the topic prefix; ""
+    regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        body = "".join(
+            (r"\d+" if part in ("hour", "day") else "(?:.+)") if i % 2 else re.escape(part)
+            for i, part in enumerate(_PLACEHOLDER.split(self.pattern))
+        )
+        head = {"state": _STATE_PREFIX_RE, "topics": r"(?P<prefix>\S*?)", "": "(?P<prefix>)"}
+        object.__setattr__(self, "regex", re.compile(f"^{head[self.prefixed]}{body}$", re.S))
+
+
+_USER_TTL = "SHOPREC_USER_TTL_S (30 days) after the user's latest event"
+
+# Every key shoprec writes.  The integration test of forget-user scans the whole Redis of a
+# live run (worker, replay, rebuild, inspect, dlq replay, forget) and checks each key here.
+SCHEMA: tuple[KeySpec, ...] = (
+    KeySpec("{u:<user>}:emb", "rolling embedding of the user's events", _USER_TTL, personal=True),
+    KeySpec(
+        "{u:<user>}:meta",
+        "newest event time, event count, last emission time",
+        _USER_TTL,
+        personal=True,
+    ),
+    KeySpec(
+        "{u:<user>}:hist",
+        "the latest SHOPREC_HISTORY_LEN (item, type, time) of the user",
+        _USER_TTL,
+        personal=True,
+    ),
+    KeySpec(
+        "{u:<user>}:ev",
+        "the ids and times of the user's latest 128 events",
+        _USER_TTL,
+        personal=True,
+    ),
+    KeySpec(
+        "{u:<user>}:q",
+        "embedding of the user's last search query (not the text)",
+        "SHOPREC_USER_TTL_S after the user's last search",
+        personal=True,
+    ),
+    KeySpec(
+        "{u:<user>}:pend",
+        "id of the user's latest trigger event not yet confirmed published",
+        "SHOPREC_USER_TTL_S; deleted once the broker acknowledges the recommendation",
+        personal=True,
+    ),
+    KeySpec(
+        "{i:<item>}",
+        "the catalogue record, its number, text and behavioural embeddings",
+        "none: the catalogue; lives while catalog.items (compacted) holds the item, whose "
+        "tombstone deletes it",
+        expires=False,
+        prefixed="",
+    ),
+    KeySpec(
+        "{i:<item>}:cv",
+        "items co-visited with this one, summed over all users (no user id)",
+        "30 days after the last co-visit (features.store.COVIS_TTL_S)",
+    ),
+    KeySpec("pop:h:<hour>", "weighted events per item in one event-time hour", "2 days"),
+    KeySpec("pop:h:<hour>:c:<category>", "the same within one category", "2 days"),
+    KeySpec("pop:d:<day>", "weighted events per item in one event-time day", "3 days"),
+    KeySpec("pop:d:<day>:c:<category>", "the same within one category", "3 days"),
+    KeySpec(
+        ITEM_LOG,
+        "item ids changed in the catalogue, in order",
+        "none: capped at about 1,000,000 entries; every worker and Triton follow it from "
+        "their last position, and an expired log would make each reload the whole table",
+        expires=False,
+        prefixed="",
+    ),
+    KeySpec(
+        "items:seq",
+        "the last item number handed out",
+        "none: a number is never reused, or a stale request could name the wrong item",
+        expires=False,
+        prefixed="",
+    ),
+    KeySpec(
+        "ckpt:replay:<run>",
+        "a replay's next offset per partition",
+        "7 days after the replay's last batch (ops.replay.CHECKPOINT_TTL_S)",
+    ),
+    KeySpec(
+        DLQ_REINJECTED,
+        "which dead letters (topic:partition:offset) were re-injected",
+        "SHOPREC_TOPIC_RETENTION_S after the last re-injection: the dead letters themselves "
+        "are gone from the topic by then",
+        prefixed="",
+    ),
+    KeySpec(
+        "forget:users",
+        "keyed hash (BLAKE2b, never the id) of each erased user -> erase time",
+        "SHOPREC_TOPIC_RETENTION_S after the latest erase; older entries are dropped at each "
+        "erase: the erased user's events are gone from the topics by then",
+        prefixed="topics",
+    ),
+)
+
+
+def spec_of(key: str) -> KeySpec | None:
+    """The kind of ``key`` (as stored, with any prefix), or None for a key not shoprec's."""
+    for spec in SCHEMA:
+        if spec.regex.match(key):
+            return spec
+    return None

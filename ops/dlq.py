@@ -4,9 +4,10 @@ A dead letter keeps the rejected record's bytes, key and origin
 (:mod:`shoprec.dlq`).  Re-injection sends those exact bytes, with the same
 key, back to the topic they came from (or ``--into``), with headers naming
 the dead letter they came from.  Every re-injected dead letter is remembered
-in Redis (``dlq:reinjected``), so running the same command twice does not
-send it twice; the worker's per-event-id dedupe is the second guard for
-records that were partly applied before they failed.
+in Redis (``dlq:reinjected``, kept ``SHOPREC_TOPIC_RETENTION_S`` after the latest
+re-injection), so running the same command twice does not send it twice; the
+worker's per-event-id dedupe is the second guard for records that were partly applied
+before they failed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
+from features import keys
 from features.connection import open_redis
 from ops.ranges import read_topic
 from shoprec.dlq import event_id_of
@@ -30,7 +32,7 @@ from streams.topics import DLQ, kafka_options
 
 log = logging.getLogger("shoprec.dlq")
 
-REINJECTED_KEY = "dlq:reinjected"
+REINJECTED_KEY = keys.DLQ_REINJECTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +192,12 @@ async def reinject(
                 key=letter.key,
                 headers=[("shoprec-reinjected-from", marker.encode())],
             )
-            await redis.sadd(REINJECTED_KEY, marker)
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.sadd(REINJECTED_KEY, marker)
+                # A marker need only outlive its dead letter, which leaves the topic with
+                # the retention: then nobody can re-inject it again anyway.
+                pipe.expire(REINJECTED_KEY, settings.topic_retention_s)
+                await pipe.execute()
             report.sent += 1
             log.info(
                 "re-injected dead letter %s to %s",

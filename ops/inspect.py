@@ -6,12 +6,15 @@ the last recommendations found on the output topic with their reasons and
 latency.  An item: its catalogue record, whether it has a text or behavioural
 embedding, its nearest items, what it is co-visited with, and its weighted
 events in the latest popularity buckets.  ``state_prefix`` inspects a
-replay's shadow state instead of the live one.
+replay's shadow state instead of the live one.  Both show how long each key has left
+(``features.keys.SCHEMA`` says why the few without a TTL have none), and a user erased
+by ``shoprec forget-user`` shows when.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -21,6 +24,7 @@ from redis.asyncio import Redis
 from features import keys
 from features.catalog import item_titles
 from features.connection import open_redis
+from features.forget import ForgetList
 from features.item_index import ItemIndex
 from features.user_state import decode_history, normalise, vector_from_bytes
 from ops.ranges import read_topic
@@ -68,6 +72,8 @@ async def inspect_user(
             pipe.ttl(keys.user_meta(user_id))
             pipe.get(keys.user_pending(user_id))
             emb, meta_raw, hist_raw, n_ids, has_query, ttl, pending = await pipe.execute()
+        key_ttls = await _ttls(redis, keys.user_keys(user_id), keys.USER_KEY_SUFFIXES)
+        erased = await ForgetList.from_settings(redis, settings).erased_at([user_id])
         meta = {k.decode(): v for k, v in cast(dict[bytes, bytes], meta_raw).items()}
         raw = vector_from_bytes(emb)
         unit = normalise(raw, keys.EMB_DIM) if raw is not None else None
@@ -87,6 +93,10 @@ async def inspect_user(
                 "unconfirmed_trigger": pending.decode() if pending else None,
                 "ttl_s": ttl,
             },
+            # Seconds each key has left: -1 never expires, None the key does not exist.
+            "key_ttls_s": key_ttls,
+            # Set when forget-user erased the user: their events up to then are skipped.
+            "erased_at": iso(erased.get(user_id)),
             "embedding": {
                 "present": raw is not None,
                 "decayed_norm": None if raw is None else round(float(np.linalg.norm(raw)), 4),
@@ -106,9 +116,11 @@ async def inspect_user(
         records = await read_topic(
             settings, settings.topic("recs.out"), keys=frozenset({user_id.encode()})
         )
-        out["last_recommendations"] = [
-            orjson.loads(r.value) for r in records[-n_recs:] if r.value is not None
-        ]
+        # A tombstone (forget-user) ends what may be shown: lists before it are the erased
+        # user's, kept by the topic until retention, never shown again.
+        last_tombstone = max((i for i, r in enumerate(records) if r.value is None), default=-1)
+        shown = [r for r in records[last_tombstone + 1 :] if r.value is not None]
+        out["last_recommendations"] = [orjson.loads(r.value) for r in shown[-n_recs:]]
     return out
 
 
@@ -127,6 +139,9 @@ async def inspect_item(settings: Settings, item_id: str, state_prefix: str) -> d
             await redis.zrevrange(keys.item_covis(item_id), 0, 9, withscores=True),
         )
         latest = await _latest_buckets(redis, item_id)
+        item_ttls = await _ttls(
+            redis, [keys.item(item_id), keys.item_covis(item_id)], ("record", "co_visits")
+        )
         names = await item_titles(redis, [m.decode() for m, _ in covis])
         text_vec = vector_from_bytes(fields.get(b"emb"))
         behav_vec = vector_from_bytes(fields.get(b"bemb"))
@@ -148,10 +163,27 @@ async def inspect_item(settings: Settings, item_id: str, state_prefix: str) -> d
                 for m, s in covis
             ],
             "popularity": latest,
+            "key_ttls_s": item_ttls,
         }
     finally:
         keys.STATE_PREFIX.reset(token)
         await redis.aclose()
+
+
+async def _ttls(redis: Redis, names: Sequence[str], labels: Sequence[str]) -> dict[str, int | None]:
+    """Seconds left per key: -1 for a key without TTL, None for a key that does not exist."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.ttl(name)
+        replies = await pipe.execute()
+    return {label: None if t == -2 else int(t) for label, t in zip(labels, replies, strict=True)}
+
+
+def format_ttls(ttls: dict[str, int | None]) -> str:
+    def one(t: int | None) -> str:
+        return "absent" if t is None else "no TTL" if t < 0 else f"{t:,} s"
+
+    return ", ".join(f"{label} {one(t)}" for label, t in ttls.items())
 
 
 async def _latest_buckets(redis: Redis, item_id: str) -> dict[str, Any]:
@@ -167,7 +199,11 @@ async def _latest_buckets(redis: Redis, item_id: str) -> dict[str, Any]:
             newest = buckets[-1]
             key = keys.popularity_hour(newest) if kind == "hour" else keys.popularity_day(newest)
             score = await redis.zscore(key, item_id)
-            out[kind] = {"bucket_start": iso(newest * width_ms), "weight": score or 0.0}
+            out[kind] = {
+                "bucket_start": iso(newest * width_ms),
+                "weight": score or 0.0,
+                "ttl_s": await redis.ttl(key),
+            }
     return out
 
 
@@ -181,7 +217,10 @@ def format_user(doc: dict[str, Any]) -> str:
         + (f"  unconfirmed trigger {c['unconfirmed_trigger']}" if c["unconfirmed_trigger"] else ""),
         f"  embedding: {'decayed norm ' + str(e['decayed_norm']) if e['present'] else 'none'}"
         + ("  + search query" if e["has_search_query"] else ""),
+        f"  keys, time to live: {format_ttls(doc['key_ttls_s'])}",
     ]
+    if doc["erased_at"]:
+        lines.append(f"  erased at {doc['erased_at']} (forget-user): events up to then are skipped")
     for n in e["nearest_items"]:
         lines.append(f"    near {n['item_id']:<14} {n['cosine']:.3f}  {n['name']}")
     lines.append("  recent history (newest first):")
@@ -210,5 +249,9 @@ def format_item(doc: dict[str, Any]) -> str:
     for c in doc["co_visited_with"]:
         lines.append(f"    with {c['item_id']:<14} {c['weight']:.3f}  {c['name']}")
     for kind, p in doc["popularity"].items():
-        lines.append(f"  popularity, {kind} from {p['bucket_start']}: {p['weight']:g}")
+        lines.append(
+            f"  popularity, {kind} from {p['bucket_start']}: {p['weight']:g}"
+            f"  (bucket TTL {p['ttl_s']:,} s)"
+        )
+    lines.append(f"  keys, time to live: {format_ttls(doc['key_ttls_s'])}")
     return "\n".join(lines)

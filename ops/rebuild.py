@@ -15,7 +15,9 @@ then folded into state without ranking or output, by one of two paths:
 The target is an empty key prefix: the update is idempotent per event id only
 within a user's dedupe window, so re-applying older history on top of a state
 that already holds it would count it twice.  :func:`compare_state` checks a
-rebuilt prefix against another (the live state) key by key.
+rebuilt prefix against another (the live state) key by key.  Users erased by
+``shoprec forget-user`` stay erased: both paths skip their events from before the erase
+(``features.forget``; counted in ``suppressed``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from redis.asyncio import Redis
 from features import keys
 from features.connection import open_redis
 from features.fold import StateFolder, write_folded
+from features.forget import ForgetList
 from features.item_index import ItemIndex
 from features.store import FeatureStore
 from features.user_state import Vector, decode_history, vector_from_bytes
@@ -63,6 +66,7 @@ class RebuildReport:
     applied: int = 0
     duplicates: int = 0
     dead_letters: int = 0
+    suppressed: int = 0  # events of erased users from before their erase: skipped
     seconds: float = 0.0
     stages_s: dict[str, float] = field(default_factory=dict)
     cpu_s: dict[str, float] = field(default_factory=dict)
@@ -76,12 +80,8 @@ class RebuildReport:
         return asdict(self) | {"events_per_s": round(self.events_per_s, 1)}
 
 
-def glob_escape(text: str) -> str:
-    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
-
-
 async def has_user_state(redis: Redis, prefix: str) -> bool:
-    async for _ in redis.scan_iter(match=f"{glob_escape(prefix)}{{u:*", count=10_000):
+    async for _ in redis.scan_iter(match=f"{keys.glob_escape(prefix)}{{u:*", count=10_000):
         return True
     return False
 
@@ -128,7 +128,9 @@ async def rebuild_state(
         loaded = await items.refresh()
         log.info("item table loaded: %d items", loaded)
         store = FeatureStore(redis, update_policy(settings), category_of=items.category)
-        ingestor = Ingestor(store, items, ranker, limits_from(settings), now_ms)
+        # Users erased by forget-user stay erased: their events from before it are skipped.
+        forgotten = ForgetList.from_settings(redis, settings)
+        ingestor = Ingestor(store, items, ranker, limits_from(settings), now_ms, forgotten)
         token = keys.STATE_PREFIX.set(state_prefix)  # the shard tasks inherit it
         redis_cpu = await _redis_cpu_s(redis)
         cpu = time.process_time()
@@ -138,7 +140,9 @@ async def rebuild_state(
                 await _through_script(consumer, ranges, ingestor, report, shards, chunk, progress)
             else:
                 folder = StateFolder(update_policy(settings), items.vector, items.category)
-                await _fold_history(consumer, ranges, folder, ranker, settings, report, progress)
+                await _fold_history(
+                    consumer, ranges, folder, ranker, forgotten, settings, report, progress
+                )
                 report.stages_s["read_and_fold"] = round(time.monotonic() - start, 2)
                 await write_folded(redis, folder.out, settings.user_ttl_s)
                 report.stages_s["write"] = round(time.monotonic() - start, 2) - sum(
@@ -178,6 +182,7 @@ async def _through_script(
             outcome = await ingestor.ingest(records)
             report.applied += outcome.applied
             report.duplicates += outcome.duplicates
+            report.suppressed += outcome.suppressed
             report.dead_letters += len(outcome.dead_letters)
             if progress is not None:
                 progress(len(records))
@@ -214,6 +219,7 @@ async def _fold_history(
     ranges: Sequence[PartitionRange],
     folder: StateFolder,
     encoder: RankerClient,
+    forgotten: ForgetList,
     settings: Settings,
     report: RebuildReport,
     progress: Callable[[int], None] | None,
@@ -222,6 +228,8 @@ async def _fold_history(
     async for records in _read(consumer, ranges):
         raw = [RawRecord(r.topic, r.partition, r.offset, r.key, r.value) for r in records]
         events, dead = parse_records(raw, now_ms(), limits)
+        events, suppressed = await forgotten.drop_suppressed(events)
+        report.suppressed += suppressed
         searches = [e for e in events if e.type == "search" and e.query]
         queries: dict[str, Vector] = {}
         if searches:
@@ -291,7 +299,7 @@ class StateDiff:
 
 
 async def _users(redis: Redis, prefix: str) -> set[str]:
-    pattern = f"{glob_escape(prefix)}{{u:*}}:meta"
+    pattern = f"{keys.glob_escape(prefix)}{{u:*}}:meta"
     skip = len(prefix) + 3
     return {k.decode()[skip:-6] async for k in redis.scan_iter(match=pattern, count=10_000)}
 
@@ -334,7 +342,7 @@ def user_fields_differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 async def _global_keys(redis: Redis, prefix: str) -> set[str]:
-    p = glob_escape(prefix)
+    p = keys.glob_escape(prefix)
     found: set[str] = set()
     for pattern in (f"{p}{{i:*}}:cv", f"{p}pop:*"):
         found |= {

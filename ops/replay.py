@@ -16,6 +16,9 @@ nothing: user updates are idempotent per event id.  For the same reason a
 second replay of the same range into the same prefix leaves the state as it
 was (and emits nothing: every event is a duplicate); use a fresh prefix, or
 ``restart`` after deleting it, to recompute.
+
+Users erased by ``shoprec forget-user`` stay erased: the runtime's ingest skips their
+events from before the erase (``features.forget``; counted in ``suppressed``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
+from features import keys
 from features.connection import open_redis
 from ops.ranges import MergedReader, PartitionRange, RangeSpec, open_reader, plan_ranges
 from shoprec.errors import ReplayError
@@ -88,6 +92,7 @@ class ReplayReport:
     recommendations: int = 0
     dead_letters: int = 0
     duplicates: int = 0
+    suppressed: int = 0  # events of erased users from before their erase: skipped
     seconds: float = 0.0
     complete: bool = False
     dry_run: bool = False
@@ -124,7 +129,7 @@ class Checkpoint:
 
     def __init__(self, redis: Redis, state_prefix: str, run_id: str) -> None:
         self._redis = redis
-        self.key = f"{state_prefix}ckpt:replay:{run_id}"
+        self.key = keys.replay_checkpoint(state_prefix, run_id)
 
     async def load(self) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
         raw = cast(dict[bytes, bytes], await self._redis.hgetall(self.key))
@@ -262,6 +267,7 @@ async def _run(
             await pacer.account(len(batch))
         report.complete = reader.remaining == 0
         report.duplicates = runtime.stats.duplicates
+        report.suppressed = runtime.stats.suppressed
     finally:
         report.seconds = time.monotonic() - start
         await producer.stop()
@@ -274,7 +280,9 @@ async def ensure_topic(settings: Settings, topic: str) -> None:
     admin = AIOKafkaAdminClient(**kafka_options(settings), request_timeout_ms=15_000)
     await admin.start()
     try:
-        response = await admin.create_topics([NewTopic(topic, settings.topic_partitions, 1)])
+        response = await admin.create_topics(
+            [NewTopic(topic, settings.topic_partitions, settings.kafka_replication_factor)]
+        )
         for name, code, *_ in response.topic_errors:
             if code not in (0, TOPIC_EXISTS):
                 raise ReplayError(f"cannot create topic {name}: Kafka error code {code}")

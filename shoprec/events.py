@@ -230,3 +230,37 @@ def tombstone_item_id(key: bytes | None, limits: Limits) -> str:
     if not item_id or len(item_id) > limits.max_field_chars:
         raise InvalidEvent("bad_key", "tombstone key is empty or too long")
     return item_id
+
+
+# --- control records (topic shop.control) -----------------------------------------------------
+
+FORGET_USER: Final = "forget_user"
+CONTROL_TYPES: Final = (FORGET_USER,)
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetRequest:
+    """A customer's erase request: ``{"type": "forget_user", "user_id", "ts"?}``, keyed by
+    the user id.  ``ts`` (ms) is when the customer asked; the handler's clock without it."""
+
+    user_id: str
+    ts: int
+
+
+def parse_control(
+    key: bytes | None, raw: bytes | None, *, now_ms: int, limits: Limits
+) -> ForgetRequest:
+    """Validate one control record; raise :class:`InvalidEvent` with the reason."""
+    obj = _load_object(raw, limits)
+    kind = obj.get("type")
+    if kind not in CONTROL_TYPES:
+        raise InvalidEvent(
+            "unknown_type", f"type {kind!r} is not one of {', '.join(CONTROL_TYPES)}"
+        )
+    user_id = _text(obj, "user_id", limits, required=True) or ""
+    if key is not None and key.decode("utf-8", "replace") != user_id:
+        # The tombstone goes out under the user id: a producer that keys by something
+        # else has a bug that would leave the real key's recommendations in place.
+        raise InvalidEvent("key_mismatch", "record key differs from user_id")
+    ts = now_ms if obj.get("ts") is None else _timestamp(obj, now_ms, limits)
+    return ForgetRequest(user_id=user_id, ts=ts)

@@ -140,6 +140,26 @@ class Settings(BaseSettings):
         30 * 86400, ge=60, description="Idle time after which a user's state expires."
     )
 
+    # --- privacy and retention ------------------------------------------------------
+    topic_retention_s: int = Field(
+        14 * 86400,
+        ge=3600,
+        description="The longest a record stays in the event and dead-letter topics: their "
+        "retention.ms plus segment.ms (Kafka deletes a segment once its newest record is past "
+        "retention; defaults 7 + 7 days). Not applied to the broker. An erased user's entry "
+        "in the suppression list, which keeps replay, rebuild and the worker from applying "
+        "their retained events again, and the dead-letter re-injection markers are kept "
+        "this long.",
+    )
+    forget_hash_key: SecretStr = Field(
+        SecretStr(""),
+        description="Secret key of the keyed hash (BLAKE2b) that names an erased user in the "
+        "suppression list (never the raw id). Empty: an unkeyed hash, which anyone who can "
+        "read Redis can reverse by hashing candidate ids; set one in production, the same "
+        "for every worker and operator, and keep it for SHOPREC_TOPIC_RETENTION_S after the "
+        "last erase (a new key no longer recognises older entries).",
+    )
+
     # --- input guards ---------------------------------------------------------------
     max_event_bytes: int = Field(16_384, ge=256, description="Largest accepted event record.")
     max_field_chars: int = Field(512, ge=16, description="Longest accepted id or query.")

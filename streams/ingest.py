@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from features.forget import ForgetList
 from features.store import ALWAYS_EMIT, FeatureStore, UserUpdate
 from features.user_state import Vector
 from shoprec.dlq import DeadLetter
@@ -45,6 +46,8 @@ class IngestOutcome:
     # before publishing their recommendation.  They recommend again; nothing is re-applied.
     redelivered: set[str] = field(default_factory=set)
     query_embedding_failed: int = 0
+    # Events of users who asked to be forgotten, from before they asked: never applied.
+    suppressed: int = 0
 
 
 def parse_records(
@@ -73,8 +76,10 @@ class Ingestor:
         encoder: QueryEncoder,
         limits: Limits,
         clock_ms: Callable[[], int],
+        forgotten: ForgetList | None = None,
     ) -> None:
         self._store = store
+        self._forgotten = forgotten
         self._items = items
         self._encoder = encoder
         self._limits = limits
@@ -83,6 +88,10 @@ class Ingestor:
     async def ingest(self, records: Sequence[RawRecord]) -> IngestOutcome:
         events, dead = parse_records(records, self._clock_ms(), self._limits)
         outcome = IngestOutcome(dead_letters=dead)
+        if events and self._forgotten is not None:
+            # Before anything reads them (a search's query goes to BERT): an erased user's
+            # retained events must not bring them back, live, in a replay or a rebuild.
+            events, outcome.suppressed = await self._forgotten.drop_suppressed(events)
         if not events:
             return outcome
         vectors = await self._event_vectors(events, outcome)

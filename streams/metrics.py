@@ -1,9 +1,10 @@
 """Worker counters and latency figures, logged periodically.
 
 Every input record ends in exactly one bucket: ``dead_lettered``,
-``duplicates``, ``rate_limited``, ``coalesced`` or ``recommended`` (users a
-recommendation was published for), so ``events_in`` always equals their sum:
-nothing is dropped without a count.  ``re_emitted`` counts recommendations published
+``duplicates``, ``rate_limited``, ``coalesced``, ``suppressed`` (events of an erased
+user from before the erase request) or ``recommended`` (users a recommendation was
+published for), so ``events_in`` always equals their sum: nothing is dropped without a
+count.  ``re_emitted`` counts recommendations published
 again for redelivered triggers (a worker died between writing the state and publishing);
 their events are in ``duplicates``.
 """
@@ -44,6 +45,7 @@ class WorkerStats:
     duplicates: int = 0
     rate_limited: int = 0
     coalesced: int = 0
+    suppressed: int = 0
     recommended: int = 0
     re_emitted: int = 0
     degraded: int = 0
@@ -89,6 +91,7 @@ class WorkerStats:
             "duplicates": self.duplicates,
             "rate_limited": self.rate_limited,
             "coalesced": self.coalesced,
+            "suppressed": self.suppressed,
             "re_emitted": self.re_emitted,
             "degraded": self.degraded,
             "catalog_items": self.catalog_items,

@@ -55,7 +55,14 @@ log = logging.getLogger("shoprec.observability")
 LAG_EVERY_S = 10.0
 # The stats line's percentile names and the Prometheus quantile label of each.
 QUANTILES = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
-OUTCOMES = ("recommended", "duplicates", "rate_limited", "coalesced", "dead_lettered")
+OUTCOMES = (
+    "recommended",
+    "duplicates",
+    "rate_limited",
+    "coalesced",
+    "suppressed",
+    "dead_lettered",
+)
 # Fields of a log record every record has; anything else was passed as ``extra``.
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 

@@ -18,6 +18,7 @@ from typing import Any
 from features import keys
 from features.catalog import remove_items, upsert_items
 from features.connection import open_redis
+from features.forget import ForgetList
 from features.item_index import ItemIndex
 from features.store import FeatureStore, UpdatePolicy
 from features.user_state import Vector
@@ -106,7 +107,14 @@ class Runtime:
             query_categories=self.items.categories_near,
         )
         self.store = store
-        self.ingestor = Ingestor(store, self.items, self.ranker, limits_from(s), now_ms)
+        self.ingestor = Ingestor(
+            store,
+            self.items,
+            self.ranker,
+            limits_from(s),
+            now_ms,
+            forgotten=ForgetList.from_settings(self.redis, s),
+        )
         self.recommender = Recommender(
             store,
             self.redis,
@@ -181,6 +189,7 @@ class Runtime:
         st.duplicates += outcome.duplicates
         st.rate_limited += outcome.rate_limited
         st.coalesced += outcome.coalesced
+        st.suppressed += outcome.suppressed
         re_emitted = sum(r.trigger_event_id in outcome.redelivered for r in recs)
         st.recommended += len(recs) - re_emitted
         st.re_emitted += re_emitted

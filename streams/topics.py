@@ -29,6 +29,8 @@ RECS_OUT: Final = "recs.out"
 # Where ``shoprec replay`` publishes by default: never the live output.
 RECS_REPLAY: Final = "recs.replay"
 DLQ: Final = "recs.dlq"
+# Requests about users rather than shop events: erase requests (streams.control).
+CONTROL: Final = "shop.control"
 
 _TOPIC_EXISTS = 36
 
@@ -105,7 +107,8 @@ async def ensure_topics(settings: Settings) -> None:
     """Create shoprec's topics if missing (the catalogue compacted, keyed by item id)."""
     names = TopicNames.from_settings(settings)
     parts = settings.topic_partitions
-    wanted = [NewTopic(t, parts, 1) for t in (*names.events, names.recs_out, names.dlq)]
+    own = (*names.events, names.recs_out, names.dlq, settings.topic(CONTROL))
+    wanted = [NewTopic(t, parts, 1) for t in own]
     wanted.append(NewTopic(names.catalog, parts, 1, topic_configs={"cleanup.policy": "compact"}))
     admin = AIOKafkaAdminClient(**kafka_options(settings), request_timeout_ms=15_000)
     try:

@@ -40,7 +40,7 @@ import yaml  # type: ignore[import-untyped,unused-ignore]
 from pydantic import ValidationError
 
 from shoprec.settings import ENV_PREFIX, Settings
-from streams.topics import CATALOG, DLQ, EVENT_TOPICS, RECS_OUT
+from streams.topics import CATALOG, CONTROL, DLQ, EVENT_TOPICS, RECS_OUT
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -60,7 +60,7 @@ NOT_YET_SETTINGS = frozenset(
 )
 
 INPUT_TOPICS = frozenset(EVENT_TOPICS.values())
-ALL_TOPICS = INPUT_TOPICS | {CATALOG, RECS_OUT, DLQ}
+ALL_TOPICS = INPUT_TOPICS | {CATALOG, RECS_OUT, DLQ, CONTROL}
 
 Manifest = dict[str, Any]
 
