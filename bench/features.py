@@ -286,7 +286,10 @@ async def evaluate(
 
 
 async def score_event(store: Any, index: Any, event: dict[str, Any], hits: Hits) -> None:
-    from features.candidates import blocked_items, mix_candidates, ranked, semantic_neighbours
+    from features.candidates import blocked, ranked
+    from ranking.pipeline import candidates
+    from shoprec.events import ShopEvent
+    from streams.recommend import RecommendPolicy, build_request
 
     user, target = event["user_id"], event["item_id"]
     ctx = await store.read_context([user], {user: event["ts"]}, covis_per_item=40, trending_n=2 * K)
@@ -298,21 +301,30 @@ async def score_event(store: Any, index: Any, event: dict[str, Any], hits: Hits)
     if target == in_view:
         hits.same_as_in_view += 1
         return
+    # The request the worker would send for the user's latest event, mixed by the
+    # ranker's own candidate step (retrieval n/2, quotas, filters).
+    latest = ShopEvent("bench", u.history[0].type, user, event["ts"], item_id=in_view)
+    request = build_request([latest], [u], ctx.trending, index.table, RecommendPolicy(K, K, 50))
     t0 = time.perf_counter()
-    semantic = semantic_neighbours(index, u.embedding[None, :], K)[0]
-    mix = mix_candidates(u, semantic, ctx.trending, index, in_view, K)
+    mixed = candidates(request, index.table, index.retrieval)
     hits.retrieval_ms.append((time.perf_counter() - t0) * 1000)
-    blocked = blocked_items(u, in_view)
+    no = blocked(
+        request.history.astype(np.int64),
+        request.history_types,
+        request.history_age_s,
+        request.in_view[:, 0].astype(np.int64),
+    )[0]
+    blocked_ids = {i for i in index.table.id_of(no[no >= 0]) if i}
 
     def top(items: Sequence[str]) -> list[str]:
-        return [i for i in items if i not in blocked and index.in_stock(i)][:K]
+        return [i for i in items if i not in blocked_ids and index.in_stock(i)][:K]
 
     lists = {
-        "semantic": top([i for i, _ in semantic]),
+        "semantic": top([i for i, _ in index.nearest(u.embedding[None, :], K)[0]]),
         "covis": top(ranked(u.covis)),
         "category": top(ranked(u.category_trending)),
         "trending": top(ranked(ctx.trending)),
-        "mix": mix.item_ids,
+        "mix": [i for i in index.table.id_of(mixed.items[0][mixed.items[0] >= 0]) if i],
     }
     cold = len({h.item_id for h in u.history}) == 1
     hits.add({s: target in lists[s] for s in SOURCES}, cold)
@@ -358,7 +370,7 @@ def latency_at(n: int, opts: FeatureBenchOptions) -> dict[str, Any]:
     for start in range(0, n, 100_000):
         block = rng.standard_normal((min(100_000, n - start), 384), dtype=np.float32)
         matrix[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    ids = [str(i) for i in range(n)]
+    ids = np.arange(n, dtype=np.int64)
     queries = rng.standard_normal((opts.queries, 384), dtype=np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     out: dict[str, Any] = {"items": n, "vectors": "random unit (latency only)"}
@@ -375,9 +387,7 @@ def latency_at(n: int, opts: FeatureBenchOptions) -> dict[str, Any]:
     }
     t0 = time.perf_counter()
     fresh = rng.standard_normal((100, 384), dtype=np.float32)
-    ivf.upsert(
-        [f"new{i}" for i in range(100)], fresh / np.linalg.norm(fresh, axis=1, keepdims=True)
-    )
+    ivf.upsert(np.arange(n, n + 100), fresh / np.linalg.norm(fresh, axis=1, keepdims=True))
     out["ivf"]["upsert_100_items_ms"] = round((time.perf_counter() - t0) * 1000, 2)
     return out
 
@@ -403,21 +413,21 @@ def ivf_recall_on_real(opts: FeatureBenchOptions) -> dict[str, Any]:
         vecs = embed_catalogue(name, texts)
         rows.append(vecs[[bool(t) for t in texts]])
     matrix = np.concatenate(rows)
-    ids = [str(i) for i in range(len(matrix))]
+    ids = np.arange(len(matrix), dtype=np.int64)
     rng = np.random.default_rng(opts.seed)
     # Queries: means of a few real items, as a user's rolling embedding is.
     picks = rng.integers(0, len(matrix), size=(opts.queries, 5))
     queries = matrix[picks].mean(axis=1)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    truth = [{i for i, _ in r} for r in ExactIndex(matrix, ids).search(queries, K)]
+    truth = [set(r.tolist()) for r in ExactIndex(matrix, ids).search(queries, K)[0]]
     out: dict[str, Any] = {"items": len(matrix), "lists": IvfIndex.n_lists(len(matrix))}
     for nprobe in (8, 32, 64):
         ivf = IvfIndex(384, nprobe=nprobe)
         ivf.build(matrix, ids)
-        found = ivf.search(queries, K)
+        found = ivf.search(queries, K)[0]
         out[f"nprobe_{nprobe}"] = round(
             float(
-                np.mean([len({i for i, _ in f} & t) / K for f, t in zip(found, truth, strict=True)])
+                np.mean([len(set(f.tolist()) & t) / K for f, t in zip(found, truth, strict=True)])
             ),
             4,
         )

@@ -19,12 +19,13 @@ Below :data:`ANN_MIN_ITEMS` the exact product is both faster to keep fresh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Protocol
 
 import faiss
 import numpy as np
 import numpy.typing as npt
+
+from features.item_table import ItemTable
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -37,13 +38,17 @@ MAX_LISTS = 2048
 TRAIN_PER_LIST = 39
 
 
+Keys = npt.NDArray[np.int64]
+
+
 class RetrievalIndex(Protocol):
-    """An id-keyed vector index that answers top-k by inner product."""
+    """A vector index keyed by integers (item numbers) that answers top-k by inner product."""
 
     def __len__(self) -> int: ...
 
-    def search(self, queries: F32, k: int) -> list[list[tuple[str, float]]]:
-        """For each query row, up to k (item id, inner product), best first."""
+    def search(self, queries: F32, k: int) -> tuple[Keys, F32]:
+        """For each query row, up to k keys and inner products, best first, padded with
+        key -1 and score -inf."""
         ...
 
 
@@ -60,38 +65,45 @@ def exact_top_k(matrix: F32, queries: F32, k: int) -> tuple[I64, F32]:
     return np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
 
 
-class ExactIndex:
-    """A dense matrix and its ids; rebuilt, not updated (cheap below ANN_MIN_ITEMS)."""
+def _padded(keys: Keys, scores: F32, k: int) -> tuple[Keys, F32]:
+    """``keys``/``scores`` ``[B, <=k]`` padded to ``[B, k]`` with -1 / -inf."""
+    missing = k - keys.shape[1]
+    if missing <= 0:
+        return keys, scores
+    return (
+        np.pad(keys, ((0, 0), (0, missing)), constant_values=-1),
+        np.pad(scores, ((0, 0), (0, missing)), constant_values=-np.inf).astype(np.float32),
+    )
 
-    def __init__(self, matrix: F32, ids: Sequence[str]) -> None:
+
+class ExactIndex:
+    """A dense matrix and the key of each row; rebuilt, not updated (cheap below
+    ANN_MIN_ITEMS)."""
+
+    def __init__(self, matrix: F32, keys: npt.ArrayLike) -> None:
         self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-        self.ids = list(ids)
+        self.keys = np.asarray(keys, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return int(self.keys.shape[0])
 
-    def search(self, queries: F32, k: int) -> list[list[tuple[str, float]]]:
+    def search(self, queries: F32, k: int) -> tuple[Keys, F32]:
         rows, scores = exact_top_k(self.matrix, queries, k)
-        return [
-            [(self.ids[j], float(s)) for j, s in zip(r, sc, strict=True)]
-            for r, sc in zip(rows, scores, strict=True)
-        ]
+        return _padded(self.keys[rows], scores.astype(np.float32, copy=False), k)
 
 
 class IvfIndex:
-    """faiss IVF-Flat over inner product, keyed by item id, updated in place."""
+    """faiss IVF-Flat over inner product, keyed by item number, updated in place."""
 
     def __init__(self, dim: int, nprobe: int = DEFAULT_NPROBE) -> None:
         self.dim = dim
         self.nprobe = nprobe
         self._index: faiss.IndexIVFFlat | None = None
         self._trained_on = 0
-        self._key: dict[str, int] = {}
-        self._name: dict[int, str] = {}
-        self._next = 0
+        self._keys: set[int] = set()
 
     def __len__(self) -> int:
-        return len(self._key)
+        return len(self._keys)
 
     @staticmethod
     def n_lists(n: int) -> int:
@@ -102,7 +114,7 @@ class IvfIndex:
         """
         return max(1, min(MAX_LISTS, int(4 * np.sqrt(n)), n // TRAIN_PER_LIST))
 
-    def build(self, matrix: F32, ids: Sequence[str], seed: int = 0) -> None:
+    def build(self, matrix: F32, keys: npt.ArrayLike, seed: int = 0) -> None:
         """Fit the centroids on (a sample of) ``matrix`` and add every row."""
         n = matrix.shape[0]
         nlist = self.n_lists(n)
@@ -113,42 +125,100 @@ class IvfIndex:
         sample = matrix if n <= cap else matrix[rng.choice(n, cap, replace=False)]
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
         index.nprobe = self.nprobe
-        self._index, self._trained_on = index, n
-        self._key, self._name, self._next = {}, {}, 0
-        self.upsert(ids, matrix)
+        self._index, self._trained_on, self._keys = index, n, set()
+        self.upsert(keys, matrix)
 
-    def upsert(self, ids: Sequence[str], vectors: F32) -> None:
-        """Insert or replace items (a repeated id keeps its last row)."""
+    def upsert(self, keys: npt.ArrayLike, vectors: F32) -> None:
+        """Insert or replace rows (a repeated key keeps its last row)."""
+        k = np.asarray(keys, dtype=np.int64)
         if self._index is None:
-            self.build(vectors, ids)
+            self.build(vectors, k)
             return
-        last = {name: row for row, name in enumerate(ids)}
-        if len(last) < len(ids):
-            ids, vectors = list(last), vectors[list(last.values())]
-        self.remove(list(dict.fromkeys(i for i in ids if i in self._key)))
-        keys = np.arange(self._next, self._next + len(ids), dtype=np.int64)
-        self._next += len(ids)
-        for name, key in zip(ids, keys, strict=True):
-            self._key[name] = int(key)
-            self._name[int(key)] = name
-        self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), keys)
+        last = {int(key): row for row, key in enumerate(k.tolist())}
+        if len(last) < len(k):
+            k, vectors = np.fromiter(last, np.int64, len(last)), vectors[list(last.values())]
+        self.remove(k)
+        self._keys.update(k.tolist())
+        self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), k)
 
-    def remove(self, ids: Sequence[str]) -> None:
-        keys = [self._key.pop(i) for i in ids if i in self._key]
-        for key in keys:
-            del self._name[key]
-        if keys and self._index is not None:
+    def remove(self, keys: npt.ArrayLike) -> None:
+        k = [key for key in np.asarray(keys, dtype=np.int64).tolist() if key in self._keys]
+        self._keys.difference_update(k)
+        if k and self._index is not None:
             # faiss's Python wrapper takes an id array; its stubs only know IDSelector.
-            self._index.remove_ids(np.array(keys, dtype=np.int64))  # type: ignore[arg-type]
+            self._index.remove_ids(np.array(k, dtype=np.int64))  # type: ignore[arg-type]
 
     def needs_retrain(self) -> bool:
         return len(self) > RETRAIN_GROWTH * max(1, self._trained_on)
 
-    def search(self, queries: F32, k: int) -> list[list[tuple[str, float]]]:
+    def search(self, queries: F32, k: int) -> tuple[Keys, F32]:
         if self._index is None or len(self) == 0 or k <= 0:
-            return [[] for _ in range(queries.shape[0])]
+            return _padded(
+                np.zeros((queries.shape[0], 0), np.int64),
+                np.zeros((queries.shape[0], 0), np.float32),
+                k,
+            )
         scores, found = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return [
-            [(self._name[int(j)], float(s)) for j, s in zip(r, sc, strict=True) if j >= 0]
-            for r, sc in zip(found, scores, strict=True)
-        ]
+        return found.astype(np.int64), np.where(found >= 0, scores, -np.inf).astype(np.float32)
+
+
+class TableIndex:
+    """Retrieval over an :class:`~features.item_table.ItemTable`'s eligible items (a vector,
+    in stock), keyed by item number: exact below ``ann_min_items``, faiss IVF above.
+
+    The exact index is a copy of the eligible rows, rebuilt at the first search after a
+    change; the IVF index is updated in place with the rows that changed (and rebuilt
+    once it has grown :data:`RETRAIN_GROWTH`-fold since its centroids were fitted).
+    Call :meth:`changed` with :meth:`ItemTable.take_changed`'s numbers after each change.
+    """
+
+    def __init__(self, table: ItemTable, ann_min_items: int = ANN_MIN_ITEMS) -> None:
+        self.table = table
+        self.ann_min_items = ann_min_items
+        self._exact: ExactIndex | None = None
+        self._ivf: IvfIndex | None = None
+
+    def changed(self, nums: Keys) -> None:
+        """Rows ``nums`` of the table changed (added, replaced, removed, restocked)."""
+        if nums.size == 0:
+            return
+        self._exact = None
+        if self._ivf is None:
+            return
+        vecs, has = self.table.vectors(nums)
+        ok = has & self.table.stock(nums)
+        self._ivf.remove(nums[~ok])
+        if ok.any():
+            self._ivf.upsert(nums[ok], vecs[ok])
+        if self._ivf.needs_retrain():
+            self._ivf = None  # rebuilt from the whole table at the next search
+
+    def index(self) -> RetrievalIndex:
+        if self._ivf is not None:
+            return self._ivf
+        if self._exact is not None:
+            return self._exact
+        eligible = np.flatnonzero(self.table.eligible())
+        matrix = self.table.matrix()[eligible]
+        if eligible.size >= self.ann_min_items:
+            self._ivf = IvfIndex(self.table.dim)
+            self._ivf.build(matrix, eligible)
+            return self._ivf
+        self._exact = ExactIndex(matrix, eligible)
+        return self._exact
+
+    def __len__(self) -> int:
+        return len(self.index())
+
+    def search(self, queries: F32, k: int) -> tuple[Keys, F32]:
+        """Top-k eligible item numbers per query row; a zero query row finds nothing."""
+        b = queries.shape[0]
+        keys = np.full((b, k), -1, np.int64)
+        scores = np.full((b, k), -np.inf, np.float32)
+        known = np.flatnonzero(np.linalg.norm(queries, axis=1) > 0)
+        if known.size == 0 or k <= 0:
+            # Most batches carry no search query: skip the product over the catalogue.
+            return keys, scores
+        found, found_scores = self.index().search(queries[known], k)
+        keys[known], scores[known] = found, found_scores
+        return keys, scores

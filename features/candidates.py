@@ -1,34 +1,43 @@
-"""Candidate retrieval: mix sources with quotas, filter, and attach the ranker's signals.
+"""Candidate mixing: merge ranked sources with quotas, filter, attach the ranker's signals.
+
+Everything here works on item numbers (``features.item_table``; -1 is padding) in
+``[B, ...]`` arrays, one row per user of a micro-batch, so it runs as a handful of numpy
+operations per batch: inside Triton, where the ranker retrieves and mixes, and in the
+worker's fallback when Triton is down.
 
 Sources, each with a quota of the ``n`` candidates:
-* ``semantic`` — nearest items to the rolling user embedding and to the last
-  search query (``features.ann``: exact for small catalogues, faiss IVF for
-  large ones; items without text take part through behavioural embeddings);
+* ``semantic`` — nearest items to the rolling user embedding (and, for a search, to the
+  query, interleaved: :func:`interleave`);
 * ``covis`` — co-visitation neighbours of the user's latest items;
-* ``category`` — trending within the categories of the user's latest items, or
-  of their query if they have only searched (a user with one event already gets
-  their category's best sellers);
+* ``category`` — trending within the categories of the user's latest items, or of their
+  query if they have only searched (a user with one event already gets their category's
+  best sellers);
 * ``trending`` — the most popular items of the trailing hour and day.
-Quota a source cannot fill passes to the next source in that order, so a cold
-user's list fills from their category before the whole shop; slots still free
-at the end are refilled from the sources' leftovers.
+Each source arrives ranked (the worker orders co-visitation and popularity by score, ties
+by item id, :func:`ranked`).  Quota a source cannot fill passes to the next source in
+that order, so a cold user's list fills from their category before the whole shop; slots
+still free at the end are refilled from the sources' leftovers, in source order.
 
-Filters: the item must be in the catalogue and in stock, not bought by the user
-recently, not the item the user is looking at, and not listed twice.
+Filters: the item must be in the catalogue and in stock, not bought by the user recently
+(:data:`JUST_PURCHASED_MS`), not the item the user is looking at, and not taken twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from features.ann import exact_top_k
-from features.store import UserContext
+from shoprec.events import EventType
 
+I32 = npt.NDArray[np.int32]
+I64 = npt.NDArray[np.int64]
+F32 = npt.NDArray[np.float32]
+Bools = npt.NDArray[np.bool_]
+
+SOURCES = ("semantic", "covis", "category", "trending")
+"""Source codes of :attr:`Mixed.source`, in mixing order."""
 # Quotas of the n candidates; trending gets the rest.  Co-visitation was the strongest
 # single source on three of the four datasets (bench/results/features.json); at 30 of 100
 # the mix fell 0.04 below it on UCI (a first run, on a time-span split); at 40 it is within
@@ -40,114 +49,147 @@ CATEGORY_SHARE = 0.1
 # just bought, short enough that consumables and wholesalers' restocks come back.
 JUST_PURCHASED_MS = 24 * 3_600_000
 
-# Kept under its old name: callers and tests use the exact product directly.
-nearest = exact_top_k
+
+@dataclass(frozen=True)
+class Mixed:
+    """Each user's candidates in mixing order, ``[B, n]``, -1 padding."""
+
+    items: I64
+    source: I32
+    """Index into :data:`SOURCES`; -1 for padding."""
+    signals: F32
+    """``[B, n, 3]``: co-visitation, popularity, retrieval cosine (0 where absent)."""
 
 
-class ItemCatalog(Protocol):
-    """What retrieval needs from the in-memory item table."""
-
-    def nearest(self, vectors: npt.NDArray[np.float32], k: int) -> list[list[tuple[str, float]]]:
-        """For each row, up to k eligible items (a vector, in stock) by inner product."""
-        ...
-
-    def in_stock(self, item_id: str) -> bool:
-        """True for a known item that can be sold now."""
-        ...
+def quotas(n: int) -> list[int]:
+    """Candidates each source may fill, in :data:`SOURCES` order (trending: the rest)."""
+    q = [int(n * SEMANTIC_SHARE), int(n * COVIS_SHARE), int(n * CATEGORY_SHARE)]
+    return [*q, n - sum(q)]
 
 
-@dataclass(slots=True)
-class Candidates:
-    """One user's candidates, in retrieval order, with the ranker's signals."""
+def blocked(history: I64, history_types: I32, history_age_s: F32, in_view: I64) -> I64:
+    """``[B, H + 1]`` items each user must not be shown now: bought within
+    :data:`JUST_PURCHASED_MS` of their newest event, and the item in view; -1 pads.
 
-    item_ids: list[str] = field(default_factory=list)
-    covis: list[float] = field(default_factory=list)
-    popularity: list[float] = field(default_factory=list)
-    retrieval: list[float] = field(default_factory=list)
-    source: list[str] = field(default_factory=list)
-
-    def signals(self) -> npt.NDArray[np.float32]:
-        return np.array([self.covis, self.popularity, self.retrieval], dtype=np.float32).T.reshape(
-            -1, 3
-        )
+    Ages are seconds from each history event back to the trigger (negative for an event
+    later than the trigger), so "newest event" is the smallest age.
+    """
+    real = history_types > 0
+    newest = np.where(real, history_age_s, np.inf).min(axis=1, keepdims=True)
+    recent = (history_age_s - newest) <= JUST_PURCHASED_MS / 1000.0
+    bought = real & (history_types == EventType.PURCHASE) & recent
+    return np.concatenate([np.where(bought, history, -1), in_view[:, None]], axis=1)
 
 
-def semantic_neighbours(
-    catalog: ItemCatalog, vectors: npt.NDArray[np.float32], k: int
-) -> list[list[tuple[str, float]]]:
-    """For each vector (a zero vector means none), its k nearest eligible items."""
-    out: list[list[tuple[str, float]]] = [[] for _ in range(vectors.shape[0])]
-    known = np.flatnonzero(np.linalg.norm(vectors, axis=1) > 0)
-    if known.size == 0:
-        # Most batches carry no search query: skip the product over the whole catalogue.
-        return out
-    for i, found in zip(known, catalog.nearest(vectors[known], k), strict=True):
-        out[i] = found
-    return out
+def interleave(first: I64, first_scores: F32, second: I64, second_scores: F32) -> tuple[I64, F32]:
+    """Row by row: first[0], second[0], first[1], second[1], ..., then the longer row's
+    rest; an item already placed is skipped (a search's query neighbours and the user's).
+    Rows are -1-padded ranked lists; the result keeps the width of both together."""
+    b = first.shape[0]
+    width = first.shape[1] + second.shape[1]
+    out = np.full((b, width), -1, np.int64)
+    out_scores = np.zeros((b, width), np.float32)
+    for r in range(b):  # searches are a small share of events: rows, not the batch
+        a = [(int(i), float(s)) for i, s in zip(first[r], first_scores[r], strict=True) if i >= 0]
+        c = [(int(i), float(s)) for i, s in zip(second[r], second_scores[r], strict=True) if i >= 0]
+        pairs = [p for two in zip(a, c, strict=False) for p in two]
+        pairs += a[len(c) :] + c[len(a) :]
+        seen: set[int] = set()
+        k = 0
+        for item, score in pairs:
+            if item not in seen:
+                seen.add(item)
+                out[r, k], out_scores[r, k] = item, score
+                k += 1
+    return out, out_scores
 
 
-def blocked_items(ctx: UserContext, item_in_view: str | None) -> set[str]:
-    """Items this user must not be shown now: just bought, or in view."""
-    latest = max((h.ts for h in ctx.history), default=0)
-    blocked = {
-        h.item_id
-        for h in ctx.history
-        if h.type == "purchase" and latest - h.ts <= JUST_PURCHASED_MS
-    }
-    if item_in_view:
-        blocked.add(item_in_view)
-    return blocked
-
-
-def mix_candidates(
-    ctx: UserContext,
-    semantic: Sequence[tuple[str, float]],
-    trending: dict[str, float],
-    catalog: ItemCatalog,
-    item_in_view: str | None,
+def mix(
+    sources: tuple[I64, I64, I64, I64],
+    scores: tuple[F32, F32, F32, F32],
+    in_stock: Bools,
+    blocked_items: I64,
     n: int,
-) -> Candidates:
-    """Merge the sources with quotas, apply the filters, attach signals."""
-    blocked = blocked_items(ctx, item_in_view)
-    retrieval = dict(semantic)
-    quotas = [int(n * SEMANTIC_SHARE), int(n * COVIS_SHARE), int(n * CATEGORY_SHARE)]
-    sources = [
-        ("semantic", [i for i, _ in semantic], quotas[0]),
-        ("covis", ranked(ctx.covis), quotas[1]),
-        ("category", ranked(ctx.category_trending), quotas[2]),
-        ("trending", ranked(trending), n - sum(quotas)),
+) -> Mixed:
+    """Merge the four ranked ``sources`` (:data:`SOURCES` order, each ``[B, width]``) into
+    ``n`` candidates per user, as the module docstring says.
+
+    ``scores`` are each source's scores (semantic: cosine; covis: decayed count; category
+    and trending: popularity); ``in_stock`` is indexed by item number; ``blocked_items``
+    ``[B, m]`` (see :func:`blocked`).
+    """
+    b = sources[0].shape[0]
+    cand = np.concatenate(sources, axis=1).astype(np.int64)
+    seg_of = np.concatenate([np.full(s.shape[1], k, np.int32) for k, s in enumerate(sources)])
+    bounds = np.cumsum([0] + [s.shape[1] for s in sources])
+    # One key per (user, item): membership tests for the whole batch at once.
+    stride = max(int(cand.max(initial=-1)), int(blocked_items.max(initial=-1)), 0) + 1
+    key = np.arange(b, dtype=np.int64)[:, None] * stride + cand
+    known = (cand >= 0) & (cand < in_stock.shape[0])
+    ok = np.zeros(cand.shape, np.bool_)
+    ok[known] = in_stock[cand[known]]
+    blocked_keys = (np.arange(b, dtype=np.int64)[:, None] * stride + blocked_items)[
+        blocked_items >= 0
     ]
-    out = Candidates()
-    seen: set[str] = set()
+    ok &= ~np.isin(key, blocked_keys)
 
-    def take(item: str, source: str) -> None:
-        seen.add(item)
-        out.item_ids.append(item)
-        out.source.append(source)
-        out.covis.append(ctx.covis.get(item, 0.0))
-        out.popularity.append(trending.get(item, ctx.category_trending.get(item, 0.0)))
-        out.retrieval.append(retrieval.get(item, 0.0))
+    taken = np.zeros(cand.shape, np.bool_)
+    leftover = np.zeros(cand.shape, np.bool_)
+    taken_keys = np.zeros(0, np.int64)
+    carry = np.zeros(b, np.int64)
+    for k, q in enumerate(quotas(n)):
+        lo, hi = bounds[k], bounds[k + 1]
+        quota = q + carry
+        if hi > lo:
+            seg_key = key[:, lo:hi]
+            free = ok[:, lo:hi] & ~np.isin(seg_key, taken_keys)
+            rank = np.cumsum(free, axis=1) - 1
+            take = free & (rank < quota[:, None])
+            taken[:, lo:hi] = take
+            leftover[:, lo:hi] = free & ~take
+            taken_keys = np.concatenate([taken_keys, seg_key[take]])
+            quota = quota - take.sum(axis=1)
+        carry = quota  # what this source could not use passes to the next
 
-    leftovers: list[tuple[str, str]] = []
-    carry = 0  # quota a source could not use passes to the next: a cold user's semantic
-    for name, items, quota in sources:  # and co-visitation share goes to their category
-        quota += carry
-        taken = 0
-        for item in items:
-            if item in seen or item in blocked or not catalog.in_stock(item):
-                continue
-            if taken < quota and len(out.item_ids) < n:
-                take(item, name)
-                taken += 1
-            else:
-                leftovers.append((item, name))
-        carry = quota - taken
-    for item, name in leftovers:
-        if len(out.item_ids) >= n:
-            break
-        if item not in seen:
-            take(item, name)
-    return out
+    # Leftovers in source order fill what is still free, each item once.
+    spare = leftover & ~np.isin(key, taken_keys)
+    flat = np.flatnonzero(spare.ravel())
+    _, first = np.unique(key.ravel()[flat], return_index=True)
+    once = np.zeros(cand.size, np.bool_)
+    once[flat[first]] = True
+    spare &= once.reshape(cand.shape)
+    room = n - taken.sum(axis=1)
+    refill = spare & ((np.cumsum(spare, axis=1) - 1) < room[:, None])
+
+    width = cand.shape[1]
+    cols = np.arange(width)
+    order_key = np.where(taken, cols, np.where(refill, width + cols, 2 * width + cols))
+    order = np.argsort(order_key, axis=1, kind="stable")[:, :n]
+    chosen = np.take_along_axis(taken | refill, order, axis=1)
+    items = np.where(chosen, np.take_along_axis(cand, order, axis=1), -1)
+    source = np.where(chosen, seg_of[order], -1).astype(np.int32)
+    if items.shape[1] < n:
+        pad = ((0, 0), (0, n - items.shape[1]))
+        items = np.pad(items, pad, constant_values=-1)
+        source = np.pad(source, pad, constant_values=-1)
+    covis, _ = _lookup(items, sources[1], scores[1])
+    trend, in_trending = _lookup(items, sources[3], scores[3])
+    category, _ = _lookup(items, sources[2], scores[2])
+    retrieval, _ = _lookup(items, sources[0], scores[0])
+    popularity = np.where(in_trending, trend, category)
+    signals = np.stack([covis, popularity, retrieval], axis=-1).astype(np.float32)
+    return Mixed(items, source, signals)
+
+
+def _lookup(items: I64, keys: I64, values: F32) -> tuple[F32, Bools]:
+    """``values[b, j]`` where ``keys[b, j] == items[b, i]`` for each ``items[b, i]`` (0 and
+    False where absent; keys are unique per row)."""
+    if keys.shape[1] == 0:
+        return np.zeros(items.shape, np.float32), np.zeros(items.shape, np.bool_)
+    eq = (items[:, :, None] == keys[:, None, :]) & (items[:, :, None] >= 0)
+    found = eq.any(axis=-1)
+    picked = np.take_along_axis(values, eq.argmax(axis=-1), axis=1)
+    return np.where(found, picked, np.float32(0.0)).astype(np.float32), found
 
 
 def ranked(scores: dict[str, float]) -> list[str]:

@@ -1,31 +1,30 @@
-"""The worker's in-memory item index: the ranker's :class:`ItemTable`, followed asynchronously.
+"""The worker's in-memory item index: an :class:`ItemTable`, followed asynchronously.
 
-Every worker follows ``items:log`` (whatever catalogue partitions it owns)
-so retrieval sees every item: nearest-neighbour search over the embeddings,
-the in-stock rule, and each item's category (for category popularity).  The
-refresh reuses the table's pure parsing; only the I/O here is async.
+Every worker follows ``items:log`` (whatever catalogue partitions it owns) so it knows
+every item: its number (requests to the ranker name items by number), its vector (the
+rolling user embedding adds it per event), its category (popularity by category), and
+whether it is in stock.  The refresh reuses the table's pure parsing; only the I/O here
+is async.
 
-Retrieval searches text embeddings and, for items without text, their
-behavioural embeddings (``features.behavioural``).  Below
-``ann.ANN_MIN_ITEMS`` eligible items it is an exact product over a matrix
-rebuilt after each change; above, a faiss IVF index updated in place with the
-items each refresh changed, so a new item can be retrieved as soon as the
-refresh after its catalogue record has run.
+Retrieval over the table (``features.ann.TableIndex``: exact below ``ANN_MIN_ITEMS``
+eligible items, faiss IVF above) runs inside Triton on the hot path; the worker keeps
+its own for the categories nearest a search query (cold start of a user who has only
+searched) and for the fallback when Triton is down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
 
 import numpy as np
 import numpy.typing as npt
 from redis.asyncio import Redis
 
 from features import keys
-from features.ann import ANN_MIN_ITEMS, ExactIndex, IvfIndex, RetrievalIndex
+from features.ann import ANN_MIN_ITEMS, TableIndex
 from features.behavioural import refresh_behavioural
+from features.catalog import number_items
 from features.item_table import (
     ItemRecord,
     ItemTable,
@@ -34,7 +33,7 @@ from features.item_table import (
     records_from_replies,
     stream_entries,
 )
-from features.user_state import Vector, vector_from_bytes
+from features.user_state import Vector
 
 REFRESH_CHUNK = 500
 # Behavioural embeddings move slowly (co-visitation accumulates): a slice a minute,
@@ -56,6 +55,7 @@ class ItemIndex:
     ) -> None:
         self._redis = redis
         self.table = ItemTable(dim)
+        self.retrieval = TableIndex(self.table, ann_min_items)
         self._next_refresh = 0.0
         # The catalogue agent and the event path both refresh; one at a time, or both
         # would apply the same log entries and rebuild the index twice.
@@ -63,12 +63,7 @@ class ItemIndex:
         # Behavioural item embeddings live in the shared catalogue hashes: only a live
         # worker computes them (a replay's shadow state must not leak into live retrieval).
         self._write_behavioural = write_behavioural
-        self._view: tuple[npt.NDArray[np.float32], list[str]] | None = None
         self._categories: dict[str, str] = {}
-        self._behavioural: dict[str, Vector] = {}
-        self._ann_min_items = ann_min_items
-        self._ivf: IvfIndex | None = None
-        self._exact: ExactIndex | None = None
         self._next_behavioural = 0.0
         self._behavioural_cursor = 0
 
@@ -110,7 +105,7 @@ class ItemIndex:
                 return total
             self.table.apply(await self._fetch(changed))
             self.table.last_stream_id = last_id
-            self._after_change(changed)
+            self.retrieval.changed(self.table.take_changed())
             total += len(changed)
 
     async def _fetch(self, item_ids: list[str]) -> dict[str, ItemRecord | None]:
@@ -119,40 +114,27 @@ class ItemIndex:
             part = item_ids[start : start + REFRESH_CHUNK]
             async with self._redis.pipeline(transaction=False) as pipe:
                 queue_item_reads(pipe, part)
-                for item_id in part:
-                    pipe.hmget(keys.item(item_id), ["category", "bemb"])
                 replies = await pipe.execute()
-            n = 2 * len(part)
-            out |= records_from_replies(part, replies[:n], self.table.dim)
-            for item_id, (cat, bemb) in zip(part, replies[n:], strict=True):
-                self._remember(item_id, cat, vector_from_bytes(bemb))
+            records = records_from_replies(part, replies, self.table.dim)
+            # Stored before items had numbers: number them; the log brings them back.
+            unnumbered = [
+                i for i, (_, stock, n, *_) in zip(part, replies, strict=True) if stock and not n
+            ]
+            if unnumbered:
+                await number_items(self._redis, unnumbered)
+            for item_id, rec in records.items():
+                if rec is not None and rec.category:
+                    self._categories[item_id] = rec.category
+                else:
+                    self._categories.pop(item_id, None)
+            out |= records
         return out
 
-    def _remember(self, item_id: str, category: bytes | None, bemb: Vector | None) -> None:
-        if category:
-            self._categories[item_id] = category.decode()
-        else:
-            self._categories.pop(item_id, None)
-        if bemb is not None and bemb.shape == (self.table.dim,) and np.all(np.isfinite(bemb)):
-            self._behavioural[item_id] = bemb
-        else:
-            self._behavioural.pop(item_id, None)
+    # --- what ingest, the request and the fallback read ---------------------------------
 
-    def _after_change(self, changed: Iterable[str]) -> None:
-        self._view = None
-        self._exact = None
-        if self._ivf is None:
-            return
-        ids = list(changed)
-        mat, ok = self._vectors(ids)
-        keep = [i for i, good in zip(ids, ok, strict=True) if good]
-        self._ivf.remove([i for i, good in zip(ids, ok, strict=True) if not good])
-        if keep:
-            self._ivf.upsert(keep, mat[ok])
-        if self._ivf.needs_retrain():
-            self._ivf = None  # rebuilt from the whole view at the next search
-
-    # --- what retrieval and the rules read --------------------------------------------
+    def number(self, item_id: str) -> int:
+        """The item's number, -1 when unknown."""
+        return int(self.table.rows([item_id])[0])
 
     def text_vector(self, item_id: str) -> Vector | None:
         mat, has = self.table.lookup([item_id])
@@ -160,8 +142,8 @@ class ItemIndex:
 
     def vector(self, item_id: str) -> Vector | None:
         """The item's text embedding, else its behavioural one, else None."""
-        text = self.text_vector(item_id)
-        return text if text is not None else self._behavioural.get(item_id)
+        vec, has = self.table.vectors(self.table.rows([item_id]))
+        return vec[0] if has[0] else None
 
     def category(self, item_id: str) -> str | None:
         return self._categories.get(item_id)
@@ -170,9 +152,10 @@ class ItemIndex:
         """Categories of the ``n`` items nearest ``vector`` (most common first); [] for zeros."""
         if not np.any(vector):
             return []
+        nums, _ = self.retrieval.search(vector[None, :].astype(np.float32), n)
         counts: dict[str, int] = {}
-        for item_id, _ in self.nearest(vector[None, :].astype(np.float32), n)[0]:
-            cat = self._categories.get(item_id)
+        for item_id in self.table.id_of(nums[0][nums[0] >= 0]):
+            cat = self._categories.get(item_id) if item_id else None
             if cat:
                 counts[cat] = counts.get(cat, 0) + 1
         return sorted(counts, key=lambda c: -counts[c])
@@ -186,43 +169,17 @@ class ItemIndex:
     def in_stock(self, item_id: str) -> bool:
         return bool(self.table.in_stock([item_id])[0])
 
-    def _vectors(self, ids: list[str]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
-        """Search vectors of ``ids`` and which of them are eligible (a vector, in stock)."""
-        mat, has = self.table.lookup(ids)
-        mat = mat.copy()
-        for row, item_id in enumerate(ids):
-            if not has[row] and item_id in self._behavioural:
-                mat[row] = self._behavioural[item_id]
-                has[row] = True
-        return mat, has & self.table.in_stock(ids)
-
-    def semantic_view(self) -> tuple[npt.NDArray[np.float32], list[str]]:
-        """Vectors of the items retrieval may return (a vector, in stock), cached."""
-        if self._view is None:
-            ids = self.table.ids
-            mat, eligible = self._vectors(ids)
-            self._view = (
-                np.ascontiguousarray(mat[eligible]),
-                [i for i, ok in zip(ids, eligible, strict=True) if ok],
-            )
-        return self._view
-
-    def retrieval_index(self) -> RetrievalIndex:
-        """Exact below the ANN threshold, faiss IVF above (built once, then updated)."""
-        if self._ivf is not None:
-            return self._ivf
-        if self._exact is not None:
-            return self._exact
-        matrix, ids = self.semantic_view()
-        if len(ids) >= self._ann_min_items:
-            self._ivf = IvfIndex(self.table.dim)
-            self._ivf.build(matrix, ids)
-            return self._ivf
-        self._exact = ExactIndex(matrix, ids)
-        return self._exact
-
     def nearest(self, vectors: npt.NDArray[np.float32], k: int) -> list[list[tuple[str, float]]]:
-        return self.retrieval_index().search(vectors, k)
+        """Each row's ``k`` nearest eligible items as (id, cosine), for the operator tools."""
+        nums, scores = self.retrieval.search(vectors, k)
+        out = []
+        for row, row_scores in zip(nums, scores, strict=True):
+            keep = row >= 0
+            ids = self.table.id_of(row[keep])
+            out.append(
+                [(i, float(s)) for i, s in zip(ids, row_scores[keep], strict=True) if i is not None]
+            )
+        return out
 
     def __len__(self) -> int:
         return len(self.table)

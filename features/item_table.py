@@ -1,16 +1,19 @@
-"""The ranker's in-memory item-embedding table, kept fresh from Redis.
+"""The in-memory item table the ranker and the worker keep, fresh from Redis.
 
-Requests to the ranker carry item ids, not vectors (DESIGN §6: 250 vectors
-would cost ~2 ms on the wire alone), so whoever scores holds every item's
-embedding in its own memory.  :class:`ItemTable` is that memory: an id -> row
-map over one dense float32 matrix, plus each item's stock flag (the worker's
-rules need it; the ranker itself only needs the vectors).
+Requests to the ranker carry item numbers, not vectors or strings (DESIGN §6: 250
+vectors would cost ~2 ms on the wire; 9,600 string ids cost 14 ms to serialise and
+parse per 64 users, measured): every item has a number, assigned once in Redis
+(``n`` in its hash, :func:`features.catalog.upsert_items`), and whoever scores or
+retrieves holds every item's vector in its own memory, in the row of that number.
+:class:`ItemTable` is that memory: float32 retrieval vectors (the BERT text embedding,
+else the behavioural one of an item without text), text/vector/stock flags, and the
+id <-> number maps the worker needs at its edges.
 
 The pure parts (:meth:`ItemTable.upsert`, :meth:`ItemTable.remove`,
-:meth:`ItemTable.lookup`, :meth:`ItemTable.apply`, :meth:`ItemTable.apply_changes`,
+:meth:`ItemTable.text`, :meth:`ItemTable.apply`, :meth:`ItemTable.apply_changes`,
 :class:`ItemChanges`, :func:`coalesce`, :func:`retry_delay`, :func:`parse_log_entries`,
 :func:`parse_item_hash`) do no I/O, so they are tested without Redis and an
-async refresher in the worker can reuse them.  :func:`read_changes`,
+async refresher in the worker reuses them.  :func:`read_changes`,
 :meth:`ItemTable.refresh_from_redis` and :class:`ItemLogFollower` are the synchronous
 I/O used inside Triton.
 
@@ -22,9 +25,10 @@ The table therefore keeps a single writer, the thread that scores, and needs no 
 only the hand-over between the two threads is locked.
 
 Redis layout (``features.keys``): the stream ``items:log`` gets one entry
-(field ``id``) per item change; the hash ``{i:<id>}`` holds ``emb`` (raw
-little-endian float32 bytes, absent for items without text) and ``in_stock``.
-A deleted hash means the item left the catalogue.
+(field ``id``) per item change; the hash ``{i:<id>}`` holds ``n`` (the item's number),
+``emb`` (raw little-endian float32 bytes, absent for items without text), ``bemb``
+(behavioural vector), ``category`` and ``in_stock``.  A deleted hash means the item left
+the catalogue.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from features import keys
 log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
 Bools = npt.NDArray[np.bool_]
 
 FIRST_STREAM_ID = b"0-0"
@@ -52,10 +57,20 @@ _FALSE_WORDS = frozenset({b"", b"0", b"false", b"False", b"FALSE", b"no", b"n"})
 
 @dataclass(frozen=True)
 class ItemRecord:
-    """What the table keeps per item: its text embedding (``None`` if it has no text)."""
+    """What the table keeps per item.
+
+    ``num`` is the item's number (``n`` in its Redis hash, :func:`features.catalog.upsert_items`
+    assigns it once and never reuses it): requests to the ranker name items by number, so
+    both sides of a call agree without sending strings.  ``emb`` is the BERT text embedding
+    (``None`` without text); ``bemb`` the behavioural embedding an item without text gets
+    from co-visitation (``features.behavioural``), used for retrieval only.
+    """
 
     emb: F32 | None
     in_stock: bool = True
+    num: int = -1
+    bemb: F32 | None = None
+    category: str | None = None
 
 
 def unit_rows(mat: F32, has: Bools) -> tuple[F32, Bools]:
@@ -73,19 +88,42 @@ def unit_rows(mat: F32, has: Bools) -> tuple[F32, Bools]:
 class ItemChanges:
     """Item changes up to ``last_stream_id``, prepared so applying them is only a row copy.
 
-    Every id appears once, in ``removed`` or in ``ids``; ``embs`` rows (one per id in
-    ``ids``) are unit length, zero where ``has_emb`` is False.
+    Every id appears once, in ``removed`` or in ``ids``; ``vecs`` rows (one per id in
+    ``ids``) are unit length: the text embedding where ``has_text``, else the behavioural
+    one where ``has_vec``, else zero.  ``nums`` are the items' numbers (-1: let the table
+    number it, for tables not fed from Redis).
     """
 
     last_stream_id: bytes
     removed: list[str]
     ids: list[str]
-    embs: F32
-    has_emb: Bools
+    nums: I64
+    vecs: F32
+    has_text: Bools
+    has_vec: Bools
     in_stock: Bools
 
     def __len__(self) -> int:
         return len(self.removed) + len(self.ids)
+
+    def split(self, n: int) -> tuple[ItemChanges, ItemChanges]:
+        """The first ``n`` changes (removals first) and the rest, to apply in that order."""
+        r = min(n, len(self.removed))
+        u = max(0, n - r)
+
+        def part(removed: slice, rows: slice) -> ItemChanges:
+            return ItemChanges(
+                last_stream_id=self.last_stream_id,
+                removed=self.removed[removed],
+                ids=self.ids[rows],
+                nums=self.nums[rows],
+                vecs=self.vecs[rows],
+                has_text=self.has_text[rows],
+                has_vec=self.has_vec[rows],
+                in_stock=self.in_stock[rows],
+            )
+
+        return part(slice(None, r), slice(None, u)), part(slice(r, None), slice(u, None))
 
     @classmethod
     def from_records(
@@ -96,19 +134,27 @@ class ItemChanges:
     ) -> ItemChanges:
         """A record upserts its id, ``None`` removes it."""
         live = [(i, rec) for i, rec in records.items() if rec is not None]
-        mat = np.zeros((len(live), dim), dtype=np.float32)
+        text = np.zeros((len(live), dim), dtype=np.float32)
         has = np.zeros(len(live), dtype=np.bool_)
+        behav = np.zeros((len(live), dim), dtype=np.float32)
+        has_b = np.zeros(len(live), dtype=np.bool_)
         for k, (_, rec) in enumerate(live):
             if rec.emb is not None:
-                mat[k] = rec.emb
+                text[k] = rec.emb
                 has[k] = True
-        unit, has = unit_rows(mat, has)
+            elif rec.bemb is not None:
+                behav[k] = rec.bemb
+                has_b[k] = True
+        text, has = unit_rows(text, has)
+        behav, has_b = unit_rows(behav, has_b)
         return cls(
             last_stream_id=last_stream_id,
             removed=[i for i, rec in records.items() if rec is None],
             ids=[i for i, _ in live],
-            embs=unit,
-            has_emb=has,
+            nums=np.fromiter((rec.num for _, rec in live), np.int64, len(live)),
+            vecs=np.where(has[:, None], text, behav),
+            has_text=has,
+            has_vec=has | has_b,
             in_stock=np.fromiter((rec.in_stock for _, rec in live), np.bool_, len(live)),
         )
 
@@ -132,23 +178,33 @@ def coalesce(batches: Sequence[ItemChanges]) -> ItemChanges:
         seen.update(batch.removed)
         seen.update(batch.ids)
     parts.reverse()
+
+    def cat(name: str) -> Any:
+        return np.concatenate([getattr(batch, name)[keep] for batch, keep in parts])
+
     return ItemChanges(
         last_stream_id=batches[-1].last_stream_id,
         removed=removed,
         ids=[batch.ids[k] for batch, keep in parts for k in keep],
-        embs=np.concatenate([batch.embs[keep] for batch, keep in parts]),
-        has_emb=np.concatenate([batch.has_emb[keep] for batch, keep in parts]),
-        in_stock=np.concatenate([batch.in_stock[keep] for batch, keep in parts]),
+        nums=cat("nums"),
+        vecs=cat("vecs"),
+        has_text=cat("has_text"),
+        has_vec=cat("has_vec"),
+        in_stock=cat("in_stock"),
     )
 
 
 class ItemTable:
-    """id -> row over a float32 matrix ``[n, dim]`` that grows by doubling.
+    """Item number -> row of float32 vectors, stock and text flags; item id <-> number.
 
-    Removal moves the last row into the freed one, so rows ``0..n-1`` stay
-    dense and a lookup is one fancy-index gather.  Not thread-safe: one
-    writer and reader at a time (inside Triton, the stub thread that runs
-    ``execute``; :class:`ItemLogFollower`'s thread never touches the table).
+    Rows are item numbers, so a request's numbers index the arrays directly (one fancy
+    index, no dictionary).  Numbers come from Redis (``ItemRecord.num``); a table fed
+    without them (tests, offline tools) numbers items itself.  A removed item's row is
+    zeroed and its number is not reused.  The arrays keep one row beyond the highest
+    number that stays zero/False forever, so number -1 (padding, unknown) gathers a zero
+    row without a masking pass.  Not thread-safe: one writer and reader at a time (inside
+    Triton, the thread that runs ``execute``; :class:`ItemLogFollower`'s thread never
+    touches the table).
     """
 
     def __init__(self, dim: int = keys.EMB_DIM, capacity: int = 1024) -> None:
@@ -156,30 +212,37 @@ class ItemTable:
             raise ValueError(f"dim and capacity must be >= 1, got {dim}, {capacity}")
         self.dim = dim
         self._index: dict[str, int] = {}
-        self._ids: list[str] = []
-        # One row beyond capacity stays zero/False forever: row -1 (unknown id)
-        # then gathers a zero row without a masking pass.
-        self._embs: F32 = np.zeros((capacity + 1, dim), dtype=np.float32)
-        self._has_emb: Bools = np.zeros(capacity + 1, dtype=np.bool_)
+        self._ids: list[str | None] = []  # number -> id (None: a removed item's number)
+        self._vecs: F32 = np.zeros((capacity + 1, dim), dtype=np.float32)
+        self._has_text: Bools = np.zeros(capacity + 1, dtype=np.bool_)
+        self._has_vec: Bools = np.zeros(capacity + 1, dtype=np.bool_)
         self._in_stock: Bools = np.zeros(capacity + 1, dtype=np.bool_)
         self.last_stream_id: bytes = FIRST_STREAM_ID
         """Last ``items:log`` entry applied; the next refresh reads after it."""
+        self._changed: list[I64] = []
+        self._changed_n = 0
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._index)
 
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._index
 
     @property
     def ids(self) -> list[str]:
-        """Item ids in row order (a copy)."""
-        return list(self._ids)
+        """Ids of the items in the table, by number."""
+        return [i for i in self._ids if i is not None]
+
+    @property
+    def size(self) -> int:
+        """One more than the highest item number ever stored: rows ``0..size-1`` are used."""
+        return len(self._ids)
 
     @property
     def nbytes(self) -> int:
         """Memory held by the arrays (capacity, not just used rows)."""
-        return int(self._embs.nbytes + self._has_emb.nbytes + self._in_stock.nbytes)
+        arrays = (self._vecs, self._has_text, self._has_vec, self._in_stock)
+        return int(sum(a.nbytes for a in arrays))
 
     # --- writes ---------------------------------------------------------------------
 
@@ -190,13 +253,14 @@ class ItemTable:
         *,
         has_emb: npt.ArrayLike | None = None,
         in_stock: npt.ArrayLike | None = None,
-    ) -> None:
-        """Insert or replace ``ids`` with rows of ``embs`` ``[len(ids), dim]``.
+        nums: npt.ArrayLike | None = None,
+    ) -> npt.NDArray[np.int64]:
+        """Insert or replace ``ids`` with text embeddings ``embs`` ``[len(ids), dim]``.
 
-        Rows are stored L2-normalised, so lookups feed cosines directly.
-        ``has_emb`` (default all True) marks rows that are real text
-        embeddings; rows marked False, zero or non-finite are stored as zeros.  ``in_stock``
-        defaults to True.  A repeated id keeps its last row.
+        Rows are stored L2-normalised, so lookups feed cosines directly.  ``has_emb``
+        (default all True) marks rows that are real text embeddings; rows marked False,
+        zero or non-finite are stored as zeros.  ``in_stock`` defaults to True; ``nums``
+        (default: the table numbers new ids itself).  Returns the items' numbers.
         """
         n = len(ids)
         mat = np.asarray(embs, dtype=np.float32)
@@ -204,44 +268,43 @@ class ItemTable:
             raise ValueError(f"embs must have shape ({n}, {self.dim}), got {mat.shape}")
         has = np.ones(n, np.bool_) if has_emb is None else np.asarray(has_emb, np.bool_)
         stock = np.ones(n, np.bool_) if in_stock is None else np.asarray(in_stock, np.bool_)
-        if has.shape != (n,) or stock.shape != (n,):
-            raise ValueError(f"has_emb and in_stock must have shape ({n},)")
+        numbers = np.full(n, -1, np.int64) if nums is None else np.asarray(nums, np.int64)
+        if has.shape != (n,) or stock.shape != (n,) or numbers.shape != (n,):
+            raise ValueError(f"has_emb, in_stock and nums must have shape ({n},)")
         unit, has = unit_rows(mat, has)
-        self._store(ids, unit, has, stock)
+        return self._store(list(ids), numbers, unit, has, has, stock)
 
-    def _store(self, ids: Sequence[str], unit: F32, has: Bools, stock: Bools) -> None:
-        """Write prepared rows: ``unit`` already normalised and zero where not ``has``."""
-        rows = self._rows_for(ids)
-        self._embs[rows] = unit
-        self._has_emb[rows] = has
+    def _store(
+        self, ids: list[str], nums: I64, vecs: F32, has_text: Bools, has_vec: Bools, stock: Bools
+    ) -> npt.NDArray[np.int64]:
+        """Write prepared rows: ``vecs`` already unit length and zero where not ``has_vec``."""
+        rows = self._rows_for(ids, nums)
+        self._vecs[rows] = vecs
+        self._has_text[rows] = has_text
+        self._has_vec[rows] = has_vec
         self._in_stock[rows] = stock
+        self._note(rows)
+        return rows
 
     def remove(self, ids: Iterable[str]) -> int:
         """Forget ``ids``; unknown ids are ignored.  Returns how many were removed."""
-        removed = 0
+        gone = []
         for item_id in ids:
             row = self._index.pop(item_id, None)
-            if row is None:
-                continue
-            removed += 1
-            last = len(self._ids) - 1
-            moved = self._ids.pop()
-            if row != last:
-                self._ids[row] = moved
-                self._index[moved] = row
-                self._embs[row] = self._embs[last]
-                self._has_emb[row] = self._has_emb[last]
-                self._in_stock[row] = self._in_stock[last]
-            self._embs[last] = 0.0
-            self._has_emb[last] = False
-            self._in_stock[last] = False
-        return removed
+            if row is not None:
+                self._clear(row)
+                gone.append(row)
+        self._note(np.asarray(gone, np.int64))
+        return len(gone)
+
+    def _clear(self, row: int) -> None:
+        self._ids[row] = None
+        self._vecs[row] = 0.0
+        self._has_text[row] = self._has_vec[row] = self._in_stock[row] = False
 
     def apply(self, changes: Mapping[str, ItemRecord | None]) -> None:
         """Apply a refresh's result: a record upserts its id, ``None`` removes it."""
-        prepared = ItemChanges.from_records(self.last_stream_id, changes, self.dim)
-        self.remove(prepared.removed)
-        self._store(prepared.ids, prepared.embs, prepared.has_emb, prepared.in_stock)
+        self.apply_changes(ItemChanges.from_records(self.last_stream_id, changes, self.dim))
 
     def apply_changes(self, changes: ItemChanges) -> int:
         """Apply prepared changes and move :attr:`last_stream_id`; returns items changed.
@@ -249,63 +312,132 @@ class ItemTable:
         Only copies rows (the normalising happened in :meth:`ItemChanges.from_records`),
         so it is cheap enough for the scoring thread: ~1 ms per thousand items.
         """
-        if changes.embs.shape[1:] != (self.dim,):
-            raise ValueError(f"changes have dim {changes.embs.shape[1:]}, table has {self.dim}")
+        if changes.vecs.shape[1:] != (self.dim,):
+            raise ValueError(f"changes have dim {changes.vecs.shape[1:]}, table has {self.dim}")
         self.remove(changes.removed)
-        self._store(changes.ids, changes.embs, changes.has_emb, changes.in_stock)
+        self._store(
+            changes.ids,
+            changes.nums,
+            changes.vecs,
+            changes.has_text,
+            changes.has_vec,
+            changes.in_stock,
+        )
         self.last_stream_id = changes.last_stream_id
         return len(changes)
 
-    def _rows_for(self, ids: Sequence[str]) -> npt.NDArray[np.int64]:
-        """Row of each id, new ids appended; in bulk (a per-id loop cost ~1 µs an item)."""
+    def _note(self, rows: I64) -> None:
+        if rows.size:
+            self._changed.append(rows)
+            self._changed_n += int(rows.size)
+
+    def take_changed(self) -> I64:
+        """Numbers of the items changed (added, replaced, removed) since the last call, for
+        the one cache derived from this table (the ranker's item projections, a retrieval
+        index); many changes come back as every row."""
+        parts, self._changed, n = self._changed, [], self._changed_n
+        self._changed_n = 0
+        if not parts:
+            return np.zeros(0, np.int64)
+        if n > len(self._ids):
+            return np.arange(len(self._ids), dtype=np.int64)
+        return np.unique(np.concatenate(parts))
+
+    def _rows_for(self, ids: list[str], nums: I64) -> npt.NDArray[np.int64]:
+        """Row (= number) of each id: the given number, else the one it has, else a new one."""
         index = self._index
-        fresh = [i for i in dict.fromkeys(ids) if i not in index]
-        if fresh:
-            start = len(self._ids)
-            self._reserve(start + len(fresh))
-            index.update(zip(fresh, range(start, start + len(fresh)), strict=True))
-            self._ids.extend(fresh)
-        return np.array([index[i] for i in ids], dtype=np.int64).reshape(len(ids))
+        out = np.empty(len(ids), np.int64)
+        top = int(nums.max(initial=-1))
+        self._reserve(max(top + 1, len(self._ids) + len(ids)))
+        for k, (item_id, num) in enumerate(zip(ids, nums.tolist(), strict=True)):
+            had = index.get(item_id)
+            if num < 0:
+                num = had if had is not None else len(self._ids)
+            elif had is not None and had != num:
+                self._clear(had)  # removed and added again: Redis gave it a new number
+            if num >= len(self._ids):
+                self._ids.extend([None] * (num + 1 - len(self._ids)))
+            self._ids[num] = item_id
+            index[item_id] = num
+            out[k] = num
+        return out
 
     def _reserve(self, n: int) -> None:
-        """Room for ``n`` rows, doubling at least, so growth stays amortised O(1) a row."""
-        capacity = len(self._embs) - 1
+        """Room for rows ``0..n-1``, doubling at least, so growth stays amortised O(1) a row."""
+        capacity = len(self._vecs) - 1
         if n <= capacity:
             return
         used = len(self._ids)
         cap = max(2 * capacity, n)
-        embs = np.zeros((cap + 1, self.dim), dtype=np.float32)
-        embs[:used] = self._embs[:used]
-        has = np.zeros(cap + 1, dtype=np.bool_)
-        has[:used] = self._has_emb[:used]
-        stock = np.zeros(cap + 1, dtype=np.bool_)
-        stock[:used] = self._in_stock[:used]
-        self._embs, self._has_emb, self._in_stock = embs, has, stock
+        vecs = np.zeros((cap + 1, self.dim), dtype=np.float32)
+        vecs[:used] = self._vecs[:used]
+        flags = []
+        for old in (self._has_text, self._has_vec, self._in_stock):
+            new = np.zeros(cap + 1, dtype=np.bool_)
+            new[:used] = old[:used]
+            flags.append(new)
+        self._vecs = vecs
+        self._has_text, self._has_vec, self._in_stock = flags
 
     # --- reads ----------------------------------------------------------------------
 
     def rows(self, ids: Sequence[str | bytes]) -> npt.NDArray[np.int64]:
-        """Row of each id, -1 where unknown.  Accepts ``bytes`` (as Triton and Redis give)."""
+        """Number of each id, -1 where unknown.  Accepts ``bytes`` (as Redis gives)."""
         get = self._index.get
-        # A list comprehension beats np.fromiter over a generator here (~20%);
-        # this runs per ranker batch for every history and candidate id.
+        # A list comprehension beats np.fromiter over a generator here (~20%).
         return np.array(
             [get(i.decode() if isinstance(i, bytes) else i, -1) for i in ids], dtype=np.int64
         ).reshape(len(ids))
 
-    def lookup(self, ids: Sequence[str | bytes]) -> tuple[F32, Bools]:
-        """Embeddings ``[len(ids), dim]`` and a mask of which are real.
+    def id_of(self, nums: npt.ArrayLike) -> list[str | None]:
+        """The id of each number (None for -1 or a removed item)."""
+        ids = self._ids
+        top = len(ids)
+        return [ids[k] if 0 <= k < top else None for k in np.asarray(nums).ravel().tolist()]
 
-        Rows are unit length; unknown ids and items without text get a zero
-        row and ``False``.
+    def _safe(self, nums: npt.ArrayLike) -> I64:
+        """Rows for item numbers; -1, and numbers this table has not seen yet (the other
+        side of a request may have read the catalogue further), read the zero row."""
+        rows = np.asarray(nums, np.int64)
+        return np.where((rows >= 0) & (rows < len(self._ids)), rows, -1)
+
+    def text(self, nums: npt.ArrayLike) -> tuple[F32, Bools]:
+        """Text embeddings ``[..., dim]`` of item numbers and which are real (-1: none)."""
+        rows = self._safe(nums)
+        has = self._has_text[rows]
+        return self._vecs[rows] * has[..., None], has
+
+    def vectors(self, nums: npt.ArrayLike) -> tuple[F32, Bools]:
+        """Retrieval vectors (text, else behavioural) of item numbers and which exist."""
+        rows = self._safe(nums)
+        return self._vecs[rows], self._has_vec[rows]
+
+    def stock(self, nums: npt.ArrayLike) -> Bools:
+        """In-stock flag per item number (unknown: False, nothing to sell)."""
+        out: Bools = self._in_stock[self._safe(nums)]
+        return out
+
+    def eligible(self) -> Bools:
+        """Per number ``0..size-1``: retrieval may return it (a vector, in stock)."""
+        n = len(self._ids)
+        out: Bools = self._has_vec[:n] & self._in_stock[:n]
+        return out
+
+    def matrix(self) -> F32:
+        """Retrieval vectors of rows ``0..size-1`` (a view: do not keep it across changes)."""
+        return self._vecs[: len(self._ids)]
+
+    def lookup(self, ids: Sequence[str | bytes]) -> tuple[F32, Bools]:
+        """Text embeddings ``[len(ids), dim]`` by id, and a mask of which are real.
+
+        Rows are unit length; unknown ids and items without text get a zero row and
+        ``False``.
         """
-        rows = self.rows(ids)
-        return self._embs[rows], self._has_emb[rows]
+        return self.text(self.rows(ids))
 
     def in_stock(self, ids: Sequence[str | bytes]) -> Bools:
         """Stock flag per id; unknown ids are False (nothing to sell)."""
-        stock: Bools = self._in_stock[self.rows(ids)]
-        return stock
+        return self.stock(self.rows(ids))
 
     # --- Redis ----------------------------------------------------------------------
 
@@ -364,12 +496,15 @@ def parse_log_entries(
     return (last if isinstance(last, bytes) else str(last).encode()), list(seen)
 
 
+ITEM_FIELDS = ("emb", "in_stock", "n", "bemb", "category")
+"""The item hash fields an item table reads, in :func:`queue_item_reads`'s order."""
+
+
 def queue_item_reads(pipe: Any, item_ids: Sequence[str]) -> None:
-    """Queue, on a sync or async pipeline, what :func:`records_from_replies` parses."""
+    """Queue, on a sync or async pipeline, what :func:`records_from_replies` parses:
+    one HMGET per item (a hash without ``in_stock`` is not a catalogue item)."""
     for item_id in item_ids:
-        key = keys.item(item_id)
-        pipe.exists(key)
-        pipe.hmget(key, ["emb", "in_stock"])
+        pipe.hmget(keys.item(item_id), ITEM_FIELDS)
 
 
 def records_from_replies(
@@ -377,35 +512,57 @@ def records_from_replies(
 ) -> dict[str, ItemRecord | None]:
     """Each item's record from the replies to :func:`queue_item_reads`; None = removed."""
     out: dict[str, ItemRecord | None] = {}
-    for k, item_id in enumerate(item_ids):
-        exists, (emb, stock) = replies[2 * k], replies[2 * k + 1]
-        out[item_id] = parse_item_hash(emb, stock, dim, item_id) if exists else None
+    for item_id, fields in zip(item_ids, replies, strict=True):
+        out[item_id] = parse_item_hash(*fields, dim=dim, item_id=item_id)
     return out
 
 
 def parse_item_hash(
-    emb: bytes | None, in_stock: bytes | None, dim: int = keys.EMB_DIM, item_id: str = "?"
-) -> ItemRecord:
-    """An existing item hash's ``emb`` and ``in_stock`` fields as an :class:`ItemRecord`.
+    emb: bytes | None,
+    in_stock: bytes | None,
+    num: bytes | None = None,
+    bemb: bytes | None = None,
+    category: bytes | None = None,
+    *,
+    dim: int = keys.EMB_DIM,
+    item_id: str = "?",
+) -> ItemRecord | None:
+    """An item hash's fields (:data:`ITEM_FIELDS`) as an :class:`ItemRecord`; None when the
+    hash is not a catalogue item yet or any more.
 
     A missing or wrongly sized ``emb`` means "no text embedding" (the item
-    still ranks by behaviour).  A missing ``in_stock`` counts as in stock:
-    the catalogue contract requires the field, so absence is an old writer,
-    not a sold-out item.
+    still ranks by behaviour).  ``in_stock`` is written with every catalogue
+    record, so its absence means the item is gone (a late behavioural write
+    can leave a hash with ``bemb`` alone).  A hash without ``n`` predates item
+    numbers: the worker numbers it (:func:`features.catalog.number_items`) and
+    logs it again, and it is read then.
     """
-    vec: F32 | None = None
-    if emb is not None:
-        if len(emb) == 4 * dim:
-            vec = np.frombuffer(emb, dtype="<f4").astype(np.float32)
-            if not np.all(np.isfinite(vec)):
-                log.warning("item %s: non-finite embedding ignored", item_id)
-                vec = None
-        else:
-            log.warning(
-                "item %s: emb has %d bytes, expected %d; ignored", item_id, len(emb), 4 * dim
-            )
-    stock = True if in_stock is None else in_stock.strip() not in _FALSE_WORDS
-    return ItemRecord(emb=vec, in_stock=stock)
+    if in_stock is None or not num:
+        return None
+    vec = _vector(emb, dim, item_id, "emb")
+    behavioural = None if vec is not None else _vector(bemb, dim, item_id, "bemb")
+    return ItemRecord(
+        emb=vec,
+        in_stock=in_stock.strip() not in _FALSE_WORDS,
+        num=int(num),
+        bemb=behavioural,
+        category=category.decode() if category else None,
+    )
+
+
+def _vector(raw: bytes | None, dim: int, item_id: str, field: str) -> F32 | None:
+    if raw is None:
+        return None
+    if len(raw) != 4 * dim:
+        log.warning(
+            "item %s: %s has %d bytes, expected %d; ignored", item_id, field, len(raw), 4 * dim
+        )
+        return None
+    vec = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if not np.all(np.isfinite(vec)):
+        log.warning("item %s: non-finite %s ignored", item_id, field)
+        return None
+    return vec
 
 
 def read_changes(
@@ -473,12 +630,15 @@ class ItemLogFollower:
         self._after = FIRST_STREAM_ID
         self._failures = 0
         self._pending: list[ItemChanges] = []
+        self._deferred: list[ItemChanges] = []  # read but held back by apply_pending's limit
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float = 1.0, **kwargs: Any) -> ItemLogFollower:
+    def from_url(
+        cls, url: str, *, cluster: bool = False, timeout_s: float = 1.0, **kwargs: Any
+    ) -> ItemLogFollower:
         """Connect lazily to ``url`` with bounded timeouts and no client-side retries.
 
         redis-py's default policy retries a failed command 10 times with backoff;
@@ -510,7 +670,7 @@ class ItemLogFollower:
     def pending(self) -> int:
         """Item changes read but not applied yet."""
         with self._lock:
-            return sum(len(batch) for batch in self._pending)
+            return sum(len(batch) for batch in [*self._deferred, *self._pending])
 
     def catch_up(self, table: ItemTable) -> int:
         """Load the whole log into ``table`` on the caller's thread (start-up, before
@@ -532,11 +692,28 @@ class ItemLogFollower:
         self._thread = threading.Thread(target=self._run, name="item-log-follower", daemon=True)
         self._thread.start()
 
-    def apply_pending(self, table: ItemTable) -> int:
-        """Apply what the thread has read to ``table``; returns items changed.  No I/O."""
+    def apply_pending(self, table: ItemTable, limit: int | None = None) -> int:
+        """Apply what the thread has read to ``table``; returns items changed.  No I/O.
+
+        ``limit`` caps the items applied per call (what is left waits for the next call,
+        in order), so a catalogue burst is absorbed over several scoring calls instead of
+        stalling one: the caller also recomputes whatever it derives from changed rows.
+        """
         with self._lock:
             batches, self._pending = self._pending, []
-        return sum(table.apply_changes(batch) for batch in batches)
+        batches = [*self._deferred, *batches]
+        self._deferred = []
+        applied = 0
+        for k, batch in enumerate(batches):
+            if limit is not None and applied + len(batch) > limit:
+                head, tail = batch.split(limit - applied)
+                applied += table.apply_changes(head)
+                # Only the applying thread touches _deferred: the follower's own backlog
+                # merging (_hand_over) never reorders it behind newer changes.
+                self._deferred = [tail, *batches[k + 1 :]]
+                break
+            applied += table.apply_changes(batch)
+        return applied
 
     def poll_once(self) -> float:
         """Read and hand over what is new; returns seconds until the next read."""

@@ -11,13 +11,16 @@ one slot (the update script touches them together); an item's keys share
     {u:<user>}:q       float32 bytes, embedding of the last search query
     {u:<user>}:pend    id of the user's latest trigger whose recommendation is not yet
                        confirmed published (a redelivery of that event re-triggers it)
-    {i:<item>}         hash: title, category, brand, price, in_stock, ts, emb (float32 bytes),
+    {i:<item>}         hash: n (the item's number: requests to the ranker name items by it),
+                       title, category, brand, price, in_stock, ts, emb (float32 bytes),
                        bemb (behavioural embedding of an item without text)
     {i:<item>}:cv      sorted set: co-visited item -> forward-decayed count (features.decay),
                        the 200 strongest kept
     pop:h:<hour>       sorted set: item -> weighted events in that event-time hour (TTL 2 days)
     pop:d:<day>        the same per event-time day (TTL 3 days)
     pop:h:<hour>:c:<category>, pop:d:<day>:c:<category>   the same within one category
+    items:seq          counter: the last item number handed out (never expires: a number
+                       is never reused, or a stale request could name the wrong item)
     items:log          stream of item changes (field "id"): workers and the ranker
                        follow it to keep their in-memory item tables fresh
     <prefix>ckpt:replay:<run>   hash: a replay's next offsets per partition (ops.replay)
@@ -41,6 +44,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 ITEM_LOG = "items:log"
+ITEM_SEQ = "items:seq"
 EMB_DIM = 384
 
 # Event-derived keys (users, co-visitation, popularity) start with this prefix, so a replay
@@ -228,7 +232,7 @@ SCHEMA: tuple[KeySpec, ...] = (
         prefixed="",
     ),
     KeySpec(
-        "items:seq",
+        ITEM_SEQ,
         "the last item number handed out",
         "none: a number is never reused, or a stale request could name the wrong item",
         expires=False,

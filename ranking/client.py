@@ -24,32 +24,26 @@ from tritonclient.utils import InferenceServerException
 
 from features.keys import EMB_DIM
 from ranking.breaker import CircuitBreaker
-from ranking.fusion import (
+from ranking.pipeline import (
     TRITON_INPUTS,
     TRITON_OUTPUTS,
-    HistoryEvent,
-    RankBatch,
-    RankRow,
-    Reason,
+    RecommendRequest,
+    TopK,
+    empty_request,
 )
 from shoprec.errors import RankerUnavailable
 from shoprec.retry import retry
 from shoprec.settings import Settings
 
-__all__ = [
-    "MAX_BATCH",
-    "HistoryEvent",
-    "RankBatch",
-    "RankResult",
-    "RankRow",
-    "RankerClient",
-    "Reason",
-]
+__all__ = ["MAX_BATCH", "RANKER_MAX_BATCH", "Ranked", "RankerClient"]
 
 T = TypeVar("T")
 
 MAX_BATCH = 64
-"""``max_batch_size`` of both models: larger inputs are split into requests of this size."""
+"""``item_encoder``'s ``max_batch_size``: more texts go as several requests."""
+RANKER_MAX_BATCH = 256
+"""``fused_ranker``'s ``max_batch_size``: a worker's micro-batch (SHOPREC_BATCH_MAX, 128 by
+default) is one request."""
 
 _TRITON_DTYPES = {
     np.dtype(np.float32): "FP32",
@@ -64,18 +58,10 @@ _RETRY_CAP_S = 0.1
 
 
 @dataclass(frozen=True)
-class RankResult:
-    """The ranker's answer for a :class:`RankBatch` of ``B`` users and ``N`` candidates.
+class Ranked:
+    """The ranker's answer for a :class:`RecommendRequest`: the top-K and who answered."""
 
-    ``scores`` float32 ``[B, N]`` (padding ``-inf``), ``reasons`` int32
-    ``[B, N]`` (:class:`Reason` codes), ``history_match`` int32 ``[B, N]``
-    (index into the user's history of the item behind a "similar to" reason,
-    -1 if none), ``model_version`` as Triton reports it.
-    """
-
-    scores: npt.NDArray[np.float32]
-    reasons: npt.NDArray[np.int32]
-    history_match: npt.NDArray[np.int32]
+    top: TopK
     model_version: str
 
 
@@ -197,7 +183,7 @@ class RankerClient:
         if self.item_encoder_model in names:
             await self.encode(["warm-up"])
         if self.ranker_model in names:
-            await self.rank(RankBatch.empty(1, 1, 1))
+            await self.recommend(empty_request(1))
 
     # --- inference ------------------------------------------------------------------
 
@@ -227,55 +213,45 @@ class RankerClient:
         parts = await _gather_all([one(c) for c in chunks])
         return np.concatenate(parts)
 
-    async def rank(self, batch: RankBatch) -> RankResult:
-        """Score ``batch``; more than ``max_batch`` users go as concurrent requests.
+    async def recommend(self, request: RecommendRequest) -> Ranked:
+        """Retrieve, mix, filter, score and pick the top-K for ``request``'s users on
+        Triton; more than :data:`RANKER_MAX_BATCH` users go as concurrent requests.
 
-        Raises :class:`RankerUnavailable` (``retriable`` False) for a batch
-        that fails :meth:`RankBatch.validate`, without calling Triton.
+        Raises :class:`RankerUnavailable` (``retriable`` False) for a request that fails
+        :meth:`RecommendRequest.validate`, without calling Triton.
         """
         try:
-            batch.validate()
+            request.validate()
         except ValueError as exc:
-            err = RankerUnavailable(f"invalid rank batch: {exc}")
+            err = RankerUnavailable(f"invalid recommend request: {exc}")
             err.retriable = False
             raise err from exc
-        if batch.size == 0:
-            shape = (0, batch.n_candidates)
-            return RankResult(
-                np.zeros(shape, np.float32),
-                np.zeros(shape, np.int32),
-                np.zeros(shape, np.int32),
-                "",
-            )
+        if request.size == 0:
+            none = np.zeros((0, request.k), np.int32)
+            return Ranked(TopK(none, none.astype(np.float32), none, none, none), "")
 
-        async def one(part: RankBatch) -> tuple[list[npt.NDArray[Any]], str]:
-            inputs = [_to_input(name, getattr(part, field)) for name, field in TRITON_INPUTS]
+        async def one(part: RecommendRequest) -> tuple[dict[str, npt.NDArray[Any]], str]:
+            arrays = part.arrays()
+            inputs = [_to_input(name, arrays[name.lower()]) for name in TRITON_INPUTS]
             result = await self._infer(self.ranker_model, inputs, list(TRITON_OUTPUTS))
-            outs = [result.as_numpy(name) for name in TRITON_OUTPUTS]
-            expected = (part.size, part.n_candidates)
-            if any(o is None or o.shape != expected for o in outs):
+            outs = {name.lower(): result.as_numpy(name) for name in TRITON_OUTPUTS}
+            if any(o is None or o.shape[0] != part.size or o.ndim != 2 for o in outs.values()):
+                shapes = {k: None if o is None else o.shape for k, o in outs.items()}
                 raise RankerUnavailable(
-                    f"{self.ranker_model} returned outputs of shapes "
-                    f"{[None if o is None else o.shape for o in outs]}, expected {expected}"
+                    f"{self.ranker_model} returned outputs of shapes {shapes}, "
+                    f"expected [{part.size}, k]"
                 )
             version = str(result.get_response().model_version)
-            return [o for o in outs if o is not None], version
+            return {k: o[:, : part.k] for k, o in outs.items() if o is not None}, version
 
+        step = RANKER_MAX_BATCH
         parts = await _gather_all(
-            [
-                one(batch.rows(start, start + self.max_batch))
-                for start in range(0, batch.size, self.max_batch)
-            ]
+            [one(request.rows(start, start + step)) for start in range(0, request.size, step)]
         )
-        scores, reasons, match = (np.concatenate([p[0][k] for p in parts]) for k in range(3))
+        top = TopK(**{k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]})
         # Chunks could straddle a version swap; report the newest that answered.
         version = max((p[1] for p in parts), key=lambda v: (len(v), v))
-        return RankResult(
-            scores.astype(np.float32, copy=False),
-            reasons.astype(np.int32, copy=False),
-            match.astype(np.int32, copy=False),
-            version,
-        )
+        return Ranked(top, version)
 
     async def _infer(
         self, model: str, inputs: list[grpcclient.InferInput], outputs: list[str]

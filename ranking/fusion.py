@@ -22,16 +22,19 @@ rank by co-visitation and popularity.  Padding candidates score ``PAD_SCORE``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from features.item_table import ItemTable
-from features.keys import EMB_DIM
 from shoprec.events import EventType
+
+if TYPE_CHECKING:  # the pipeline imports Reason from here
+    from features.candidates import Mixed
+    from ranking.pipeline import RecommendRequest
 
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
@@ -202,256 +205,81 @@ def fused_scores(
     return scores.astype(f32, copy=False), reasons, history_match
 
 
-# --- the ranker's request contract -----------------------------------------------------
-
-Ids = npt.NDArray[np.object_]
-
-TRITON_INPUTS: tuple[tuple[str, str], ...] = (
-    ("USER_EMB", "user_emb"),
-    ("QUERY_EMB", "query_emb"),
-    ("HISTORY_IDS", "history_ids"),
-    ("HISTORY_TYPES", "history_types"),
-    ("HISTORY_AGE_S", "history_age_s"),
-    ("CANDIDATE_IDS", "candidate_ids"),
-    ("SIGNALS", "signals"),
-)
-"""(Triton input name, :class:`RankBatch` field) of ``fused_ranker``, in config order."""
-
-TRITON_OUTPUTS = ("SCORES", "REASONS", "HISTORY_MATCH")
-N_REQUEST_SIGNALS = 3
-"""Per candidate in a ranking request (``SIGNALS``): co-visitation, popularity, retrieval
-cosine.  The learned model adds two of its own (``ranking.model.N_MODEL_SIGNALS``)."""
+# --- scoring a micro-batch's candidates ----------------------------------------------
 
 
-@dataclass(frozen=True)
-class HistoryEvent:
-    """One recent event of a user, as the ranker sees it."""
-
-    item_id: str
-    type: EventType | int
-    age_s: float
-
-
-@dataclass(frozen=True)
-class RankRow:
-    """One user's ranking request before padding (see :meth:`RankBatch.from_rows`)."""
-
-    candidates: Sequence[str]
-    signals: npt.ArrayLike
-    """``[len(candidates), 3]``: co-visitation count, popularity count, retrieval cosine."""
-    history: Sequence[HistoryEvent] = ()
-    """Newest first."""
-    user_emb: npt.ArrayLike | None = None
-    query_emb: npt.ArrayLike | None = None
+def fusion_inputs(
+    history: npt.NDArray[np.int64],
+    history_types: I32,
+    items: npt.NDArray[np.int64],
+    table: ItemTable,
+) -> tuple[F32, Bools, F32, Bools]:
+    """Text rows of the history ``[B, H]`` and of ``items`` ``[B, N]`` (item numbers) with
+    their masks, as :func:`fused_scores` takes them."""
+    hist_embs, hist_has = table.text(history)
+    cand_embs, cand_has = table.text(items)
+    return hist_embs, hist_has & (history_types > 0), cand_embs, cand_has
 
 
-@dataclass(frozen=True)
-class RankBatch:
-    """The ranker's input for ``B`` users, padded to one ``H`` and one ``N``.
-
-    Ids are ``object`` arrays of ``str`` (as the worker fills them) or
-    ``bytes`` (as Triton delivers them); the empty id is padding.  The arrays
-    are filled in place after :meth:`empty`, so nothing is checked on
-    construction: :meth:`validate` is called by the client before sending
-    and by the Triton model on receipt, so a malformed request is rejected
-    with the same message on either side.
-    """
-
-    user_emb: F32
-    query_emb: F32
-    history_ids: Ids
-    history_types: I32
-    history_age_s: F32
-    candidate_ids: Ids
-    signals: F32
-
-    @classmethod
-    def empty(cls, b: int, history_len: int, n_candidates: int, dim: int = EMB_DIM) -> RankBatch:
-        """All-padding arrays for ``b`` users, to be filled in place."""
-        return cls(
-            user_emb=np.zeros((b, dim), np.float32),
-            query_emb=np.zeros((b, dim), np.float32),
-            history_ids=np.full((b, history_len), "", dtype=object),
-            history_types=np.zeros((b, history_len), np.int32),
-            history_age_s=np.zeros((b, history_len), np.float32),
-            candidate_ids=np.full((b, n_candidates), "", dtype=object),
-            signals=np.zeros((b, n_candidates, N_REQUEST_SIGNALS), np.float32),
-        )
-
-    @classmethod
-    def from_rows(
-        cls,
-        rows: Sequence[RankRow],
-        *,
-        history_len: int,
-        n_candidates: int,
-        dim: int = EMB_DIM,
-    ) -> RankBatch:
-        """Pad python-level rows to fixed ``H`` and ``N`` so requests batch together on Triton.
-
-        History longer than ``history_len`` keeps its newest events; more
-        candidates than ``n_candidates`` is a caller bug and raises
-        ``ValueError``.  A missing user or query embedding becomes zeros.
-        """
-        if history_len < 1 or n_candidates < 1:
-            raise ValueError("history_len and n_candidates must be >= 1")
-        batch = cls.empty(len(rows), history_len, n_candidates, dim)
-        for i, row in enumerate(rows):
-            if row.user_emb is not None:
-                batch.user_emb[i] = np.asarray(row.user_emb, np.float32)
-            if row.query_emb is not None:
-                batch.query_emb[i] = np.asarray(row.query_emb, np.float32)
-            for j, ev in enumerate(row.history[:history_len]):
-                batch.history_ids[i, j] = ev.item_id
-                batch.history_types[i, j] = int(ev.type)
-                batch.history_age_s[i, j] = ev.age_s
-            k = len(row.candidates)
-            if k > n_candidates:
-                raise ValueError(
-                    f"row {i} has {k} candidates, more than n_candidates={n_candidates}"
-                )
-            if k:
-                sig = np.asarray(row.signals, np.float32)
-                if sig.shape != (k, N_REQUEST_SIGNALS):
-                    raise ValueError(
-                        f"row {i}: signals must be [{k}, {N_REQUEST_SIGNALS}], got {sig.shape}"
-                    )
-                batch.candidate_ids[i, :k] = list(row.candidates)
-                batch.signals[i, :k] = sig
-        return batch
-
-    @property
-    def size(self) -> int:
-        """``B``, the number of users."""
-        return int(self.user_emb.shape[0])
-
-    @property
-    def history_len(self) -> int:
-        return int(self.history_ids.shape[1])
-
-    @property
-    def n_candidates(self) -> int:
-        return int(self.candidate_ids.shape[1])
-
-    @property
-    def candidate_mask(self) -> Bools:
-        """True for real candidates, False for padding."""
-        return _non_empty(self.candidate_ids)
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first broken input (shape, dtype, NaN)."""
-        if self.user_emb.ndim != 2:
-            raise ValueError(f"USER_EMB must be [B, D], got shape {self.user_emb.shape}")
-        b, d = self.user_emb.shape
-        if self.query_emb.shape != (b, d):
-            raise ValueError(f"QUERY_EMB must have shape {(b, d)}, got {self.query_emb.shape}")
-        if self.history_ids.ndim != 2 or self.history_ids.shape[0] != b:
-            raise ValueError(f"HISTORY_IDS must be [{b}, H], got {self.history_ids.shape}")
-        h = self.history_ids.shape[1]
-        for name, arr in (
-            ("HISTORY_TYPES", self.history_types),
-            ("HISTORY_AGE_S", self.history_age_s),
-        ):
-            if arr.shape != (b, h):
-                raise ValueError(
-                    f"{name} must have shape {(b, h)} like HISTORY_IDS, got {arr.shape}"
-                )
-        if self.candidate_ids.ndim != 2 or self.candidate_ids.shape[0] != b:
-            raise ValueError(f"CANDIDATE_IDS must be [{b}, N], got {self.candidate_ids.shape}")
-        n = self.candidate_ids.shape[1]
-        if self.signals.shape != (b, n, N_REQUEST_SIGNALS):
-            raise ValueError(
-                f"SIGNALS must have shape {(b, n, N_REQUEST_SIGNALS)}, got {self.signals.shape}"
-            )
-        for name, arr in (
-            ("USER_EMB", self.user_emb),
-            ("QUERY_EMB", self.query_emb),
-            ("HISTORY_AGE_S", self.history_age_s),
-            ("SIGNALS", self.signals),
-        ):
-            if arr.dtype != np.float32:
-                raise ValueError(f"{name} must be float32, got {arr.dtype}")
-            if not np.isfinite(arr).all():
-                raise ValueError(f"{name} holds NaN or infinite values")
-        if self.history_types.dtype != np.int32:
-            raise ValueError(f"HISTORY_TYPES must be int32, got {self.history_types.dtype}")
-        for name, ids in (("HISTORY_IDS", self.history_ids), ("CANDIDATE_IDS", self.candidate_ids)):
-            if ids.dtype != np.object_ or not all(isinstance(x, str | bytes) for x in ids.flat):
-                raise ValueError(f"{name} must be an object array of str or bytes")
-
-    def rows(self, start: int, stop: int) -> RankBatch:
-        """Users ``start:stop`` (views, no copies)."""
-        return RankBatch(**{f: getattr(self, f)[start:stop] for _, f in TRITON_INPUTS})
-
-    def pad_to(self, history_len: int, n_candidates: int) -> RankBatch:
-        """The same batch padded (never truncated) to ``H = history_len``, ``N = n_candidates``."""
-        dh, dn = history_len - self.history_len, n_candidates - self.n_candidates
-        if dh < 0 or dn < 0:
-            raise ValueError("pad_to cannot shrink a batch")
-        if dh == dn == 0:
-            return self
-        return RankBatch(
-            user_emb=self.user_emb,
-            query_emb=self.query_emb,
-            history_ids=np.pad(self.history_ids, ((0, 0), (0, dh)), constant_values=""),
-            history_types=np.pad(self.history_types, ((0, 0), (0, dh))),
-            history_age_s=np.pad(self.history_age_s, ((0, 0), (0, dh))),
-            candidate_ids=np.pad(self.candidate_ids, ((0, 0), (0, dn)), constant_values=""),
-            signals=np.pad(self.signals, ((0, 0), (0, dn), (0, 0))),
-        )
-
-    @classmethod
-    def concat(cls, batches: Sequence[RankBatch]) -> RankBatch:
-        """Stack users of several batches, padding all to the largest ``H`` and ``N``."""
-        if not batches:
-            raise ValueError("concat needs at least one batch")
-        if len(batches) == 1:
-            return batches[0]
-        h = max(x.history_len for x in batches)
-        n = max(x.n_candidates for x in batches)
-        padded = [x.pad_to(h, n) for x in batches]
-        return cls(**{f: np.concatenate([getattr(x, f) for x in padded]) for _, f in TRITON_INPUTS})
-
-
-def _non_empty(ids: Ids) -> Bools:
-    mask: Bools = (ids != "") & (ids != b"")
-    return mask
-
-
-@dataclass(frozen=True)
-class RankOutputs:
-    """Per user and candidate: ``scores`` float32, ``reasons`` and ``history_match`` int32."""
-
-    scores: F32
-    reasons: I32
-    history_match: I32
-
-    def arrays(self) -> tuple[F32, I32, I32]:
-        """The outputs in :data:`TRITON_OUTPUTS` order."""
-        return self.scores, self.reasons, self.history_match
-
-
-def score_batch(
-    batch: RankBatch, table: ItemTable, weights: FusionWeights = DEFAULT_WEIGHTS
-) -> RankOutputs:
-    """Look the batch's ids up in ``table`` and fuse: the whole ranker in one call.
-
-    ``batch`` must be valid (:meth:`RankBatch.validate`).
-    """
-    b, h, n = batch.size, batch.history_len, batch.n_candidates
-    hist_embs, hist_has = table.lookup(batch.history_ids.ravel().tolist())
-    cand_embs, cand_has = table.lookup(batch.candidate_ids.ravel().tolist())
-    scores, reasons, match = fused_scores(
-        batch.user_emb,
-        batch.query_emb,
-        hist_embs.reshape(b, h, table.dim),
-        hist_has.reshape(b, h) & (batch.history_types > 0),
-        batch.history_types,
-        batch.history_age_s,
-        cand_embs.reshape(b, n, table.dim),
-        cand_has.reshape(b, n),
-        batch.signals,
-        batch.candidate_mask,
-        weights,
+def explain(
+    request: RecommendRequest, items: npt.NDArray[np.int64], signals: F32, table: ItemTable
+) -> tuple[I32, I32]:
+    """Reason codes and history matches of ``items`` ``[B, k]``: the term group that
+    contributed most to each under :data:`DEFAULT_WEIGHTS` (every ``fused_ranker`` version
+    explains this way, so a reason keeps its meaning when the scoring changes)."""
+    history = request.history.astype(np.int64)
+    hist_embs, hist_mask, cand_embs, cand_has = fusion_inputs(
+        history, request.history_types, items, table
     )
-    return RankOutputs(scores, reasons, match)
+    _, reasons, match = fused_scores(
+        request.user_emb,
+        request.query_emb,
+        hist_embs,
+        hist_mask,
+        request.history_types,
+        request.history_age_s,
+        cand_embs,
+        cand_has,
+        signals,
+        items >= 0,
+    )
+    return reasons, match
+
+
+class FusionScorer:
+    """``fused_ranker`` v1: :func:`fused_scores` with fixed weights, as a pipeline scorer."""
+
+    def __init__(self, weights: FusionWeights = DEFAULT_WEIGHTS) -> None:
+        self.weights = weights
+
+    def sync(self, table: ItemTable, changed: npt.NDArray[np.int64]) -> int:
+        return 0  # nothing derived: the formula reads the table directly
+
+    def score(self, request: RecommendRequest, cands: Mixed, table: ItemTable) -> F32:
+        history = request.history.astype(np.int64)
+        hist_embs, hist_mask, cand_embs, cand_has = fusion_inputs(
+            history, request.history_types, cands.items, table
+        )
+        scores, _, _ = fused_scores(
+            request.user_emb,
+            request.query_emb,
+            hist_embs,
+            hist_mask,
+            request.history_types,
+            request.history_age_s,
+            cand_embs,
+            cand_has,
+            cands.signals,
+            cands.items >= 0,
+            self.weights,
+        )
+        return scores
+
+    def explain(
+        self,
+        request: RecommendRequest,
+        items: npt.NDArray[np.int64],
+        signals: F32,
+        table: ItemTable,
+    ) -> tuple[I32, I32]:
+        return explain(request, items, signals, table)

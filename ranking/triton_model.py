@@ -2,17 +2,19 @@
 
 A version's ``model.py`` subclasses :class:`FusedRankerModel` and, in ``initialize``,
 calls :meth:`FusedRankerModel.setup` with Triton's ``triton_python_backend_utils``
-module and what scores a batch.  The utilities are passed in because that module
-exists only inside Triton's stub process.  This module does the rest:
+module and its :class:`~ranking.pipeline.Scorer`.  The utilities are passed in because
+that module exists only inside Triton's stub process.  This module does the rest:
 
 * the item table: loaded from Redis during ``initialize``, then kept fresh by an
   :class:`~features.item_table.ItemLogFollower` thread, so ``execute`` never waits on
-  Redis; it only copies in the rows the thread has prepared;
+  Redis; it only copies in the rows the thread has prepared — at most
+  :data:`APPLY_PER_CALL` items per call, so a catalogue burst never stalls one batch —
+  and updates what it derives from them (the retrieval index, the scorer's item cache);
 * each request of a dynamic batch is decoded and validated alone: a bad one gets
-  ``INVALID_ARG`` and the others are still scored;
-* all valid requests are stacked and scored in one call, and the outputs are split
-  back per request;
-* if scoring fails, every request in it gets ``INTERNAL`` and no traceback.
+  ``INVALID_ARG`` and the others are still served;
+* all valid requests go through :func:`ranking.pipeline.recommend` together (retrieval,
+  mixing, filters, scoring, top-K, explanations), and the outputs are split back;
+* if that fails, every request in it gets ``INTERNAL`` and no traceback.
 """
 
 from __future__ import annotations
@@ -20,20 +22,27 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
-import numpy.typing as npt
+from pydantic import TypeAdapter
 
+from features.ann import TableIndex
 from features.item_table import ItemLogFollower, ItemTable
-from ranking.fusion import TRITON_INPUTS, TRITON_OUTPUTS, RankBatch, RankOutputs
+from ranking.pipeline import (
+    TRITON_INPUTS,
+    TRITON_OUTPUTS,
+    RecommendRequest,
+    Scorer,
+    recommend,
+)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_REFRESH_INTERVAL_S = 0.5
-
-Scorer = Callable[[RankBatch, ItemTable], RankOutputs]
-"""What a version scores with: a valid batch and the item table -> outputs."""
+APPLY_PER_CALL = 4096
+"""Item changes one ``execute`` takes in (about 10 ms of row copies and item-cache work on
+a CPU for the trained ranker); the rest wait for the next call."""
 
 
 class TritonUtils(Protocol):
@@ -55,12 +64,13 @@ class FusedRankerModel:
     """
 
     pb_utils: TritonUtils
-    score: Scorer
+    scorer: Scorer
     table: ItemTable
+    index: TableIndex
     follower: ItemLogFollower
 
     def setup(
-        self, args: Mapping[str, str], pb_utils: TritonUtils, score: Scorer, about: str = ""
+        self, args: Mapping[str, str], pb_utils: TritonUtils, scorer: Scorer, about: str = ""
     ) -> None:
         """Load the item table from Redis and start following ``items:log``.
 
@@ -73,24 +83,39 @@ class FusedRankerModel:
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         self.pb_utils = pb_utils
-        self.score = score
+        self.scorer = scorer
         self.table = ItemTable()
+        self.index = TableIndex(self.table)
         url = os.environ.get("SHOPREC_REDIS_URL", DEFAULT_REDIS_URL)
         interval = refresh_interval_s(json.loads(args["model_config"]))
-        self.follower = ItemLogFollower.from_url(url, dim=self.table.dim, interval_s=interval)
+        # Read as Settings reads SHOPREC_REDIS_CLUSTER (pydantic's words for a bool).
+        cluster = TypeAdapter(bool).validate_python(
+            os.environ.get("SHOPREC_REDIS_CLUSTER") or "false"
+        )
+        self.follower = ItemLogFollower.from_url(
+            url, cluster=cluster, dim=self.table.dim, interval_s=interval
+        )
         loaded = self.follower.catch_up(self.table)
+        self._derive()
         self.follower.start()
         detail = f"{about}, " if about else ""
         pb_utils.Logger.log_info(
             f"fused_ranker v{args['model_version']}: {detail}{loaded} items loaded from Redis"
         )
 
+    def _derive(self) -> None:
+        """Bring the retrieval index and the scorer's item cache up to the table."""
+        changed = self.table.take_changed()
+        self.index.changed(changed)
+        self.scorer.sync(self.table, changed)
+
     def execute(self, requests: Sequence[Any]) -> list[Any]:
         """One response per request, in order; never raises for a bad request or Redis."""
-        self.follower.apply_pending(self.table)
+        if self.follower.apply_pending(self.table, limit=APPLY_PER_CALL):
+            self._derive()
         pb = self.pb_utils
         responses: list[Any] = [None] * len(requests)
-        batches: list[RankBatch] = []
+        batches: list[RecommendRequest] = []
         owners: list[int] = []
         for i, request in enumerate(requests):
             try:
@@ -101,17 +126,22 @@ class FusedRankerModel:
         if not batches:
             return responses
         try:
-            out = self.score(RankBatch.concat(batches), self.table)
+            out = recommend(RecommendRequest.concat(batches), self.table, self.index, self.scorer)
         except Exception as exc:  # a failed batch must still answer every request
-            pb.Logger.log_error(f"fused_ranker: scoring failed: {exc!r}")
+            pb.Logger.log_error(f"fused_ranker: recommending failed: {exc!r}")
             for i in owners:
-                responses[i] = error_response(pb, f"scoring failed: {exc}", "INTERNAL")
+                responses[i] = error_response(pb, f"recommending failed: {exc}", "INTERNAL")
             return responses
-        for i, arrays in zip(owners, split_outputs(out, batches), strict=True):
+        arrays = out.arrays()
+        start = 0
+        for i, batch in zip(owners, batches, strict=True):
+            stop = start + batch.size
             tensors = [
-                pb.Tensor(name, arr) for name, arr in zip(TRITON_OUTPUTS, arrays, strict=True)
+                pb.Tensor(name, np.ascontiguousarray(arrays[name.lower()][start:stop]))
+                for name in TRITON_OUTPUTS
             ]
             responses[i] = pb.InferenceResponse(output_tensors=tensors)
+            start = stop
         return responses
 
     def finalize(self) -> None:
@@ -125,34 +155,18 @@ def refresh_interval_s(model_config: Mapping[str, Any]) -> float:
     return float(param.get("string_value", DEFAULT_REFRESH_INTERVAL_S))
 
 
-def decode_request(pb_utils: TritonUtils, request: Any) -> RankBatch:
-    """One request's inputs as a validated :class:`RankBatch`; ``ValueError`` if invalid."""
+def decode_request(pb_utils: TritonUtils, request: Any) -> RecommendRequest:
+    """One request's inputs as a validated :class:`RecommendRequest`; ``ValueError`` if
+    invalid."""
     arrays = {}
-    for name, field in TRITON_INPUTS:
+    for name in TRITON_INPUTS:
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         if tensor is None:
             raise ValueError(f"missing input {name}")
-        arrays[field] = tensor.as_numpy()
-    batch = RankBatch(**arrays)
+        arrays[name.lower()] = tensor.as_numpy()
+    batch = RecommendRequest(**arrays)
     batch.validate()
     return batch
-
-
-def split_outputs(
-    out: RankOutputs, batches: Sequence[RankBatch]
-) -> list[tuple[npt.NDArray[Any], ...]]:
-    """Each request's slice of the stacked outputs, in :data:`TRITON_OUTPUTS` order.
-
-    Requests were padded to the widest candidate list when stacked; each slice is cut
-    back to its own width, contiguous, as Triton's output tensors must be.
-    """
-    parts = []
-    start = 0
-    for batch in batches:
-        stop, n = start + batch.size, batch.n_candidates
-        parts.append(tuple(np.ascontiguousarray(arr[start:stop, :n]) for arr in out.arrays()))
-        start = stop
-    return parts
 
 
 def error_response(pb_utils: TritonUtils, message: str, code: str) -> Any:

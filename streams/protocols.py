@@ -8,21 +8,12 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from features.candidates import ItemCatalog
 from features.user_state import Vector
 
 
 class ItemVectors(Protocol):
     def vector(self, item_id: str) -> Vector | None:
         """The item's text embedding, or None for an unknown or text-less item."""
-        ...
-
-
-class ItemTableView(ItemVectors, ItemCatalog, Protocol):
-    """The worker's in-memory item table, as the recommender reads it."""
-
-    async def refresh(self) -> int:
-        """Apply catalogue changes from Redis; returns how many items changed."""
         ...
 
 

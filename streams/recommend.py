@@ -1,10 +1,13 @@
-"""Recommend: for the users an event batch triggered, retrieve, rank on Triton, explain.
+"""Recommend: for the users an event batch triggered, read their context, call the ranker
+once, write the lists.
 
-One call handles every triggered user of a micro-batch: one Redis read
-pipeline, one exact nearest-neighbour product over the item table, and one
-batched ranker call (split by the client into Triton's max batch size).
-When the ranker fails, the same candidates are ordered by their retrieval
-signals and the output says ``"degraded": true``.
+The worker moves data; Triton does the math.  Per micro-batch: one Redis read pipeline
+(``FeatureStore.read_context``), one :class:`~ranking.pipeline.RecommendRequest` of item
+numbers and arrays, one ``fused_ranker`` call that retrieves, mixes, filters, scores and
+returns each user's top-K with its explanation (``ranking.pipeline``), and item ids turned
+back into strings once, for the output.  When the ranker cannot be called, the same
+pipeline runs here against the worker's own item table with the retrieval signals as the
+order (``FallbackScorer``), and the output says ``"degraded": true``.
 """
 
 from __future__ import annotations
@@ -18,18 +21,23 @@ import numpy as np
 import numpy.typing as npt
 from redis.asyncio import Redis
 
-from features.candidates import Candidates, mix_candidates, semantic_neighbours
+from features.candidates import ranked
 from features.catalog import item_titles
+from features.item_index import ItemIndex
+from features.item_table import ItemTable
 from features.store import FeatureStore, UserContext
-from ranking.client import RankBatch, RankerClient, Reason
+from ranking.client import RankerClient
+from ranking.fusion import Reason
+from ranking.pipeline import FallbackScorer, RecommendRequest, TopK, recommend
 from shoprec.errors import RankerUnavailable
 from shoprec.events import ShopEvent, event_code
 from shoprec.output import RecItem, Recommendation
-from streams.protocols import ItemTableView
 
 log = logging.getLogger("shoprec.recommend")
 
 FALLBACK_MODEL = "retrieval@fallback"
+F32 = npt.NDArray[np.float32]
+I32 = npt.NDArray[np.int32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,21 +47,12 @@ class RecommendPolicy:
     history_len: int
 
 
-@dataclass(frozen=True, slots=True)
-class Scored:
-    scores: npt.NDArray[np.float32]  # [B, N]
-    reasons: npt.NDArray[np.int32]  # [B, N], ranking.fusion.Reason codes
-    history_match: npt.NDArray[np.int32]  # [B, N], history index behind "similar to", -1
-    model: str
-    degraded: bool
-
-
 class Recommender:
     def __init__(
         self,
         store: FeatureStore,
         redis: Redis,
-        items: ItemTableView,
+        items: ItemIndex,
         ranker: RankerClient,
         policy: RecommendPolicy,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
@@ -64,6 +63,7 @@ class Recommender:
         self._ranker = ranker
         self._policy = policy
         self._clock_ms = clock_ms
+        self._fallback = FallbackScorer()
         self.stage_ms: dict[str, float] = {}
         """Milliseconds each stage of the last call took (for the stats and benchmarks)."""
 
@@ -77,174 +77,150 @@ class Recommender:
         )
         t1 = time.perf_counter()
         users = [ctx.users[t.user_id] for t in triggers]
-        candidates = self._retrieve(triggers, users, ctx.trending)
+        request = build_request(triggers, users, ctx.trending, self._items.table, self._policy)
         t2 = time.perf_counter()
-        scored = await self._score(triggers, users, candidates)
+        try:
+            answer = await self._ranker.recommend(request)
+            top, model, degraded = (
+                answer.top,
+                f"{self._ranker.ranker_model}@{answer.model_version}",
+                False,
+            )
+        except RankerUnavailable as exc:
+            log.warning("ranker unavailable, serving retrieval order: %s", exc)
+            items = self._items
+            top = recommend(request, items.table, items.retrieval, self._fallback)
+            model, degraded = FALLBACK_MODEL, True
         t3 = time.perf_counter()
-        recs = await self._assemble(triggers, users, candidates, scored)
+        recs = await self._assemble(triggers, top, model, degraded)
         t4 = time.perf_counter()
         self.stage_ms = {
             "redis_read": (t1 - t0) * 1000,
-            "retrieval": (t2 - t1) * 1000,
+            "request": (t2 - t1) * 1000,
             "ranker": (t3 - t2) * 1000,
             "assemble": (t4 - t3) * 1000,
         }
         return recs
 
-    def _retrieve(
-        self,
-        triggers: Sequence[ShopEvent],
-        users: Sequence[UserContext],
-        trending: dict[str, float],
-    ) -> list[Candidates]:
-        k = self._policy.n_candidates // 2
-        by_user = semantic_neighbours(self._items, np.stack([u.embedding for u in users]), k)
-        by_query = semantic_neighbours(self._items, np.stack([u.query for u in users]), k // 2)
+    async def _assemble(
+        self, triggers: Sequence[ShopEvent], top: TopK, model: str, degraded: bool
+    ) -> list[Recommendation]:
+        """Item numbers become ids once, here; the explanation's items get their names."""
+        table = self._items.table
+        ids = table.id_of(top.items)
+        sources = table.id_of(top.source_item)
+        names = await item_titles(self._redis, sorted({s for s in sources if s}))
+        k = top.items.shape[1]
+        now = self._clock_ms()
+        scores = top.scores.tolist()
+        reasons = top.reasons.tolist()
+        trending = top.is_trending.tolist()
         out = []
-        for t, u, near_user, near_query in zip(triggers, users, by_user, by_query, strict=True):
-            semantic = _interleave(near_query, near_user) if t.type == "search" else near_user
+        for row, t in enumerate(triggers):
+            picked = []
+            for j in range(k):
+                item = ids[row * k + j]
+                if item is None:  # padding, or an item this worker has not read yet
+                    continue
+                source = sources[row * k + j]
+                words = explanation(
+                    Reason(reasons[row][j]),
+                    names.get(source, source) if source else None,
+                    bool(trending[row][j]),
+                )
+                picked.append(RecItem(item, float(scores[row][j]), words))
             out.append(
-                mix_candidates(
-                    u, semantic, trending, self._items, t.item_id, self._policy.n_candidates
+                Recommendation(
+                    user_id=t.user_id,
+                    items=tuple(picked),
+                    model=model,
+                    trigger_event_id=t.event_id,
+                    trigger_type=t.type,
+                    trigger_ts=t.ts,
+                    emitted_ts=now,
+                    degraded=degraded,
                 )
             )
         return out
 
-    async def _score(
-        self,
-        triggers: Sequence[ShopEvent],
-        users: Sequence[UserContext],
-        candidates: Sequence[Candidates],
-    ) -> Scored:
-        batch = self._rank_batch(triggers, users, candidates)
-        try:
-            result = await self._ranker.rank(batch)
-        except RankerUnavailable as exc:
-            log.warning("ranker unavailable, serving retrieval order: %s", exc)
-            return _fallback_scores(batch)
-        return Scored(
-            scores=result.scores,
-            reasons=result.reasons,
-            history_match=result.history_match,
-            model=f"{self._ranker.ranker_model}@{result.model_version}",
-            degraded=False,
-        )
 
-    def _rank_batch(
-        self,
-        triggers: Sequence[ShopEvent],
-        users: Sequence[UserContext],
-        candidates: Sequence[Candidates],
-    ) -> RankBatch:
-        h, n = self._policy.history_len, self._policy.n_candidates
-        b = len(triggers)
-        batch = RankBatch.empty(b, h, n)
-        for row, (t, u, c) in enumerate(zip(triggers, users, candidates, strict=True)):
-            batch.user_emb[row] = u.embedding
-            batch.query_emb[row] = u.query
-            for j, entry in enumerate(u.history[:h]):
-                batch.history_ids[row, j] = entry.item_id
-                batch.history_types[row, j] = event_code(entry.type)
-                batch.history_age_s[row, j] = max(0.0, (t.ts - entry.ts) / 1000.0)
-            m = len(c.item_ids)
-            batch.candidate_ids[row, :m] = c.item_ids
-            batch.signals[row, :m] = c.signals()
-        return batch
-
-    async def _assemble(
-        self,
-        triggers: Sequence[ShopEvent],
-        users: Sequence[UserContext],
-        candidates: Sequence[Candidates],
-        scored: Scored,
-    ) -> list[Recommendation]:
-        picks: list[list[_Pick]] = []
-        for row, (u, c) in enumerate(zip(users, candidates, strict=True)):
-            m = len(c.item_ids)
-            order = np.argsort(-scored.scores[row, :m], kind="stable")[: self._policy.top_k]
-            picks.append([_pick(u, c, scored, row, int(j)) for j in order])
-        sources = sorted({p.source for ps in picks for p in ps if p.source})
-        names = await item_titles(self._redis, sources)
-        now = self._clock_ms()
-        return [
-            Recommendation(
-                user_id=t.user_id,
-                items=tuple(RecItem(p.item_id, p.score, p.reasons(names)) for p in ps),
-                model=scored.model,
-                trigger_event_id=t.event_id,
-                trigger_type=t.type,
-                trigger_ts=t.ts,
-                emitted_ts=now,
-                degraded=scored.degraded,
-            )
-            for t, ps in zip(triggers, picks, strict=True)
-        ]
-
-
-@dataclass(frozen=True, slots=True)
-class _Pick:
-    """One recommended item with what explains it."""
-
-    item_id: str
-    score: float
-    reason: Reason
-    source: str | None  # the user's item behind "similar to" / "seen together with"
-    trending: bool
-
-    def reasons(self, names: dict[str, str]) -> tuple[str, ...]:
-        """The ranker's reason in words a shopper understands, plus "trending" if it is."""
-        src = names.get(self.source, self.source) if self.source else None
-        if self.reason == Reason.QUERY:
-            primary = "matches your search"
-        elif self.reason == Reason.COVISIT and src:
-            primary = f"often seen together with {src}"
-        elif self.reason == Reason.SIMILAR:
-            primary = f"similar to {src}" if src else "matches your taste"
-        elif self.reason == Reason.POPULAR or (self.reason == Reason.NONE and self.trending):
-            primary = "trending"
-        else:
-            primary = "picked for you"
-        if primary != "trending" and self.trending:
-            return (primary, "trending")
-        return (primary,)
-
-
-def _pick(user: UserContext, cands: Candidates, scored: Scored, row: int, j: int) -> _Pick:
-    item = cands.item_ids[j]
-    reason = Reason(int(scored.reasons[row, j]))
-    source: str | None = None
-    if reason == Reason.COVISIT:
-        source = user.covis_source.get(item)
+def explanation(reason: Reason, source: str | None, trending: bool) -> tuple[str, ...]:
+    """The ranker's reason in words a shopper understands, plus "trending" if it is."""
+    if reason == Reason.QUERY:
+        primary = "matches your search"
+    elif reason == Reason.COVISIT and source:
+        primary = f"often seen together with {source}"
     elif reason == Reason.SIMILAR:
-        h = int(scored.history_match[row, j])
-        source = user.history[h].item_id if 0 <= h < len(user.history) else None
-    return _Pick(item, float(scored.scores[row, j]), reason, source, cands.popularity[j] > 0)
+        primary = f"similar to {source}" if source else "matches your taste"
+    elif reason == Reason.POPULAR or (reason == Reason.NONE and trending):
+        primary = "trending"
+    else:
+        primary = "picked for you"
+    if primary != "trending" and trending:
+        return (primary, "trending")
+    return (primary,)
 
 
-def _interleave(
-    first: Sequence[tuple[str, float]], second: Sequence[tuple[str, float]]
-) -> list[tuple[str, float]]:
-    out: list[tuple[str, float]] = []
-    seen: set[str] = set()
-    for pair in (p for two in zip(first, second, strict=False) for p in two):
-        if pair[0] not in seen:
-            seen.add(pair[0])
-            out.append(pair)
-    for pair in [*first[len(second) :], *second[len(first) :]]:
-        if pair[0] not in seen:
-            seen.add(pair[0])
-            out.append(pair)
-    return out
+def build_request(
+    triggers: Sequence[ShopEvent],
+    users: Sequence[UserContext],
+    trending: dict[str, float],
+    table: ItemTable,
+    policy: RecommendPolicy,
+) -> RecommendRequest:
+    """The micro-batch's users as arrays of item numbers, each source list ranked."""
+    b = len(triggers)
+    number = table.rows
 
+    def rows(lists: Sequence[Sequence[str]], scores: Sequence[Sequence[float]]) -> tuple[I32, F32]:
+        """-1-padded item numbers and their values, one row per list."""
+        width = max(1, max((len(x) for x in lists), default=0))
+        nums = np.full((len(lists), width), -1, np.int32)
+        vals = np.zeros((len(lists), width), np.float32)
+        flat = number([i for x in lists for i in x])
+        start = 0
+        for r, (x, s) in enumerate(zip(lists, scores, strict=True)):
+            nums[r, : len(x)] = flat[start : start + len(x)]
+            vals[r, : len(x)] = s
+            start += len(x)
+        return nums, vals
 
-def _fallback_scores(batch: RankBatch) -> Scored:
-    """Order by retrieval signals alone: cosine, then co-visitation, then popularity."""
-    covis, pop, retrieval = (batch.signals[..., i] for i in range(3))
-    scores = retrieval + 0.5 * np.tanh(np.log1p(covis)) + 0.25 * np.tanh(np.log1p(pop) / 3)
-    padding = batch.candidate_ids == ""
-    scores = np.where(padding, -np.inf, scores).astype(np.float32)
-    reasons = np.where(
-        retrieval > 0, Reason.SIMILAR, np.where(covis > 0, Reason.COVISIT, Reason.POPULAR)
-    ).astype(np.int32)
-    no_match = np.full(reasons.shape, -1, dtype=np.int32)
-    return Scored(scores, reasons, no_match, model=FALLBACK_MODEL, degraded=True)
+    hist = [u.history[: policy.history_len] for u in users]
+    history, ages = rows(
+        [[h.item_id for h in x] for x in hist],
+        [[(t.ts - h.ts) / 1000.0 for h in x] for t, x in zip(triggers, hist, strict=True)],
+    )
+    types = np.zeros(history.shape, np.int32)
+    for r, x in enumerate(hist):
+        types[r, : len(x)] = [event_code(h.type) for h in x]
+    covis_ids = [ranked(u.covis) for u in users]
+    covis, covis_score = rows(
+        covis_ids, [[u.covis[i] for i in x] for u, x in zip(users, covis_ids, strict=True)]
+    )
+    covis_source, _ = rows(
+        [[u.covis_source.get(i, "") for i in x] for u, x in zip(users, covis_ids, strict=True)],
+        [[0.0] * len(x) for x in covis_ids],
+    )
+    cat_ids = [ranked(u.category_trending) for u in users]
+    category, category_score = rows(
+        cat_ids, [[u.category_trending[i] for i in x] for u, x in zip(users, cat_ids, strict=True)]
+    )
+    shop = ranked(trending)
+    trend, trend_score = rows([shop], [[trending[i] for i in shop]])
+    return RecommendRequest(
+        user_emb=np.stack([u.embedding for u in users]).astype(np.float32),
+        query_emb=np.stack([u.query for u in users]).astype(np.float32),
+        history=history,
+        history_types=types,
+        history_age_s=ages,
+        covis=covis,
+        covis_score=covis_score,
+        covis_source=covis_source,
+        category=category,
+        category_score=category_score,
+        trending=np.repeat(trend, b, axis=0),
+        trending_score=np.repeat(trend_score, b, axis=0),
+        in_view=number([t.item_id or "" for t in triggers]).astype(np.int32)[:, None],
+        search=np.array([[t.type == "search"] for t in triggers], np.int32),
+        list_size=np.tile(np.array([[policy.top_k, policy.n_candidates]], np.int32), (b, 1)),
+    )

@@ -14,14 +14,18 @@ from redis.asyncio import Redis
 
 from bench.features import private_redis
 from features import keys
-from features.candidates import mix_candidates, semantic_neighbours
+from features.ann import TableIndex
+from features.candidates import SOURCES
 from features.catalog import upsert_items
 from features.connection import open_redis
 from features.decay import COVIS_HALF_LIFE_MS, forward_weight
 from features.item_index import ItemIndex
+from features.item_table import ItemTable
 from features.store import COVIS_KEEP, FeatureStore, UpdatePolicy, UserUpdate
 from features.user_state import decayed_sum, normalise
-from shoprec.events import CatalogItem
+from ranking.pipeline import candidates
+from shoprec.events import CatalogItem, ShopEvent
+from streams.recommend import RecommendPolicy, build_request
 
 pytestmark = pytest.mark.integration
 
@@ -131,25 +135,21 @@ async def test_a_new_user_gets_the_trending_items_of_the_category_they_touched(
     ctx = await store.read_context(["newbie"], {"newbie": t0 + 100})
     newbie = ctx.users["newbie"]
     assert set(newbie.category_trending) == {"s1", "s2", "s3"}
-    in_stock = Catalog(set(categories))
-    got = mix_candidates(newbie, [], ctx.trending, in_stock, item_in_view="s1", n=10)
+    table = ItemTable(dim=DIM)  # every item for sale, none with text
+    table.upsert(list(categories), np.zeros((5, DIM), np.float32), has_emb=[False] * 5)
+    trigger = ShopEvent("new", "view", "newbie", t0 + 100, item_id="s1")
+    policy = RecommendPolicy(top_k=10, n_candidates=10, history_len=50)
+    request = build_request([trigger], [newbie], ctx.trending, table, policy)
+    got = candidates(request, table, TableIndex(table))
     # No taste or co-visitation yet: their share goes to the user's own category, best
     # seller first, before the whole shop's best sellers.
-    assert got.item_ids == ["s3", "s2", "b1", "b2"]
-    assert got.source == ["category", "category", "trending", "trending"]
-
-
-class Catalog:
-    """Stock rule only: every known item is for sale."""
-
-    def __init__(self, ids: set[str]) -> None:
-        self.ids = ids
-
-    def in_stock(self, item_id: str) -> bool:
-        return item_id in self.ids
-
-    def nearest(self, vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        return [[] for _ in range(len(vectors))]
+    assert table.id_of(got.items[0][got.items[0] >= 0]) == ["s3", "s2", "b1", "b2"]
+    assert [SOURCES[s] for s in got.source[0][:4]] == [
+        "category",
+        "category",
+        "trending",
+        "trending",
+    ]
 
 
 async def test_user_keys_expire_when_idle(redis: Redis) -> None:
@@ -220,13 +220,13 @@ async def test_a_new_item_is_retrievable_at_the_next_refresh(
     old = [CatalogItem(f"old{n}", title=f"old {n}") for n in range(8)]
     await upsert_items(redis, old, [unit(0, 1, n / 8) for n in range(8)])
     await index.refresh()
-    assert semantic_neighbours(index, unit(1, 0)[None, :], 1)[0][0][0] != "new"
+    assert index.nearest(unit(1, 0)[None, :], 1)[0][0][0] != "new"
     await upsert_items(redis, [CatalogItem("new", title="new")], [unit(1, 0.01)])
     await index.refresh()
-    assert semantic_neighbours(index, unit(1, 0)[None, :], 1)[0][0][0] == "new"
+    assert index.nearest(unit(1, 0)[None, :], 1)[0][0][0] == "new"
     await upsert_items(redis, [CatalogItem("new", title="new", in_stock=False)], [unit(1, 0.01)])
     await index.refresh()
-    assert "new" not in [i for i, _ in semantic_neighbours(index, unit(1, 0)[None, :], 9)[0]]
+    assert "new" not in [i for i, _ in index.nearest(unit(1, 0)[None, :], 9)[0]]
 
 
 async def test_an_event_batch_never_waits_for_a_catalogue_refresh_in_progress(
@@ -288,7 +288,7 @@ async def test_an_item_without_text_gets_a_behavioural_embedding(redis: Redis) -
     vec = index.vector("mute")
     assert vec is not None
     np.testing.assert_allclose(vec, normalise(2 * unit(1, 0) + unit(0, 1), DIM), atol=1e-5)
-    assert "mute" in [i for i, _ in semantic_neighbours(index, unit(1, 0.3)[None, :], 3)[0]]
+    assert "mute" in [i for i, _ in index.nearest(unit(1, 0.3)[None, :], 3)[0]]
     assert await index.refresh_behavioural() == 0  # unchanged: no rewrite, no log churn
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -23,12 +24,13 @@ import redis
 import tritonclient.grpc.aio as grpc_aio
 
 from features import keys
+from features.ann import TableIndex
 from features.item_table import ItemTable
 from infra.stack import Endpoints, Stack
 from ranking.client import RankerClient
 from ranking.data import load_catalogue, load_events
 from ranking.encoder import TextEncoder
-from ranking.fusion import HistoryEvent, RankBatch, RankRow
+from ranking.pipeline import RecommendRequest, empty_request, recommend
 from ranking.serve import LearnedRanker
 from tests.integration.helpers import isolated_settings, settings_env
 from tests.stack import stack_settings
@@ -83,8 +85,8 @@ def real_items(servers: Stack) -> list[str]:
     r = redis.Redis.from_url(url)
     pipe = r.pipeline(transaction=False)
     k = 0
-    for item, text in zip(ids, texts, strict=True):
-        fields: dict[str, str | bytes] = {"title": "", "in_stock": "1"}
+    for num, (item, text) in enumerate(zip(ids, texts, strict=True)):
+        fields: dict[str, str | bytes] = {"title": "", "in_stock": "1", "n": str(num)}
         if text:
             fields["emb"] = embs[k].astype("<f4").tobytes()
             k += 1
@@ -103,45 +105,55 @@ async def client(servers: Stack) -> AsyncIterator[RankerClient]:
     await c.close()
 
 
-def _batch(items: list[str]) -> RankBatch:
+def _request(n_items: int) -> RecommendRequest:
+    """Six users with random real histories (one with none) and co-visited items."""
     rng = np.random.default_rng(3)
-    rows = []
-    for u in range(6):
-        hist = [
-            HistoryEvent(items[int(i)], int(t), float(a))
-            for i, t, a in zip(
-                rng.integers(0, len(items), 5),
-                rng.integers(1, 5, 5),
-                rng.uniform(0, 3600, 5),
-                strict=True,
-            )
-        ]
-        cands = [items[int(i)] for i in rng.choice(len(items), 30, replace=False)] + ["unknown"]
-        signals = np.zeros((len(cands), 3), np.float32)
-        signals[:, 0] = rng.exponential(1.0, len(cands)) * (rng.random(len(cands)) < 0.3)
-        signals[:, 1] = rng.exponential(5.0, len(cands))
-        rows.append(RankRow(candidates=cands, signals=signals, history=hist if u else []))
-    return RankBatch.from_rows(rows, history_len=50, n_candidates=40)
+    b = 6
+    hist = rng.integers(0, n_items, (b, 5)).astype(np.int32)
+    types = rng.integers(1, 5, (b, 5)).astype(np.int32)
+    types[0] = 0
+    covis = np.stack([rng.choice(n_items, 12, replace=False) for _ in range(b)]).astype(np.int32)
+    emb = rng.standard_normal((b, 384)).astype(np.float32)
+    return RecommendRequest(
+        **empty_request(b, k=10, n=40).arrays()
+        | {
+            "user_emb": emb / np.linalg.norm(emb, axis=1, keepdims=True),
+            "history": np.where(types > 0, hist, -1).astype(np.int32),
+            "history_types": types,
+            "history_age_s": rng.uniform(0, 3600, (b, 5)).astype(np.float32),
+            "covis": covis,
+            "covis_score": np.sort(rng.exponential(1.0, (b, 12)), axis=1)[:, ::-1].astype(
+                np.float32
+            ),
+            "covis_source": np.repeat(hist[:, :1], 12, axis=1),
+            "trending": np.tile(np.arange(20, dtype=np.int32), (b, 1)),
+            "trending_score": np.tile(np.linspace(50, 1, 20, dtype=np.float32), (b, 1)),
+        }
+    )
 
 
 async def test_triton_serves_the_trained_artefact(
     servers: Stack, client: RankerClient, real_items: list[str]
 ) -> None:
+    """Triton's answer is what the artefact gives in-process on the same item table."""
     await asyncio.sleep(1.0)  # two item-table refresh intervals
-    batch = _batch(real_items)
-    res = await client.rank(batch)
+    request = _request(len(real_items))
+    res = await client.recommend(request)
     assert res.model_version == "2"
     table = ItemTable()
     r = redis.Redis.from_url(_urls(servers).redis_url)
     assert table.catch_up(r) == len(real_items)
     r.close()
-    local = LearnedRanker(TRAINED).score(batch, table)
-    mask = batch.candidate_mask
-    np.testing.assert_allclose(res.scores[mask], local.scores[mask], rtol=1e-4, atol=1e-4)
-    assert np.isneginf(res.scores[~mask]).all()
-    np.testing.assert_array_equal(res.reasons, local.reasons)
-    # A learned ranker, not the fixed fusion: the orders differ from v1's somewhere.
-    assert len(np.unique(res.scores[mask])) > mask.sum() // 2
+    ranker = LearnedRanker(TRAINED)
+    ranker.sync(table, table.take_changed())
+    local = recommend(request, table, TableIndex(table), ranker)
+    real = local.items >= 0
+    assert real.sum() == 60
+    np.testing.assert_array_equal(res.top.items, local.items)
+    np.testing.assert_allclose(res.top.scores[real], local.scores[real], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(res.top.reasons, local.reasons)
+    # A learned ranker, not the fixed fusion: its scores are logits, not term sums in [0, 4].
+    assert len(np.unique(res.top.scores[real])) > real.sum() // 2
 
 
 async def test_a_new_version_is_served_without_restarting_triton(
@@ -154,7 +166,7 @@ async def test_a_new_version_is_served_without_restarting_triton(
         await raw.load_model("fused_ranker")
     finally:
         await raw.close()
-    res = await client.rank(_batch(real_items))
+    res = await client.recommend(_request(len(real_items)))
     assert res.model_version == "3"
     assert _triton_pid(servers) == pid
 
@@ -175,20 +187,29 @@ def test_worker_records_the_trained_version(
 ) -> None:
     settings = isolated_settings(stack, min_emit_interval_ms=0)
     env = {**os.environ, **settings_env(settings)}
+    rees = str(data_dir / "rees46-sample")
     worker = WorkerProcess(settings, tmp_path / "worker.log")
+    r = redis.Redis.from_url(stack.redis_url)
     try:
-        produced = _shoprec(
-            env, "produce", "--data", str(data_dir / "rees46-sample"), "--limit", "300"
-        )
+        # The operator's order: the catalogue (the first 400 items cover the first
+        # events' items), then events once it is stored.
+        stored_before = r.xlen(keys.ITEM_LOG)
+        loaded = _shoprec(env, "catalog", "load", "--data", rees, "--limit", "400")
+        assert loaded.returncode == 0, loaded.stderr
+        deadline = time.monotonic() + 180
+        while r.xlen(keys.ITEM_LOG) < stored_before + 400:
+            assert time.monotonic() < deadline, worker.tail()
+            time.sleep(0.5)
+        produced = _shoprec(env, "produce", "--data", rees, "--no-catalog", "--limit", "300")
         assert produced.returncode == 0, produced.stderr
         tail = _shoprec(
             env, "recs", "tail", "--from-beginning", "--json", "--limit", "120", "--timeout", "240"
         )
         assert tail.returncode == 0, tail.stderr + worker.tail()
     finally:
+        r.close()
         worker.close()
     recs = [orjson.loads(line) for line in tail.stdout.splitlines()]
     assert len(recs) == 120, worker.tail()
     assert {r["model"] for r in recs} == {"fused_ranker@2"}, worker.tail()
-    # The first triggers may come before the catalogue agent has embedded the items.
-    assert sum(1 for r in recs if r["items"]) >= 20, worker.tail()
+    assert sum(1 for r in recs if r["items"]) >= 100, worker.tail()

@@ -24,8 +24,10 @@ from tritonclient.utils import InferenceServerException
 from features import keys
 from infra import procs
 from infra.stack import Stack
-from ranking.client import HistoryEvent, RankBatch, RankerClient, RankRow, Reason
+from ranking.client import RankerClient
 from ranking.encoder import TextEncoder
+from ranking.fusion import Reason
+from ranking.pipeline import RecommendRequest, TopK, empty_request
 from shoprec.errors import RankerUnavailable
 from shoprec.events import EventType
 from tests.stack import stack_settings
@@ -35,7 +37,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 MODEL_REPO = REPO / "model_repo"
 MODELS = ("item_encoder", "fused_ranker")
-H, N = 6, 8
+K = 6
 
 
 # --- servers: the project's own stack, Redis and Triton only ---------------------------
@@ -100,13 +102,24 @@ TITLES = {
 TEXTLESS = ("gift-card", "mystery-box")
 
 
-def write_items(r: redis.Redis, embs: dict[str, np.ndarray], textless: tuple[str, ...]) -> None:
+NUMBERS = {item: n for n, item in enumerate([*TITLES, *TEXTLESS, "pan-3", "shoe-3", "shoe-4"])}
+
+
+def write_items(
+    r: redis.Redis,
+    embs: dict[str, np.ndarray],
+    textless: tuple[str, ...] = (),
+    sold_out: tuple[str, ...] = (),
+) -> None:
+    """Catalogue hashes as ``features.catalog`` writes them (with their numbers)."""
     pipe = r.pipeline(transaction=False)
     for item_id, emb in embs.items():
-        pipe.hset(keys.item(item_id), mapping={"emb": emb.astype("<f4").tobytes(), "in_stock": "1"})
+        stock = "0" if item_id in sold_out else "1"
+        fields = {"emb": emb.astype("<f4").tobytes(), "in_stock": stock, "n": NUMBERS[item_id]}
+        pipe.hset(keys.item(item_id), mapping=fields)  # type: ignore[arg-type]
         pipe.xadd(keys.ITEM_LOG, {"id": item_id})
     for item_id in textless:
-        pipe.hset(keys.item(item_id), mapping={"title": "", "in_stock": "1"})
+        pipe.hset(keys.item(item_id), mapping={"title": "", "in_stock": "1", "n": NUMBERS[item_id]})
         pipe.xadd(keys.ITEM_LOG, {"id": item_id})
     pipe.execute()
 
@@ -115,7 +128,7 @@ def write_items(r: redis.Redis, embs: dict[str, np.ndarray], textless: tuple[str
 def catalogue(servers: Servers, local_encoder: TextEncoder) -> dict[str, np.ndarray]:
     embs = dict(zip(TITLES, local_encoder.encode(list(TITLES.values())), strict=True))
     r = redis.Redis.from_url(servers.redis_url)
-    write_items(r, embs, TEXTLESS)
+    write_items(r, embs | {"pan-3": embs["pan-2"]}, TEXTLESS, sold_out=("pan-3",))
     r.close()
     time.sleep(0.6)  # one ranker refresh interval
     return embs
@@ -157,91 +170,99 @@ async def test_encoder_rejects_invalid_utf8_per_request(servers: Servers) -> Non
 # --- fused_ranker --------------------------------------------------------------------------
 
 
-def rows_for(embs: dict[str, np.ndarray]) -> list[RankRow]:
-    cands = ["shoe-2", "pan-2", "phone-1", "gift-card", "mystery-box", "not-in-catalogue"]
-    signals = np.zeros((len(cands), 3), np.float32)
-    signals[3] = [6, 40, 0]  # gift card: bought together with recent items, trending
-    signals[4] = [0, 3, 0]
-    return [
-        # A runner: history of shoes; the other shoe should beat the pan.
-        RankRow(
-            candidates=cands,
-            signals=signals,
-            history=[HistoryEvent("shoe-1", EventType.CART, 60.0)],
-            user_emb=embs["shoe-1"],
-        ),
-        # A cook who just searched for pans.
-        RankRow(
-            candidates=cands,
-            signals=signals,
-            history=[HistoryEvent("", EventType.SEARCH, 5.0)],
-            query_emb=embs["pan-1"],
-        ),
-        # Unknown user, nothing but behaviour.
-        RankRow(candidates=cands[:5], signals=signals[:5]),
-    ]
+def request_for(embs: dict[str, np.ndarray], copies: int = 1) -> RecommendRequest:
+    """A runner, a cook whose only event is a search for pans, and a stranger, ``copies``
+    times."""
+    n = NUMBERS
+    b = 3
+    req = empty_request(b, k=K, n=20)
+    covis = np.array([[-1], [-1], [n["gift-card"]]], np.int32)
+    one = RecommendRequest(
+        **req.arrays()
+        | {
+            # The cook has only searched: the query alone says what they want.
+            "user_emb": np.vstack([embs["shoe-1"][None, :], np.zeros((2, 384), np.float32)]),
+            "query_emb": np.stack(
+                [np.zeros(384, np.float32), embs["pan-1"], np.zeros(384, np.float32)]
+            ),
+            "history": np.array([[n["shoe-1"]], [-1], [-1]], np.int32),
+            "history_types": np.array([[EventType.CART], [0], [0]], np.int32),
+            "history_age_s": np.array([[60.0], [0.0], [0.0]], np.float32),
+            "covis": covis,
+            "covis_score": np.array([[0.0], [0.0], [6.0]], np.float32),
+            "covis_source": np.array([[-1], [-1], [n["phone-1"]]], np.int32),
+            "trending": np.tile(np.array([[n["gift-card"], n["mystery-box"]]], np.int32), (b, 1)),
+            "trending_score": np.tile(np.array([[40.0, 3.0]], np.float32), (b, 1)),
+            "in_view": np.array([[n["shoe-1"]], [-1], [-1]], np.int32),
+            "search": np.array([[0], [1], [0]], np.int32),
+        }
+    )
+    return RecommendRequest.concat([one] * copies) if copies > 1 else one
 
 
-async def test_ranker_scores_users_from_redis_items(
+def listed(top: TopK, row: int) -> list[str]:
+    names = {v: k for k, v in NUMBERS.items()}
+    return [names[int(i)] for i in top.items[row] if i >= 0]
+
+
+async def test_one_call_retrieves_filters_scores_and_explains(
     client: RankerClient, catalogue: dict[str, np.ndarray]
 ) -> None:
-    batch = RankBatch.from_rows(rows_for(catalogue), history_len=H, n_candidates=N)
-    res = await client.rank(batch)
+    res = await client.recommend(request_for(catalogue))
+    top = res.top
     assert res.model_version == "1"
-    assert res.scores.shape == res.reasons.shape == res.history_match.shape == (3, N)
-    s = res.scores
-    assert np.isneginf(s[:2, 6:]).all() and np.isneginf(s[2, 5:]).all(), "padding is -inf"
-    assert (res.reasons[2, 5:] == Reason.PAD).all()
-    assert np.isfinite(s[:, :5]).all(), "text-less and unknown items get finite scores"
-    assert s[0, 0] > s[0, 1], "runner: shoe over pan"
-    assert res.reasons[0, 0] == Reason.SIMILAR and res.history_match[0, 0] == 0
-    assert s[1, 1] > s[1, 0] and res.reasons[1, 1] == Reason.QUERY, "cook: pan matches query"
-    assert s[2, 3] > s[2, 4] > 0, "text-less items rank by co-visitation and popularity"
-    assert res.reasons[2, 3] == Reason.COVISIT
+    assert top.items.shape == top.scores.shape == top.reasons.shape == (3, K)
+    runner, cook, stranger = (listed(top, r) for r in range(3))
+    assert "shoe-1" not in runner, "the item in view is never recommended"
+    assert "pan-3" not in runner + cook + stranger, "sold out"
+    assert runner.index("shoe-2") < runner.index("pan-2"), "runner: shoe over pan"
+    k = runner.index("shoe-2")
+    assert top.reasons[0, k] == Reason.SIMILAR and top.source_item[0, k] == NUMBERS["shoe-1"]
+    assert cook[:2] == ["pan-1", "pan-2"], "cook: the pans match the query"
+    assert top.reasons[1, 0] == Reason.QUERY
+    assert stranger[:2] == ["gift-card", "mystery-box"], "no taste: behaviour and popularity"
+    assert top.reasons[2, 0] == Reason.COVISIT and top.source_item[2, 0] == NUMBERS["phone-1"]
+    assert top.is_trending[2, :2].tolist() == [1, 1]
+    for r in range(3):
+        real = top.scores[r][top.items[r] >= 0]
+        assert np.all(np.diff(real) <= 1e-6), "best first"
+        assert np.isneginf(top.scores[r][top.items[r] < 0]).all(), "padding is -inf"
 
 
-async def test_rank_splits_more_than_64_users(
+async def test_more_users_than_one_request_holds_are_split_and_joined(
     client: RankerClient, catalogue: dict[str, np.ndarray]
 ) -> None:
-    rows = rows_for(catalogue) * 24  # 72 users: requests of 64 and 8
-    batch = RankBatch.from_rows(rows, history_len=H, n_candidates=N)
-    res = await client.rank(batch)
-    assert res.scores.shape == (72, N)
-    one = await client.rank(RankBatch.from_rows(rows[:3], history_len=H, n_candidates=N))
-    np.testing.assert_allclose(res.scores, np.tile(one.scores, (24, 1)), rtol=1e-6)
-    assert (res.reasons == np.tile(one.reasons, (24, 1))).all()
+    many = await client.recommend(request_for(catalogue, copies=90))  # 270: 256 + 14
+    one = await client.recommend(request_for(catalogue))
+    for name, arr in many.top.arrays().items():
+        np.testing.assert_allclose(arr, np.tile(one.top.arrays()[name], (90, 1)), rtol=1e-6)
 
 
 async def test_concurrent_requests_are_batched_and_answered_separately(
     client: RankerClient, catalogue: dict[str, np.ndarray]
 ) -> None:
-    rows = rows_for(catalogue)
-    batches = [RankBatch.from_rows([rows[k % 3]], history_len=H, n_candidates=N) for k in range(12)]
-    results = await asyncio.gather(*(client.rank(b) for b in batches))
-    for k, res in enumerate(results):
-        alone = await client.rank(batches[k])
-        np.testing.assert_allclose(res.scores, alone.scores, rtol=1e-6)
+    full = request_for(catalogue)
+    parts = [full.rows(k % 3, k % 3 + 1) for k in range(12)]
+    results = await asyncio.gather(*(client.recommend(p) for p in parts))
+    for part, res in zip(parts, results, strict=True):
+        alone = await client.recommend(part)
+        np.testing.assert_allclose(res.top.scores, alone.top.scores, rtol=1e-6)
+        assert (res.top.items == alone.top.items).all()
 
 
 async def test_malformed_requests_error_without_crashing(
     servers: Servers, client: RankerClient, catalogue: dict[str, np.ndarray]
 ) -> None:
-    batch = RankBatch.from_rows(rows_for(catalogue), history_len=H, n_candidates=N)
+    request = request_for(catalogue)
     raw = grpc_aio.InferenceServerClient(servers.triton_url)
     try:
         # HISTORY_TYPES one column short: Triton's own checks pass, the model's must not.
         inputs = []
-        for name, arr in [
-            ("USER_EMB", batch.user_emb),
-            ("QUERY_EMB", batch.query_emb),
-            ("HISTORY_IDS", batch.history_ids.astype(str).astype(object)),
-            ("HISTORY_TYPES", batch.history_types[:, :-1]),
-            ("HISTORY_AGE_S", batch.history_age_s),
-            ("CANDIDATE_IDS", batch.candidate_ids.astype(str).astype(object)),
-            ("SIGNALS", batch.signals),
-        ]:
-            dtype = {"float32": "FP32", "int32": "INT32", "object": "BYTES"}[arr.dtype.name]
-            inp = grpc_aio.InferInput(name, list(arr.shape), dtype)
+        for name, arr in request.arrays().items():
+            if name == "history_types":
+                arr = np.zeros((3, 2), np.int32)
+            dtype = {"float32": "FP32", "int32": "INT32"}[arr.dtype.name]
+            inp = grpc_aio.InferInput(name.upper(), list(arr.shape), dtype)
             inp.set_data_from_numpy(np.ascontiguousarray(arr))
             inputs.append(inp)
         with pytest.raises(InferenceServerException) as err:
@@ -254,23 +275,23 @@ async def test_malformed_requests_error_without_crashing(
     finally:
         await raw.close()
 
-    # The client refuses a broken batch before sending, as not retriable.
-    broken = RankBatch.from_rows(rows_for(catalogue), history_len=H, n_candidates=N)
-    broken.signals[0, 0, 0] = np.nan
-    with pytest.raises(RankerUnavailable, match="SIGNALS holds NaN") as refused:
-        await client.rank(broken)
+    # The client refuses a broken request before sending, as not retriable.
+    broken = request_for(catalogue)
+    broken.covis_score[2, 0] = np.nan
+    with pytest.raises(RankerUnavailable, match="COVIS_SCORE holds NaN") as refused:
+        await client.recommend(broken)
     assert refused.value.retriable is False
     # And the server still serves.
-    assert (await client.rank(batch)).scores.shape == (3, N)
+    assert (await client.recommend(request)).top.items.shape == (3, K)
 
 
 async def test_timeouts_and_unreachable_server_raise_ranker_unavailable(
     servers: Servers, catalogue: dict[str, np.ndarray]
 ) -> None:
-    batch = RankBatch.from_rows(rows_for(catalogue) * 20, history_len=H, n_candidates=N)
+    request = request_for(catalogue, copies=20)
     async with RankerClient(servers.triton_url, timeout_s=1e-4) as hurried:
         with pytest.raises(RankerUnavailable, match="timed out"):
-            await hurried.rank(batch)
+            await hurried.recommend(request)
     async with RankerClient(f"127.0.0.1:{procs.free_port()}", timeout_s=1.0) as nowhere:
         start = time.monotonic()
         with pytest.raises(RankerUnavailable, match="unavailable after 2 attempts") as err:
@@ -285,20 +306,20 @@ async def test_ranker_keeps_serving_through_a_redis_outage(
     servers: Servers, client: RankerClient, catalogue: dict[str, np.ndarray]
 ) -> None:
     """Last in this module: it restarts Redis, empty."""
-    batch = RankBatch.from_rows(rows_for(catalogue), history_len=H, n_candidates=N)
-    before = await client.rank(batch)
+    request = request_for(catalogue)
     # Read by the model's background thread while no request comes in; served during
     # the outage, so no request had to read it from Redis.
     r = redis.Redis.from_url(servers.redis_url)
-    write_items(r, {"shoe-4": catalogue["shoe-2"]}, ())
+    write_items(r, {"shoe-4": catalogue["shoe-2"]})
     r.close()
     await asyncio.sleep(1.5)  # three refresh intervals
+    before = await client.recommend(request)
     servers.stack.stop_component("redis")
     try:
-        assert (await client.rank(probe_for("shoe-4", catalogue))).scores[0, 0] > 0.5
+        assert "shoe-4" in await recommended_to_a_shoe_lover(client, catalogue)
         for _ in range(3):
-            during = await client.rank(batch)
-            np.testing.assert_allclose(during.scores, before.scores, rtol=1e-6)
+            during = await client.recommend(request)
+            np.testing.assert_allclose(during.top.scores, before.top.scores, rtol=1e-6)
             await asyncio.sleep(0.6)
     finally:
         servers.stack.start_component("redis")
@@ -306,20 +327,18 @@ async def test_ranker_keeps_serving_through_a_redis_outage(
 
     # Back up: a new item reaches the table once the refresher's backoff has passed.
     r = redis.Redis.from_url(servers.redis_url)
-    write_items(r, {"shoe-3": catalogue["shoe-2"]}, ())
+    write_items(r, {"shoe-3": catalogue["shoe-2"]})
     r.close()
-    probe = probe_for("shoe-3", catalogue)
     deadline = time.monotonic() + 15
-    while (await client.rank(probe)).scores[0, 0] <= 0.5:
+    while "shoe-3" not in await recommended_to_a_shoe_lover(client, catalogue):
         assert time.monotonic() < deadline, "the ranker never saw the item written after recovery"
         await asyncio.sleep(0.25)
 
 
-def probe_for(item_id: str, catalogue: dict[str, np.ndarray]) -> RankBatch:
-    """One candidate for a shoe lover: scores above 0.5 only if the ranker knows the item
-    (it carries shoe-2's vector)."""
-    return RankBatch.from_rows(
-        [RankRow([item_id], [[0, 0, 0]], user_emb=catalogue["shoe-2"])],
-        history_len=1,
-        n_candidates=1,
+async def recommended_to_a_shoe_lover(
+    client: RankerClient, catalogue: dict[str, np.ndarray]
+) -> list[str]:
+    req = RecommendRequest(
+        **empty_request(1, k=K, n=20).arrays() | {"user_emb": catalogue["shoe-2"][None, :]}
     )
+    return listed((await client.recommend(req)).top, 0)

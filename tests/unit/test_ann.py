@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from features.ann import ExactIndex, IvfIndex, exact_top_k
+from features.ann import ExactIndex, IvfIndex, TableIndex, exact_top_k
 from features.behavioural import behavioural_vector
+from features.item_table import ItemTable
 
 DIM = 16
 
@@ -18,37 +19,53 @@ def unit_rows(n: int, seed: int = 0) -> np.ndarray:
 
 def test_ivf_with_every_list_probed_is_exact() -> None:
     x = unit_rows(2000)
-    ids = [f"i{n}" for n in range(len(x))]
+    keys = np.arange(len(x))
     ivf = IvfIndex(DIM, nprobe=IvfIndex.n_lists(len(x)))
-    ivf.build(x, ids)
+    ivf.build(x, keys)
     q = unit_rows(5, seed=1)
-    got = [[i for i, _ in row] for row in ivf.search(q, 10)]
-    want = [[i for i, _ in row] for row in ExactIndex(x, ids).search(q, 10)]
-    assert got == want
+    got, _ = ivf.search(q, 10)
+    want, _ = ExactIndex(x, keys).search(q, 10)
+    assert got.tolist() == want.tolist()
 
 
 def test_ivf_upsert_replaces_and_remove_forgets() -> None:
     x = unit_rows(500)
-    ids = [f"i{n}" for n in range(len(x))]
     ivf = IvfIndex(DIM, nprobe=IvfIndex.n_lists(len(x)))
-    ivf.build(x, ids)
+    ivf.build(x, np.arange(500))
     target = unit_rows(1, seed=7)
-    ivf.upsert(["i3", "new"], np.stack([-target[0], target[0]]))
-    assert ivf.search(target, 1)[0][0][0] == "new"
-    assert "i3" not in [i for i, _ in ivf.search(target, 500)[0][:-1]]
-    ivf.remove(["new"])
+    ivf.upsert([3, 900], np.stack([-target[0], target[0]]))
+    assert ivf.search(target, 1)[0][0, 0] == 900
+    assert 3 not in ivf.search(target, 500)[0][0, :-1].tolist()
+    ivf.remove([900])
     assert len(ivf) == 500
-    assert all(i != "new" for i, _ in ivf.search(target, 20)[0])
+    assert 900 not in ivf.search(target, 20)[0][0].tolist()
 
 
-def test_repeated_id_in_one_upsert_keeps_the_last_row() -> None:
+def test_repeated_key_in_one_upsert_keeps_the_last_row() -> None:
     ivf = IvfIndex(DIM, nprobe=64)
-    ivf.build(unit_rows(300), [f"i{n}" for n in range(300)])
+    ivf.build(unit_rows(300), np.arange(300))
     v = unit_rows(2, seed=3)
-    ivf.upsert(["dup", "dup"], v)
+    ivf.upsert([999, 999], v)
     assert len(ivf) == 301
-    found = [i for i, _ in ivf.search(v[1:], 301)[0]]
-    assert found.count("dup") == 1 and found[0] == "dup"
+    found = ivf.search(v[1:], 301)[0][0].tolist()
+    assert found.count(999) == 1 and found[0] == 999
+
+
+@pytest.mark.parametrize("ann_min_items", [10_000, 50], ids=["exact", "ivf"])
+def test_table_index_retrieves_eligible_items_and_follows_changes(ann_min_items: int) -> None:
+    table = ItemTable(dim=DIM)
+    x = unit_rows(200)
+    nums = table.upsert([f"i{n}" for n in range(200)], x)
+    index = TableIndex(table, ann_min_items)
+    index.changed(table.take_changed())
+    target = x[7:8]
+    assert index.search(target, 1)[0][0, 0] == nums[7]
+    table.upsert(["i7"], x[7:8], in_stock=[False])  # sold out: never retrieved
+    table.upsert(["new"], target)
+    index.changed(table.take_changed())
+    found = index.search(np.concatenate([target, np.zeros((1, DIM), np.float32)]), 5)[0]
+    assert found[0, 0] == table.rows(["new"])[0] and nums[7] not in found[0].tolist()
+    assert (found[1] == -1).all(), "a zero query (no taste yet) retrieves nothing"
 
 
 def test_exact_top_k_orders_by_inner_product() -> None:

@@ -1,113 +1,124 @@
-"""Candidate retrieval: quotas, filters and signals, on a small in-memory catalogue."""
+"""Candidate mixing over item numbers: quotas, filters and signals, for a whole batch.
+
+``reference_mix`` is the rule written as a plain loop, one user at a time (what the
+worker ran before the mixing moved into Triton); the vectorised :func:`mix` must agree
+with it on every row of random batches.
+"""
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
+import pytest
 
-from features.ann import ExactIndex
-from features.candidates import mix_candidates, nearest, semantic_neighbours
-from features.store import UserContext
-from features.user_state import HistoryEntry
+from features.candidates import SOURCES, blocked, interleave, mix, quotas
+from shoprec.events import EventType
 
-
-class Catalog:
-    def __init__(
-        self, vectors: dict[str, np.ndarray | None], sold_out: set[str] = frozenset()
-    ) -> None:  # type: ignore[assignment]
-        self.vectors = vectors
-        self.sold_out = sold_out
-
-    def nearest(self, vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        ids = [i for i, v in self.vectors.items() if v is not None and i not in self.sold_out]
-        matrix = np.stack([self.vectors[i] for i in ids]).astype(np.float32)  # type: ignore[misc]
-        return ExactIndex(matrix, ids).search(vectors, k)
-
-    def in_stock(self, item_id: str) -> bool:
-        return item_id in self.vectors and item_id not in self.sold_out
+N = 100
 
 
-def unit(*xs: float) -> np.ndarray:
-    v = np.array(xs, dtype=np.float32)
-    return v / np.linalg.norm(v)
+def reference_mix(
+    sources: list[list[tuple[int, float]]], in_stock: set[int], blocked_items: set[int], n: int
+) -> list[tuple[int, str, tuple[float, float, float]]]:
+    """The mixing rule, a user at a time: (item, source, (covis, popularity, retrieval))."""
+    semantic, covis, category, trending = (dict(s) for s in sources)
+    out: list[tuple[int, str]] = []
+    seen: set[int] = set()
+    leftovers: list[tuple[int, str]] = []
+    carry = 0
+    for (name, items), quota in zip(zip(SOURCES, sources, strict=True), quotas(n), strict=True):
+        quota += carry
+        taken = 0
+        for item, _ in items:
+            if item in seen or item in blocked_items or item not in in_stock:
+                continue
+            if taken < quota and len(out) < n:
+                seen.add(item)
+                out.append((item, name))
+                taken += 1
+            else:
+                leftovers.append((item, name))
+        carry = quota - taken
+    for item, name in leftovers:
+        if len(out) >= n:
+            break
+        if item not in seen:
+            seen.add(item)
+            out.append((item, name))
+    return [
+        (i, s, (covis.get(i, 0.0), trending.get(i, category.get(i, 0.0)), semantic.get(i, 0.0)))
+        for i, s in out
+    ]
 
 
-def test_nearest_is_exact_and_ordered() -> None:
-    matrix = np.stack([unit(1, 0), unit(0, 1), unit(1, 1)])
-    rows, scores = nearest(matrix, np.stack([unit(1, 0.1)]), 2)
-    assert rows.tolist() == [[0, 2]]
-    assert scores[0, 0] > scores[0, 1]
+def padded(rows: list[list[tuple[int, float]]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    nums = np.full((len(rows), max(1, width)), -1, np.int64)
+    vals = np.zeros(nums.shape, np.float32)
+    for r, row in enumerate(rows):
+        for j, (i, s) in enumerate(row):
+            nums[r, j], vals[r, j] = i, s
+    return nums, vals
 
 
-def test_zero_vector_retrieves_nothing() -> None:
-    cat = Catalog({"a": unit(1, 0)})
-    assert semantic_neighbours(cat, np.zeros((1, 2), np.float32), 5) == [[]]
+@pytest.mark.parametrize("seed", range(40))
+def test_the_batch_mix_equals_the_rule_user_by_user(seed: int) -> None:
+    rnd = random.Random(seed)
+    m, b = rnd.choice([30, 300]), 24
+    in_stock = {i for i in range(m) if rnd.random() < 0.85}
 
+    def ranked_source(most: int) -> list[tuple[int, float]]:
+        picked = rnd.sample(range(m + 5), rnd.randrange(0, min(most, m)))  # unknown ones too
+        return sorted(((i, float(rnd.randrange(1, 6))) for i in picked), key=lambda p: -p[1])
 
-def test_filters_block_bought_viewed_sold_out_and_unknown_items() -> None:
-    cat = Catalog(
-        {"a": unit(1, 0), "b": unit(1, 0.2), "c": unit(0, 1), "d": None, "e": unit(1, 1)},
-        sold_out={"e"},
+    shop = ranked_source(80)
+    users = [[ranked_source(50), ranked_source(60), ranked_source(50), shop] for _ in range(b)]
+    blocks = [set(rnd.sample(range(m), rnd.randrange(0, 6))) for _ in range(b)]
+    arrays = [padded([u[k] for u in users], 80) for k in range(4)]
+    got = mix(
+        tuple(a[0] for a in arrays),  # type: ignore[arg-type]
+        tuple(a[1] for a in arrays),  # type: ignore[arg-type]
+        np.array([i in in_stock for i in range(m)]),
+        padded([[(i, 0.0) for i in x] for x in blocks], 6)[0],
+        N,
     )
-    ctx = UserContext(
-        embedding=unit(1, 0),
-        query=np.zeros(2, np.float32),
-        history=[HistoryEntry("a", "purchase", 5)],
-        covis={"d": 3.0, "zz-unknown": 9.0, "e": 1.0},
-        covis_source={"d": "a"},
-    )
-    semantic = semantic_neighbours(cat, ctx.embedding[None, :], 5)[0]
-    got = mix_candidates(ctx, semantic, {"c": 7.0, "b": 1.0}, cat, item_in_view="b", n=10)
-    assert set(got.item_ids) == {"c", "d"}
-    d = got.item_ids.index("d")
-    assert (got.source[d], got.covis[d], got.retrieval[d]) == ("covis", 3.0, 0.0)
-    c = got.item_ids.index("c")
-    assert got.popularity[c] == 7.0
-    assert got.signals().shape == (2, 3)
-
-
-def test_items_without_text_are_recommended_from_behaviour() -> None:
-    cat = Catalog({"x": None, "y": None})
-    ctx = UserContext(np.zeros(2, np.float32), np.zeros(2, np.float32), [], covis={"x": 2.0})
-    got = mix_candidates(ctx, [], {"y": 4.0}, cat, item_in_view=None, n=10)
-    assert got.item_ids == ["x", "y"]
-
-
-def test_quota_leaves_room_for_every_source() -> None:
-    vectors = {f"s{i}": unit(1, i / 100) for i in range(50)} | {f"t{i}": None for i in range(10)}
-    cat = Catalog(vectors)
-    ctx = UserContext(unit(1, 0), np.zeros(2, np.float32), [])
-    semantic = semantic_neighbours(cat, ctx.embedding[None, :], 50)[0]
-    got = mix_candidates(ctx, semantic, {f"t{i}": 1.0 for i in range(10)}, cat, None, n=20)
-    assert len(got.item_ids) == 20
-    assert sum(s == "trending" for s in got.source) == 10
-
-
-def test_a_purchase_blocks_its_item_for_a_day_only() -> None:
-    day = 24 * 3_600_000
-    cat = Catalog({"old": None, "new": None, "viewed": None})
-    ctx = UserContext(
-        np.zeros(2, np.float32),
-        np.zeros(2, np.float32),
-        [
-            HistoryEntry("viewed", "view", 3 * day),
-            HistoryEntry("new", "purchase", 3 * day - 1000),
-            HistoryEntry("old", "purchase", day),
-        ],
-    )
-    got = mix_candidates(ctx, [], {"old": 1.0, "new": 2.0}, cat, item_in_view="viewed", n=10)
-    assert got.item_ids == ["old"]
+    for r, (u, no) in enumerate(zip(users, blocks, strict=True)):
+        want = reference_mix(u, in_stock, no, N)
+        k = len(want)
+        assert got.items[r, :k].tolist() == [i for i, _, _ in want]
+        assert [SOURCES[s] for s in got.source[r, :k]] == [s for _, s, _ in want]
+        np.testing.assert_allclose(got.signals[r, :k], [sig for _, _, sig in want])
+        assert (got.items[r, k:] == -1).all() and (got.source[r, k:] == -1).all()
 
 
 def test_unused_quota_flows_to_the_users_category_before_the_whole_shop() -> None:
-    cat = Catalog({f"c{i}": None for i in range(10)} | {f"t{i}": None for i in range(10)})
-    ctx = UserContext(
-        np.zeros(2, np.float32),
-        np.zeros(2, np.float32),
-        [],
-        category_trending={f"c{i}": 10.0 - i for i in range(10)},
+    empty = np.full((1, 1), -1, np.int64)
+    category = np.arange(10)[None, :]
+    shop = np.arange(10, 20)[None, :]
+    got = mix(
+        (empty, empty, category, shop),
+        (np.zeros((1, 1), np.float32),) * 2 + (np.ones((1, 10), np.float32),) * 2,
+        np.ones(20, bool),
+        empty,
+        10,
     )
-    trending = {f"t{i}": 100.0 - i for i in range(10)}
-    got = mix_candidates(ctx, [], trending, cat, item_in_view=None, n=10)
     # No taste, no co-visitation: their 8 slots and the category's 1 go to the category.
-    assert got.source.count("category") == 9 and got.item_ids[:2] == ["c0", "c1"]
-    assert got.item_ids[-1] == "t0"
+    assert [SOURCES[s] for s in got.source[0]].count("category") == 9
+    assert got.items[0].tolist() == [*range(9), 10]
+
+
+def test_a_purchase_blocks_its_item_for_a_day_only_and_the_item_in_view_always() -> None:
+    day_s = 24 * 3600.0
+    history = np.array([[7, 5, 3]])  # newest first: a view, then two purchases
+    types = np.array([[EventType.VIEW, EventType.PURCHASE, EventType.PURCHASE]], np.int32)
+    ages = np.array([[0.0, 1.0, 2 * day_s]], np.float32)  # the old purchase is 2 days back
+    got = blocked(history, types, ages, np.array([9]))
+    assert sorted(int(x) for x in got[0] if x >= 0) == [5, 9]
+
+
+def test_a_search_interleaves_query_and_taste_neighbours_once_each() -> None:
+    q, qs = np.array([[1, 2, -1]]), np.array([[0.9, 0.8, 0.0]], np.float32)
+    u, us = np.array([[2, 3, 4, 5]]), np.array([[0.7, 0.6, 0.5, 0.4]], np.float32)
+    items, scores = interleave(q, qs, u, us)
+    assert items[0].tolist() == [1, 2, 3, 4, 5, -1, -1]
+    assert scores[0, :5].tolist() == pytest.approx([0.9, 0.7, 0.6, 0.5, 0.4])

@@ -5,17 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from features.candidates import Mixed
 from features.item_table import ItemTable
-from ranking.fusion import (
-    PAD_SCORE,
-    FusionWeights,
-    HistoryEvent,
-    RankBatch,
-    RankRow,
-    Reason,
-    fused_scores,
-    score_batch,
-)
+from ranking.fusion import PAD_SCORE, FusionScorer, FusionWeights, Reason, explain, fused_scores
+from ranking.pipeline import RecommendRequest, empty_request
 from shoprec.events import EventType
 
 D = 8
@@ -142,7 +135,7 @@ def test_weights_are_frozen_and_checked() -> None:
     assert fused_scores(**x, weights=no_covis)[0][0, 1] == 0.0
 
 
-# --- RankBatch and score_batch ------------------------------------------------------
+# --- the v1 scorer over a request, and the request contract ---------------------------
 
 
 def table() -> ItemTable:
@@ -152,56 +145,54 @@ def table() -> ItemTable:
     return t
 
 
-def test_from_rows_pads_truncates_and_validates() -> None:
-    rows = [
-        RankRow(
-            candidates=["boot", "pan", "gift-card"],
-            signals=[[0, 1, 0.5], [0, 1, 0], [4, 9, 0]],
-            history=[HistoryEvent("shoe", EventType.CLICK, 30.0)] * 3,
-            user_emb=unit(1),
-        ),
-        RankRow(candidates=[], signals=np.zeros((0, 3))),
-    ]
-    batch = RankBatch.from_rows(rows, history_len=2, n_candidates=5, dim=D)
-    batch.validate()
-    assert batch.size == 2 and batch.history_len == 2 and batch.n_candidates == 5
-    assert list(batch.candidate_mask[0]) == [True, True, True, False, False]
-    assert not batch.candidate_mask[1].any()
-    assert (batch.query_emb == 0).all() and (batch.user_emb[1] == 0).all()
-    with pytest.raises(ValueError, match="more than n_candidates"):
-        RankBatch.from_rows(rows, history_len=2, n_candidates=2, dim=D)
-
-    out = score_batch(batch, table())
-    assert out.scores.shape == (2, 5)
-    assert out.scores[0, 0] > out.scores[0, 1], "the boot is like the clicked shoe"
-    assert np.isfinite(out.scores[0, 2]) and out.reasons[0, 2] == Reason.COVISIT
-    assert out.history_match[0, 0] == 0
-    assert np.isinf(out.scores[1]).all()
+def test_v1_scores_candidates_by_number_and_explains_them() -> None:
+    t = table()
+    shoe, boot, pan, card = (int(x) for x in t.rows(["shoe", "boot", "pan", "gift-card"]))
+    req = RecommendRequest(
+        **empty_request(2, dim=D).arrays()
+        | {
+            "user_emb": np.stack([unit(1), np.zeros(D, np.float32)]),
+            "history": np.array([[shoe, shoe], [-1, -1]], np.int32),
+            "history_types": np.array([[EventType.CLICK] * 2, [0, 0]], np.int32),
+            "history_age_s": np.full((2, 2), 30.0, np.float32),
+        }
+    )
+    items = np.array([[boot, pan, card, -1, -1], [-1] * 5])
+    signals = np.zeros((2, 5, 3), np.float32)
+    signals[0, :3] = [[0, 1, 0.5], [0, 1, 0], [4, 9, 0]]
+    scores = FusionScorer().score(req, Mixed(items, np.zeros_like(items, np.int32), signals), t)
+    assert scores.shape == (2, 5)
+    assert scores[0, 0] > scores[0, 1], "the boot is like the clicked shoe"
+    assert np.isfinite(scores[0, 2]) and np.isinf(scores[1]).all()
+    reasons, match = explain(req, items[:, :3], signals[:, :3], t)
+    assert reasons[0, 2] == Reason.COVISIT and match[0, 0] == 0
 
 
 def test_validate_names_the_broken_input() -> None:
-    batch = RankBatch.empty(2, 3, 4, dim=D)
-    batch.validate()
-    batch.signals[0, 0, 0] = np.nan
-    with pytest.raises(ValueError, match="SIGNALS holds NaN"):
-        batch.validate()
-    bad = RankBatch(**{**batch.__dict__, "history_types": np.zeros((2, 2), np.int32)})
-    with pytest.raises(ValueError, match="HISTORY_TYPES must have shape"):
+    req = empty_request(2, dim=D)
+    req.validate()
+    req.covis_score[0, 0] = np.nan
+    with pytest.raises(ValueError, match="COVIS_SCORE holds NaN"):
+        req.validate()
+    bad = RecommendRequest(**req.arrays() | {"history_types": np.zeros((2, 3), np.int32)})
+    with pytest.raises(ValueError, match="HISTORY_TYPES must be"):
         bad.validate()
-    bad = RankBatch(**{**batch.__dict__, "user_emb": np.zeros((2, D), np.float64)})
-    with pytest.raises(ValueError, match="USER_EMB must be float32"):
+    bad = RecommendRequest(**req.arrays() | {"user_emb": np.zeros((2, D), np.float64)})
+    with pytest.raises(ValueError, match=r"USER_EMB must be float32"):
         bad.validate()
 
 
-def test_concat_pads_to_largest_and_rows_slices() -> None:
-    a = RankBatch.empty(2, 1, 3, dim=D)
-    a.candidate_ids[:, 0] = "shoe"
-    b = RankBatch.empty(1, 4, 2, dim=D)
-    b.candidate_ids[0, :2] = [b"pan", b"boot"]  # bytes, as Triton delivers them
-    both = RankBatch.concat([a, b])
+def test_concat_pads_every_list_to_the_widest_and_rows_slices() -> None:
+    a = empty_request(2, dim=D)
+    b = RecommendRequest(
+        **empty_request(1, dim=D).arrays()
+        | {
+            "covis": np.array([[5, 6, 7]], np.int32),
+            "covis_score": np.ones((1, 3), np.float32),
+            "covis_source": np.full((1, 3), 2, np.int32),
+        }
+    )
+    both = RecommendRequest.concat([a, b])
     both.validate()
-    assert (both.size, both.history_len, both.n_candidates) == (3, 4, 3)
-    assert list(both.candidate_mask.sum(axis=1)) == [1, 1, 2]
-    assert both.rows(2, 3).candidate_ids[0, 1] == b"boot"
-    out = score_batch(both, table())
-    assert np.isfinite(out.scores).sum() == 4
+    assert both.size == 3 and both.covis.shape == (3, 3)
+    assert (both.covis[:2] == -1).all() and both.rows(2, 3).covis.tolist() == [[5, 6, 7]]

@@ -52,22 +52,24 @@ def test_upsert_replaces_and_text_less_rows_are_zero() -> None:
         t.upsert(["x"], np.zeros((1, D + 1)))
 
 
-def test_grows_by_doubling_and_remove_keeps_rows_dense() -> None:
+def test_rows_are_item_numbers_that_grow_and_are_never_reused() -> None:
     t = ItemTable(dim=D, capacity=2)
     ids = [f"i{k}" for k in range(100)]
     embs = np.eye(D, dtype=np.float32)[np.arange(100) % D] * (1 + np.arange(100)[:, None])
-    t.upsert(ids, embs)
-    assert len(t) == 100
+    nums = t.upsert(ids, embs)
+    assert nums.tolist() == list(range(100)) and len(t) == 100 and t.size == 100
     assert t.remove(["i0", "i50", "missing", "i50"]) == 2
-    assert len(t) == 98 and "i0" not in t and t.ids[0] == "i99"
+    assert len(t) == 98 and "i0" not in t and t.id_of([0, 50, 99, -1]) == [None, None, "i99", None]
     mat, has = t.lookup(["i99", "i1", "i0", "i51"])
     np.testing.assert_allclose(mat[0], np.eye(D)[99 % D])
     np.testing.assert_allclose(mat[1], np.eye(D)[1])
     assert list(has) == [True, True, False, True]
-    t.remove(t.ids)
-    assert len(t) == 0 and not t.lookup(["i1"])[1].any()
-    t.upsert(["again"], [vec(1)])
-    assert t.lookup(["again"])[1][0]
+    assert t.upsert(["again"], [vec(1)]).tolist() == [100], "a number is never reused"
+    # Numbers from Redis are kept as given; one the table has not seen reads as unknown.
+    assert t.upsert(["far"], [vec(0, 1)], nums=[500]).tolist() == [500]
+    assert t.stock([500, 9_999, -1]).tolist() == [True, False, False]
+    assert set(t.take_changed().tolist()) == {*range(101), 500}
+    assert t.take_changed().size == 0
 
 
 def test_apply_upserts_and_removes() -> None:
@@ -99,14 +101,19 @@ def test_parse_log_entries_dedupes_in_order() -> None:
 
 def test_parse_item_hash() -> None:
     raw = vec(1, 2).astype("<f4").tobytes()
-    rec = parse_item_hash(raw, b"1", D)
-    assert rec.in_stock and rec.emb is not None and rec.emb.tolist() == [1, 2, 0, 0]
-    assert parse_item_hash(None, b"0", D) == ItemRecord(emb=None, in_stock=False)
-    assert parse_item_hash(None, b"false", D).in_stock is False
-    assert parse_item_hash(None, None, D).in_stock is True
-    assert parse_item_hash(b"\x00" * 7, b"true", D).emb is None, "wrong size = no embedding"
+    rec = parse_item_hash(raw, b"1", b"7", None, b"phones", dim=D)
+    assert rec is not None and rec.in_stock and rec.num == 7 and rec.category == "phones"
+    assert rec.emb is not None and rec.emb.tolist() == [1, 2, 0, 0]
+    assert parse_item_hash(None, b"0", b"1", dim=D) == ItemRecord(emb=None, in_stock=False, num=1)
+    sold_out = parse_item_hash(None, b"false", b"1", dim=D)
+    assert sold_out is not None and not sold_out.in_stock
+    assert parse_item_hash(raw, None, b"1", raw, dim=D) is None, "a late bemb write is no item"
+    assert parse_item_hash(raw, b"1", None, dim=D) is None, "not numbered yet: read it later"
+    odd = parse_item_hash(b"\x00" * 7, b"true", b"1", raw, dim=D)
+    assert odd is not None and odd.emb is None and odd.bemb is not None, "wrong size = no text"
     nan = np.full(D, np.nan, np.float32).tobytes()
-    assert parse_item_hash(nan, b"1", D).emb is None
+    nan_rec = parse_item_hash(nan, b"1", b"1", dim=D)
+    assert nan_rec is not None and nan_rec.emb is None
 
 
 # --- prepared changes: what the follower thread hands to the scoring thread --------------
@@ -132,8 +139,8 @@ def test_apply_changes_equals_apply_and_moves_the_stream_id() -> None:
     direct.apply(records)
     prepared = ItemChanges.from_records(b"9-1", records, D)
     assert len(prepared) == 4 and prepared.removed == ["gone"]
-    np.testing.assert_allclose(prepared.embs[0], vec(0.6, 0.8), atol=1e-6)
-    assert prepared.has_emb.tolist() == [True, False, False], "a zero vector has no direction"
+    np.testing.assert_allclose(prepared.vecs[0], vec(0.6, 0.8), atol=1e-6)
+    assert prepared.has_text.tolist() == [True, False, False], "a zero vector has no direction"
 
     via_changes = ItemTable(dim=D, capacity=1)
     via_changes.upsert(["gone"], [vec(1)])

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from features.candidates import Mixed
 from features.item_table import ItemTable
 from ranking import export
-from ranking.fusion import PAD_SCORE, HistoryEvent, RankBatch, RankRow, Reason
 from ranking.model import FusedRanker, RankerConfig, age_bucket, choose_device
+from ranking.pipeline import RecommendRequest, empty_request
 from ranking.serve import LearnedRanker
 from ranking.train import sampled_softmax_loss
 from shoprec.events import EventType
@@ -139,30 +140,53 @@ def _table(ids: list[str]) -> ItemTable:
     return table
 
 
-def test_exported_artefact_serves_a_rank_batch(tmp_path: Path, model: FusedRanker) -> None:
+def test_the_served_artefact_scores_a_request_as_the_plain_module_does(
+    tmp_path: Path, model: FusedRanker
+) -> None:
+    """Serving caches each item's projections per catalogue change and gathers them per
+    request; the scores must be the trained module's own (within 1e-5), padding -inf."""
     ids = [f"item-{i}" for i in range(12)] + ["plain-1"]
     known = ["", *ids[:19]]
     known += [""] * (20 - len(known))
     export.save(tmp_path / "fused_ranker" / "9", model, RankerConfig(n_items=19), known, {"x": 1})
     ranker = LearnedRanker(tmp_path / "fused_ranker" / "9")
     assert ranker.scripted and ranker.rows["item-0"] == 1
-    rows = [
-        RankRow(
-            candidates=["item-3", "plain-1", "never-seen"],
-            signals=np.array([[2, 10, 0.3], [0, 50, 0], [0, 0, 0]], np.float32),
-            history=[HistoryEvent("item-1", EventType.CART, 30.0)],
-            user_emb=np.ones(D, np.float32) / np.sqrt(D),
-        ),
-        RankRow(candidates=["item-5"], signals=np.zeros((1, 3), np.float32)),
-    ]
-    batch = RankBatch.from_rows(rows, history_len=4, n_candidates=5)
-    out = ranker.score(batch, _table(ids))
-    assert out.scores.shape == out.reasons.shape == out.history_match.shape == (2, 5)
-    assert np.isfinite(out.scores[0, :3]).all() and np.isfinite(out.scores[1, 0])
-    assert (out.scores[0, 3:] == PAD_SCORE).all() and (out.scores[1, 1:] == PAD_SCORE).all()
-    assert (out.reasons[1, 1:] == Reason.PAD).all()
-    # Same weights, same inputs, eager module: the artefact round-trips exactly.
+    table = _table(ids)
+    ranker.sync(table, table.take_changed())
+    num = {i: int(n) for i, n in zip(ids, table.rows(ids), strict=True)}
+    items = np.array([[num["item-3"], num["plain-1"], -1], [num["item-5"], -1, -1]])
+    signals = np.zeros((2, 3, 3), np.float32)
+    signals[0, :2] = [[2, 10, 0.3], [0, 50, 0]]
+    request = RecommendRequest(
+        **empty_request(2).arrays()
+        | {
+            "user_emb": np.stack([np.ones(D, np.float32) / np.sqrt(D), np.zeros(D, np.float32)]),
+            "history": np.array([[num["item-1"], num["item-3"]], [-1, -1]], np.int32),
+            "history_types": np.array([[EventType.CART, EventType.VIEW], [0, 0]], np.int32),
+            "history_age_s": np.array([[30.0, 90.0], [0.0, 0.0]], np.float32),
+        }
+    )
+    scores = ranker.score(request, Mixed(items, np.zeros_like(items, np.int32), signals), table)
+    assert scores.shape == (2, 3)
+    assert np.isfinite(scores[0, :2]).all() and np.isfinite(scores[1, 0])
+
+    # The same users through the eager module of the saved artefact, inputs built by hand.
     again = export.load(tmp_path / "fused_ranker" / "9").model
+    hist_text, hist_has = table.lookup(["item-1", "item-3"])
+    cand_text, cand_has = table.lookup(["item-3", "plain-1"])
     with torch.inference_mode():
-        direct = again(**ranker.inputs(batch, _table(ids)))
-    np.testing.assert_allclose(out.scores[0, :3], direct[0, :3].numpy(), rtol=1e-5, atol=1e-5)
+        direct = again(
+            user_emb=torch.from_numpy(request.user_emb[:1]),
+            query_emb=torch.zeros(1, D),
+            hist_text=torch.from_numpy(hist_text)[None],
+            hist_has_text=torch.from_numpy(hist_has)[None],
+            hist_rows=torch.tensor([[ranker.rows["item-1"], ranker.rows["item-3"]]]),
+            hist_types=torch.tensor([[EventType.CART, EventType.VIEW]]),
+            hist_age_s=torch.tensor([[30.0, 90.0]]),
+            cand_text=torch.from_numpy(cand_text)[None],
+            cand_has_text=torch.from_numpy(cand_has)[None],
+            cand_rows=torch.tensor([[ranker.rows["item-3"], ranker.rows["plain-1"]]]),
+            # item-3 is in the history once, 90 s ago: the repeat signals
+            signals=torch.tensor([[[2, 10, 0.3, 1, 90.0], [0, 50, 0, 0, 0]]]),
+        )
+    np.testing.assert_allclose(scores[0, :2], direct[0].numpy(), rtol=1e-5, atol=1e-5)

@@ -2,9 +2,10 @@
 
 Thin on purpose: the module is ``ranking.model.FusedRanker`` (weights and item list in
 ``ranker.pt`` / ``ranker.json`` beside this file, written by ``shoprec train``), the
-scoring ``ranking.serve.LearnedRanker``; the Triton glue (item table kept fresh from
-Redis by a background thread, per-request validation, one forward pass per dynamic
-batch, per-request errors) is ``ranking.triton_model``.  Same inputs and outputs as v1.
+scoring ``ranking.serve.LearnedRanker`` (its per-item work cached per catalogue change);
+the Triton glue (item table kept fresh from Redis by a background thread, per-request
+validation, one retrieval-to-top-K pass per dynamic batch, per-request errors) is
+``ranking.triton_model``.  Same inputs and outputs as v1.
 """
 
 from __future__ import annotations
@@ -29,4 +30,4 @@ class TritonPythonModel(FusedRankerModel):
             f"trained ranker on {ranker.device} ({ranker.dtype}, "
             f"TorchScript={ranker.scripted}), {len(ranker.rows)} behavioural items"
         )
-        self.setup(args, pb_utils, ranker.score, about)
+        self.setup(args, pb_utils, ranker, about)

@@ -1,0 +1,159 @@
+"""The recommendations of a fixed rees46 replay, recorded once so a new path can be held to them.
+
+``record`` loads the whole rees46-sample catalogue and sends the first ``N_EVENTS`` real
+events through :meth:`streams.runtime.Runtime.handle_events` in fixed micro-batches of
+``BATCH`` (no flood control, behavioural vectors off: nothing here depends on the wall
+clock), and returns every recommendation's top-K with scores and reasons.
+
+``tests/integration/golden_rees46.json`` holds what the path before the one-call ranker
+(commit ab19983's worker-side retrieval, mixing, filters and ``fused_ranker`` v2 scoring)
+answered; ``test_golden.py`` replays the same events through today's path and compares.
+Regenerate it only for a change that is meant to change the lists::
+
+    python -m tests.integration.golden --write
+
+(starts a private Redis and Triton; about two minutes on two cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from infra.stack import Endpoints, Stack
+from shoprec.settings import Settings
+from streams.ingest import RawRecord
+from streams.runtime import Runtime
+from streams.topics import TopicNames
+from tests.integration.helpers import isolated_settings
+from tests.stack import stack_settings
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO.parent / "shared" / "data" / "rees46-sample"
+GOLDEN = Path(__file__).with_name("golden_rees46.json")
+N_EVENTS = 1500
+BATCH = 64
+# The ranker's item table follows items:log every 0.5 s: give it time to hold the catalogue.
+TABLE_SETTLE_S = 3.0
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    with gzip.open(path, "rb") as fh:
+        return [orjson.loads(line) for _, line in zip(range(limit or 10**12), fh, strict=False)]
+
+
+async def load_catalogue(settings: Settings, items: list[dict[str, Any]]) -> None:
+    loader = Runtime(settings, write_behavioural=False)
+    await loader.ensure_open()
+    try:
+        for start in range(0, len(items), 256):
+            part = items[start : start + 256]
+            records = [
+                RawRecord(
+                    "catalog.items", 0, start + k, str(it["item_id"]).encode(), orjson.dumps(it)
+                )
+                for k, it in enumerate(part)
+            ]
+            assert await loader.handle_catalog(records) == []
+    finally:
+        await loader.close()
+    await asyncio.sleep(TABLE_SETTLE_S)
+
+
+async def record(settings: Settings, data: Path = DATA) -> list[dict[str, Any]]:
+    """Every recommendation of the fixed replay, in emission order."""
+    await load_catalogue(settings, read_jsonl(data / "items.jsonl.gz"))
+    topics = TopicNames.from_settings(settings)
+    events = read_jsonl(data / "events.jsonl.gz", N_EVENTS)
+    records = [
+        RawRecord(topics.event_topic(e["type"]), 0, n, str(e["user_id"]).encode(), orjson.dumps(e))
+        for n, e in enumerate(events)
+    ]
+    runtime = Runtime(settings, write_behavioural=False)
+    await runtime.ensure_open()
+    out: list[dict[str, Any]] = []
+    try:
+        for start in range(0, len(records), BATCH):
+            recs, dead = await runtime.handle_events(records[start : start + BATCH])
+            assert dead == []
+            out += [
+                {
+                    "user_id": r.user_id,
+                    "trigger": r.trigger_event_id,
+                    "model": r.model,
+                    "degraded": r.degraded,
+                    "items": [[i.item_id, round(i.score, 6), list(i.reasons)] for i in r.items],
+                }
+                for r in recs
+            ]
+    finally:
+        await runtime.close()
+    return out
+
+
+SCORE_TOL = 1e-4
+
+
+def differences(want: list[dict[str, Any]], got: list[dict[str, Any]]) -> list[str]:
+    """What differs between two recordings, beyond ties: the same triggers in the same
+    order, each list the same items with the same scores (within :data:`SCORE_TOL`) and
+    reasons; items of equal score may swap places, and an item tied with the list's last
+    score may be swapped for another of that score at the cut."""
+    out: list[str] = []
+    if [r["trigger"] for r in want] != [r["trigger"] for r in got]:
+        return [f"triggers differ: {len(want)} recorded, {len(got)} now"]
+    for old, new in zip(want, got, strict=True):
+        a = {i: (s, r) for i, s, r in old["items"]}
+        b = {i: (s, r) for i, s, r in new["items"]}
+        cut = min((s for s, _ in a.values()), default=0.0)
+        only = {i for i in a.keys() ^ b.keys() if abs((a.get(i) or b[i])[0] - cut) > SCORE_TOL}
+        if only or len(a) != len(b):
+            out.append(f"{old['trigger']}: items {sorted(only)} on one side only")
+            continue
+        for i in a.keys() & b.keys():
+            if abs(a[i][0] - b[i][0]) > SCORE_TOL or a[i][1] != b[i][1]:
+                out.append(f"{old['trigger']}: {i} was {a[i]}, now {b[i]}")
+        order = [i for i, _, _ in new["items"]]
+        scores = [s for _, s, _ in new["items"]]
+        if any(scores[j] > scores[j - 1] + SCORE_TOL for j in range(1, len(scores))):
+            out.append(f"{old['trigger']}: not best first: {order}")
+        if (old["model"], old["degraded"]) != (new["model"], new["degraded"]):
+            out.append(f"{old['trigger']}: model {old['model']} -> {new['model']}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help=f"write {GOLDEN.name}")
+    parser.add_argument("--out", type=Path, help="write this run's recording here too")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = Stack(stack_settings(Path(tmp)), model_repo=REPO / "model_repo")
+        endpoints: Endpoints = stack.up(("redis", "triton"), timeout_s=300)
+        try:
+            settings = isolated_settings(endpoints, min_emit_interval_ms=0)
+            recs = asyncio.run(record(settings))
+        finally:
+            stack.down(wipe=True)
+    print(f"{len(recs)} recommendations for {N_EVENTS} events", file=sys.stderr)
+    encoded = orjson.dumps(recs, option=orjson.OPT_INDENT_2) + b"\n"
+    if args.out:
+        args.out.write_bytes(encoded)
+    if args.write:
+        GOLDEN.write_bytes(encoded)
+    elif GOLDEN.is_file():
+        diff = differences(orjson.loads(GOLDEN.read_bytes()), recs)
+        print(f"{len(diff)} differences from {GOLDEN.name}", file=sys.stderr)
+        for line in diff[:40]:
+            print("  " + line, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
