@@ -95,7 +95,7 @@ async def stream_and_collect(
 
 
 async def titles(settings: Settings, ids: Sequence[str]) -> dict[str, str]:
-    redis = open_redis(settings.redis_url)
+    redis = open_redis(settings.redis_url, cluster=settings.redis_cluster)
     try:
         from features.catalog import item_titles
 

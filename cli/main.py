@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,24 +98,39 @@ def stack() -> None:
     help="Triton model repository to serve.",
 )
 @click.option("--timeout", default=240.0, show_default=True, help="Seconds to wait for health.")
+@click.option(
+    "--cluster",
+    is_flag=True,
+    help="The cluster profile: 3 Kafka nodes (topics with 3 replicas, min.insync.replicas 2), "
+    "a Redis Cluster of 3 primaries and 3 replicas, 2 Tritons (about 4.3 GiB). Ports are "
+    "free ones unless SHOPREC_*_PORT name bases (each node takes the next).",
+)
 def stack_up(
-    broker: str | None, without: tuple[str, ...], model_repo: Path, timeout: float
+    broker: str | None, without: tuple[str, ...], model_repo: Path, timeout: float, cluster: bool
 ) -> None:
     """Start the stack on loopback and wait until every part is healthy.
 
     Ports come from SHOPREC_KAFKA_PORT, SHOPREC_REDIS_PORT, SHOPREC_TRITON_*_PORT
-    (0 = any free port).  The endpoints are written to .shoprec/stack.env.
+    (0 = any free port).  The endpoints are written to .shoprec/stack.env; the
+    topics are created, with the cluster's replication factor under --cluster.
+    Then start workers with `shoprec worker` (several: SHOPREC_METRICS_PORT=0 each).
     """
     from infra.stack import Stack
 
     settings = _settings(broker=broker)
     components = tuple(c for c in ("broker", "redis", "triton") if c not in without)
     try:
-        endpoints = Stack(settings, model_repo=model_repo).up(components, timeout_s=timeout)
+        endpoints = Stack(settings, model_repo=model_repo).up(
+            components, timeout_s=timeout, cluster=cluster
+        )
     except ShoprecError as exc:
         raise click.ClickException(str(exc)) from exc
     if "broker" in components:
-        _run(_ensure_topics(_settings(kafka_bootstrap=endpoints.kafka_bootstrap)))
+        topics = _settings(
+            kafka_bootstrap=endpoints.kafka_bootstrap,
+            kafka_replication_factor=endpoints.kafka_replication_factor,
+        )
+        _run(_ensure_topics(topics))
     _echo_json(dataclasses.asdict(endpoints))
 
 
@@ -135,14 +151,89 @@ def stack_down(wipe: bool) -> None:
 
 
 @stack.command("status")
-def stack_status() -> None:
-    """Show each part's pid, port and health (exit 1 if any part is down)."""
+@click.option("--json", "as_json", is_flag=True, help="The whole report as JSON.")
+def stack_status(as_json: bool) -> None:
+    """Show each part's pid, port and health (exit 1 if any part is down); on a cluster
+    also the leader of every partition and the hash slots and replicas of each primary."""
     from infra.stack import Stack
 
     status = Stack(_settings(), model_repo=DEFAULT_MODEL_REPO).status()
-    _echo_json(status)
+    if as_json:
+        _echo_json(status)
+    else:
+        click.echo(format_status(status))
     if not status or not all(s.get("healthy") for s in status.values()):
         sys.exit(1)
+
+
+def format_status(status: dict[str, dict[str, Any]]) -> str:
+    """``Stack.status()`` as text: one line per part, then each cluster's assignments."""
+    if not status:
+        return "no stack is running here (`shoprec stack up`)"
+    parts = {role: p for role, p in status.items() if not role.endswith("-cluster")}
+    rows = [("part", "kind", "pid", "port", "state", "role")]
+    for role, p in parts.items():
+        state = "healthy" if p.get("healthy") else "up, not ready" if p.get("alive") else "DOWN"
+        cluster_role = p.get("cluster_role", "")
+        if p.get("cluster_failed"):
+            cluster_role += " (marked failed)"
+        rows.append(
+            (
+                role,
+                str(p.get("kind", "")),
+                str(p.get("pid", "")),
+                str(p.get("port", "")),
+                state,
+                cluster_role,
+            )
+        )
+    lines = _table(rows)
+    kafka = status.get("kafka-cluster")
+    if kafka is not None:
+        lines += ["", _cluster_head("Kafka cluster", kafka)]
+        if "error" not in kafka:
+            lines.append(
+                f"  brokers {', '.join(kafka['brokers'])}; controller {kafka['controller']}; "
+                f"replication factor {kafka['replication_factor']}, "
+                f"min.insync.replicas {kafka['min_insync_replicas']}"
+            )
+            topic_rows = [("  topic", "leader of partition 0, 1, ...")]
+            for topic, leaders in kafka["leaders"].items():
+                if topic.startswith("__"):
+                    continue  # Kafka's own (offsets): 50 partitions of noise
+                shown = " ".join(f"{i}:{leader or 'NONE'}" for i, leader in enumerate(leaders))
+                topic_rows.append((f"  {topic}", shown))
+            lines += _table(topic_rows)
+            under = kafka.get("under_replicated") or {}
+            lines.append(
+                "  under-replicated: "
+                + ("none" if not under else "; ".join(f"{t} {ps}" for t, ps in under.items()))
+            )
+    redis_part = status.get("redis-cluster")
+    if redis_part is not None:
+        lines += ["", _cluster_head("Redis Cluster", redis_part)]
+        if "error" not in redis_part:
+            lines.append(
+                f"  state {redis_part['state']}, {redis_part['slots_ok']} of 16384 slots ok, "
+                f"{redis_part['known_nodes']} nodes"
+            )
+            slot_rows = [("  primary", "hash slots", "replicas")]
+            for role, p in redis_part["primaries"].items():
+                slot_rows.append(
+                    (f"  {role}", " ".join(p["slots"]), ", ".join(p["replicas"]) or "NONE")
+                )
+            lines += _table(slot_rows)
+    return "\n".join(lines)
+
+
+def _cluster_head(name: str, part: dict[str, Any]) -> str:
+    state = "healthy" if part.get("healthy") else "NOT healthy"
+    return f"{name}: {state}" + (f" ({part['error']})" if "error" in part else "")
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 # --- worker --------------------------------------------------------------------------------

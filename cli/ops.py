@@ -383,7 +383,7 @@ def rebuild_state(
             progress=advance,
         )
         if not no_verify:
-            redis = open_redis(settings.redis_url, timeout_s=60.0)
+            redis = open_redis(settings.redis_url, cluster=settings.redis_cluster, timeout_s=60.0)
             try:
                 report.verify = (await compare_state(redis, state_prefix, against)).to_dict()
             finally:

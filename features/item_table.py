@@ -643,18 +643,12 @@ class ItemLogFollower:
 
         redis-py's default policy retries a failed command 10 times with backoff;
         this class does its own spacing, and a short socket timeout lets
-        :meth:`close` stop the thread promptly even when Redis hangs.
+        :meth:`close` stop the thread promptly even when Redis hangs.  ``cluster``:
+        ``url`` is a node of a Redis Cluster (``SHOPREC_REDIS_CLUSTER``).
         """
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
+        from features.connection import open_sync_redis
 
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=False,
-        )
+        client = open_sync_redis(url, cluster=cluster, timeout_s=timeout_s, retries=False)
         return cls(client, **kwargs)
 
     @property

@@ -29,6 +29,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from features import keys
+from features.connection import ScriptCall, ScriptRunner
 from features.decay import (
     COVIS_HALF_LIFE_MS,
     DAY_MS,
@@ -167,16 +168,19 @@ class FeatureStore:
         self._update = redis.register_script(_load_script())
         self._bump = redis.register_script(_load_script("bump_counts.lua"))
         self._confirm = redis.register_script(_CONFIRM_PUBLISHED)
+        # One round trip per batch; on a Redis Cluster one per primary (features.connection).
+        self._scripts = ScriptRunner(redis)
 
     async def apply_events(self, updates: Sequence[UserUpdate]) -> list[UpdateResult]:
         """Fold a batch of events into user state; idempotent per event id."""
         if not updates:
             return []
         p = self._policy
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for u in updates:
-                await self._update(
-                    keys=[
+        raw = await self._scripts.run(
+            [
+                (
+                    self._update,
+                    [
                         keys.user_emb(u.user_id),
                         keys.user_meta(u.user_id),
                         keys.user_hist(u.user_id),
@@ -184,7 +188,7 @@ class FeatureStore:
                         keys.user_query(u.user_id),
                         keys.user_pending(u.user_id),
                     ],
-                    args=[
+                    [
                         u.event_id,
                         u.ts,
                         u.type,
@@ -198,9 +202,10 @@ class FeatureStore:
                         1 if u.always_emit else 0,
                         p.dedupe_window,
                     ],
-                    client=pipe,
                 )
-            raw = await pipe.execute()
+                for u in updates
+            ]
+        )
         results = [
             UpdateResult(
                 applied=bool(r[0]),
@@ -218,10 +223,12 @@ class FeatureStore:
         pairs = list(triggers)
         if not pairs:
             return 0
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for user_id, event_id in pairs:
-                await self._confirm(keys=[keys.user_pending(user_id)], args=[event_id], client=pipe)
-            cleared = await pipe.execute()
+        cleared = await self._scripts.run(
+            [
+                (self._confirm, [keys.user_pending(user_id)], [event_id])
+                for user_id, event_id in pairs
+            ]
+        )
         return sum(int(c) for c in cleared)
 
     async def _record_signals(
@@ -254,13 +261,13 @@ class FeatureStore:
                 bump(keys.item_covis(other), u.item_id, pair, covis_limit)
         if not bumps:
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key, row in bumps.items():
-                args: list[str | float] = [*limits[key]]
-                for member, by in row.items():
-                    args += [member, repr(by)]
-                await self._bump(keys=[key], args=args, client=pipe)
-            await pipe.execute()
+        calls: list[ScriptCall] = []
+        for key, row in bumps.items():
+            args: list[str | float] = [*limits[key]]
+            for member, by in row.items():
+                args += [member, repr(by)]
+            calls.append((self._bump, [key], args))
+        await self._scripts.run(calls)
 
     async def read_context(
         self,

@@ -168,7 +168,7 @@ async def reinject(
 ) -> ReinjectReport:
     """Send each letter's original record back to its source topic (or ``into``)."""
     report = ReinjectReport(selected=len(letters), dry_run=dry_run)
-    redis = open_redis(settings.redis_url, timeout_s=10.0)
+    redis = open_redis(settings.redis_url, cluster=settings.redis_cluster, timeout_s=10.0)
     producer: AIOKafkaProducer | None = None
     try:
         for letter in letters:

@@ -42,7 +42,7 @@ async def forget_user(
         raise ConfigError(
             f"a user id is 1 to {settings.max_field_chars} characters (SHOPREC_MAX_FIELD_CHARS)"
         )
-    redis = open_redis(settings.redis_url, timeout_s=30.0)
+    redis = open_redis(settings.redis_url, cluster=settings.redis_cluster, timeout_s=30.0)
     tombstones = KafkaTombstones(settings)
     try:
         forgetter = Forgetter(

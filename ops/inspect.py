@@ -60,7 +60,7 @@ async def _nearest(
 async def inspect_user(
     settings: Settings, user_id: str, state_prefix: str, n_recs: int = 3, n_hist: int = 10
 ) -> dict[str, Any]:
-    redis = open_redis(settings.redis_url, timeout_s=10.0)
+    redis = open_redis(settings.redis_url, cluster=settings.redis_cluster, timeout_s=10.0)
     token = keys.STATE_PREFIX.set(state_prefix)
     try:
         async with redis.pipeline(transaction=False) as pipe:
@@ -125,7 +125,7 @@ async def inspect_user(
 
 
 async def inspect_item(settings: Settings, item_id: str, state_prefix: str) -> dict[str, Any]:
-    redis = open_redis(settings.redis_url, timeout_s=10.0)
+    redis = open_redis(settings.redis_url, cluster=settings.redis_cluster, timeout_s=10.0)
     token = keys.STATE_PREFIX.set(state_prefix)
     try:
         fields = cast(dict[bytes, bytes], await redis.hgetall(keys.item(item_id)))

@@ -160,7 +160,7 @@ async def wait_for_catalog(
 ) -> float:
     """Seconds until the worker has embedded and stored ``expected`` catalogue changes
     (the demo and the benchmarks wait so before they send events); progress on stderr."""
-    redis = open_redis(settings.redis_url)
+    redis = open_redis(settings.redis_url, cluster=settings.redis_cluster)
     start = time.monotonic()
     try:
         while True:

@@ -104,7 +104,12 @@ async def rebuild_state(
     """
     if shards < 1 or chunk < 1:
         raise ReplayError("--shards and --chunk must be at least 1")
-    redis = open_redis(settings.redis_url, timeout_s=60.0, max_connections=shards + 4)
+    redis = open_redis(
+        settings.redis_url,
+        cluster=settings.redis_cluster,
+        timeout_s=60.0,
+        max_connections=shards + 4,
+    )
     consumer = await open_reader(settings)
     # Searches need BERT for their query vector; the client connects on first use, so a
     # history without searches rebuilds with Triton down.

@@ -185,7 +185,7 @@ async def replay(
     check_targets(settings, req)
     shadow = settings.model_copy(update={"state_prefix": req.state_prefix})
     consumer = await open_reader(settings)
-    redis = open_redis(settings.redis_url, timeout_s=10.0)
+    redis = open_redis(settings.redis_url, cluster=settings.redis_cluster, timeout_s=10.0)
     try:
         ranges = await plan_ranges(consumer, req.spec)
         checkpoint = Checkpoint(redis, req.state_prefix, req.run_id())

@@ -64,6 +64,25 @@ class CircuitBreaker:
     def state(self) -> BreakerState:
         return self._state
 
+    def twin(self, name: str) -> CircuitBreaker:
+        """A fresh breaker with this one's thresholds and clock (one per server)."""
+        return CircuitBreaker(
+            name,
+            failures=self._threshold,
+            cool_down_s=self._base_s,
+            max_cool_down_s=self._max_s,
+            clock=self._clock,
+        )
+
+    def available(self) -> bool:
+        """Whether :meth:`allow` would let a call through now; counts nothing, starts no
+        probe (to pick among several servers before calling one)."""
+        if self._state is BreakerState.CLOSED:
+            return True
+        if self._state is BreakerState.OPEN:
+            return self._clock() - self._opened_at >= self._cool_down_s
+        return not self._probing
+
     def allow(self) -> bool:
         """Whether a call may go to the server now; False means fail fast."""
         if self._state is BreakerState.CLOSED:

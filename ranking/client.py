@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -93,6 +93,10 @@ class RankerClient:
     ``timeout_s`` bounds each inference call (gRPC deadline).  ``breaker``
     (one per server) refuses calls at once while Triton is down, so a dead
     server is probed after a cool-down instead of being called per batch.
+    ``url`` may name several servers (``host:port,host:port``): each call goes to
+    the least busy one whose breaker lets it through (round robin among equals),
+    and a call that fails there is sent once more to another, so one server
+    going away costs a retry, not a degraded recommendation.
     Not safe to share across event loops; one instance per worker process.
     """
 
@@ -108,19 +112,45 @@ class RankerClient:
     ) -> None:
         if timeout_s <= 0 or max_batch < 1:
             raise ValueError("timeout_s must be > 0 and max_batch >= 1")
+        urls = [u.strip() for u in url.split(",") if u.strip()]
+        if not urls:
+            raise ValueError(f"no Triton server in {url!r} (host:port, comma-separated)")
         self.url = url
+        # One server: its breaker.  Several: the template each server's own copies.
         self.breaker = breaker or CircuitBreaker(f"triton {url}")
         self.item_encoder_model = item_encoder_model
         self.ranker_model = ranker_model
         self.timeout_s = timeout_s
         self.max_batch = max_batch
-        self._client = grpcclient.InferenceServerClient(url, channel_args=_channel_args())
+        self._servers: _Servers | None = None
+        if len(urls) == 1:
+            self._client = grpcclient.InferenceServerClient(urls[0], channel_args=_channel_args())
+            self.breakers = [self.breaker]
+            return
+        # Several servers (SHOPREC_TRITON_URL=host:port,host:port): a client and a breaker
+        # each; calls are spread over them (_infer), and readiness is any server's.
+        self._servers = _Servers(
+            [
+                RankerClient(
+                    u,
+                    item_encoder_model,
+                    ranker_model,
+                    timeout_s=timeout_s,
+                    max_batch=max_batch,
+                    breaker=self.breaker.twin(f"triton {u}"),
+                )
+                for u in urls
+            ]
+        )
+        self._client = self._servers
+        self.breakers = [server.client.breaker for server in self._servers.servers]
 
     @classmethod
     def from_settings(
         cls, settings: Settings, *, breaker: CircuitBreaker | None = None
     ) -> RankerClient:
-        """The client of the configured Triton and models (``SHOPREC_TRITON_*``)."""
+        """The client of the configured Triton server(s) and models (``SHOPREC_TRITON_*``);
+        ``breaker`` sets the thresholds of every server's breaker."""
         return cls(
             settings.triton_url,
             settings.item_encoder_model,
@@ -136,6 +166,7 @@ class RankerClient:
         await self.close()
 
     async def close(self) -> None:
+        # With several servers, _client is the _Servers, which closes each one's channel.
         await self._client.close()
 
     # --- readiness ------------------------------------------------------------------
@@ -256,6 +287,8 @@ class RankerClient:
     async def _infer(
         self, model: str, inputs: list[grpcclient.InferInput], outputs: list[str]
     ) -> Any:
+        if self._servers is not None:
+            return await self._servers.infer(model, inputs, outputs)
         if not self.breaker.allow():
             raise RankerUnavailable(f"Triton {model} at {self.url}: circuit open, not called")
         try:
@@ -313,6 +346,84 @@ class RankerClient:
             if status in ("INVALID_ARGUMENT", "client error"):
                 err.retriable = False
             raise err from exc
+
+
+@dataclass(eq=False)
+class _Server:
+    client: RankerClient
+    in_flight: int = 0
+
+
+class _Servers:
+    """Several Triton servers behind one :class:`RankerClient` (its ``_client`` for readiness
+    and closing; its ``_infer`` routes through :meth:`infer`)."""
+
+    def __init__(self, clients: Sequence[RankerClient]) -> None:
+        self.servers = [_Server(c) for c in clients]
+        self._next = 0  # round-robin start among equally busy servers
+
+    def _pick(self, tried: Sequence[_Server]) -> _Server | None:
+        """The least busy server not tried yet whose breaker lets a call through now."""
+        n = len(self.servers)
+        best: tuple[int, int, int] | None = None
+        for i, server in enumerate(self.servers):
+            if server in tried or not server.client.breaker.available():
+                continue
+            rank = (server.in_flight, (i - self._next) % n, i)
+            if best is None or rank < best:
+                best = rank
+        if best is None:
+            return None
+        self._next = best[2] + 1
+        return self.servers[best[2]]
+
+    async def infer(
+        self, model: str, inputs: list[grpcclient.InferInput], outputs: list[str]
+    ) -> Any:
+        """``model`` on one server, and once more on another if that one fails."""
+        tried: list[_Server] = []
+        errors: list[RankerUnavailable] = []
+        for _ in range(2):
+            server = self._pick(tried)
+            if server is None:
+                break
+            tried.append(server)
+            server.in_flight += 1
+            try:
+                return await server.client._infer(model, inputs, outputs)
+            except RankerUnavailable as exc:
+                if not exc.retriable:
+                    raise
+                errors.append(exc)
+            finally:
+                server.in_flight -= 1
+        urls = ", ".join(s.client.url for s in self.servers)
+        if not errors:
+            raise RankerUnavailable(f"Triton {model}: every server's circuit is open ({urls})")
+        raise RankerUnavailable(
+            f"Triton {model}: no server answered ({'; '.join(map(str, errors))})"
+        ) from errors[-1]
+
+    async def _any(self, ask: Callable[[Any], Awaitable[bool]]) -> bool:
+        """True when any server says yes; a server's error counts as no, unless all fail."""
+        answers = await asyncio.gather(
+            *(ask(s.client._client) for s in self.servers), return_exceptions=True
+        )
+        if any(a is True for a in answers):
+            return True
+        failed = [a for a in answers if isinstance(a, BaseException)]
+        if len(failed) == len(answers):
+            raise failed[0]
+        return False
+
+    async def is_server_ready(self, client_timeout: float) -> bool:
+        return await self._any(lambda c: c.is_server_ready(client_timeout=client_timeout))
+
+    async def is_model_ready(self, name: str, client_timeout: float) -> bool:
+        return await self._any(lambda c: c.is_model_ready(name, client_timeout=client_timeout))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.client.close() for s in self.servers))
 
 
 def _channel_args() -> list[tuple[str, int]]:

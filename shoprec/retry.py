@@ -8,6 +8,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from redis.exceptions import ClusterError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -22,6 +23,11 @@ RETRIABLE: tuple[type[BaseException], ...] = (
     RedisTimeoutError,
     ConnectionError,
     TimeoutError,
+    # Redis Cluster while a failover runs: CLUSTERDOWN (a primary's slots have no node
+    # yet; ClusterDownError is a ClusterError), or the client's own retries ran out.
+    ClusterError,
+    SlotNotCoveredError,
+    TryAgainError,
 )
 
 

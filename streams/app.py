@@ -68,6 +68,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
         key_serializer="raw",
         value_serializer="raw",
         topic_partitions=settings.topic_partitions,
+        # Faust's own topics (changelogs, its leader topic) replicate like shoprec's.
+        topic_replication_factor=settings.kafka_replication_factor,
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
         web_enabled=False,

@@ -80,7 +80,7 @@ class Runtime:
 
     async def _open(self) -> None:
         s = self.settings
-        self.redis = open_redis(s.redis_url, timeout_s=5.0)
+        self.redis = open_redis(s.redis_url, cluster=s.redis_cluster, timeout_s=5.0)
         try:
             await self.redis.ping()
         except Exception as exc:

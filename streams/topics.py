@@ -104,12 +104,16 @@ def kafka_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 async def ensure_topics(settings: Settings) -> None:
-    """Create shoprec's topics if missing (the catalogue compacted, keyed by item id)."""
+    """Create shoprec's topics if missing (the catalogue compacted, keyed by item id), each
+    with ``SHOPREC_KAFKA_REPLICATION_FACTOR`` replicas (a topic that exists is left as it is).
+    """
     names = TopicNames.from_settings(settings)
-    parts = settings.topic_partitions
+    parts, replicas = settings.topic_partitions, settings.kafka_replication_factor
     own = (*names.events, names.recs_out, names.dlq, settings.topic(CONTROL))
-    wanted = [NewTopic(t, parts, 1) for t in own]
-    wanted.append(NewTopic(names.catalog, parts, 1, topic_configs={"cleanup.policy": "compact"}))
+    wanted = [NewTopic(t, parts, replicas) for t in own]
+    wanted.append(
+        NewTopic(names.catalog, parts, replicas, topic_configs={"cleanup.policy": "compact"})
+    )
     admin = AIOKafkaAdminClient(**kafka_options(settings), request_timeout_ms=15_000)
     try:
         await admin.start()

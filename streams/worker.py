@@ -16,7 +16,7 @@ log = logging.getLogger("shoprec.worker")
 async def preflight(settings: Settings, triton_timeout_s: float = 60.0) -> None:
     """Fail fast and clearly when Kafka, Redis or Triton is not there (never loop silently)."""
     await ensure_topics(settings)
-    redis = open_redis(settings.redis_url, timeout_s=5.0)
+    redis = open_redis(settings.redis_url, cluster=settings.redis_cluster, timeout_s=5.0)
     try:
         await redis.ping()
     except Exception as exc:

@@ -26,10 +26,10 @@ from typing import Any, TypeVar
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
-from redis.asyncio import Redis
 
 from features import keys
 from features.catalog import upsert_items
+from features.connection import open_redis
 from infra.stack import Endpoints, Stack
 from ranking.client import RankerClient
 from shoprec.events import CatalogItem, Limits, parse_catalog_item
@@ -85,8 +85,8 @@ class Catalogue:
         # As the catalogue agent does: one vector per distinct text, none without text.
         return cls(items, [by_text.get(i.text()) for i in items])
 
-    async def ensure_in(self, redis_url: str) -> None:
-        redis = Redis.from_url(redis_url)
+    async def ensure_in(self, redis_url: str, cluster: bool = False) -> None:
+        redis = open_redis(redis_url, cluster=cluster)
         try:
             if await redis.xlen(keys.ITEM_LOG) < len(self.items):
                 await upsert_items(redis, self.items, self.vectors)
@@ -114,7 +114,9 @@ class FaultStack:
                 with contextlib.suppress(Exception):
                     self.stack.stop_component(role)
                 self.stack.start_component(role, timeout_s=300)
-        asyncio.run(self.catalogue.ensure_in(self.endpoints.redis_url))
+        asyncio.run(
+            self.catalogue.ensure_in(self.endpoints.redis_url, self.endpoints.redis_cluster)
+        )
 
 
 def scenario_settings(endpoints: Endpoints, **overrides: Any) -> Settings:
@@ -124,6 +126,8 @@ def scenario_settings(endpoints: Endpoints, **overrides: Any) -> Settings:
         "kafka_bootstrap": endpoints.kafka_bootstrap,
         "redis_url": endpoints.redis_url,
         "triton_url": endpoints.triton_url,
+        "redis_cluster": endpoints.redis_cluster,
+        "kafka_replication_factor": endpoints.kafka_replication_factor,
         "topic_prefix": f"f{tag}.",
         "app_id": f"shoprec-fault-{tag}",
         "state_prefix": f"f{tag}:",
@@ -292,7 +296,7 @@ async def wait_caught_up(
 
 async def state_event_counts(settings: Settings, users: set[str]) -> dict[str, int]:
     """Events folded into each user's state (the ``n`` of ``{u:<id>}:meta``)."""
-    redis = Redis.from_url(settings.redis_url.get_secret_value())
+    redis = open_redis(settings.redis_url, cluster=settings.redis_cluster)
     token = keys.STATE_PREFIX.set(settings.state_prefix)
     try:
         async with redis.pipeline(transaction=False) as pipe:
