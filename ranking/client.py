@@ -211,32 +211,35 @@ class RankerClient:
     async def warm_up(self, models: Sequence[str] | None = None) -> None:
         """One minimal request to each of ``models`` that this client knows how to call."""
         names = set(models) if models is not None else {self.item_encoder_model, self.ranker_model}
-        if self.item_encoder_model in names:
-            await self.encode(["warm-up"])
+        for name in sorted(names - {self.ranker_model}):  # the encoders
+            await self.encode(["warm-up"], model=name)
         if self.ranker_model in names:
             await self.recommend(empty_request(1))
 
     # --- inference ------------------------------------------------------------------
 
-    async def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """BERT embeddings ``[len(texts), 384]``, unit length, in input order.
+    async def encode(
+        self, texts: Sequence[str], model: str | None = None
+    ) -> npt.NDArray[np.float32]:
+        """BERT embeddings ``[len(texts), 384]``, unit length, in input order, from
+        ``model`` (default: the catalogue's ``item_encoder``; search queries go to the
+        ``query_encoder``, the same encoder at normal priority).
 
         Chunks of at most ``max_batch`` texts go out as concurrent requests,
         which Triton's dynamic batcher may merge again.
         """
+        model = model or self.item_encoder_model
         if not texts:
             return np.zeros((0, EMB_DIM), np.float32)
         chunks = [texts[i : i + self.max_batch] for i in range(0, len(texts), self.max_batch)]
 
         async def one(chunk: Sequence[str]) -> npt.NDArray[np.float32]:
             array = np.array([[t.encode("utf-8")] for t in chunk], dtype=object)
-            result = await self._infer(
-                self.item_encoder_model, [_to_input("TEXT", array)], ["EMBEDDING"]
-            )
+            result = await self._infer(model, [_to_input("TEXT", array)], ["EMBEDDING"])
             emb: npt.NDArray[np.float32] | None = result.as_numpy("EMBEDDING")
             if emb is None or emb.shape != (len(chunk), EMB_DIM):
                 raise RankerUnavailable(
-                    f"{self.item_encoder_model} returned EMBEDDING of shape "
+                    f"{model} returned EMBEDDING of shape "
                     f"{None if emb is None else emb.shape}, expected {(len(chunk), EMB_DIM)}"
                 )
             return emb.astype(np.float32, copy=False)
@@ -244,9 +247,11 @@ class RankerClient:
         parts = await _gather_all([one(c) for c in chunks])
         return np.concatenate(parts)
 
-    async def recommend(self, request: RecommendRequest) -> Ranked:
+    async def recommend(self, request: RecommendRequest, model_version: str = "") -> Ranked:
         """Retrieve, mix, filter, score and pick the top-K for ``request``'s users on
         Triton; more than :data:`RANKER_MAX_BATCH` users go as concurrent requests.
+        ``model_version`` asks for one version of the ranker (an experiment's arm; Triton
+        must keep it loaded), empty for the one Triton serves by its version policy.
 
         Raises :class:`RankerUnavailable` (``retriable`` False) for a request that fails
         :meth:`RecommendRequest.validate`, without calling Triton.
@@ -264,7 +269,9 @@ class RankerClient:
         async def one(part: RecommendRequest) -> tuple[dict[str, npt.NDArray[Any]], str]:
             arrays = part.arrays()
             inputs = [_to_input(name, arrays[name.lower()]) for name in TRITON_INPUTS]
-            result = await self._infer(self.ranker_model, inputs, list(TRITON_OUTPUTS))
+            result = await self._infer(
+                self.ranker_model, inputs, list(TRITON_OUTPUTS), model_version
+            )
             outs = {name.lower(): result.as_numpy(name) for name in TRITON_OUTPUTS}
             if any(o is None or o.shape[0] != part.size or o.ndim != 2 for o in outs.values()):
                 shapes = {k: None if o is None else o.shape for k, o in outs.items()}
@@ -285,14 +292,18 @@ class RankerClient:
         return Ranked(top, version)
 
     async def _infer(
-        self, model: str, inputs: list[grpcclient.InferInput], outputs: list[str]
+        self,
+        model: str,
+        inputs: list[grpcclient.InferInput],
+        outputs: list[str],
+        version: str = "",
     ) -> Any:
         if self._servers is not None:
-            return await self._servers.infer(model, inputs, outputs)
+            return await self._servers.infer(model, inputs, outputs, version)
         if not self.breaker.allow():
             raise RankerUnavailable(f"Triton {model} at {self.url}: circuit open, not called")
         try:
-            result = await self._infer_with_retry(model, inputs, outputs)
+            result = await self._infer_with_retry(model, inputs, outputs, version)
         except RankerUnavailable as exc:
             # An invalid request still proves the server is alive.
             if exc.retriable:
@@ -308,14 +319,22 @@ class RankerClient:
         return result
 
     async def _infer_with_retry(
-        self, model: str, inputs: list[grpcclient.InferInput], outputs: list[str]
+        self,
+        model: str,
+        inputs: list[grpcclient.InferInput],
+        outputs: list[str],
+        version: str = "",
     ) -> Any:
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
 
         async def once() -> Any:
             try:
                 return await self._client.infer(
-                    model, inputs, outputs=requested, client_timeout=self.timeout_s
+                    model,
+                    inputs,
+                    model_version=version,
+                    outputs=requested,
+                    client_timeout=self.timeout_s,
                 )
             except InferenceServerException as exc:
                 if _status(exc) == "UNAVAILABLE":
@@ -378,9 +397,14 @@ class _Servers:
         return self.servers[best[2]]
 
     async def infer(
-        self, model: str, inputs: list[grpcclient.InferInput], outputs: list[str]
+        self,
+        model: str,
+        inputs: list[grpcclient.InferInput],
+        outputs: list[str],
+        version: str = "",
     ) -> Any:
-        """``model`` on one server, and once more on another if that one fails."""
+        """``model`` (``version``, or the served one) on one server, and once more on
+        another if that one fails."""
         tried: list[_Server] = []
         errors: list[RankerUnavailable] = []
         for _ in range(2):
@@ -390,7 +414,7 @@ class _Servers:
             tried.append(server)
             server.in_flight += 1
             try:
-                return await server.client._infer(model, inputs, outputs)
+                return await server.client._infer(model, inputs, outputs, version)
             except RankerUnavailable as exc:
                 if not exc.retriable:
                     raise

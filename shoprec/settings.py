@@ -82,7 +82,14 @@ class Settings(BaseSettings):
         description="Wait before an open breaker lets one probe call through; doubles after "
         "each failed probe, up to 16 times this.",
     )
-    item_encoder_model: str = Field("item_encoder", description="Triton model embedding text.")
+    item_encoder_model: str = Field(
+        "item_encoder",
+        description="Triton model embedding catalogue text (on a CPU at a lower priority, "
+        "so a catalogue load never slows the ranker).",
+    )
+    query_encoder_model: str = Field(
+        "query_encoder", description="Triton model embedding search queries (normal priority)."
+    )
     ranker_model: str = Field("fused_ranker", description="Triton model scoring candidates.")
 
     # --- the Faust app --------------------------------------------------------------

@@ -9,11 +9,15 @@ and publishes what it returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from features import keys
 from features.catalog import remove_items, upsert_items
@@ -31,6 +35,7 @@ from shoprec.events import CatalogItem, Limits, parse_catalog_item, tombstone_it
 from shoprec.output import Recommendation
 from shoprec.retry import retry
 from shoprec.settings import Settings
+from streams.experiment import ExperimentRunner
 from streams.ingest import Ingestor, RawRecord
 from streams.metrics import WorkerStats
 from streams.recommend import Recommender, RecommendPolicy
@@ -59,6 +64,18 @@ def update_policy(settings: Settings) -> UpdatePolicy:
         ttl_s=settings.user_ttl_s,
         min_emit_interval_ms=settings.min_emit_interval_ms,
     )
+
+
+class QueryEncoder:
+    """Search queries go to the query encoder: the catalogue's encoder runs at a lower
+    priority and may be busy with a catalogue load (``ranking/encoder_model.py``)."""
+
+    def __init__(self, ranker: RankerClient, model: str) -> None:
+        self._ranker = ranker
+        self._model = model
+
+    async def encode(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        return await self._ranker.encode(texts, model=self._model)
 
 
 class Runtime:
@@ -96,7 +113,8 @@ class Runtime:
                 max_cool_down_s=16 * s.triton_breaker_cool_down_s,
             ),
         )
-        await self.ranker.wait_ready(timeout_s=60.0)
+        models = [s.item_encoder_model, s.query_encoder_model, s.ranker_model]
+        await self.ranker.wait_ready(models, timeout_s=60.0)
         self.items = ItemIndex(self.redis, write_behavioural=self._write_behavioural)
         loaded = await self.items.refresh()
         log.info("item table loaded: %d items", loaded)
@@ -107,13 +125,16 @@ class Runtime:
             query_categories=self.items.categories_near,
         )
         self.store = store
+        # Attribution and the experiment (SHOPREC_EXPERIMENT; None when the window is 0).
+        self.experiment = ExperimentRunner.from_settings(s, self.redis, self.stats)
         self.ingestor = Ingestor(
             store,
             self.items,
-            self.ranker,
+            QueryEncoder(self.ranker, s.query_encoder_model),
             limits_from(s),
             now_ms,
             forgotten=ForgetList.from_settings(self.redis, s),
+            experiment=self.experiment,
         )
         self.recommender = Recommender(
             store,
@@ -122,6 +143,7 @@ class Runtime:
             self.ranker,
             RecommendPolicy(s.top_k, s.n_candidates, s.history_len),
             now_ms,
+            experiment=self.experiment,
         )
 
     async def close(self) -> None:
@@ -129,6 +151,9 @@ class Runtime:
             if self._confirming:
                 # A confirmation cut short only means a redelivery re-emits: at least once.
                 await asyncio.wait(self._confirming, timeout=CONFIRM_ON_CLOSE_S)
+            if self.experiment is not None:
+                with contextlib.suppress(Exception):  # counters for the bandit, not the report
+                    await self.experiment.flush()
             await self.ranker.close()
             await self.redis.aclose()
 
@@ -176,8 +201,16 @@ class Runtime:
         # The batch is in user state now: an outage from here on retries the recommending
         # alone, or the whole batch would come back as duplicates that recommend nothing.
         recs = await retry(
-            "recommend", functools.partial(self.recommender.recommend, outcome.triggers)
+            "recommend",
+            functools.partial(self.recommender.recommend, outcome.triggers, outcome.arms),
         )
+        held_out = self.recommender.held_out
+        if held_out:
+            # No list to publish for them: their triggers are done (not pending) now.
+            await retry(
+                "confirm held out",
+                lambda: self.store.confirm_published((t.user_id, t.event_id) for t in held_out),
+            )
         st = self.stats
         st.batch_sizes.append(len(records))
         st.record_stages(
@@ -191,6 +224,8 @@ class Runtime:
         st.coalesced += outcome.coalesced
         st.suppressed += outcome.suppressed
         re_emitted = sum(r.trigger_event_id in outcome.redelivered for r in recs)
+        # A redelivered holdout trigger is in duplicates already.
+        st.held_out += sum(t.event_id not in outcome.redelivered for t in held_out)
         st.recommended += len(recs) - re_emitted
         st.re_emitted += re_emitted
         st.degraded += sum(r.degraded for r in recs)

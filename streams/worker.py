@@ -27,7 +27,8 @@ async def preflight(settings: Settings, triton_timeout_s: float = 60.0) -> None:
         await redis.aclose()
     ranker = RankerClient.from_settings(settings)
     try:
-        await ranker.wait_ready(timeout_s=triton_timeout_s)
+        models = [settings.item_encoder_model, settings.query_encoder_model, settings.ranker_model]
+        await ranker.wait_ready(models, timeout_s=triton_timeout_s)
     finally:
         await ranker.close()
     log.info("preflight ok: Kafka, Redis and Triton answer")

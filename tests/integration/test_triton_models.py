@@ -36,7 +36,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_REPO = REPO / "model_repo"
-MODELS = ("item_encoder", "fused_ranker")
+MODELS = ("item_encoder", "query_encoder", "fused_ranker")
 K = 6
 
 
@@ -146,6 +146,21 @@ async def test_encoder_matches_in_process_bert(
     np.testing.assert_allclose(np.linalg.norm(remote, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(remote, local_encoder.encode(texts), atol=1e-4)
     assert (await client.encode([])).shape == (0, 384)
+
+
+async def test_search_queries_have_their_own_encoder_with_the_same_vectors(
+    client: RankerClient, servers: Servers
+) -> None:
+    """query_encoder is the item_encoder's model at normal priority: the catalogue's runs
+    one thread at nice 10 (ranking/encoder_model.py), so a catalogue load never delays a
+    search's query vector."""
+    texts = ["trail running shoes", "cast iron pan"]
+    catalogue = await client.encode(texts)
+    queries = await client.encode(texts, model="query_encoder")
+    np.testing.assert_allclose(queries, catalogue, atol=1e-6)
+    log = servers.triton_log.read_text(errors="replace")
+    assert "item_encoder: loaded on cpu, 1 thread(s), nice 10" in log
+    assert "query_encoder: loaded on cpu, 1 thread(s), nice 0" in log
 
 
 async def test_encoder_rejects_invalid_utf8_per_request(servers: Servers) -> None:
