@@ -131,7 +131,7 @@ def mix(
     blocked_keys = (np.arange(b, dtype=np.int64)[:, None] * stride + blocked_items)[
         blocked_items >= 0
     ]
-    ok &= ~np.isin(key, blocked_keys)
+    ok &= ~_isin(key, blocked_keys)
 
     taken = np.zeros(cand.shape, np.bool_)
     leftover = np.zeros(cand.shape, np.bool_)
@@ -142,7 +142,7 @@ def mix(
         quota = q + carry
         if hi > lo:
             seg_key = key[:, lo:hi]
-            free = ok[:, lo:hi] & ~np.isin(seg_key, taken_keys)
+            free = ok[:, lo:hi] & ~_isin(seg_key, taken_keys)
             rank = np.cumsum(free, axis=1) - 1
             take = free & (rank < quota[:, None])
             taken[:, lo:hi] = take
@@ -152,7 +152,7 @@ def mix(
         carry = quota  # what this source could not use passes to the next
 
     # Leftovers in source order fill what is still free, each item once.
-    spare = leftover & ~np.isin(key, taken_keys)
+    spare = leftover & ~_isin(key, taken_keys)
     flat = np.flatnonzero(spare.ravel())
     _, first = np.unique(key.ravel()[flat], return_index=True)
     once = np.zeros(cand.size, np.bool_)
@@ -181,15 +181,34 @@ def mix(
     return Mixed(items, source, signals)
 
 
+def _isin(keys: I64, members: I64) -> Bools:
+    """``np.isin`` for the batch's (user, item) keys: by a lookup table while the key range
+    is small (micro-batches over catalogues up to a few hundred thousand items), else by
+    sorting."""
+    if members.size == 0:
+        return np.zeros(keys.shape, np.bool_)
+    small = int(keys.max(initial=0)) < 1 << 26
+    out: Bools = np.isin(keys, members, kind="table" if small else "sort")
+    return out
+
+
 def _lookup(items: I64, keys: I64, values: F32) -> tuple[F32, Bools]:
     """``values[b, j]`` where ``keys[b, j] == items[b, i]`` for each ``items[b, i]`` (0 and
-    False where absent; keys are unique per row)."""
+    False where absent; keys are unique per row): one sort and one binary search for the
+    whole batch, not a [B, n, width] comparison."""
     if keys.shape[1] == 0:
         return np.zeros(items.shape, np.float32), np.zeros(items.shape, np.bool_)
-    eq = (items[:, :, None] == keys[:, None, :]) & (items[:, :, None] >= 0)
-    found = eq.any(axis=-1)
-    picked = np.take_along_axis(values, eq.argmax(axis=-1), axis=1)
-    return np.where(found, picked, np.float32(0.0)).astype(np.float32), found
+    stride = max(int(items.max(initial=0)), int(keys.max(initial=0))) + 2
+    rows = np.arange(items.shape[0], dtype=np.int64)[:, None]
+    flat_keys = (rows * stride + keys + 1).ravel()  # +1: padding (-1) gets its own key
+    order = np.argsort(flat_keys, kind="stable")
+    sorted_keys = flat_keys[order]
+    wanted = (rows * stride + items + 1).ravel()
+    at = np.minimum(np.searchsorted(sorted_keys, wanted), sorted_keys.size - 1)
+    found = (sorted_keys[at] == wanted) & (items.ravel() >= 0)
+    picked = values.ravel()[order[at]]
+    out = np.where(found, picked, np.float32(0.0)).astype(np.float32).reshape(items.shape)
+    return out, found.reshape(items.shape)
 
 
 def ranked(scores: dict[str, float]) -> list[str]:
