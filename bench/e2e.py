@@ -35,7 +35,9 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import SecretStr
 
+from bench.stackwatch import StackWatch
 from infra import procs
+from infra.stack import STATE_FILE
 from ops.produce import (
     dataset_files,
     produce_catalog_and_wait,
@@ -69,6 +71,8 @@ class BenchOptions:
     drain_timeout_s: float = 600.0  # an overloaded worker works off its backlog
     skip_floor: bool = False
     min_emit_interval_ms: int = 0
+    # The cluster profile (3 Kafka nodes, Redis Cluster 3+3, 2 Tritons) instead of one of each.
+    cluster: bool = False
 
 
 @dataclass(slots=True)
@@ -425,11 +429,15 @@ def measure_shoprec(
     n_workers: int,
     opts: BenchOptions,
     tag: str,
+    watch: StackWatch | None = None,
 ) -> dict[str, Any]:
+    """``watch``: also what every process of the stack spent per event (``stack``)."""
     workers = start_workers(settings, n_workers, settings.stack_dir / "logs")
+    pids = {w.proc.name: w.proc.pid for w in workers}
     try:
         for w in workers:
             w.cpu_at_start = cpu_seconds(w.proc.pid)
+        before = watch.sample(pids) if watch is not None else None
         phase = worker_phase(settings, workers)
         events = source.take(_n_events(rate, opts), tag)
         began = time.monotonic()
@@ -438,12 +446,17 @@ def measure_shoprec(
         busy_s = result.received.last_at - began
         cpu = [cpu_seconds(w.proc.pid) - w.cpu_at_start for w in workers]
         rss = [peak_rss_mb(w.proc.pid) for w in workers]
+        after = watch.sample(pids) if watch is not None else None
         # Drained: every input record is committed, so the counters are final.
         stats = [w.counters() for w in workers]
     finally:
         for w in workers:
             procs.stop(w.proc)
-    return summarise_run(result, stats, busy_s, cpu, rss) | {"workers": n_workers}
+    run = summarise_run(result, stats, busy_s, cpu, rss) | {"workers": n_workers}
+    if watch is not None and before is not None and after is not None:
+        events_in = run["counters"]["events_in"]
+        run["stack"] = watch.per_event(before, after, events_in, run["counters"]["recommended"])
+    return run
 
 
 def summarise_run(
@@ -509,8 +522,11 @@ def replace_prefix(settings: Settings, prefix: str) -> Settings:
 
 
 @contextlib.contextmanager
-def bench_stack(broker: str, model_repo: Path, min_emit_interval_ms: int) -> Iterator[Settings]:
-    """A private stack on free ports, removed afterwards, and settings that point at it."""
+def bench_stack(
+    broker: str, model_repo: Path, min_emit_interval_ms: int, cluster: bool = False
+) -> Iterator[Settings]:
+    """A private stack on free ports (``cluster``: the cluster profile), removed afterwards,
+    and settings that point at it."""
     from infra.stack import Stack
 
     with tempfile.TemporaryDirectory(prefix="shoprec-bench-") as tmp:
@@ -524,14 +540,17 @@ def bench_stack(broker: str, model_repo: Path, min_emit_interval_ms: int) -> Ite
             triton_metrics_port=0,
         )
         stack = Stack(base, model_repo=model_repo)
-        say(f"starting the stack ({broker}, Redis, Triton) in {tmp} ...")
-        endpoints = stack.up(("broker", "redis", "triton"), timeout_s=300)
+        what = "a cluster: 3 Kafka, Redis Cluster 3+3, 2 Tritons" if cluster else broker
+        say(f"starting the stack ({what}) in {tmp} ...")
+        endpoints = stack.up(("broker", "redis", "triton"), timeout_s=400, cluster=cluster)
         try:
             yield base.model_copy(
                 update={
                     "kafka_bootstrap": endpoints.kafka_bootstrap,
                     "redis_url": SecretStr(endpoints.redis_url),
                     "triton_url": endpoints.triton_url,
+                    "redis_cluster": endpoints.redis_cluster,
+                    "kafka_replication_factor": endpoints.kafka_replication_factor,
                     "topic_prefix": "bench.",
                     "app_id": "shoprec-bench",
                     # 0: every event may trigger, the heaviest load the worker can get.
@@ -557,13 +576,23 @@ def load_catalogue(settings: Settings, data: Path) -> int:
     return n_items
 
 
-def run_bench(opts: BenchOptions, model_repo: Path) -> dict[str, Any]:
+def run_bench(
+    opts: BenchOptions,
+    model_repo: Path,
+    inspect: Callable[[Settings], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The sweep; ``inspect(settings)``, run on the stack after the last run, adds to the
+    result (what only the stack can still tell: its memory, say)."""
     # SIGTERM unwinds like Ctrl-C, so the private stack and the workers are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     source = EventSource(opts.data)
     runs: list[dict[str, Any]] = []
-    with bench_stack(opts.broker, model_repo, opts.min_emit_interval_ms) as settings:
+    stack = bench_stack(opts.broker, model_repo, opts.min_emit_interval_ms, opts.cluster)
+    with stack as settings:
+        watch = StackWatch.of_stack(settings.stack_dir / STATE_FILE)
         n_items = load_catalogue(settings, opts.data)
+        say("the stack's own CPU use with no events (10 s) ...")
+        watch.measure_idle(10.0)
         for n, rate in enumerate(opts.rates):
             floor: dict[str, Any] = {}
             if not opts.skip_floor:
@@ -571,14 +600,17 @@ def run_bench(opts: BenchOptions, model_repo: Path) -> dict[str, Any]:
                 floor = measure_floor(settings, source, rate, opts, f"f{n}")
             for workers in opts.workers:
                 say(f"[{rate:.0f}/s] shoprec with {workers} worker(s) ...")
-                run = measure_shoprec(settings, source, rate, workers, opts, f"w{n}x{workers}")
+                tag = f"w{n}x{workers}"
+                run = measure_shoprec(settings, source, rate, workers, opts, tag, watch)
                 run = {"offered_rate": rate, "broker": opts.broker} | run | floor
                 run["ratio_to_floor"] = _ratios(run)
                 say(_one_line(run))
                 runs.append(run)
+        inspected = inspect(settings) if inspect is not None else {}
     result: dict[str, Any] = {
         "dataset": opts.data.name,
         "broker": opts.broker,
+        "cluster": opts.cluster,
         "catalogue_items": n_items,
         "duration_s": opts.duration_s,
         "warmup_s": opts.warmup_s,
@@ -588,6 +620,7 @@ def run_bench(opts: BenchOptions, model_repo: Path) -> dict[str, Any]:
     }
     if len(runs) == 1:
         result |= runs[0]
+    result |= inspected
     if opts.json_out is not None:
         write_results(result, opts.json_out)
     return result

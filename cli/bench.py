@@ -55,6 +55,13 @@ def _numbers(kind: type[float] | type[int]) -> click.ParamType:
 )
 @click.option("--no-floor", is_flag=True, help="Skip the pass-through relay floor.")
 @click.option(
+    "--cluster",
+    is_flag=True,
+    help="On the cluster profile (3 Kafka nodes, Redis Cluster 3+3, 2 Tritons; about "
+    "4.3 GiB), with the CPU per event of every process (`bench capacity` builds the "
+    "capacity model from it).",
+)
+@click.option(
     "--min-emit-interval-ms",
     default=0,
     show_default=True,
@@ -77,6 +84,7 @@ def bench(
     workers: list[int],
     data: Path,
     no_floor: bool,
+    cluster: bool,
     min_emit_interval_ms: int,
     json_out: Path | None,
 ) -> None:
@@ -109,6 +117,7 @@ def bench(
         json_out=json_out,
         skip_floor=no_floor,
         min_emit_interval_ms=min_emit_interval_ms,
+        cluster=cluster,
     )
     try:
         result = run_bench(opts, REPO_ROOT / "model_repo")
@@ -127,3 +136,6 @@ bench.add_command(features_command, "features")
 from bench.soak import soak_command  # noqa: E402
 
 bench.add_command(soak_command, "soak")
+from bench.capacity import capacity_command  # noqa: E402
+
+bench.add_command(capacity_command, "capacity")

@@ -223,7 +223,8 @@ class ScriptRunner:
             if not again:
                 return out
             attempt += 1
-            delay = backoff_s(attempt)
+            # A dead node refuses at once, and a failover takes seconds: retry within one.
+            delay = backoff_s(attempt, cap_s=1.0)
             log.warning(
                 "Redis Cluster: %d of %d script calls not run (%r); sent again in %.2f s",
                 len(again),

@@ -221,6 +221,7 @@ async def test_a_redis_primary_is_killed(
     await s.assert_in_state_once(events)
     assert {r["user_id"] for r in recs} == set(count_users(events))
     assert not any(r["degraded"] for r in recs)
+    log = s.worker.log()
     began = time.monotonic()
     await asyncio.to_thread(c.restore)
     rejoined = not c.is_primary(primary)
@@ -234,6 +235,10 @@ async def test_a_redis_primary_is_killed(
             "longest_output_stall_s": longest_output_gap_s(recs, m["fault_ms"] - 5000, end_ms),
             "latency_ms": windows(recs, start_ms, m["fault_ms"], m["back_ms"], end_ms),
             "killed_node_back_as_replica_s": round(time.monotonic() - began, 1),
+            # What the worker did meanwhile: script calls of the dead node sent again
+            # (features.connection.ScriptRunner), and whole batches retried (shoprec.retry).
+            "worker_script_resends": log.count("script calls not run"),
+            "worker_batch_retries": log.count("; retry "),
             "books": books(stats),
             "events_sent": len(events),
             "rate_per_s": RATE,
