@@ -139,3 +139,6 @@ bench.add_command(soak_command, "soak")
 from bench.capacity import capacity_command  # noqa: E402
 
 bench.add_command(capacity_command, "capacity")
+from bench.api import api_command  # noqa: E402
+
+bench.add_command(api_command, "api")

@@ -16,11 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer
 
+from bench.api import ApiServer, start_api
 from features.connection import open_redis
 from infra import procs
 from ops.produce import (
@@ -155,16 +157,18 @@ def run_demo(opts: DemoOptions, model_repo: Path) -> None:
         "SHOPREC_TRITON_URL": endpoints.triton_url,
     }
     worker: procs.Proc | None = None
+    api: ApiServer | None = None
     try:
         asyncio.run(ensure_topics(settings))
-        say("2/5 starting the worker ...")
+        say("2/5 starting the worker and the pull API (`shoprec serve`) beside it ...")
         worker = start_worker_process(base.stack_dir / "logs" / "worker.log", env)
+        api = start_api(settings, base.stack_dir / "logs" / "api.log")
         n_items = sum(1 for _ in read_jsonl(data / "items.jsonl.gz"))
         say(f"3/5 loading the catalogue of {data.name} ({n_items} items) ...")
 
         alive = functools.partial(procs.is_alive, worker)
         took = asyncio.run(produce_catalog_and_wait(settings, data, n_items, alive))
-        say(f"\n    catalogue ready in {took:.1f} s")
+        say(f"\n    catalogue ready in {took:.1f} s; pull API ready in {api.wait_ready():.1f} s")
         say(f"4/5 streaming {events} real events at {rate:.0f}/s ...")
         recs, report = asyncio.run(stream_and_collect(settings, data, events, rate))
         say("")
@@ -177,11 +181,13 @@ def run_demo(opts: DemoOptions, model_repo: Path) -> None:
                 text = text.replace(f" {item_id} ", f" {item_id} [{title[:40]}] ", 1)
             print(text)
             print()
+        pulled = ask_pull_api(api, [r["user_id"] for r in shown], names)
         summary = summarise(recs, report, n_items) | {
             "dataset": data.name,
             "broker": broker,
             "offered_rate": rate,
             "catalogue_load_s": round(took, 1),
+            "pull_api": pulled,
         }
         text = orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode()
         print(text)
@@ -189,11 +195,40 @@ def run_demo(opts: DemoOptions, model_repo: Path) -> None:
             opts.json_out.parent.mkdir(parents=True, exist_ok=True)
             opts.json_out.write_text(text + "\n")
     finally:
+        if api is not None:
+            api.stop()
         if worker is not None:
             procs.stop(worker)
         if not opts.keep_stack:
             stack.down()
             say("stack stopped")
+
+
+def ask_pull_api(api: ApiServer, users: Sequence[str], names: dict[str, str]) -> dict[str, Any]:
+    """The same users' lists now from the pull API, each asked twice (the first call of a
+    process warms it up), with the latency the caller saw."""
+    latencies = []
+    for user in users:
+        for _ in range(2):
+            began = time.perf_counter()
+            status, body = api.get(f"/v1/users/{quote(user, safe='')}/recommendations?k=5")
+            latencies.append((time.perf_counter() - began) * 1000)
+        top = [
+            f"{i['item_id']} [{names.get(i['item_id'], '')[:30]}]"
+            for i in body.get("items", [])[:2]
+        ]
+        print(
+            f"pull API: GET /v1/users/{user}/recommendations?k=5 -> {status}, "
+            f"{len(body.get('items', []))} items in {latencies[-1]:.1f} ms "
+            f"(degraded {body.get('degraded')}); top: {', '.join(top)}"
+        )
+    warm = latencies[1::2]
+    return {
+        "users": len(users),
+        "latency_ms": {"max_warm": round(max(warm), 1), "first_call": round(latencies[0], 1)}
+        if warm
+        else {},
+    }
 
 
 def _pick_examples(recs: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:

@@ -305,6 +305,21 @@ class FeatureStore:
             raw = await pipe.execute()
         return popularity_from_replies(raw, weights)
 
+    async def context_for(
+        self,
+        contexts: dict[str, UserContext],
+        now_ms: int,
+        covis_per_item: int = 20,
+        trending_n: int = 50,
+    ) -> Context:
+        """:meth:`read_context` for shoppers whose state is given, not read (the pull API's
+        similar items: a shopper whose only history is one item): the shop's trending,
+        the co-visitation of their items and the trending in their categories."""
+        trending = (await self.popularity(now_ms, None, trending_n)).trending()
+        at = dict.fromkeys(contexts, now_ms)
+        await self._read_neighbourhood(contexts, at, now_ms, covis_per_item, trending_n)
+        return Context(users=contexts, trending=trending)
+
     async def _read_neighbourhood(
         self,
         contexts: dict[str, UserContext],

@@ -191,6 +191,31 @@ class Settings(BaseSettings):
         "text", description="Log lines as text, or as JSON objects (one per line)."
     )
 
+    # --- pull API (`shoprec serve`) ---------------------------------------------------
+    api_host: str = Field(
+        "127.0.0.1",
+        description="Address the pull API (`shoprec serve`) binds to; 0.0.0.0 only in a "
+        "container behind a Service.",
+    )
+    api_port: int = Field(8080, ge=1, le=65535, description="Port of the pull API (HTTP).")
+    api_key: SecretStr = Field(
+        SecretStr(""),
+        description="When set, every /v1 request must carry it in the X-API-Key header "
+        "(compared in constant time, never logged); empty: no key asked.",
+    )
+    api_rate_limit: float = Field(
+        500.0,
+        ge=0,
+        description="Requests per second one client address may make to /v1 (a token bucket "
+        "per address, in each API process); above it 429 with Retry-After. 0: no limit.",
+    )
+    api_rate_burst: int = Field(
+        1000,
+        ge=1,
+        description="Requests one client address may make at once before "
+        "SHOPREC_API_RATE_LIMIT applies (the bucket's size).",
+    )
+
     # --- local stack ----------------------------------------------------------------
     stack_dir: Path = Field(
         Path(".shoprec"), description="Where `shoprec stack` keeps data, logs and pids."

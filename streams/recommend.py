@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -79,18 +79,7 @@ class Recommender:
         users = [ctx.users[t.user_id] for t in triggers]
         request = build_request(triggers, users, ctx.trending, self._items.table, self._policy)
         t2 = time.perf_counter()
-        try:
-            answer = await self._ranker.recommend(request)
-            top, model, degraded = (
-                answer.top,
-                f"{self._ranker.ranker_model}@{answer.model_version}",
-                False,
-            )
-        except RankerUnavailable as exc:
-            log.warning("ranker unavailable, serving retrieval order: %s", exc)
-            items = self._items
-            top = recommend(request, items.table, items.retrieval, self._fallback)
-            model, degraded = FALLBACK_MODEL, True
+        top, model, degraded = await self._rank(request)
         t3 = time.perf_counter()
         recs = await self._assemble(triggers, top, model, degraded)
         t4 = time.perf_counter()
@@ -101,6 +90,44 @@ class Recommender:
             "assemble": (t4 - t3) * 1000,
         }
         return recs
+
+    async def recommend_now(
+        self,
+        asks: Sequence[ShopEvent],
+        users: Sequence[UserContext],
+        trending: dict[str, float],
+        top_k: int,
+    ) -> list[Recommendation]:
+        """Recommend now for these users with this context, outside the event stream (the
+        pull API, ``api.service``).
+
+        Each ask stands where a trigger event would: the user, the time, the item in view
+        (``item_id``) and, for a search (type ``"search"``), the query, whose vector is in
+        that user's context.  ``users`` are the asks' contexts, one each, as
+        :meth:`FeatureStore.read_context` reads them or as the caller made them (similar
+        items: a shopper whose only history is that item).  The same request, ranker call,
+        fallback and explanations as a batch of events; ``top_k`` items each.
+        """
+        if not asks:
+            return []
+        policy = replace(
+            self._policy, top_k=top_k, n_candidates=max(top_k, self._policy.n_candidates)
+        )
+        request = build_request(asks, users, trending, self._items.table, policy)
+        top, model, degraded = await self._rank(request)
+        return await self._assemble(asks, top, model, degraded)
+
+    async def _rank(self, request: RecommendRequest) -> tuple[TopK, str, bool]:
+        """The ranker's top-K, its model and version; the fallback's, degraded, when the
+        ranker cannot be called."""
+        try:
+            answer = await self._ranker.recommend(request)
+        except RankerUnavailable as exc:
+            log.warning("ranker unavailable, serving retrieval order: %s", exc)
+            items = self._items
+            top = recommend(request, items.table, items.retrieval, self._fallback)
+            return top, FALLBACK_MODEL, True
+        return answer.top, f"{self._ranker.ranker_model}@{answer.model_version}", False
 
     async def _assemble(
         self, triggers: Sequence[ShopEvent], top: TopK, model: str, degraded: bool

@@ -1,5 +1,6 @@
-"""Nothing listens beyond loopback by default: Kafka, Redis, Triton (HTTP, gRPC, metrics)
-and the worker's Prometheus endpoint bind 127.0.0.1, as the kernel's socket table shows."""
+"""Nothing listens beyond loopback by default: Kafka, Redis, Triton (HTTP, gRPC, metrics),
+the worker's Prometheus endpoint and the pull API bind 127.0.0.1, as the kernel's socket
+table shows."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.api import start_api
 from infra import procs
 from shoprec.settings import Settings
 from tests.faults.harness import FaultStack, scenario_settings
@@ -75,3 +77,20 @@ async def test_worker_metrics_bind_loopback_by_default(faults: FaultStack, logs:
         assert listening_addresses(port) == {"127.0.0.1"}, listening_addresses(port)
     finally:
         worker.stop()
+
+
+def test_pull_api_binds_loopback_by_default(faults: FaultStack, logs: Path) -> None:
+    assert Settings.model_fields["api_host"].default == "127.0.0.1"
+    api = start_api(scenario_settings(faults.endpoints), logs / "api.log")
+    try:
+        port = int(api.url.rsplit(":", 1)[1])
+        procs.wait_until(
+            lambda: bool(listening_addresses(port)),
+            60,
+            "the pull API to listen",
+            api.proc.log_path,
+            proc=api.proc,
+        )
+        assert listening_addresses(port) == {"127.0.0.1"}, listening_addresses(port)
+    finally:
+        api.stop()

@@ -51,13 +51,10 @@ TRITON_DOCKERFILE = DEPLOY / "docker" / "triton.Dockerfile"
 # The oldest Kubernetes the manifests promise to work on, and a current one.
 KUBERNETES_VERSIONS = ("1.31", "1.34")
 
-# SHOPREC_* names the manifests set before shoprec.settings.Settings has them: the pull
-# API's (`shoprec serve`, issue 16) and the learner's (`shoprec learner`, issue 13).
-# Remove a name when its setting lands (test_not_yet_settings_are_not_settings_yet fails
-# as a reminder).
-NOT_YET_SETTINGS = frozenset(
-    {"SHOPREC_API_HOST", "SHOPREC_API_PORT", "SHOPREC_API_KEY", "SHOPREC_MODEL_REPO"}
-)
+# SHOPREC_* names the manifests set before shoprec.settings.Settings has them: the
+# learner's (`shoprec learner`, issue 13).  Remove a name when its setting lands
+# (test_not_yet_settings_are_not_settings_yet fails as a reminder).
+NOT_YET_SETTINGS = frozenset({"SHOPREC_MODEL_REPO"})
 
 INPUT_TOPICS = frozenset(EVENT_TOPICS.values())
 ALL_TOPICS = INPUT_TOPICS | {CATALOG, RECS_OUT, DLQ, CONTROL}
