@@ -147,15 +147,20 @@ class RankerClient:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, breaker: CircuitBreaker | None = None
+        cls,
+        settings: Settings,
+        *,
+        breaker: CircuitBreaker | None = None,
+        timeout_s: float | None = None,
     ) -> RankerClient:
         """The client of the configured Triton server(s) and models (``SHOPREC_TRITON_*``);
-        ``breaker`` sets the thresholds of every server's breaker."""
+        ``breaker`` sets the thresholds of every server's breaker; ``timeout_s`` replaces
+        ``SHOPREC_TRITON_TIMEOUT_S`` (the catalogue's encoding has its own)."""
         return cls(
             settings.triton_url,
             settings.item_encoder_model,
             settings.ranker_model,
-            timeout_s=settings.triton_timeout_s,
+            timeout_s=timeout_s or settings.triton_timeout_s,
             breaker=breaker,
         )
 

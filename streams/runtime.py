@@ -42,6 +42,10 @@ log = logging.getLogger("shoprec.worker")
 
 # The item table follows items:log at most this often (catalogue freshness).
 ITEM_REFRESH_S = 0.5
+# A catalogue chunk (64 texts) may take seconds to embed: item_encoder runs one thread at
+# a low priority on a CPU, behind the ranker.  A short timeout would only send the same
+# chunk again while the first is still being embedded (seen at 2 s on a loaded machine).
+CATALOGUE_ENCODE_TIMEOUT_S = 120.0
 # How long a stopping worker waits for its last publishes to be acknowledged.
 CONFIRM_ON_CLOSE_S = 3.0
 
@@ -111,6 +115,9 @@ class Runtime:
                 max_cool_down_s=16 * s.triton_breaker_cool_down_s,
             ),
         )
+        # Its own client: a slow catalogue load neither times out nor opens the ranker's
+        # circuit breaker.
+        self.catalogue_encoder = RankerClient.from_settings(s, timeout_s=CATALOGUE_ENCODE_TIMEOUT_S)
         models = [s.item_encoder_model, s.query_encoder_model, s.ranker_model]
         await self.ranker.wait_ready(models, timeout_s=60.0)
         self.items = ItemIndex(self.redis, write_behavioural=self._write_behavioural)
@@ -146,6 +153,7 @@ class Runtime:
                 # A confirmation cut short only means a redelivery re-emits: at least once.
                 await asyncio.wait(self._confirming, timeout=CONFIRM_ON_CLOSE_S)
             await self.ranker.close()
+            await self.catalogue_encoder.close()
             await self.redis.aclose()
 
     def confirm_when_acknowledged(
@@ -294,6 +302,6 @@ class Runtime:
     async def _embed_texts(self, texts: Sequence[str]) -> list[Vector | None]:
         """BERT vectors for non-empty texts; each distinct text is encoded once."""
         distinct = sorted({t for t in texts if t})
-        vectors = await retry("item_encoder", lambda: self.ranker.encode(distinct))
+        vectors = await retry("item_encoder", lambda: self.catalogue_encoder.encode(distinct))
         by_text = dict(zip(distinct, vectors, strict=True))
         return [by_text.get(t) for t in texts]
