@@ -124,9 +124,10 @@ async def offer(
     rate: float,
     wall_start_ms: float,
     topic_of: dict[str, str],
+    headers: Callable[[], list[tuple[str, bytes]]] | None = None,
 ) -> Offered:
     """Send ``events`` open loop at ``rate`` from ``wall_start_ms``, each stamped with
-    its due time."""
+    its due time (and with ``headers()`` made at its send, where given)."""
     report = Offered()
     start = time.monotonic() + (wall_start_ms - time.time() * 1000) / 1000
     for i, event in enumerate(events):
@@ -138,7 +139,10 @@ async def offer(
             report.behind_max_ms = max(report.behind_max_ms, -delay * 1000)
         event["ts"] = int(wall_start_ms + i * 1000 / rate)
         await producer.send(
-            topic_of[event["type"]], orjson.dumps(event), key=str(event["user_id"]).encode()
+            topic_of[event["type"]],
+            orjson.dumps(event),
+            key=str(event["user_id"]).encode(),
+            headers=None if headers is None else headers(),
         )
         report.sent += 1
     await producer.flush()

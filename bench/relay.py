@@ -16,10 +16,11 @@ import signal
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 
-async def relay(
-    bootstrap: str, inputs: list[str], output: str, group: str, fetch_max_wait_ms: int
-) -> None:
-    consumer = AIOKafkaConsumer(
+def relay_consumer(
+    bootstrap: str, inputs: list[str], group: str, fetch_max_wait_ms: int
+) -> AIOKafkaConsumer:
+    """The relay's consumer (``bench/faust_hop.py`` measures its hop alone)."""
+    return AIOKafkaConsumer(
         *inputs,
         bootstrap_servers=bootstrap,
         group_id=group,
@@ -27,6 +28,12 @@ async def relay(
         enable_auto_commit=True,
         fetch_max_wait_ms=fetch_max_wait_ms,
     )
+
+
+async def relay(
+    bootstrap: str, inputs: list[str], output: str, group: str, fetch_max_wait_ms: int
+) -> None:
+    consumer = relay_consumer(bootstrap, inputs, group, fetch_max_wait_ms)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await consumer.start()
     await producer.start()

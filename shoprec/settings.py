@@ -117,7 +117,16 @@ class Settings(BaseSettings):
         "of order (the embedding tolerates it; history order and co-visitation do not).",
     )
     batch_within_ms: int = Field(
-        5, ge=0, description="Longest wait to fill a batch before handling what has come."
+        0,
+        ge=0,
+        description="How long a batch waits after its first event for more. 0: the agent "
+        "gets what has arrived at once; what arrives while it works is the next batch.",
+    )
+    consumer_thread: bool = Field(
+        False,
+        description="Run Faust's Kafka consumer in a thread of its own (Faust's way) "
+        "instead of on the worker's event loop; the hand-off between threads costs "
+        "latency and CPU (docs/benchmarks.md).",
     )
     consumer_fetch_max_wait_ms: int | None = Field(
         None,

@@ -1,21 +1,42 @@
-"""Faust's aiokafka transport with the consumer fetch wait shoprec configures.
+"""How records get from Kafka to the worker's agents: Faust's aiokafka transport and
+stream, with the three changes that take Faust's own hop from 19.5–21 ms to ~5 ms
+(p50 at 100 events/s; ``bench/faust_hop.py`` measures each, docs/benchmarks.md).
 
-faust-streaming 0.15 hard-codes ``fetch_max_wait_ms=1500`` for the worker's consumer.
-Apache Kafka answers a fetch as soon as a record arrives, so there the wait only paces
-idle polling; Tansu holds every fetch for the whole wait, which put 457 ms (p50,
-measured) on the worker's broker-in hop and made ``--broker tansu`` useless for
-watching latency.  :class:`StreamApp` builds the transport below, whose consumer
-thread sets ``SHOPREC_CONSUMER_FETCH_MAX_WAIT_MS`` on the consumer Faust creates.
+1. **The fetch wait.** faust-streaming 0.15 hard-codes ``fetch_max_wait_ms=1500`` for
+   the worker's consumer.  Apache Kafka answers a fetch as soon as a record arrives, so
+   there the wait only paces idle polling; Tansu holds every fetch for the whole wait,
+   which put 457 ms (p50, measured) on the broker-in hop.  The consumer gets
+   ``SHOPREC_CONSUMER_FETCH_MAX_WAIT_MS`` instead.
+2. **No consumer thread.** Faust runs aiokafka in a thread of its own and hands each
+   fetch to the worker's event loop through a method queue (``call_soon_threadsafe``
+   both ways).  Each hand-off waits for the other thread to be scheduled and to get the
+   GIL, which the loop holds while it works.  :class:`_InLoopConsumerThread` runs the
+   same consumer service on the worker's loop instead, with the same Faust code on top
+   (``SHOPREC_CONSUMER_THREAD=true`` brings the thread back).
+3. **Batches of what is there.** ``Stream.take_events(max, within)`` hands over a batch
+   only when it is full or when ``within`` has passed since it *started waiting*, so an
+   event that arrives while the agent is busy waits for the agent and then for a whole
+   window as well, and an idle agent wakes up every ``within``.  :meth:`BatchingStream.
+   take_buffered` hands over whatever has arrived as soon as the stream has taken in
+   everything delivered so far: while the agent works, the next batch fills by itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, cast
 
 import aiokafka
 import faust
 from faust.transport.drivers import aiokafka as driver
-from faust.types import TransportT
+from faust.types import ChannelT, EventT, TransportT
+from mode.utils.futures import maybe_async, notify
+
+# take_buffered hands over a batch this long after its last event at the latest even if
+# the channel still holds records: ones the stream drops unseen (records fetched before
+# a rebalance) never reach the batch, and a rebalance waits for the batch's acks.
+STRANDED_BATCH_S = 0.1
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):
@@ -27,25 +48,152 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
         return consumer
 
 
+class _InLoopConsumerThread(_ConsumerThread):
+    """Faust's consumer "thread" run as a plain service on the worker's event loop.
+
+    Everything Faust builds on the consumer thread stays: the aiokafka consumer, the
+    rebalance listener, the method queues; only mode's ``ServiceThread`` start and stop,
+    which would run the service in a new thread with a loop of its own, are replaced by
+    the steps that thread runs (``ServiceThread._serve`` and ``_shutdown_thread``, mode
+    0.7), and a call "into the thread" is a plain ``await``.
+    """
+
+    def __init__(self, consumer: driver.Consumer, **kwargs: Any) -> None:
+        # The thread's loop is the worker's: aiokafka starts its tasks on it.
+        super().__init__(consumer, thread_loop=kwargs["loop"], **kwargs)
+
+    async def start(self) -> None:
+        self._thread_started.set()
+        await self._default_start()
+        await self.on_thread_started()
+
+    async def stop(self) -> None:
+        if self._started.is_set() and not self._stopped.is_set():
+            self._stopped.set()
+            await self._shutdown_thread()
+
+    async def call_thread(
+        self, fun: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
+    ) -> Any:
+        return await maybe_async(fun(*args, **kwargs))
+
+
 class _Consumer(driver.Consumer):
     def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:
-        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+        in_thread = cast(Transport, self.transport).consumer_thread
+        cls = _ConsumerThread if in_thread else _InLoopConsumerThread
+        return cls(self, loop=self.loop, beacon=self.beacon)
 
 
 class Transport(driver.Transport):
     Consumer = _Consumer
 
-    def __init__(self, *args: Any, fetch_max_wait_ms: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, fetch_max_wait_ms: int, consumer_thread: bool, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.consumer_thread = consumer_thread
+
+
+class BatchingStream(faust.Stream[Any]):
+    """``faust.Stream`` with :meth:`take_buffered` (``StreamApp`` makes every stream one)."""
+
+    async def take_buffered(
+        self, max_events: int, linger_s: float = 0.0
+    ) -> AsyncGenerator[list[EventT[Any]], None]:
+        """Batches of up to ``max_events`` events, each acknowledged after the loop body
+        that got it has run (at least once, as ``take_events``).
+
+        A batch is handed over as soon as the stream has taken in every record the
+        consumer delivered so far (its channel is empty), or when it is full; an idle
+        agent sleeps until the next record.  ``linger_s`` > 0 holds a batch that long
+        after its first event, for more to come.  Order is the stream's: one agent
+        instance sees each partition's records in offset order, batch after batch.
+        """
+        events: list[EventT[Any]] = []
+        arrived = asyncio.Event()  # the batch has its first event
+        caught_up = asyncio.Event()  # ... and every record delivered so far, or is full
+        consumed = asyncio.Event()  # a full batch has been handled: room for more
+        handling: asyncio.Future[None] | None = None  # the agent has the batch
+        queue = cast(ChannelT[Any], self.channel).queue
+
+        # Runs in the stream's own (passive) iteration, once per event, as the
+        # processor take_events uses: the stream tracks and decodes, this collects.
+        async def collect(value: Any) -> Any:
+            nonlocal handling
+            if handling is not None:
+                # The agent holds the batch: this event waits for the next one.
+                try:
+                    await handling
+                finally:
+                    handling = None
+            event = self.current_event
+            if event is None:
+                raise RuntimeError("take_buffered found no current event")
+            events.append(event)
+            arrived.set()
+            if len(events) >= max_events:
+                caught_up.set()
+                consumed.clear()
+                await self.wait(consumed)  # type: ignore[arg-type]  # mode types a mode Event
+            elif queue.empty():
+                caught_up.set()
+            else:
+                caught_up.clear()
+            return value
+
+        acks_enabled = self.enable_acks
+        self.enable_acks = False  # acknowledged below, after the loop body ran
+        self.add_processor(collect)
+        self._enable_passive(cast(ChannelT[Any], aiter(self.channel)))
+        try:
+            while not self.should_stop:
+                # Each wait is a few turns of the loop: skipped when already there (an
+                # event into an idle stream sets both at once).
+                if not arrived.is_set() and await self.wait_for_stopped(arrived):  # type: ignore[arg-type]
+                    break
+                if linger_s:
+                    await self.sleep(linger_s)
+                if not caught_up.is_set():
+                    await self.wait_for_stopped(caught_up, timeout=STRANDED_BATCH_S)  # type: ignore[arg-type]
+                if not events:
+                    continue
+                handling = self.loop.create_future()
+                batch = list(events)
+                try:
+                    yield batch
+                    # The loop body ran through: acknowledge.  Not when it raised or
+                    # the agent stopped mid-batch: those records come again (unlike
+                    # take_events, which acknowledges a batch whatever happened).
+                    for event in batch:
+                        await self.ack(event)
+                finally:
+                    events.clear()
+                    arrived.clear()
+                    caught_up.clear()
+                    notify(handling)
+                    consumed.set()
+        finally:
+            self.enable_acks = acks_enabled
+            self._processors.remove(collect)
 
 
 class StreamApp(faust.App):
-    """``faust.App`` whose consumer waits at most ``fetch_max_wait_ms`` per empty fetch."""
+    """``faust.App`` on :class:`Transport` (fetch wait, consumer thread or not) whose
+    streams are :class:`BatchingStream`."""
 
-    def __init__(self, *args: Any, fetch_max_wait_ms: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, fetch_max_wait_ms: int, consumer_thread: bool, **kwargs: Any
+    ) -> None:
         self.fetch_max_wait_ms = fetch_max_wait_ms
-        super().__init__(*args, **kwargs)
+        self.consumer_thread = consumer_thread
+        super().__init__(*args, Stream=BatchingStream, **kwargs)
 
     def _new_transport(self) -> TransportT:
-        return Transport(self.conf.broker_consumer, self, fetch_max_wait_ms=self.fetch_max_wait_ms)
+        return Transport(
+            self.conf.broker_consumer,
+            self,
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
+            consumer_thread=self.consumer_thread,
+        )

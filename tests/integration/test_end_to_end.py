@@ -131,6 +131,15 @@ async def test_events_become_recommendations_and_bad_input_is_dead_lettered(
     got = [orjson.loads(r.value) for r in recs]
     assert {g["user_id"] for g in got} == users, worker.tail()
 
+    # Per-user order: recs.out is keyed by user, so one user's recommendations are read in
+    # the order they were published, and their triggers of one event type (one topic,
+    # one partition per user) come in the order they were sent.
+    triggers: dict[tuple[str, str], list[int]] = {}
+    for g in got:
+        trigger = g["trigger"]
+        triggers.setdefault((g["user_id"], trigger["type"]), []).append(trigger["ts"])
+    assert all(ts == sorted(ts) for ts in triggers.values()), triggers
+
     # The output contract.
     purchases_by_user: dict[str, list[tuple[int, str]]] = {}
     for e in events:
