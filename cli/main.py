@@ -435,10 +435,12 @@ def _register_subcommands() -> None:
     """Commands that live in their own modules, one per area of work."""
     from cli.api import COMMANDS as API_COMMANDS
     from cli.bench import bench
+    from cli.experiment import experiment
     from cli.model import COMMANDS as MODEL_COMMANDS
     from cli.ops import COMMANDS as OPS_COMMANDS
 
     main.add_command(bench)
+    main.add_command(experiment)
     for command in (*OPS_COMMANDS, *MODEL_COMMANDS, *API_COMMANDS):
         main.add_command(command)
 

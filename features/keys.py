@@ -11,6 +11,11 @@ one slot (the update script touches them together); an item's keys share
     {u:<user>}:q       float32 bytes, embedding of the last search query
     {u:<user>}:pend    id of the user's latest trigger whose recommendation is not yet
                        confirmed published (a redelivery of that event re-triggers it)
+    {u:<user>}:xp      hash: the user's experiment and arm, and what was credited to each
+                       arm's lists (features.attribution)
+    {u:<user>}:xl      list of the lists shown to the user (JSON, newest first)
+    {u:<user>}:xe      sorted set of the event ids already attributed (score ts)
+    {u:<user>}:xr      list of the user's latest attributions (JSON, newest first)
     {i:<item>}         hash: n (the item's number: requests to the ranker name items by it),
                        title, category, brand, price, in_stock, ts, emb (float32 bytes),
                        bemb (behavioural embedding of an item without text)
@@ -23,6 +28,8 @@ one slot (the update script touches them together); an item's keys share
                        is never reused, or a stale request could name the wrong item)
     items:log          stream of item changes (field "id"): workers and the ranker
                        follow it to keep their in-memory item tables fresh
+    exp:<name>:totals  hash: an experiment's counters per arm (no user ids), for the bandit
+    exp:<name>:alloc   sorted set: the bandit's allocations over time (score = period)
     <prefix>ckpt:replay:<run>   hash: a replay's next offsets per partition (ops.replay)
     dlq:reinjected     set of dead letters already re-injected (ops.dlq)
     <topics>forget:users   sorted set: keyed hash of an erased user id -> erase time (ms);
@@ -84,8 +91,27 @@ def user_pending(user: str) -> str:
     return _state(f"{{u:{user}}}:pend")
 
 
-# Every per-user key's suffix; the first six in the order the update script takes them.
-USER_KEY_SUFFIXES: tuple[str, ...] = ("emb", "meta", "hist", "ev", "q", "pend")
+def user_experiment(user: str) -> str:
+    return _state(f"{{u:{user}}}:xp")
+
+
+def user_lists(user: str) -> str:
+    return _state(f"{{u:{user}}}:xl")
+
+
+def user_attributed(user: str) -> str:
+    return _state(f"{{u:{user}}}:xe")
+
+
+def user_attributions(user: str) -> str:
+    return _state(f"{{u:{user}}}:xr")
+
+
+# Every per-user key's suffix; the first six in the order the update script takes them, then
+# attribution's four in the order its script takes them (features/attribute.lua).
+USER_KEY_SUFFIXES: tuple[str, ...] = (
+    "emb", "meta", "hist", "ev", "q", "pend", "xp", "xl", "xe", "xr",
+)  # fmt: skip
 
 
 def user_tag(user: str) -> str:
@@ -114,6 +140,16 @@ def popularity_hour(hour: int, category: str | None = None) -> str:
 def popularity_day(day: int, category: str | None = None) -> str:
     key = f"pop:d:{day}" if category is None else f"pop:d:{day}:c:{category}"
     return _state(key)
+
+
+def experiment_totals(name: str) -> str:
+    """An experiment's counters per arm: one key, so every write is a single-key command."""
+    return _state(f"exp:{name}:totals")
+
+
+def experiment_allocations(name: str) -> str:
+    """The bandit's allocation per period: one key, written first-come by any worker."""
+    return _state(f"exp:{name}:alloc")
 
 
 # --- operations and privacy keys ------------------------------------------------------------
@@ -205,6 +241,42 @@ SCHEMA: tuple[KeySpec, ...] = (
         "id of the user's latest trigger event not yet confirmed published",
         "SHOPREC_USER_TTL_S; deleted once the broker acknowledges the recommendation",
         personal=True,
+    ),
+    KeySpec(
+        "{u:<user>}:xp",
+        "the user's experiment and arm; lists, clicks, carts, purchases and revenue credited "
+        "to each arm; all their purchases and spend",
+        _USER_TTL,
+        personal=True,
+    ),
+    KeySpec(
+        "{u:<user>}:xl",
+        "the lists shown to the user (id, arm, trigger time, items) within the attribution "
+        "window, at most 100",
+        _USER_TTL,
+        personal=True,
+    ),
+    KeySpec(
+        "{u:<user>}:xe",
+        "the ids and times of the user's latest 128 attributed events (exactly once)",
+        _USER_TTL,
+        personal=True,
+    ),
+    KeySpec(
+        "{u:<user>}:xr",
+        "the user's latest 100 attributions: event, list, position, arm, revenue",
+        _USER_TTL,
+        personal=True,
+    ),
+    KeySpec(
+        "exp:<name>:totals",
+        "an experiment's counters per arm (users, lists, credited events, revenue), no ids",
+        "90 days after the experiment's last update (features.attribution.EXPERIMENT_TTL_S)",
+    ),
+    KeySpec(
+        "exp:<name>:alloc",
+        "the bandit's allocation of new users to arms, per period, with the counts it used",
+        "90 days after the last allocation; the latest 10,000 periods kept",
     ),
     KeySpec(
         "{i:<item>}",

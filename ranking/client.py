@@ -213,6 +213,17 @@ class RankerClient:
         if warm:
             await self.warm_up(wanted)
 
+    async def serves_version(self, version: str) -> bool:
+        """Whether Triton has this version of the ranker loaded (any server, with several):
+        an experiment's arm that names a version Triton dropped would otherwise fail every
+        call it makes and open the breaker for every arm."""
+        try:
+            return bool(
+                await self._client.is_model_ready(self.ranker_model, version, client_timeout=2.0)
+            )
+        except InferenceServerException:
+            return False
+
     async def warm_up(self, models: Sequence[str] | None = None) -> None:
         """One minimal request to each of ``models`` that this client knows how to call."""
         names = set(models) if models is not None else {self.item_encoder_model, self.ranker_model}
@@ -448,8 +459,10 @@ class _Servers:
     async def is_server_ready(self, client_timeout: float) -> bool:
         return await self._any(lambda c: c.is_server_ready(client_timeout=client_timeout))
 
-    async def is_model_ready(self, name: str, client_timeout: float) -> bool:
-        return await self._any(lambda c: c.is_model_ready(name, client_timeout=client_timeout))
+    async def is_model_ready(self, name: str, version: str = "", *, client_timeout: float) -> bool:
+        return await self._any(
+            lambda c: c.is_model_ready(name, version, client_timeout=client_timeout)
+        )
 
     async def close(self) -> None:
         await asyncio.gather(*(s.client.close() for s in self.servers))

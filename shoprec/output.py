@@ -6,7 +6,15 @@ Key = user id.  Value::
      "items": [{"item_id": str, "score": float, "reasons": [str, ...]}, ...],
      "model": "fused_ranker@<version>" | "retrieval@fallback",
      "trigger": {"event_id": str, "type": str, "ts": int},
-     "emitted_ts": int, "latency_ms": int, "degraded": bool}
+     "emitted_ts": int, "latency_ms": int, "degraded": bool,
+     "list_id": str, "experiment": str, "arm": str}
+
+``list_id`` (added in schema 1) names this list: a click, cart or purchase of one of its
+items within ``SHOPREC_ATTRIBUTION_WINDOW_MS`` is credited to it (``features.attribution``);
+a list emitted again for a redelivered trigger keeps its id
+(:func:`shoprec.experiments.list_id`).  ``experiment`` and ``arm`` (added) say which
+experiment and arm the user is in (``shoprec.experiments``; ``"live"`` and ``"ranker"``
+when none is configured).
 
 Fields are only ever added, never renamed or removed, within one schema
 version; a breaking change bumps ``schema``.
@@ -38,6 +46,9 @@ class Recommendation:
     trigger_ts: int
     emitted_ts: int
     degraded: bool
+    list_id: str = ""
+    experiment: str = ""
+    arm: str = ""
 
     @property
     def latency_ms(self) -> int:
@@ -61,5 +72,8 @@ class Recommendation:
                 "emitted_ts": self.emitted_ts,
                 "latency_ms": self.latency_ms,
                 "degraded": self.degraded,
+                "list_id": self.list_id,
+                "experiment": self.experiment,
+                "arm": self.arm,
             }
         )

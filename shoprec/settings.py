@@ -10,10 +10,12 @@ variable, default and meaning (the README table is made from it).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shoprec.experiments import Experiment, load_experiment
 
 ENV_PREFIX = "SHOPREC_"
 STACK_ENV_FILE = Path(".shoprec/stack.env")
@@ -156,6 +158,21 @@ class Settings(BaseSettings):
         30 * 86400, ge=60, description="Idle time after which a user's state expires."
     )
 
+    # --- experiments and attribution (docs/experiments.md) ---------------------------
+    experiment: Annotated[Experiment | None, NoDecode] = Field(
+        None,
+        description="The running experiment: JSON or the path of a JSON file with its name, "
+        "arms (ranker version, covisitation, retrieval or holdout; shares; shadow arms) and "
+        "optional bandit (docs/experiments.md). Unset: one arm, the served ranker.",
+    )
+    attribution_window_ms: int = Field(
+        30 * 60_000,
+        ge=0,
+        description="A click, cart or purchase of an item a list showed is credited to that "
+        "list when it happens within this much event time after the list's trigger "
+        "(0 turns attribution and experiments off).",
+    )
+
     # --- privacy and retention ------------------------------------------------------
     topic_retention_s: int = Field(
         14 * 86400,
@@ -241,6 +258,11 @@ class Settings(BaseSettings):
     )
     kafka_heap: str = Field("512m", description="JVM heap of the local Apache Kafka broker.")
 
+    @field_validator("experiment", mode="before")
+    @classmethod
+    def _experiment(cls, value: object) -> Experiment | None:
+        return load_experiment(value)
+
     def topic(self, name: str) -> str:
         """The full name of one of shoprec's topics."""
         return f"{self.topic_prefix}{name}"
@@ -254,6 +276,8 @@ class Settings(BaseSettings):
                 continue  # unset stays unset ("None" would not parse back)
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
+            elif isinstance(value, BaseModel):
+                value = value.model_dump_json()
             env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
         return env
 

@@ -110,15 +110,19 @@ class Ingestor:
         results = await self._store.apply_events(updates)
         latest: dict[str, ShopEvent] = {}
         redelivered: set[str] = set()
+        applied_here: set[str] = set()
         for event, result in zip(events, results, strict=True):
             if result.applied:
                 outcome.applied += 1
+                applied_here.add(event.event_id)
                 if not result.emit:
                     outcome.rate_limited += 1
                     continue
             else:
                 outcome.duplicates += 1
-                if not result.emit:
+                # A second copy of an event this batch applied (a producer's retry written
+                # twice) finds it pending, but is no redelivery: the first copy triggers.
+                if not result.emit or event.event_id in applied_here:
                     continue
                 redelivered.add(event.event_id)
             previous = latest.get(event.user_id)

@@ -2,7 +2,8 @@
 
 Every input record ends in exactly one bucket: ``dead_lettered``,
 ``duplicates``, ``rate_limited``, ``coalesced``, ``suppressed`` (events of an erased
-user from before the erase request) or ``recommended`` (users a recommendation was
+user from before the erase request), ``held_out`` (triggers of users in an experiment's
+holdout arm, who get no list) or ``recommended`` (users a recommendation was
 published for), so ``events_in`` always equals their sum: nothing is dropped without a
 count.  ``re_emitted`` counts recommendations published
 again for redelivered triggers (a worker died between writing the state and publishing);
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +48,7 @@ class WorkerStats:
     coalesced: int = 0
     suppressed: int = 0
     recommended: int = 0
+    held_out: int = 0
     re_emitted: int = 0
     degraded: int = 0
     catalog_items: int = 0
@@ -60,6 +62,9 @@ class WorkerStats:
     triton_errors: int = 0  # ranker calls served by the fallback + failed query embeddings
     event_age_ms: Histogram = field(default_factory=Histogram)
     stage_hist_ms: dict[str, Histogram] = field(default_factory=dict)
+    # (experiment, arm, what) -> count: users assigned, lists shown, clicks, carts and
+    # purchases credited, revenue credited, and every purchase and its spend by the buyer's arm.
+    experiment: dict[tuple[str, str, str], float] = field(default_factory=dict)
 
     def record_stages(self, stages: dict[str, float]) -> None:
         for name, ms in stages.items():
@@ -80,6 +85,12 @@ class WorkerStats:
         for age in ages_ms:
             self.event_age_ms.observe(age)
 
+    def observe_experiment(self, name: str, counts: Mapping[tuple[str, str], float]) -> None:
+        """Add a batch's per-arm counts (``(arm, what) -> n``) of experiment ``name``."""
+        for (arm, what), n in counts.items():
+            key = (name, arm, what)
+            self.experiment[key] = self.experiment.get(key, 0.0) + n
+
     def latency_percentiles(self) -> dict[str, float]:
         return percentiles(self.latencies_ms)
 
@@ -92,6 +103,7 @@ class WorkerStats:
             "rate_limited": self.rate_limited,
             "coalesced": self.coalesced,
             "suppressed": self.suppressed,
+            "held_out": self.held_out,
             "re_emitted": self.re_emitted,
             "degraded": self.degraded,
             "catalog_items": self.catalog_items,

@@ -19,6 +19,14 @@ scrape time (a custom collector), so the hot path only bumps plain counters:
     shoprec_stage_recent_ms{stage,quantile}     p50/p95/p99 per stage over the latest
                                                 10,000 batches, as the stats line logs them
     shoprec_batch_size_recent{quantile}         p50/p95/p99 micro-batch size, likewise
+    shoprec_arm_users_total{experiment,arm}     users assigned to each arm (first seen)
+    shoprec_arm_lists_total{experiment,arm}     lists shown (shadow arms: lists scored)
+    shoprec_arm_attributed_total{experiment,arm,outcome}
+                                                clicks, carts, purchases credited to its lists
+    shoprec_arm_revenue_total{experiment,arm}   revenue of the purchases credited to its lists
+    shoprec_arm_purchases_total{experiment,arm} every purchase of the arm's users, credited
+                                                or not (the holdout's baseline), and
+    shoprec_arm_spend_total{experiment,arm}     their revenue
 
 :func:`scrape` reads the counters back (benchmarks and fault tests do, never a log line).
 
@@ -61,8 +69,18 @@ OUTCOMES = (
     "rate_limited",
     "coalesced",
     "suppressed",
+    "held_out",
     "dead_lettered",
 )
+# Experiment counters (streams.metrics.WorkerStats.experiment): metric -> what it counts.
+ARM_METRICS = {
+    "shoprec_arm_users": ("users", "Users assigned to each arm of the experiment."),
+    "shoprec_arm_lists": ("lists", "Lists shown per arm (shadow arms: lists scored)."),
+    "shoprec_arm_revenue": ("revenue", "Revenue of purchases credited to each arm's lists."),
+    "shoprec_arm_purchases": ("buys", "Every purchase of each arm's users, credited or not."),
+    "shoprec_arm_spend": ("spend", "Revenue of every purchase of each arm's users."),
+}
+_ARM_OUTCOMES = ("click", "cart", "purchase")
 # Fields of a log record every record has; anything else was passed as ``extra``.
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -146,6 +164,26 @@ class StatsCollector(Collector):
         for p, value in percentiles(list(st.batch_sizes)).items():
             sizes.add_metric([QUANTILES[p]], value)
         yield sizes
+        yield from _arm_families(dict(st.experiment))
+
+
+def _arm_families(counts: dict[tuple[str, str, str], float]) -> Iterator[Metric]:
+    """The experiment's counters per arm (see the module docstring)."""
+    for name, (what, doc) in ARM_METRICS.items():
+        family = CounterMetricFamily(name, doc, labels=["experiment", "arm"])
+        for (exp, arm, w), n in sorted(counts.items()):
+            if w == what:
+                family.add_metric([exp, arm], n)
+        yield family
+    credited = CounterMetricFamily(
+        "shoprec_arm_attributed",
+        "Clicks, carts and purchases credited to each arm's lists.",
+        labels=["experiment", "arm", "outcome"],
+    )
+    for (exp, arm, w), n in sorted(counts.items()):
+        if w in _ARM_OUTCOMES:
+            credited.add_metric([exp, arm, w], n)
+    yield credited
 
 
 def _buckets(hist: Histogram) -> tuple[list[tuple[str, float]], float]:
@@ -227,14 +265,18 @@ def worker_counters(text: str) -> dict[str, Any]:
     """A worker's counters from its ``/metrics`` text, named as in its stats line
     (:meth:`~streams.metrics.WorkerStats.summary`): ``events_in`` (every input record,
     the sum of ``shoprec_events_total``), the outcome buckets, ``re_emitted``,
-    ``degraded``, ``catalog_items``, and the recent ``stages_ms`` and ``batch_size``
-    percentiles.  The benchmarks and the fault tests read a worker through this."""
+    ``degraded``, ``catalog_items``, the recent ``stages_ms`` and ``batch_size``
+    percentiles, and ``experiments``: experiment -> arm -> counter (``users``, ``lists``,
+    ``click``, ``cart``, ``purchase``, ``revenue``, ``buys``, ``spend``).  The benchmarks
+    and the fault tests read a worker through this."""
     names = {v: k for k, v in QUANTILES.items()}
     out: dict[str, Any] = dict.fromkeys(
         ("events_in", *OUTCOMES, "re_emitted", "degraded", "catalog_items"), 0
     )
     stages: dict[str, dict[str, float]] = {}
     batch_size: dict[str, float] = {}
+    arms: dict[str, dict[str, dict[str, float]]] = {}
+    by_metric = {f"{name}_total": what for name, (what, _) in ARM_METRICS.items()}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name, labels, value = sample.name, sample.labels, sample.value
@@ -250,7 +292,11 @@ def worker_counters(text: str) -> dict[str, Any]:
                 stages.setdefault(labels["stage"], {})[names[labels["quantile"]]] = value
             elif name == "shoprec_batch_size_recent":
                 batch_size[names[labels["quantile"]]] = value
-    return out | {"stages_ms": stages, "batch_size": batch_size}
+            elif name in by_metric or name == "shoprec_arm_attributed_total":
+                what = by_metric.get(name) or labels["outcome"]
+                arm = arms.setdefault(labels["experiment"], {}).setdefault(labels["arm"], {})
+                arm[what] = value
+    return out | {"stages_ms": stages, "batch_size": batch_size, "experiments": arms}
 
 
 def scrape(url: str, timeout_s: float = 5.0) -> dict[str, Any]:

@@ -8,13 +8,18 @@ returns each user's top-K with its explanation (``ranking.pipeline``), and item 
 back into strings once, for the output.  When the ranker cannot be called, the same
 pipeline runs here against the worker's own item table with the retrieval signals as the
 order (``FallbackScorer``), and the output says ``"degraded": true``.
+
+With an experiment (``streams.experiment``), each user is scored the way their arm
+scores (a ranker version on Triton, or co-visitation or retrieval order here), a holdout
+user gets no list, shadow arms score everyone without emitting, and the lists made are
+remembered for attribution.  Every list carries its id, experiment and arm.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -28,14 +33,24 @@ from features.item_table import ItemTable
 from features.store import FeatureStore, UserContext
 from ranking.client import RankerClient
 from ranking.fusion import Reason
-from ranking.pipeline import FallbackScorer, RecommendRequest, TopK, recommend
+from ranking.pipeline import FallbackScorer, RecommendRequest, Scorer, TopK, recommend
 from shoprec.errors import RankerUnavailable
 from shoprec.events import ShopEvent, event_code
+from shoprec.experiments import Arm, list_id
 from shoprec.output import RecItem, Recommendation
+from streams.experiment import (
+    ArmAnswer,
+    CovisitationScorer,
+    ExperimentRunner,
+    rank_by_arm,
+    shown_lists,
+)
 
 log = logging.getLogger("shoprec.recommend")
 
 FALLBACK_MODEL = "retrieval@fallback"
+# Without an experiment every list comes from the served ranker, in no arm.
+NO_ARM = Arm(name="none", share=1.0)
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
 
@@ -56,6 +71,7 @@ class Recommender:
         ranker: RankerClient,
         policy: RecommendPolicy,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        experiment: ExperimentRunner | None = None,
     ) -> None:
         self._store = store
         self._redis = redis
@@ -64,10 +80,22 @@ class Recommender:
         self._policy = policy
         self._clock_ms = clock_ms
         self._fallback = FallbackScorer()
+        self._experiment = experiment
+        self._local: dict[str, Scorer] = {
+            "covisitation": CovisitationScorer(),
+            "retrieval": self._fallback,
+        }
         self.stage_ms: dict[str, float] = {}
         """Milliseconds each stage of the last call took (for the stats and benchmarks)."""
+        self.held_out: list[ShopEvent] = []
+        """The last call's triggers of users in a holdout arm: no list for them."""
 
-    async def recommend(self, triggers: Sequence[ShopEvent]) -> list[Recommendation]:
+    async def recommend(
+        self, triggers: Sequence[ShopEvent], arms: Mapping[str, str] | None = None
+    ) -> list[Recommendation]:
+        """The lists of these triggers' users; ``arms`` (user -> arm, as
+        :meth:`ExperimentRunner.observe` answered) saves a round trip when known."""
+        self.held_out = []
         if not triggers:
             self.stage_ms = {}
             return []
@@ -79,9 +107,9 @@ class Recommender:
         users = [ctx.users[t.user_id] for t in triggers]
         request = build_request(triggers, users, ctx.trending, self._items.table, self._policy)
         t2 = time.perf_counter()
-        top, model, degraded = await self._rank(request)
+        answers = await self._rank_by_arm(triggers, request, arms)
         t3 = time.perf_counter()
-        recs = await self._assemble(triggers, top, model, degraded)
+        recs = await self._assemble(triggers, answers)
         t4 = time.perf_counter()
         self.stage_ms = {
             "redis_read": (t1 - t0) * 1000,
@@ -115,13 +143,43 @@ class Recommender:
         )
         request = build_request(asks, users, trending, self._items.table, policy)
         top, model, degraded = await self._rank(request)
-        return await self._assemble(asks, top, model, degraded)
+        every = list(range(len(asks)))
+        return await self._assemble(asks, [ArmAnswer(NO_ARM, every, top, model, degraded)])
 
-    async def _rank(self, request: RecommendRequest) -> tuple[TopK, str, bool]:
+    async def _rank_by_arm(
+        self,
+        triggers: Sequence[ShopEvent],
+        request: RecommendRequest,
+        arms: Mapping[str, str] | None,
+    ) -> list[ArmAnswer]:
+        """Each trigger's list from its user's arm (one arm, the served ranker, without an
+        experiment); holdout triggers are kept in :attr:`held_out`."""
+        exp = self._experiment
+        if exp is None:
+            top, model, degraded = await self._rank(request)
+            return [ArmAnswer(NO_ARM, list(range(len(triggers))), top, model, degraded)]
+        known = dict(arms or {})
+        missing = {t.user_id for t in triggers} - known.keys()
+        if missing:
+            known |= await exp.arms_of(missing)
+        per_row = [exp.arm(known[t.user_id]) for t in triggers]
+        self.held_out = [t for t, a in zip(triggers, per_row, strict=True) if a.kind == "holdout"]
+        return await rank_by_arm(request, per_row, exp.shadows, self._rank_arm)
+
+    async def _rank_arm(self, request: RecommendRequest, arm: Arm) -> tuple[TopK, str, bool]:
+        """One arm's top-K: Triton's ranker (the arm's version, or the served one), or a
+        scorer run here on the same candidates."""
+        if arm.kind == "ranker":
+            return await self._rank(request, arm.model_version)
+        items = self._items
+        top = recommend(request, items.table, items.retrieval, self._local[arm.kind])
+        return top, f"{arm.kind}@worker", False
+
+    async def _rank(self, request: RecommendRequest, version: str = "") -> tuple[TopK, str, bool]:
         """The ranker's top-K, its model and version; the fallback's, degraded, when the
         ranker cannot be called."""
         try:
-            answer = await self._ranker.recommend(request)
+            answer = await self._ranker.recommend(request, version)
         except RankerUnavailable as exc:
             log.warning("ranker unavailable, serving retrieval order: %s", exc)
             items = self._items
@@ -130,45 +188,58 @@ class Recommender:
         return answer.top, f"{self._ranker.ranker_model}@{answer.model_version}", False
 
     async def _assemble(
-        self, triggers: Sequence[ShopEvent], top: TopK, model: str, degraded: bool
+        self, triggers: Sequence[ShopEvent], answers: Sequence[ArmAnswer]
     ) -> list[Recommendation]:
-        """Item numbers become ids once, here; the explanation's items get their names."""
+        """Item numbers become ids once, here; the explanation's items get their names.
+        Live arms' lists become the output, in trigger order; every list made, shadow
+        lists too, is remembered for attribution (one pipeline)."""
         table = self._items.table
-        ids = table.id_of(top.items)
-        sources = table.id_of(top.source_item)
-        names = await item_titles(self._redis, sorted({s for s in sources if s}))
-        k = top.items.shape[1]
+        decoded = [(a, table.id_of(a.top.items), table.id_of(a.top.source_item)) for a in answers]
+        wanted = {s for a, _, sources in decoded if a.arm.emits for s in sources if s}
+        names = await item_titles(self._redis, sorted(wanted))
         now = self._clock_ms()
-        scores = top.scores.tolist()
-        reasons = top.reasons.tolist()
-        trending = top.is_trending.tolist()
-        out = []
-        for row, t in enumerate(triggers):
-            picked = []
-            for j in range(k):
-                item = ids[row * k + j]
-                if item is None:  # padding, or an item this worker has not read yet
-                    continue
-                source = sources[row * k + j]
-                words = explanation(
-                    Reason(reasons[row][j]),
-                    names.get(source, source) if source else None,
-                    bool(trending[row][j]),
-                )
-                picked.append(RecItem(item, float(scores[row][j]), words))
-            out.append(
-                Recommendation(
+        name = self._experiment.experiment.name if self._experiment else ""
+        by_row: dict[int, Recommendation] = {}
+        for answer, ids, sources in decoded:
+            if answer.arm.shadow:
+                continue
+            top = answer.top
+            k = top.items.shape[1]
+            scores = top.scores.tolist()
+            reasons = top.reasons.tolist()
+            trending = top.is_trending.tolist()
+            for r, row in enumerate(answer.rows):
+                t = triggers[row]
+                picked = []
+                for j in range(k):
+                    item = ids[r * k + j]
+                    if item is None:  # padding, or an item this worker has not read yet
+                        continue
+                    source = sources[r * k + j]
+                    words = explanation(
+                        Reason(reasons[r][j]),
+                        names.get(source, source) if source else None,
+                        bool(trending[r][j]),
+                    )
+                    picked.append(RecItem(item, float(scores[r][j]), words))
+                experiment = name if answer.arm is not NO_ARM else ""
+                by_row[row] = Recommendation(
                     user_id=t.user_id,
                     items=tuple(picked),
-                    model=model,
+                    model=answer.model,
                     trigger_event_id=t.event_id,
                     trigger_type=t.type,
                     trigger_ts=t.ts,
                     emitted_ts=now,
-                    degraded=degraded,
+                    degraded=answer.degraded,
+                    list_id=list_id(t.user_id, t.event_id),
+                    experiment=experiment,
+                    arm=answer.arm.name if experiment else "",
                 )
-            )
-        return out
+        if self._experiment is not None:
+            made = [(a, ids) for a, ids, _ in decoded if a.arm is not NO_ARM]
+            await self._experiment.show(shown_lists(triggers, made, name))
+        return [by_row[row] for row in sorted(by_row)]
 
 
 def explanation(reason: Reason, source: str | None, trending: bool) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ and publishes what it returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -34,6 +35,7 @@ from shoprec.events import CatalogItem, Limits, parse_catalog_item, tombstone_it
 from shoprec.output import Recommendation
 from shoprec.retry import retry
 from shoprec.settings import Settings
+from streams.experiment import ExperimentRunner
 from streams.ingest import Ingestor, RawRecord
 from streams.metrics import WorkerStats
 from streams.recommend import Recommender, RecommendPolicy
@@ -130,6 +132,10 @@ class Runtime:
             query_categories=self.items.categories_near,
         )
         self.store = store
+        # Attribution and the experiment (SHOPREC_EXPERIMENT; None when the window is 0).
+        self.experiment = ExperimentRunner.from_settings(s, self.redis, self.stats)
+        if self.experiment is not None:
+            await self.experiment.check_versions(self.ranker)
         self.ingestor = Ingestor(
             store,
             self.items,
@@ -137,6 +143,7 @@ class Runtime:
             limits_from(s),
             now_ms,
             forgotten=ForgetList.from_settings(self.redis, s),
+            experiment=self.experiment,
         )
         self.recommender = Recommender(
             store,
@@ -145,6 +152,7 @@ class Runtime:
             self.ranker,
             RecommendPolicy(s.top_k, s.n_candidates, s.history_len),
             now_ms,
+            experiment=self.experiment,
         )
 
     async def close(self) -> None:
@@ -152,6 +160,9 @@ class Runtime:
             if self._confirming:
                 # A confirmation cut short only means a redelivery re-emits: at least once.
                 await asyncio.wait(self._confirming, timeout=CONFIRM_ON_CLOSE_S)
+            if self.experiment is not None:
+                with contextlib.suppress(Exception):  # counters for the bandit, not the report
+                    await self.experiment.flush()
             await self.ranker.close()
             await self.catalogue_encoder.close()
             await self.redis.aclose()
@@ -200,8 +211,16 @@ class Runtime:
         # The batch is in user state now: an outage from here on retries the recommending
         # alone, or the whole batch would come back as duplicates that recommend nothing.
         recs = await retry(
-            "recommend", functools.partial(self.recommender.recommend, outcome.triggers)
+            "recommend",
+            functools.partial(self.recommender.recommend, outcome.triggers, outcome.arms),
         )
+        held_out = self.recommender.held_out
+        if held_out:
+            # No list to publish for them: their triggers are done (not pending) now.
+            await retry(
+                "confirm held out",
+                lambda: self.store.confirm_published((t.user_id, t.event_id) for t in held_out),
+            )
         st = self.stats
         st.batch_sizes.append(len(records))
         st.record_stages(
@@ -215,6 +234,8 @@ class Runtime:
         st.coalesced += outcome.coalesced
         st.suppressed += outcome.suppressed
         re_emitted = sum(r.trigger_event_id in outcome.redelivered for r in recs)
+        # A redelivered holdout trigger is in duplicates already.
+        st.held_out += sum(t.event_id not in outcome.redelivered for t in held_out)
         st.recommended += len(recs) - re_emitted
         st.re_emitted += re_emitted
         st.degraded += sum(r.degraded for r in recs)

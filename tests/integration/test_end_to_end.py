@@ -156,7 +156,13 @@ async def test_events_become_recommendations_and_bad_input_is_dead_lettered(
             "emitted_ts",
             "latency_ms",
             "degraded",
+            "list_id",
+            "experiment",
+            "arm",
         }
+        # No experiment configured: every user in the one arm, the served ranker.
+        assert (rec["experiment"], rec["arm"]) == ("live", "ranker")
+        assert len(rec["list_id"]) == 16
         assert rec["schema"] == 1 and rec["degraded"] is False
         assert rec["model"].startswith("fused_ranker@")
         assert rec["latency_ms"] == rec["emitted_ts"] - rec["trigger"]["ts"] >= 0

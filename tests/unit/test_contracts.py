@@ -18,6 +18,9 @@ def test_recommendation_follows_schema_1() -> None:
         trigger_ts=1000,
         emitted_ts=1012,
         degraded=False,
+        list_id="3f2a9c1d0b7e6a54",
+        experiment="ranker-vs-covis",
+        arm="covis",
     )
     doc = orjson.loads(rec.to_json())
     assert doc == {
@@ -31,6 +34,9 @@ def test_recommendation_follows_schema_1() -> None:
         "emitted_ts": 1012,
         "latency_ms": 12,
         "degraded": False,
+        "list_id": "3f2a9c1d0b7e6a54",
+        "experiment": "ranker-vs-covis",
+        "arm": "covis",
     }
 
 

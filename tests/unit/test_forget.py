@@ -241,6 +241,8 @@ def test_every_key_function_has_a_spec_and_user_specs_are_the_user_keys() -> Non
         "ckpt:replay:<run>": keys.replay_checkpoint("replay:", "abc123"),
         keys.DLQ_REINJECTED: keys.DLQ_REINJECTED,
         "forget:users": keys.forgotten_users("t1."),
+        "exp:<name>:totals": keys.experiment_totals("ranker-vs-covis"),
+        "exp:<name>:alloc": keys.experiment_allocations("ranker-vs-covis"),
     }
     assert set(made) == {s.pattern for s in keys.SCHEMA}
     for pattern, key in made.items():

@@ -64,3 +64,29 @@ async def test_redelivered_triggers_recommend_once_and_every_event_is_counted_on
     # The worker's books: a re-emitted recommendation is not counted as recommended.
     recommended = len(out.triggers) - len(out.redelivered)
     assert out.duplicates + out.rate_limited + out.coalesced + recommended == len(SCRIPT)
+
+
+async def test_a_copy_of_an_event_in_the_same_batch_is_a_duplicate_and_the_first_triggers() -> None:
+    """A producer that retried a send during a broker failure wrote the event twice; both
+    copies land in one batch: the first applies (and is pending), the second finds it
+    pending. Found on the cluster (a Kafka broker killed): the first copy was in no bucket."""
+
+    class Store:
+        async def apply_events(self, updates: Sequence[UserUpdate]) -> list[UpdateResult]:
+            seen: set[str] = set()
+            out = []
+            for u in updates:
+                out.append(UpdateResult(u.event_id not in seen, True, []))
+                seen.add(u.event_id)
+            return out
+
+    value = orjson.dumps(
+        {"event_id": "c1", "type": "view", "user_id": "u1", "ts": T0, "item_id": "i"}
+    )
+    records = [RawRecord("shop.views", 0, n, b"u1", value) for n in range(2)]
+    ingestor = Ingestor(Store(), NoVectors(), NoEncoder(), Limits(), lambda: T0)  # type: ignore[arg-type]
+    out = await ingestor.ingest(records)
+    assert [e.event_id for e in out.triggers] == ["c1"] and out.redelivered == set()
+    assert (out.applied, out.duplicates, out.coalesced) == (1, 1, 0)
+    recommended = len(out.triggers) - len(out.redelivered)
+    assert out.duplicates + out.rate_limited + out.coalesced + recommended == len(records)
