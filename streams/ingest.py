@@ -1,7 +1,9 @@
 """Ingest: raw records → validated events → user state; picks the events that trigger.
 
 This is the body of the ingest agent without Faust, so it can be driven by
-tests and by the replay tools directly.
+tests and by the replay tools directly.  With an experiment runner
+(``streams.experiment``), the batch's clicks, carts and purchases are then credited to
+the lists they followed, and every user of the batch gets their arm.
 """
 
 from __future__ import annotations
@@ -9,15 +11,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from features.forget import ForgetList
-from features.store import ALWAYS_EMIT, FeatureStore, UserUpdate
+from features.store import ALWAYS_EMIT, UpdateResult, UserUpdate
 from features.user_state import Vector
 from shoprec.dlq import DeadLetter
 from shoprec.errors import InvalidEvent, ShoprecError
 from shoprec.events import Limits, ShopEvent, parse_event
+from streams.experiment import ExperimentRunner
 from streams.protocols import ItemVectors, QueryEncoder
 
 log = logging.getLogger("shoprec.ingest")
@@ -48,6 +52,8 @@ class IngestOutcome:
     query_embedding_failed: int = 0
     # Events of users who asked to be forgotten, from before they asked: never applied.
     suppressed: int = 0
+    # Each user's experiment arm (every user of the batch; empty without an experiment).
+    arms: dict[str, str] = field(default_factory=dict)
 
 
 def parse_records(
@@ -66,19 +72,28 @@ def parse_records(
     return events, dead
 
 
+class EventStore(Protocol):
+    """Where events fold into user state: the Redis ``FeatureStore`` live, an in-memory
+    one behind the same call offline (the experiment simulation)."""
+
+    async def apply_events(self, updates: Sequence[UserUpdate]) -> list[UpdateResult]: ...
+
+
 class Ingestor:
     """Folds a batch of records into the feature store."""
 
     def __init__(
         self,
-        store: FeatureStore,
+        store: EventStore,
         items: ItemVectors,
         encoder: QueryEncoder,
         limits: Limits,
         clock_ms: Callable[[], int],
         forgotten: ForgetList | None = None,
+        experiment: ExperimentRunner | None = None,
     ) -> None:
         self._store = store
+        self._experiment = experiment
         self._forgotten = forgotten
         self._items = items
         self._encoder = encoder
@@ -108,6 +123,10 @@ class Ingestor:
             for e, v in zip(events, vectors, strict=True)
         ]
         results = await self._store.apply_events(updates)
+        if self._experiment is not None:
+            # Every event, duplicates too: attribution dedupes by event id itself, so an
+            # event whose state a dead worker wrote but never credited is credited now.
+            outcome.arms = await self._experiment.observe(events)
         latest: dict[str, ShopEvent] = {}
         redelivered: set[str] = set()
         applied_here: set[str] = set()
