@@ -56,12 +56,13 @@ test-cluster: install
 	$(BIN)/pytest -q -m cluster
 
 # The latency sweep on Apache Kafka (1 and 2 workers) and on Tansu, then the
-# feature-store benchmark; results (JSON + plots) land in bench/results/.
+# feature-store benchmark and the pull API's; results (JSON + plots) land in bench/results/.
 RATES ?= 100,500,1000,2000
 bench: install
 	$(BIN)/shoprec bench --rate $(RATES) --workers 1,2 --duration 10 --json bench/results/e2e-kafka.json
 	$(BIN)/shoprec bench --broker tansu --rate $(RATES) --duration 10 --json bench/results/e2e-tansu.json
 	$(BIN)/shoprec bench features --json bench/results/features.json
+	$(BIN)/shoprec bench api --json bench/results/api.json
 
 clean:
 	-$(BIN)/shoprec stack down --wipe

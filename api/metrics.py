@@ -53,6 +53,15 @@ class ApiMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
+        self.stages = Histogram(
+            "shoprec_api_stage_seconds",
+            "Seconds per stage of a request: queue (waiting for its batch), then per batch "
+            "queries (BERT), state (Redis), context (Redis, asks that change it), rank "
+            "(request, ranker call, explanations).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.latency.labels(route, method).observe(seconds)

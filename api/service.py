@@ -23,7 +23,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +71,7 @@ class Ask:
     request_id: str
     received_ms: int
     answer: asyncio.Future[Recommendation]
+    queued_at: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 class PullService:
@@ -184,6 +187,9 @@ class PullService:
             if not batch:
                 continue
             self.metrics.batch_size.observe(len(batch))
+            started = time.perf_counter()
+            for ask in batch:
+                self.metrics.stages.labels("queue").observe(started - ask.queued_at)
             try:
                 recs = await self._answer(runtime, batch)
             except (RedisError, OSError, DependencyUnavailable) as exc:
@@ -202,7 +208,9 @@ class PullService:
 
     async def _answer(self, runtime: Runtime, batch: list[Ask]) -> list[Recommendation]:
         now = now_ms()
+        stage = self._stage_timer()
         vectors, query_failed = await self._embed_queries(runtime, batch)
+        stage("queries")
         dim = runtime.items.table.dim
         users = [a for a in batch if not a.similar]
         trending: dict[str, float] = {}
@@ -212,13 +220,14 @@ class PullService:
                 (a.subject for a in users), {a.subject: now for a in users}
             )
             stored, trending = read.users, read.trending
+        stage("state")
         # What a request adds to the stored state (the item in view, a search) changes
         # the context: those asks get theirs made anew, the same user twice in a batch
         # one each.  A similar-items ask is a shopper with no state viewing the item.
         contexts: dict[int, UserContext] = {}
         changed: dict[str, UserContext] = {}
         for n, a in enumerate(batch):
-            state = _nobody(dim) if a.similar else stored[a.subject]
+            state = nobody(dim) if a.similar else stored[a.subject]
             query = vectors.get(a.query) if a.query else None
             in_view = a.subject if a.similar else a.context_item
             if query is None and in_view is None:
@@ -227,12 +236,13 @@ class PullService:
             if query is not None:
                 state = dataclasses.replace(state, query=query)
             if in_view is not None:
-                state = _viewing(state, in_view, runtime.items.vector(in_view), now)
+                state = viewing(state, in_view, runtime.items.vector(in_view), now)
             changed[str(n)] = UserContext(state.embedding, state.query, state.history)
         if changed:
             made = await runtime.store.context_for(changed, now)
             trending = trending or made.trending
             contexts |= {int(n): c for n, c in made.users.items()}
+        stage("context")
         asks = [
             ShopEvent(
                 event_id=a.request_id,
@@ -247,6 +257,7 @@ class PullService:
         recs = await runtime.recommender.recommend_now(
             asks, [contexts[n] for n in range(len(batch))], trending, max(a.k for a in batch)
         )
+        stage("rank")
         return [
             dataclasses.replace(
                 rec,
@@ -257,6 +268,18 @@ class PullService:
             )
             for a, rec in zip(batch, recs, strict=True)
         ]
+
+    def _stage_timer(self) -> Callable[[str], None]:
+        """Each call observes the seconds since the previous one under its stage."""
+        last = time.perf_counter()
+
+        def stage(name: str) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            self.metrics.stages.labels(name).observe(now - last)
+            last = now
+
+        return stage
 
     async def _embed_queries(
         self, runtime: Runtime, batch: list[Ask]
@@ -306,12 +329,12 @@ class PullService:
         }
 
 
-def _nobody(dim: int) -> UserContext:
+def nobody(dim: int) -> UserContext:
     """The state of a shopper shoprec knows nothing of."""
     return UserContext(np.zeros(dim, np.float32), np.zeros(dim, np.float32), [])
 
 
-def _viewing(state: UserContext, item_id: str, vector: Vector | None, now: int) -> UserContext:
+def viewing(state: UserContext, item_id: str, vector: Vector | None, now: int) -> UserContext:
     """``state`` as if the shopper had just viewed ``item_id``, for this answer only
     (nothing is stored): the view heads the history, so co-visitation and category
     trending come from the item and the ranker attends to it; a shopper with no taste

@@ -40,6 +40,7 @@ import aiohttp
 import click
 import numpy as np
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.e2e import (
     EventSource,
@@ -245,7 +246,8 @@ async def _session(connections: int) -> Any:
 
 def stream_events(settings: Settings, data: Path, rate: float, seconds: float, tag: str) -> None:
     """Offer the dataset's real events at ``rate`` for ``seconds`` (a child process)."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Stopped when the sweep is done: nothing left to flush that anyone will read.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     events = EventSource(data).take(int(rate * seconds), tag)
     asyncio.run(offer_events(settings, events, rate))
 
@@ -294,6 +296,31 @@ class Processes:
     def events_in(self) -> int:
         return int(self.worker.counters()["events_in"])
 
+    def api_sums(self) -> dict[str, tuple[float, float]]:
+        """(sum, count) of the API's stage histograms and of its batch sizes, so far."""
+        with urllib.request.urlopen(self.api.url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        out: dict[str, tuple[float, float]] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name not in ("shoprec_api_stage_seconds", "shoprec_api_batch_size"):
+                continue
+            for sample in family.samples:
+                name = sample.labels.get("stage", "batch_size")
+                total, count = out.get(name, (0.0, 0.0))
+                if sample.name.endswith("_sum"):
+                    out[name] = (sample.value, count)
+                elif sample.name.endswith("_count"):
+                    out[name] = (total, sample.value)
+        return out
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all cores (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
 
 def _cpu_or_zero(pid: int) -> float:
     try:
@@ -306,12 +333,23 @@ def measure(
     ps: Processes, what: dict[str, Any], load_of: Callable[[], Coroutine[Any, Any, Load]]
 ) -> dict[str, Any]:
     """One step: the load ``load_of`` makes, with CPU, events handled and load average."""
-    events_before, cpu_before = ps.events_in(), ps.cpu()
+    events_before, cpu_before, sums_before = ps.events_in(), ps.cpu(), ps.api_sums()
+    busy_before = machine_busy()
     began = time.monotonic()
     load = asyncio.run(load_of())
     wall = time.monotonic() - began
-    events_after, cpu_after = ps.events_in(), ps.cpu()
+    events_after, cpu_after, sums_after = ps.events_in(), ps.cpu(), ps.api_sums()
+    busy_after = machine_busy()
+    ours = sum(cpu_after.values()) - sum(cpu_before.values())
+    busy = busy_after[0] - busy_before[0]
     api_cpu_s = cpu_after["api"] - cpu_before["api"]
+    means = {}
+    for name, (total, count) in sums_after.items():
+        before = sums_before.get(name, (0.0, 0.0))
+        n = count - before[1]
+        if n:
+            scale = 1.0 if name == "batch_size" else 1000.0
+            means[name] = round(scale * (total - before[0]) / n, 2)
     return (
         what
         | load.summary()
@@ -319,10 +357,18 @@ def measure(
             "events_per_s": round((events_after - events_before) / wall, 1),
             # The API process does nothing else; Triton also ranks the stream's events.
             "api_cpu_ms_per_request": round(1000 * api_cpu_s / max(1, load.answered_all), 2),
+            # Inside the API: the mean batch, and the mean of each stage in ms (queue per
+            # request; the others per batch).
+            "api_batch_size_mean": means.pop("batch_size", None),
+            "api_stage_ms_mean": means,
             "cpu_pct": {
                 name: round(100 * (cpu_after[name] - cpu_before[name]) / wall, 1)
                 for name in cpu_after
             },
+            # The whole machine's CPU in use, and how much of it this benchmark's processes
+            # had (the rest: Kafka, Redis, the kernel, and anything else on the machine).
+            "machine_busy_pct": round(100 * busy / max(busy_after[1] - busy_before[1], 1e-9), 1),
+            "share_of_busy_cpu_pct": round(100 * ours / max(busy, 1e-9), 1),
             "load_avg_1m": round(os.getloadavg()[0], 2),
         }
     )
@@ -444,6 +490,7 @@ def _one_line(step: dict[str, Any]) -> str:
         f"  p50 {lat.get('p50')} p95 {lat.get('p95')} p99 {lat.get('p99')} ms, "
         f"{step['requests_per_s']} req/s, status {step['status']}, "
         f"{step['events_per_s']} events/s, cpu {step['cpu_pct']}%, "
+        f"batch {step['api_batch_size_mean']}, stages {step['api_stage_ms_mean']} ms, "
         f"load {step['load_avg_1m']}"
     )
 
@@ -484,9 +531,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     right.set_yscale("log")
     right.legend(fontsize=8)
     load = result["machine"]["load_avg_after"][0]
+    steps = [*by_c, *by_r]
+    busy = np.median([s["machine_busy_pct"] for s in steps])
+    ours = np.median([s["share_of_busy_cpu_pct"] for s in steps])
     fig.suptitle(
         f"pull API beside {result['event_rate']:.0f} events/s through a worker "
-        f"({result['machine']['cpus']} cores, Triton on CPU, load average {load})"
+        f"({result['machine']['cpus']} cores, Triton on CPU; load average {load}, CPUs "
+        f"{busy:.0f}% busy, {ours:.0f}% of that this benchmark's)",
+        fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

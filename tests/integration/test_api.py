@@ -258,6 +258,8 @@ def test_metrics_count_requests_by_route_and_status(served: Served) -> None:
     assert 'route="/v1/users/{user_id}/recommendations",status="422"' in text
     assert "shoprec_api_request_seconds_bucket" in text
     assert 'shoprec_api_answers_total{degraded="false",kind="user"}' in text
+    for stage in ("queue", "queries", "state", "context", "rank"):
+        assert f'shoprec_api_stage_seconds_count{{stage="{stage}"}}' in text
     # No access log: user ids and queries stay out of the API's log.
     log = (served.tmp / "api.log").read_text()
     assert served.busiest_users(1)[0] not in log and "nobody-at-all" not in log

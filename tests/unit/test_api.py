@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -19,7 +20,10 @@ from pydantic import SecretStr
 from api.app import create_app, similar_json
 from api.limits import RateLimiter
 from api.schema import RecommendationOut, SimilarOut
+from api.service import nobody, viewing
 from cli.api import OPENAPI_FILE, openapi_text
+from features.store import UserContext
+from features.user_state import HistoryEntry
 from shoprec.output import RecItem, Recommendation
 from shoprec.settings import Settings
 
@@ -210,3 +214,19 @@ def test_rate_limiter_is_per_client_bounded_and_off_at_zero() -> None:
     assert len(limiter) == 3
     off = RateLimiter(0.0, 1)
     assert all(off.take("a", 0.0) == 0 for _ in range(100))
+
+
+def test_an_item_in_view_heads_the_history_and_gives_a_newcomer_its_taste() -> None:
+    dim = 4
+    item = np.array([3.0, 4.0, 0.0, 0.0], np.float32)
+    newcomer = viewing(nobody(dim), "i9", item, now=1_000)
+    assert [(h.item_id, h.type, h.ts) for h in newcomer.history] == [("i9", "view", 1_000)]
+    np.testing.assert_allclose(newcomer.embedding, [0.6, 0.8, 0.0, 0.0], rtol=1e-6)
+    taste = np.array([0.0, 0.0, 1.0, 0.0], np.float32)
+    known = UserContext(taste, np.zeros(dim, np.float32), [HistoryEntry("i1", "cart", 900)])
+    looking = viewing(known, "i9", item, now=1_000)
+    assert [h.item_id for h in looking.history] == ["i9", "i1"]
+    np.testing.assert_array_equal(looking.embedding, taste)  # their own taste stays
+    assert [h.item_id for h in known.history] == ["i1"]  # the stored state is not touched
+    unknown_item = viewing(nobody(dim), "i0", None, now=1_000)
+    assert not unknown_item.embedding.any()
