@@ -24,6 +24,7 @@ With a bandit, its allocation per period (``exp:<name>:alloc``) comes with the r
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -356,10 +357,11 @@ def format_report(report: Report) -> str:
             label = "CTR@K" if metric == "ctr" else metric.replace("_", " ")
             lines.append(f"  {label:26} {shown}{tail}")
     if report.allocations:
-        lines += ["", "bandit allocation of new users (period start: shares)"]
+        lines += ["", "bandit allocation of new users (when computed, UTC: shares)"]
         for a in report.allocations:
             shares = ", ".join(f"{n} {s:.2f}" for n, s in a.shares.items())
-            lines.append(f"  {a.ts}: {shares}")
+            when = dt.datetime.fromtimestamp(a.ts / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+            lines.append(f"  {when}: {shares}")
     return "\n".join(lines)
 
 
@@ -399,7 +401,7 @@ def plot_report(report: Report, path: Path) -> Path:
         arms = list(report.allocations[-1].shares)
         t = [(a.ts - report.allocations[0].ts) / 1000.0 for a in report.allocations]
         ys = [[a.shares.get(name, 0.0) for a in report.allocations] for name in arms]
-        ax.stackplot(t, ys, labels=arms)
+        ax.stackplot(t, ys, labels=arms, step="post")
         ax.set_ylim(0, 1)
         ax.set_xlabel("seconds since the first allocation")
         ax.set_title("bandit: share of new users", fontsize=10)
