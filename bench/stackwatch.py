@@ -52,6 +52,11 @@ def commandstats(port: int) -> dict[str, int]:
     return out
 
 
+def is_replica(port: int) -> bool:
+    text = redis_cluster.command(procs.LOOPBACK, port, "INFO", "replication", timeout=5.0)
+    return redis_cluster.parse_info(text).get("role") == "slave"
+
+
 def used_memory(port: int) -> int:
     text = redis_cluster.command(procs.LOOPBACK, port, "INFO", "memory", timeout=5.0)
     return int(redis_cluster.parse_info(text)["used_memory"])
@@ -63,6 +68,7 @@ class Sample:
     redis_calls: dict[int, dict[str, int]]  # port -> command -> calls
     redis_memory: dict[int, int]  # port -> used_memory bytes
     at: float = field(default_factory=time.monotonic)
+    redis_replicas: set[int] = field(default_factory=set)  # ports of the replicas now
 
 
 @dataclass
@@ -93,13 +99,15 @@ class StackWatch:
         cpu = {role: group_cpu_seconds(pgid) for role, pgid in self.groups.items()}
         cpu |= {name: group_cpu_seconds(pid) for name, pid in (workers or {}).items()}
         cpu["generator"] = own_cpu_seconds()
-        calls, memory = {}, {}
+        calls, memory, replicas = {}, {}, set()
         for port in self.redis_ports:
             try:
                 calls[port], memory[port] = commandstats(port), used_memory(port)
+                if is_replica(port):
+                    replicas.add(port)
             except OSError:
                 continue  # a node that is down (a fault test) has nothing to add
-        return Sample(cpu, calls, memory)
+        return Sample(cpu, calls, memory, redis_replicas=replicas)
 
     def measure_idle(self, seconds: float = 10.0) -> dict[str, float]:
         """What each part of the stack spends per second while nothing is sent."""
@@ -137,11 +145,13 @@ class StackWatch:
         by_component = by_part(cpu)
         net_by_component = by_part(net)
         commands: dict[str, int] = {}
+        on_primaries = 0  # a replica re-runs each write's effects (MULTI/EXEC, PEXPIREAT)
         for port, calls in after.redis_calls.items():
             for name, count in calls.items():
-                commands[name] = (
-                    commands.get(name, 0) + count - before.redis_calls.get(port, {}).get(name, 0)
-                )
+                ran = count - before.redis_calls.get(port, {}).get(name, 0)
+                commands[name] = commands.get(name, 0) + ran
+                if port not in after.redis_replicas:
+                    on_primaries += ran
         scripts = sum(v for k, v in commands.items() if k in ("evalsha", "eval"))
         total = sum(commands.values())
         return {
@@ -158,6 +168,7 @@ class StackWatch:
                 net_by_component.get("triton", 0.0) * n / max(1, ranked), 4
             ),
             "redis_commands_per_event": round(total / n, 2),
+            "redis_commands_per_event_on_primaries": round(on_primaries / n, 2),
             "redis_script_calls_per_event": round(scripts / n, 2),
             "redis_top_commands_per_event": {
                 k: round(v / n, 2)

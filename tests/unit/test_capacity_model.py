@@ -39,6 +39,7 @@ def test_per_event_costs_from_two_samples() -> None:
         {7001: {"evalsha": 2100, "zrevrange": 1050, "zincrby": 4000}, 7004: {"evalsha": 0}},
         {7001: 5000, 7004: 4900},
         at=110.0,
+        redis_replicas={7004},
     )
     cost = watch.per_event(before, after, events=1000, ranked=500)
     assert cost["cpu_ms_per_event"]["triton-1"] == 6.0
@@ -55,6 +56,7 @@ def test_per_event_costs_from_two_samples() -> None:
     assert cost["triton_cpu_ms_per_ranked"] == 12.0
     assert cost["redis_script_calls_per_event"] == 2.0
     assert cost["redis_commands_per_event"] == 7.0  # 2000 + 1000 + 4000 over 1000 events
+    assert cost["redis_commands_per_event_on_primaries"] == 7.0  # the replica ran none
     assert cost["redis_memory_bytes"] == 9900
 
 
@@ -86,7 +88,8 @@ def run(workers: int, offered: float, reached: float, worker_ms: float) -> dict[
 
 def test_the_model_from_the_runs() -> None:
     result = {
-        "runs": [run(1, 150, 149, 2.0), run(1, 600, 210, 2.5), run(2, 600, 260, 2.5)],
+        # The light run's cost (4 ms: small batches) is not the cost at capacity.
+        "runs": [run(1, 150, 149, 4.0), run(1, 600, 210, 2.5), run(2, 600, 260, 2.5)],
         "redis_state": {"bytes_per_user": 2048},
     }
     model = capacity_model(result)
