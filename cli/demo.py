@@ -214,7 +214,7 @@ def ask_pull_api(api: ApiServer, users: Sequence[str], names: dict[str, str]) ->
             status, body = api.get(f"/v1/users/{quote(user, safe='')}/recommendations?k=5")
             latencies.append((time.perf_counter() - began) * 1000)
         top = [
-            f"{i['item_id']} [{names.get(i['item_id'], '')[:30]}]"
+            i["item_id"] + (f" [{names[i['item_id']][:30]}]" if i["item_id"] in names else "")
             for i in body.get("items", [])[:2]
         ]
         print(

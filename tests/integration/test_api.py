@@ -35,7 +35,14 @@ from infra.stack import Endpoints
 from shoprec.settings import Settings
 from streams.topics import TopicNames, ensure_topics
 from tests.integration.helpers import isolated_settings, rees46_fixture
-from tests.integration.ops_setup import events_in_state, items_embedded, send, wait_for
+from tests.integration.ops_setup import (
+    events_in_state,
+    items_embedded,
+    json_out,
+    send,
+    shoprec,
+    wait_for,
+)
 from tests.worker import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -407,3 +414,24 @@ async def test_without_triton_answers_are_degraded_then_ranked_again(
         await asyncio.sleep(0.25)
     assert not body["degraded"] and body["model"].startswith("fused_ranker@"), body
     assert API_KEY not in (served.tmp / "api-proxied.log").read_text()
+
+
+# --- an erased customer --------------------------------------------------------------------
+
+
+async def test_an_erased_customer_gets_what_a_stranger_gets(served: Served) -> None:
+    """After `shoprec forget-user`, the API knows nothing of the customer (it keeps no copy
+    of its own); runs last: it erases one of the fixture's customers."""
+    user = served.busiest_users(6)[5]
+    _, before = served.get(f"/v1/users/{quote(user)}/recommendations?k=10")
+    _, stranger = served.get("/v1/users/nobody-at-all/recommendations?k=10")
+    assert items_of(before) != items_of(stranger)
+    report = json_out(
+        await asyncio.to_thread(
+            shoprec, served.settings, "forget-user", user, "--settle", "1", "--json"
+        )
+    )
+    assert report, report
+    _, after = served.get(f"/v1/users/{quote(user)}/recommendations?k=10")
+    _, stranger = served.get("/v1/users/nobody-at-all/recommendations?k=10")
+    assert items_of(after) == items_of(stranger)
