@@ -27,9 +27,10 @@ from shoprec import redact
 from shoprec.dlq import DeadLetter, event_id_of
 from shoprec.settings import Settings
 from streams import observability
+from streams.control import ControlHandler
 from streams.ingest import RawRecord
-from streams.runtime import Runtime, now_ms
-from streams.topics import TopicNames, kafka_ssl_context
+from streams.runtime import Runtime, limits_from, now_ms
+from streams.topics import CONTROL, TopicNames, kafka_ssl_context
 from streams.transport import BatchingStream, StreamApp
 
 log = logging.getLogger("shoprec.worker")
@@ -100,6 +101,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
     catalog_topic = app.topic(names.catalog, key_type=bytes, value_type=bytes)
     recs_topic = app.topic(names.recs_out, key_type=bytes, value_type=bytes)
     dlq_topic = app.topic(names.dlq, key_type=bytes, value_type=bytes)
+    control_topic = app.topic(settings.topic(CONTROL), key_type=bytes, value_type=bytes)
 
     async def publish_dead(dead: Sequence[DeadLetter]) -> None:
         for d in dead:
@@ -136,6 +138,18 @@ def create_app(settings: Settings) -> tuple[faust.App, Runtime]:
         # Items come in loads: a batch lingers 0.1 s for more, one encoder call for them.
         async for events in micro_batches(stream, 64, 0.1):
             await publish_dead(await runtime.handle_catalog(raw_records(events)))
+
+    @app.agent(control_topic, name="control")
+    async def control(stream: faust.StreamT[bytes]) -> None:
+        # Erase requests (forget_user): streams/control.py does the work; bad records
+        # go to the dead-letter topic like any other input.
+        await runtime.ensure_open()
+        handler = ControlHandler.open(settings, runtime.redis, limits_from(settings))
+        try:
+            async for events in micro_batches(stream, 64, 0.5):
+                await publish_dead(await handler.handle(raw_records(events)))
+        finally:
+            await handler.close()
 
     @app.on_before_shutdown.connect
     async def close_runtime(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

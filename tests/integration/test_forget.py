@@ -27,13 +27,9 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from features import keys
-from features.connection import open_redis
 from features.forget import ForgetList, find_user_keys
 from infra.stack import Endpoints
 from ops.ranges import read_topic
-from streams.control import ControlHandler
-from streams.ingest import RawRecord
-from streams.runtime import limits_from
 from streams.topics import CONTROL, TopicNames, ensure_topics, kafka_options
 from tests.integration.helpers import isolated_settings, rees46_fixture
 from tests.integration.ops_setup import (
@@ -206,31 +202,33 @@ async def test_customers_forgotten_mid_stream_leave_nothing_and_stay_forgotten(
 
         b_erase_ts = int(time.time() * 1000) + 1000
 
-        async def forget_b_through_the_control_topic() -> list[Any]:
+        async def forget_b_through_the_control_topic() -> None:
+            # The worker's control agent does the erase (streams/control.py, wired in
+            # streams/app.py); a record of an unknown type goes to the dead-letter topic.
             control = s.topic(CONTROL)
             request = orjson.dumps({"type": "forget_user", "user_id": b, "ts": b_erase_ts})
             await send(
                 s, [(control, b.encode(), request), (control, b"x", b'{"type":"forget_all"}')]
             )
-            raw = [
-                RawRecord(r.topic, r.partition, r.offset, r.key, r.value)
-                for r in await read_topic(s, control)
-            ]
-            client = open_redis(s.redis_url)
-            handler = ControlHandler.open(s, client, limits_from(s))
-            try:
-                return await handler.handle(raw)
-            finally:
-                await handler.close()
-                await client.aclose()
 
-        erased_a, dead = await asyncio.gather(
+            async def b_erased() -> bool:
+                forgotten = ForgetList.from_settings(redis, s)
+                return b in await forgotten.erased_at([b])
+
+            await wait_for(b_erased, worker, 120)
+
+        erased_a, _ = await asyncio.gather(
             asyncio.to_thread(shoprec, s, "forget-user", a, "--settle", "3", "--json"),
             forget_b_through_the_control_topic(),
         )
         report = json_out(erased_a)
         summary["second_half_sent_when_erase_ended"] = streamed[0]
-        assert [d.reason for d in dead] == ["unknown_type"]
+        control_dead = [
+            r
+            for r in await read_topic(s, names.dlq)
+            if dict(r.headers).get("shoprec-source-topic") == s.topic(CONTROL).encode()
+        ]
+        assert [dict(r.headers)["shoprec-reason"] for r in control_dead] == [b"unknown_type"]
         await streaming
         # A's old events again, as a redelivery after a crash would bring them, and a bad
         # record for the dead-letter part at the end.
