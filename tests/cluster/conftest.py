@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from infra.stack import Stack
+from infra.stack import Endpoints, Stack
 from tests.cluster.cluster import Cluster, record
 from tests.faults.conftest import committed_model_repo
 from tests.faults.harness import Catalogue, FaultStack, Scenario, load_events, load_items
@@ -36,12 +39,38 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def stack_env(stack_dir: Path) -> dict[str, str]:
+    """The environment of a `shoprec` command on the private cluster in ``stack_dir``."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith("SHOPREC_")}
+    ports = ("KAFKA_PORT", "REDIS_PORT", "TRITON_HTTP_PORT", "TRITON_GRPC_PORT")
+    return (
+        keep
+        | {f"SHOPREC_{p}": "0" for p in (*ports, "TRITON_METRICS_PORT")}
+        | {"SHOPREC_STACK_DIR": str(stack_dir)}
+    )
+
+
 @pytest.fixture(scope="package")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    settings = stack_settings(tmp_path_factory.mktemp("cluster"))
+    """Started as an operator would: `shoprec stack up --cluster` (which also creates the
+    topics with the cluster's replication factor); the tests drive it through ``Stack``."""
+    stack_dir = tmp_path_factory.mktemp("cluster")
     model_repo = committed_model_repo(tmp_path_factory.mktemp("models"))
-    stack = Stack(settings, model_repo=model_repo)
-    endpoints = stack.up(timeout_s=400, cluster=True)
+    stack = Stack(stack_settings(stack_dir), model_repo=model_repo)
+    argv = [sys.executable, "-m", "cli.main", "stack", "up", "--cluster", "--timeout", "400"]
+    up = subprocess.run(
+        [*argv, "--model-repo", str(model_repo)],
+        cwd=stack_dir,
+        env=stack_env(stack_dir),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if up.returncode != 0:
+        stack.down(wipe=True)
+        pytest.fail(f"shoprec stack up --cluster failed:\n{up.stderr[-4000:]}")
+    endpoints = Endpoints(**json.loads(up.stdout))
+    assert endpoints.redis_cluster and endpoints.kafka_replication_factor == 3
     try:
         items = load_items({str(e["item_id"]) for e in load_events(N_EVENTS)})
         catalogue = asyncio.run(Catalogue.embed(endpoints.triton_url, items))

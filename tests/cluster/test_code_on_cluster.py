@@ -6,6 +6,8 @@ status as `shoprec stack status` prints it."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -23,6 +25,7 @@ from infra import procs, redis_cluster
 from ranking.client import RankerClient
 from streams.topics import TopicNames, ensure_topics
 from tests.cluster.cluster import Cluster, triton_successes
+from tests.cluster.conftest import stack_env
 from tests.faults.harness import load_events, scenario_settings
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.timeout(600)]
@@ -237,7 +240,20 @@ async def test_the_triton_client_spreads_calls_and_survives_a_dead_server(
 
 def test_stack_status_shows_leaders_and_slots(cluster: Cluster) -> None:
     status = cluster.faults.stack.status()
-    text = format_status(status)
+    stack_dir = cluster.faults.stack.stack_dir
+    shown = subprocess.run(
+        [sys.executable, "-m", "cli.main", "stack", "status"],
+        cwd=stack_dir,
+        env=stack_env(stack_dir),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stdout + shown.stderr  # every part healthy
+    text = shown.stdout
+    assert text.strip() == format_status(cluster.faults.stack.status()).strip()
+    # The topics `stack up --cluster` created, three replicas each, are listed.
+    assert "shop.views" in text and "recs.out" in text
     assert "Kafka cluster: healthy" in text and "Redis Cluster: healthy" in text
     for role in ["broker-1", "broker-2", "broker-3", "triton-1", "triton-2"]:
         assert role in text
