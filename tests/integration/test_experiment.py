@@ -322,3 +322,64 @@ async def test_an_arm_can_name_a_ranker_version_and_a_missing_one_stops_the_star
                     await runner.check_versions(client)
     finally:
         await client.close()
+
+
+async def test_the_bandit_moves_new_users_toward_the_arm_whose_lists_get_clicked(
+    stack: Endpoints, data_dir: Path, tmp_path: Path
+) -> None:
+    """The same real events, the same two arms, no holdout: a Thompson-sampling bandit with
+    a new allocation every second of wall-clock time, the events sent over about 20 s.  The
+    arm the report finds better at the end is the one the allocations moved toward, and the
+    other keeps its floor."""
+    from tests.integration.helpers import isolated_settings
+
+    events, items = real_events(data_dir)
+    bandit = Experiment.model_validate(
+        {
+            "name": "bandit",
+            "arms": [
+                {"name": "ranker", "kind": "ranker", "share": 0.5},
+                {"name": "covis", "kind": "covisitation", "share": 0.5},
+            ],
+            "click_types": ["click", "view"],
+            "bandit": {"reward": "click", "min_share": 0.1, "every_s": 1.0},
+        }
+    )
+    settings = isolated_settings(stack, experiment=bandit, min_emit_interval_ms=0)
+    await ensure_topics(settings)
+    redis = Redis.from_url(stack.redis_url)
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        before = await redis.xlen(keys.ITEM_LOG)
+        names = TopicNames.from_settings(settings)
+        producer = AIOKafkaProducer(**kafka_options(settings), acks="all")
+        await producer.start()
+        try:
+            for item in items:
+                await producer.send(names.catalog, orjson.dumps(item), key=item["item_id"].encode())
+            await producer.flush()
+        finally:
+            await producer.stop()
+        await worker.ready()
+        deadline = time.monotonic() + 600
+        while await redis.xlen(keys.ITEM_LOG) < before + len(items):
+            assert worker.proc.poll() is None and time.monotonic() < deadline, worker.tail()
+            await asyncio.sleep(1.0)
+        for start in range(0, N_EVENTS, 100):  # paced: new users keep coming for a while
+            await send(settings, events[start : start + 100])
+            await asyncio.sleep(0.8)
+        await drained([worker], 0, N_EVENTS)
+        worker.stop()
+    finally:
+        worker.close()
+        await redis.aclose()
+    report = json_out(shoprec(settings, "experiment", "report", "--json"))
+    ctr = {a: report["arms"][a]["ctr"]["value"] for a in ("ranker", "covis")}
+    better, worse = sorted(ctr, key=lambda a: -ctr[a])
+    shares = [a["shares"] for a in report["bandit"]]
+    assert len(shares) >= 5, shares
+    assert shares[0][better] == pytest.approx(0.5, abs=0.05)  # no lists yet: even odds
+    assert shares[-1][better] > 0.75 and shares[-1][worse] >= 0.1 - 1e-9
+    # New users followed: the better arm got more of them than the even split would give.
+    assert report["arms"][better]["users"] > report["arms"][worse]["users"]
+    print(ctr, [round(s[better], 2) for s in shares])
