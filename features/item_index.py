@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -24,7 +25,7 @@ from redis.asyncio import Redis
 from features import keys
 from features.ann import ANN_MIN_ITEMS, TableIndex
 from features.behavioural import refresh_behavioural
-from features.catalog import number_items
+from features.catalog import item_titles, number_items
 from features.item_table import (
     ItemRecord,
     ItemTable,
@@ -40,6 +41,7 @@ REFRESH_CHUNK = 500
 # round-robin over the items without text, keeps the pass to a few milliseconds.
 BEHAVIOURAL_EVERY_S = 60.0
 BEHAVIOURAL_CHUNK = 500
+NAMES_KEPT = 200_000
 
 
 class ItemIndex:
@@ -64,6 +66,9 @@ class ItemIndex:
         # worker computes them (a replay's shadow state must not leak into live retrieval).
         self._write_behavioural = write_behavioural
         self._categories: dict[str, str] = {}
+        # Display names for explanations ("similar to <name>"), read from Redis on first
+        # use and forgotten when the item changes: one round trip less per batch.
+        self._names: dict[str, str] = {}
         self._next_behavioural = 0.0
         self._behavioural_cursor = 0
 
@@ -105,6 +110,8 @@ class ItemIndex:
                 return total
             self.table.apply(await self._fetch(changed))
             self.table.last_stream_id = last_id
+            for item_id in changed:
+                self._names.pop(item_id, None)
             self.retrieval.changed(self.table.take_changed())
             total += len(changed)
 
@@ -131,6 +138,16 @@ class ItemIndex:
         return out
 
     # --- what ingest, the request and the fallback read ---------------------------------
+
+    async def names(self, item_ids: Sequence[str]) -> dict[str, str]:
+        """Each item's display name (``features.catalog.display_name``); Redis is read only
+        for names not seen since the item last changed."""
+        missing = [i for i in item_ids if i not in self._names]
+        if missing:
+            if len(self._names) + len(missing) > NAMES_KEPT:
+                self._names.clear()  # bounded: a cache, not a copy of the catalogue
+            self._names |= await item_titles(self._redis, missing)
+        return {i: self._names.get(i, i) for i in item_ids}
 
     def number(self, item_id: str) -> int:
         """The item's number, -1 when unknown."""

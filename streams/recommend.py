@@ -27,7 +27,6 @@ import numpy.typing as npt
 from redis.asyncio import Redis
 
 from features.candidates import ranked
-from features.catalog import item_titles
 from features.item_index import ItemIndex
 from features.item_table import ItemTable
 from features.store import FeatureStore, UserContext
@@ -196,7 +195,7 @@ class Recommender:
         table = self._items.table
         decoded = [(a, table.id_of(a.top.items), table.id_of(a.top.source_item)) for a in answers]
         wanted = {s for a, _, sources in decoded if a.arm.emits for s in sources if s}
-        names = await item_titles(self._redis, sorted(wanted))
+        names = await self._items.names(sorted(wanted))
         now = self._clock_ms()
         name = self._experiment.experiment.name if self._experiment else ""
         by_row: dict[int, Recommendation] = {}
