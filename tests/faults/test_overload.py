@@ -1,4 +1,4 @@
-"""Back-pressure: a minute of load at several times the worker's capacity raises latency
+"""Back-pressure: a minute of load well above the worker's capacity raises latency
 but loses no event, and afterwards the worker catches up (lag back to zero) and answers
 as fast as before."""
 
@@ -67,8 +67,10 @@ async def test_overload_raises_latency_loses_nothing_and_recovers(scenario: Scen
         f"after {p(after, 50):.0f}/{p(after, 99):.0f}"
     )
     # It was an overload: offered well above what the worker could do, queued in Kafka.
+    # (1.3x, not more: one worker now ranks ~570 events/s on 2 cores, and the test's own
+    # producer, on the same cores, offers little more than 900/s.)
     assert backlog > OVERLOAD_RATE * OVERLOAD_S / 4, backlog
-    assert len(overload) / offered_s > 2 * capacity, (capacity, offered_s)
+    assert len(overload) / offered_s > 1.3 * capacity, (capacity, offered_s)
     # Latency rose under the overload (queueing in Kafka, not loss) ...
     assert p(during, 99) > 5 * p(before, 99)
     # ... nothing was lost or counted twice ...

@@ -92,10 +92,12 @@ async def test_events_become_recommendations_and_bad_input_is_dead_lettered(
             await asyncio.sleep(0.5)
         assert await redis.hexists(keys.item(items[0]["item_id"]), "emb")
 
-        now = int(time.time() * 1000)
+        # Live, in recorded order, and never in the future: the producer sends faster than
+        # one event per millisecond, and the worker may answer before a future ts arrives.
+        start = int(time.time() * 1000) - len(events)
         bad_every = N_EVENTS // len(BAD_RECORDS)
         for n, event in enumerate(events):
-            event["ts"] = now + n  # live, in recorded order
+            event["ts"] = start + n
             await producer.send(
                 names.event_topic(event["type"]), orjson.dumps(event), key=event["user_id"].encode()
             )
