@@ -25,7 +25,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,15 @@ class BenchOptions:
     min_emit_interval_ms: int = 0
     # The cluster profile (3 Kafka nodes, Redis Cluster 3+3, 2 Tritons) instead of one of each.
     cluster: bool = False
+    # Catalogue sizes: before its rates, each grows the catalogue to that many items
+    # (bench/catalog_scale.py); empty: the dataset's catalogue alone.
+    items: Sequence[int] = ()
+    # Items (with descriptions, from load_data) sent to the catalogue topic while events
+    # stream, after a baseline of duration_s (bench/catalog_scale.py); 0: no load.
+    catalog_load: int = 0
+    load_data: Path | None = None
+    load_timeout_s: float = 3600.0  # 10,000 long texts at 5 items/s take 33 minutes
+    load_tail_s: float = 5.0  # events go on this long after the load is stored
 
 
 @dataclass(slots=True)
@@ -89,8 +98,10 @@ class Offered:
 class Received:
     latencies_ms: list[float] = field(default_factory=list)
     publish_ms: list[float] = field(default_factory=list)
+    due_ms: list[float] = field(default_factory=list)  # beside latencies_ms
     records: int = 0
     degraded: int = 0
+    degraded_due_ms: list[float] = field(default_factory=list)
     last_at: float = field(default_factory=time.monotonic)
 
 
@@ -117,20 +128,29 @@ class EventSource:
             self._cursor += 1
         return out
 
+    def stream(self, tag: str) -> Iterator[dict[str, Any]]:
+        """Events without end (``offer`` stops them)."""
+        while True:
+            yield from self.take(100, tag)
+
 
 async def offer(
     producer: AIOKafkaProducer,
-    events: Sequence[dict[str, Any]],
+    events: Iterable[dict[str, Any]],
     rate: float,
     wall_start_ms: float,
     topic_of: dict[str, str],
     headers: Callable[[], list[tuple[str, bytes]]] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> Offered:
     """Send ``events`` open loop at ``rate`` from ``wall_start_ms``, each stamped with
-    its due time (and with ``headers()`` made at its send, where given)."""
+    its due time (and with ``headers()`` made at its send, where given), until they run
+    out or ``stop`` is set."""
     report = Offered()
     start = time.monotonic() + (wall_start_ms - time.time() * 1000) / 1000
     for i, event in enumerate(events):
+        if stop is not None and stop.is_set():
+            break
         due = start + i / rate
         delay = due - time.monotonic()
         if delay > 0:
@@ -195,9 +215,12 @@ async def receive(
                 if due_ms < since_ms:
                     continue  # warm-up
                 got.latencies_ms.append(recv_ms - due_ms)
+                got.due_ms.append(due_ms)
                 if emitted_ms is not None:
                     got.publish_ms.append(recv_ms - emitted_ms)
-                got.degraded += degraded
+                if degraded:
+                    got.degraded += 1
+                    got.degraded_due_ms.append(due_ms)
 
 
 # --- lag --------------------------------------------------------------------------
@@ -264,6 +287,71 @@ async def run_phase(
     if drain_s is None:
         return PhaseResult(offered, got, lags, opts.drain_timeout_s, drained=False)
     return PhaseResult(offered, got, lags, drain_s, drained=True)
+
+
+async def run_load_phase(
+    phase: Phase,
+    source: EventSource,
+    tag: str,
+    rate: float,
+    opts: BenchOptions,
+    records: Sequence[dict[str, Any]],
+    stored: Callable[[], int],
+) -> tuple[PhaseResult, dict[str, Any]]:
+    """Events open loop at ``rate``: ``duration_s`` without a load, then ``records`` sent to
+    the catalogue topic; events go on until ``stored()`` counts them all, and
+    ``load_tail_s`` more (bench/catalog_scale.py).  Returns the phase and the load's report
+    with latency, degraded and ranked per window."""
+    from bench.catalog_scale import send_and_watch, windows_of
+
+    consumer = await start_output_consumer(phase.settings, phase.output_topic)
+    producer = await start_producer(phase.settings)
+    loader = await start_producer(phase.settings)
+    wall_start_ms = time.time() * 1000 + 100
+    since_ms = int(wall_start_ms + opts.warmup_s * 1000)
+    got, stop, lags = Received(), asyncio.Event(), list[int]()
+    no_more = asyncio.Event()
+    topics = sorted(set(phase.input_topics.values()))
+    receiver = asyncio.create_task(receive(consumer, phase.read, since_ms, got, stop))
+    sampler = asyncio.create_task(sample_lag(phase.settings, phase.group, topics, stop, lags))
+    events = source.stream(tag)
+    sender = asyncio.create_task(
+        offer(producer, events, rate, wall_start_ms, phase.input_topics, stop=no_more)
+    )
+    try:
+        await asyncio.sleep(max(0.0, (since_ms + opts.duration_s * 1000) / 1000 - time.time()))
+        say(f"  sending {len(records)} catalogue items while events stream ...")
+        catalog = TopicNames.from_settings(phase.settings).catalog
+        load = await send_and_watch(loader, catalog, records, stored, opts.load_timeout_s)
+        await asyncio.sleep(opts.load_tail_s)
+        no_more.set()
+        offered = await sender
+        end_ms = wall_start_ms + offered.sent * 1000 / rate
+        drain_s = await drain(phase, topics, got, offered.sent, opts.drain_timeout_s)
+    finally:
+        no_more.set()
+        stop.set()
+        await asyncio.gather(receiver, sampler, sender, return_exceptions=True)
+        await producer.stop()
+        await loader.stop()
+        await consumer.stop()
+    done_ms = load.done_at_ms if load.done_at_ms is not None else end_ms
+    bounds = {
+        "before": (float(since_ms), load.sent_at_ms),
+        "during": (load.sent_at_ms, done_ms),
+        "after": (done_ms, end_ms + 1),
+    }
+    latency = windows_of(got.due_ms, got.latencies_ms, bounds)
+    degraded = windows_of(got.degraded_due_ms, got.degraded_due_ms, bounds)
+    report = load.summary() | {
+        "windows_s": {k: round((hi - lo) / 1000, 1) for k, (lo, hi) in bounds.items()},
+        "latency_ms": {k: percentiles_of(v) for k, v in latency.items()},
+        "ranked": {k: len(v) for k, v in latency.items()},
+        "degraded": {k: len(v) for k, v in degraded.items()},
+    }
+    took = opts.drain_timeout_s if drain_s is None else drain_s
+    result = PhaseResult(offered, got, lags, took, drained=drain_s is not None)
+    return result, report
 
 
 async def drain(
@@ -349,8 +437,11 @@ def start_process(name: str, argv: Sequence[str], log: Path, env: dict[str, str]
     return Started(proc, offset)
 
 
-def start_workers(settings: Settings, n: int, logs: Path) -> list[Started]:
-    """``n`` workers, each with a metrics endpoint on a free port of its own."""
+def start_workers(
+    settings: Settings, n: int, logs: Path, ready_timeout_s: float = PROBE_TIMEOUT_S
+) -> list[Started]:
+    """``n`` workers, each with a metrics endpoint on a free port of its own; each loads
+    the whole catalogue before it reports ready."""
     argv = [sys.executable, "-m", "cli.main", "worker"]
     workers = []
     for i, port in enumerate(procs.free_ports(n)):
@@ -359,7 +450,7 @@ def start_workers(settings: Settings, n: int, logs: Path) -> list[Started]:
         worker.metrics_url = f"http://{settings.metrics_host}:{port}/metrics"
         workers.append(worker)
     for w in workers:
-        wait_for_line(w.proc, "Worker ready", w.log_offset, PROBE_TIMEOUT_S)
+        wait_for_line(w.proc, "Worker ready", w.log_offset, ready_timeout_s)
     return workers
 
 
@@ -435,17 +526,32 @@ def measure_shoprec(
     tag: str,
     watch: StackWatch | None = None,
 ) -> dict[str, Any]:
-    """``watch``: also what every process of the stack spent per event (``stack``)."""
-    workers = start_workers(settings, n_workers, settings.stack_dir / "logs")
+    """``watch``: also what every process of the stack spent per event (``stack``);
+    ``opts.catalog_load``: a catalogue load while the events stream (``catalog_load``)."""
+    ready_s = PROBE_TIMEOUT_S + max(opts.items, default=0) / 2000  # 1M items: about 10 min
+    workers = start_workers(settings, n_workers, settings.stack_dir / "logs", ready_s)
+    load: dict[str, Any] | None = None
     pids = {w.proc.name: w.proc.pid for w in workers}
     try:
         for w in workers:
             w.cpu_at_start = cpu_seconds(w.proc.pid)
         before = watch.sample(pids) if watch is not None else None
         phase = worker_phase(settings, workers)
-        events = source.take(_n_events(rate, opts), tag)
         began = time.monotonic()
-        result = asyncio.run(run_phase(phase, events, rate, opts))
+        if opts.catalog_load:
+            from bench.catalog_scale import read_load_records
+
+            records = read_load_records(opts.load_data or opts.data, opts.catalog_load)
+
+            def stored() -> int:
+                return sum(int(w.counters()["catalog_items"]) for w in workers)
+
+            result, load = asyncio.run(
+                run_load_phase(phase, source, tag, rate, opts, records, stored)
+            )
+        else:
+            events = source.take(_n_events(rate, opts), tag)
+            result = asyncio.run(run_phase(phase, events, rate, opts))
         result.raise_unless_drained(phase, opts.drain_timeout_s)
         busy_s = result.received.last_at - began
         cpu = [cpu_seconds(w.proc.pid) - w.cpu_at_start for w in workers]
@@ -457,6 +563,8 @@ def measure_shoprec(
         for w in workers:
             procs.stop(w.proc)
     run = summarise_run(result, stats, busy_s, cpu, rss) | {"workers": n_workers}
+    if load is not None:
+        run["catalog_load"] = load
     if watch is not None and before is not None and after is not None:
         events_in = run["counters"]["events_in"]
         run["stack"] = watch.per_event(before, after, events_in, run["counters"]["recommended"])
@@ -591,25 +699,45 @@ def run_bench(
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     source = EventSource(opts.data)
     runs: list[dict[str, Any]] = []
+    sizes: list[dict[str, Any]] = []
     stack = bench_stack(opts.broker, model_repo, opts.min_emit_interval_ms, opts.cluster)
     with stack as settings:
-        watch = StackWatch.of_stack(settings.stack_dir / STATE_FILE)
         n_items = load_catalogue(settings, opts.data)
-        say("the stack's own CPU use with no events (10 s) ...")
-        watch.measure_idle(10.0)
-        for n, rate in enumerate(opts.rates):
-            floor: dict[str, Any] = {}
-            if not opts.skip_floor:
-                say(f"[{rate:.0f}/s] floor: pass-through relay ...")
-                floor = measure_floor(settings, source, rate, opts, f"f{n}")
-            for workers in opts.workers:
-                say(f"[{rate:.0f}/s] shoprec with {workers} worker(s) ...")
-                tag = f"w{n}x{workers}"
-                run = measure_shoprec(settings, source, rate, workers, opts, tag, watch)
-                run = {"offered_rate": rate, "broker": opts.broker} | run | floor
-                run["ratio_to_floor"] = _ratios(run)
-                say(_one_line(run))
-                runs.append(run)
+        for s, size in enumerate(sorted(opts.items) or [0]):  # a catalogue only grows
+            catalogue: dict[str, Any] = {}
+            if size:
+                catalogue = grow_catalogue(settings, opts.data, model_repo, size)
+            # After a grown catalogue Triton runs anew: the watch reads its new pids.
+            watch = StackWatch.of_stack(settings.stack_dir / STATE_FILE)
+            say("the stack's own CPU use with no events (10 s) ...")
+            watch.measure_idle(10.0)
+            first = len(runs)
+            for n, rate in enumerate(opts.rates):
+                key = f"s{s}" if size else ""
+                floor: dict[str, Any] = {}
+                if not opts.skip_floor:
+                    say(f"[{rate:.0f}/s] floor: pass-through relay ...")
+                    floor = measure_floor(settings, source, rate, opts, f"{key}f{n}")
+                for workers in opts.workers:
+                    say(f"[{rate:.0f}/s] shoprec with {workers} worker(s) ...")
+                    tag = f"{key}w{n}x{workers}"
+                    run = measure_shoprec(settings, source, rate, workers, opts, tag, watch)
+                    run = {"offered_rate": rate, "broker": opts.broker} | run | floor
+                    run["ratio_to_floor"] = _ratios(run)
+                    if "catalog_load" in run:
+                        loaded: dict[str, Any] = run["catalog_load"]  # type: ignore[assignment]
+                        loaded["ratio_to_floor"] = {
+                            w: _ratios({"latency_ms": lat} | floor)
+                            for w, lat in loaded["latency_ms"].items()
+                        }
+                    if size:
+                        run["items"] = catalogue["items"]
+                    say(_one_line(run))
+                    runs.append(run)
+            if size:
+                catalogue |= after_size(settings, runs[first:])
+                sizes.append(catalogue)
+                say(f"  {size:,} items: {_size_line(catalogue)}")
         inspected = inspect(settings) if inspect is not None else {}
     result: dict[str, Any] = {
         "dataset": opts.data.name,
@@ -622,12 +750,68 @@ def run_bench(
         "machine": machine(),
         "runs": runs,
     }
+    if sizes:
+        result["catalogue_sizes"] = sizes
     if len(runs) == 1:
         result |= runs[0]
     result |= inspected
     if opts.json_out is not None:
         write_results(result, opts.json_out)
+        if sizes:
+            from bench.catalog_scale import plot_sizes
+
+            plot = opts.json_out.with_name(f"{opts.json_out.stem}-catalogue.png")
+            plot_sizes(sizes, runs, plot)
+            say(f"wrote {plot}")
     return result
+
+
+def grow_catalogue(settings: Settings, data: Path, model_repo: Path, n: int) -> dict[str, Any]:
+    """The catalogue grown to ``n`` items in Redis and Triton restarted on it
+    (bench/catalog_scale.py)."""
+    from bench import catalog_scale as cs
+
+    say(f"growing the catalogue to {n:,} items ...")
+    real = asyncio.run(cs.read_real(settings, data))
+    grown = asyncio.run(cs.grow(settings, real, n))
+    say(
+        f"  wrote {grown['copies_written']:,} copies in {grown['write_s']} s; restarting Triton ..."
+    )
+    restarted = cs.restart_triton(settings, model_repo, timeout_s=300 + n / 1000)
+    return {
+        "items": n,
+        "real_items": len(real.items),
+        "real_items_embedded": sum(v is not None for v in real.vectors),
+        **grown,
+        "triton_restart": restarted,
+        # What fused_ranker logged: changes applied (an item logged twice counts twice).
+        "triton_log_changes_loaded": sum(r["items_loaded"] or 0 for r in restarted.values()),
+        **{f"{k}_after_load": v for k, v in cs.triton_memory(settings).items()},
+    }
+
+
+def after_size(settings: Settings, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Memory after a size's runs, and the retrieval index's recall at this size."""
+    from bench import catalog_scale as cs
+
+    say("  memory, and IVF's recall@100 against exact on real users' vectors ...")
+    peaks = [r for run in runs for r in run["worker_peak_rss_mb"]]
+    return {
+        **cs.triton_memory(settings),
+        "worker_peak_rss_mb": max(peaks, default=None),
+        "redis_used_memory_mb": asyncio.run(cs.redis_memory_mb(settings)),
+        "retrieval": cs.retrieval_recall(settings),
+    }
+
+
+def _size_line(c: dict[str, Any]) -> str:
+    r = c["retrieval"]
+    return (
+        f"table {r['table_items']:,} items "
+        f"({r['index_in_triton']}), Triton RSS {c['triton_rss_mb']:.0f} MiB, worker peak "
+        f"{c['worker_peak_rss_mb']} MiB, Redis {c['redis_used_memory_mb']} MiB, "
+        f"IVF recall@100 {r['ivf_recall_at_100']}"
+    )
 
 
 def _ratios(run: dict[str, Any]) -> dict[str, float]:

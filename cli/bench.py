@@ -10,6 +10,8 @@ from shoprec.errors import ShoprecError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "rees46-sample"
+# Items with long descriptions, for --catalog-load.
+DEFAULT_LOAD_DATA = REPO_ROOT.parent / "shared" / "data" / "amazon-gift-cards-2018"
 
 
 def _numbers(kind: type[float] | type[int]) -> click.ParamType:
@@ -69,6 +71,28 @@ def _numbers(kind: type[float] | type[int]) -> click.ParamType:
     "(the heaviest load), 30000 is the production default.",
 )
 @click.option(
+    "--items",
+    type=_numbers(int),
+    default="",
+    help="Catalogue sizes (e.g. 10000,100000,1000000): before its rates, each grows the "
+    "catalogue to that many items (noisy copies of the real embedded items, written to "
+    "Redis) and restarts Triton on it; the JSON gets memory and IVF recall per size.",
+)
+@click.option(
+    "--catalog-load",
+    default=0,
+    show_default=True,
+    help="Items with descriptions sent to the catalogue topic while events stream, after "
+    "--duration seconds without; latency and degraded before, during and after, and items/s.",
+)
+@click.option(
+    "--load-data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=DEFAULT_LOAD_DATA,
+    show_default=True,
+    help="Dataset whose items (those with a description, cycled) --catalog-load sends.",
+)
+@click.option(
     "--json",
     "json_out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -86,6 +110,9 @@ def bench(
     no_floor: bool,
     cluster: bool,
     min_emit_interval_ms: int,
+    items: list[int],
+    catalog_load: int,
+    load_data: Path,
     json_out: Path | None,
 ) -> None:
     """Measure shoprec on the real stack and real data; write JSON and a plot.
@@ -102,9 +129,13 @@ def bench(
       shoprec bench --rate 500 --duration 30 --json bench/results/e2e.json
       shoprec bench --rate 100,500,1000,2000 --workers 1,2
       shoprec bench --broker tansu --rate 500
+      shoprec bench --items 10000,100000,1000000 --rate 500 --json bench/results/e2e-items.json
+      shoprec bench --catalog-load 10000 --rate 200 --json bench/results/e2e-catalog-load.json
     """
     if ctx.invoked_subcommand is not None:
         return
+    if cluster and items:
+        raise click.UsageError("--items runs on the single-node stack, not with --cluster")
     from bench.e2e import BenchOptions, run_bench
 
     opts = BenchOptions(
@@ -118,6 +149,9 @@ def bench(
         skip_floor=no_floor,
         min_emit_interval_ms=min_emit_interval_ms,
         cluster=cluster,
+        items=items,
+        catalog_load=catalog_load,
+        load_data=load_data,
     )
     try:
         result = run_bench(opts, REPO_ROOT / "model_repo")
@@ -127,6 +161,22 @@ def bench(
         click.echo(
             f"{run['broker']} {run['offered_rate']:.0f}/s x{run['workers']}: "
             f"latency {run['latency_ms']} floor {run.get('floor_ms')} lost {run['lost']}"
+            + (f" items {run['items']:,}" if "items" in run else "")
+        )
+        if "catalog_load" in run:
+            load = run["catalog_load"]
+            click.echo(
+                f"  catalogue load: {load['stored']}/{load['items']} items in "
+                f"{load['seconds']} s ({load['items_per_s']} items/s); latency "
+                f"{load['latency_ms']}; degraded {load['degraded']}"
+            )
+    for size in result.get("catalogue_sizes", []):
+        r = size["retrieval"]
+        click.echo(
+            f"{size['items']:,} items: table {r['table_items']:,} ({r['index_in_triton']}), "
+            f"Triton RSS {size['triton_rss_mb']} MiB, worker peak RSS "
+            f"{size['worker_peak_rss_mb']} MiB, Redis {size['redis_used_memory_mb']} MiB, "
+            f"IVF recall@100 {r['ivf_recall_at_100']}"
         )
 
 
