@@ -1,6 +1,8 @@
-"""``shoprec experiment report``: how the arms of an experiment do, docs/experiments.md.
+"""``shoprec experiment report`` and ``shoprec experiment simulate``: how the arms of an
+experiment do, live (from Redis) and offline (a real dataset replayed), docs/experiments.md.
 
-A thin shell over ``ops/experiment.py``: text or ``--json`` on stdout, ``--plot`` a PNG.
+Thin shells over ``ops/experiment.py`` and ``ops/simulate.py``: text or ``--json`` on
+stdout, progress on stderr, ``--plot`` a PNG.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import click
 import orjson
 
 from shoprec.errors import ShoprecError
+from shoprec.experiments import load_experiment
 from shoprec.settings import Settings, load_settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 _JSON = click.option("--json", "as_json", is_flag=True, help="The whole report as JSON.")
 _PLOT = click.option(
@@ -50,7 +55,7 @@ def _show(report: Any, as_json: bool, plot: Path | None) -> None:
 
 @click.group()
 def experiment() -> None:
-    """Experiments and attribution: reports per arm."""
+    """Experiments and attribution: reports per arm, offline simulation."""
 
 
 @experiment.command("report")
@@ -76,4 +81,92 @@ def report(name: str | None, as_json: bool, plot: Path | None) -> None:
         result = asyncio.run(read_report(settings, name))
     except ShoprecError as exc:
         raise click.ClickException(str(exc)) from exc
+    _show(result, as_json, plot)
+
+
+@experiment.command("simulate")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Dataset folder with events.jsonl.gz and items.jsonl.gz (../shared/data/*).",
+)
+@click.option(
+    "--experiment",
+    "spec",
+    help="The experiment to simulate, JSON or a file (default: SHOPREC_EXPERIMENT if set, "
+    "else the served ranker against co-visitation order, views counted as clicks).",
+)
+@click.option(
+    "--bandit",
+    is_flag=True,
+    help="Let the experiment's bandit assign users (event-time periods) instead of scoring "
+    "every trigger with every arm.",
+)
+@click.option("--limit", type=int, help="Replay at most this many events.")
+@click.option(
+    "--batch",
+    type=int,
+    help="Events per micro-batch, as the worker takes them. [env SHOPREC_BATCH_MAX]",
+)
+@click.option(
+    "--model-repo",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=REPO_ROOT / "model_repo",
+    show_default=True,
+    help="Where the ranker versions are (fused_ranker/<version>).",
+)
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".shoprec/cache"),
+    show_default=True,
+    help="Where item BERT vectors are cached between runs.",
+)
+@_JSON
+@_PLOT
+def simulate(
+    data: Path,
+    spec: str | None,
+    bandit: bool,
+    limit: int | None,
+    batch: int | None,
+    model_repo: Path,
+    cache: Path,
+    as_json: bool,
+    plot: Path | None,
+) -> None:
+    """Replay a real dataset through an experiment's arms offline and estimate how each
+    would do (docs/experiments.md: the estimator and its bias), before it goes live.
+
+    Uses SHOPREC_ATTRIBUTION_WINDOW_MS, SHOPREC_TOP_K, SHOPREC_N_CANDIDATES and the
+    flood-control settings as the worker does.
+    """
+    from ops.simulate import SimulateOptions, default_experiment
+    from ops.simulate import simulate as run_simulation
+
+    settings = _settings()
+    try:
+        chosen = load_experiment(spec) if spec else settings.experiment
+    except ValueError as exc:
+        raise click.ClickException(f"invalid --experiment: {exc}") from exc
+    opts = SimulateOptions(
+        data=data,
+        experiment=chosen or default_experiment(bandit),
+        model_repo=model_repo,
+        cache=cache,
+        bandit=bandit,
+        limit=limit,
+        batch=batch or settings.batch_max,
+    )
+
+    def progress(n: int) -> None:
+        click.echo(f"\r{n} events replayed", nl=False, err=True)
+
+    try:
+        result = asyncio.run(run_simulation(settings, opts, progress))
+    except ShoprecError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        click.echo(err=True)
     _show(result, as_json, plot)
