@@ -37,7 +37,7 @@ here), and key TTLs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +46,7 @@ import numpy.typing as npt
 import orjson
 
 from features.ann import TableIndex
-from features.attribution import AttributionPolicy, MemoryAttribution
+from features.attribution import AttributionPolicy, MemoryAttribution, ShownList
 from features.fold import MemoryStore
 from features.item_table import ItemTable
 from features.store import UpdateResult, UserUpdate
@@ -188,11 +188,28 @@ class _NoQueries:
         raise DatasetError("search events need Triton's query encoder; not simulated")
 
 
+ShownLists = Mapping[str, Sequence[ShownList]]
+
+
 async def simulate(
-    settings: Settings, opts: SimulateOptions, progress: Callable[[int], None] | None = None
+    settings: Settings,
+    opts: SimulateOptions,
+    progress: Callable[[int], None] | None = None,
+    on_show: Callable[[ShownLists], None] | None = None,
 ) -> Report:
-    """Replay ``opts.data`` through the arms of ``opts.experiment`` (see the module docstring)."""
+    """Replay ``opts.data`` through the arms of ``opts.experiment`` (see the module docstring).
+
+    ``progress`` is called with the number of events replayed so far (every 1,000, and at
+    the end); ``on_show`` with each micro-batch's lists, per user, as attribution is given
+    them (a test counts the credit on its own from these and the events)."""
     events_path = dataset_files(opts.data)[1]
+    if settings.attribution_window_ms <= 0:
+        raise ConfigError(
+            "SHOPREC_ATTRIBUTION_WINDOW_MS is 0: no list could be credited; set a window "
+            "(the default is 1800000, 30 minutes)"
+        )
+    if not any(a.kind != "holdout" for a in opts.experiment.arms):
+        raise ConfigError(f"experiment {opts.experiment.name!r} has no arm that makes lists")
     experiment = opts.experiment if opts.bandit else as_estimate(opts.experiment)
     if opts.bandit and experiment.bandit is None:
         raise ConfigError(f"experiment {experiment.name!r} has no bandit to simulate")
@@ -246,7 +263,10 @@ async def simulate(
         arms = [runner.arm(outcome.arms[t.user_id]) for t in triggers]
         answers = await rank_by_arm(request, arms, runner.shadows, rank)
         made = [(a, table.id_of(a.top.items)) for a in answers]
-        await runner.show(shown_lists(triggers, made, experiment.name))
+        shown = shown_lists(triggers, made, experiment.name)
+        if on_show is not None:
+            on_show(shown)
+        await runner.show(shown)
 
     batch_ts = 0
     for n, event in enumerate(in_event_order(read_jsonl(events_path))):
@@ -269,6 +289,8 @@ async def simulate(
     if batch:
         await run(batch)
         sent += len(batch)
+    if progress is not None:
+        progress(sent)
     if sent == 0:
         raise DatasetError(f"{events_path} holds no events")
     return build_report(
