@@ -16,7 +16,7 @@ neighbourhood read (:func:`~features.store.plan_neighbourhood`,
 (:func:`~features.user_state.embedding_step`), behavioural item vectors
 (:func:`~features.behavioural.changed_vector`).  What cannot be shared is the per-user
 update itself, Lua inside Redis and :meth:`MemoryStore._apply_one` here: the property test
-in ``tests/integration/test_feature_store.py`` feeds both the same random slices of the
+in ``tests/integration/test_feature_stores_agree.py`` feeds both the same random slices of the
 real event streams and requires the same state, key by key (vectors to the float32 bit).
 
 Why a store in memory at all: the script costs Redis about 200 µs per event (unpacking,

@@ -61,12 +61,12 @@ def test_an_untrained_baseline_path_ranks_as_covisitation_then_popularity() -> N
 def test_item_popularity_breaks_ties_below_one_covisitation_step() -> None:
     model = FusedRanker(RankerConfig(n_items=3, base=True)).eval()
     init_baselines(model, torch.tensor([0.0, 5.0, 500.0, 0.0]))
-    bias = model.item_bias.weight[:, 0]
+    bias = model.item_bias.weight.detach()[:, 0]
     assert float(bias[0]) == 0.0 and float(bias[3]) == 0.0  # unknown, never seen
     assert 0 < float(bias[1]) < float(bias[2]) == pytest.approx(ITEM_BIAS_SCALE)
 
 
 def test_the_served_artefact_written_before_the_baseline_path_still_loads() -> None:
     art = export.load(SERVED_V2)
-    assert not art.config.base and float(art.model.item_bias.weight.abs().sum()) == 0.0
+    assert not art.config.base and float(art.model.item_bias.weight.detach().abs().sum()) == 0.0
     torch.jit.script(art.model)
