@@ -8,6 +8,7 @@ stdout, progress on stderr, ``--plot`` a PNG.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from pathlib import Path
@@ -113,6 +114,14 @@ def report(name: str | None, as_json: bool, plot: Path | None) -> None:
     help="Replay only the first N events (in event time): a quick look at a large dataset.",
 )
 @click.option(
+    "--score-from",
+    metavar="valid|test|TIME",
+    help="Make and credit lists only from this event time on (ISO UTC, or ms since "
+    "epoch); the events before only warm the state.  'valid' or 'test': where the "
+    "trainer's validation (last 20% of events) or test period (last 10%) starts, so a "
+    "ranker trained on this dataset is not scored on what it learned from.",
+)
+@click.option(
     "--batch",
     type=click.IntRange(min=1),
     help="At most this many events per micro-batch (a batch is also cut at every new "
@@ -141,6 +150,7 @@ def simulate(
     spec: str | None,
     bandit: bool,
     limit: int | None,
+    score_from: str | None,
     batch: int | None,
     model_repo: Path,
     cache: Path,
@@ -173,13 +183,23 @@ def simulate(
     """
     settings = _settings()  # first: it quiets faiss's loader, which the import wakes
 
-    from ops.simulate import SimulateOptions, default_experiment
+    from ops.simulate import SimulateOptions, default_experiment, held_out_from
     from ops.simulate import simulate as run_simulation
 
     try:
         chosen = load_experiment(spec) if spec else settings.experiment
     except ValueError as exc:
         raise click.ClickException(f"invalid --experiment: {exc}") from exc
+    try:
+        if score_from in ("valid", "test"):
+            cut = held_out_from(data, score_from)
+            when = dt.datetime.fromtimestamp(cut / 1000, dt.UTC)
+            click.echo(f"scoring triggers from {when:%Y-%m-%d %H:%M:%S} UTC on", err=True)
+            score_from_ms: int | None = cut
+        else:
+            score_from_ms = _event_time(score_from) if score_from else None
+    except ShoprecError as exc:
+        raise click.ClickException(str(exc)) from exc
     opts = SimulateOptions(
         data=data,
         experiment=chosen or default_experiment(bandit),
@@ -188,6 +208,7 @@ def simulate(
         bandit=bandit,
         limit=limit,
         batch=batch or settings.batch_max,
+        score_from_ms=score_from_ms,
     )
     started = time.monotonic()
     shown = [False]
@@ -204,4 +225,44 @@ def simulate(
     finally:
         if shown[0]:
             click.echo(err=True)
+    for warning in _thin_evidence(result, settings.attribution_window_ms):
+        click.echo(f"warning: {warning}", err=True)
     _show(result, as_json, plot)
+
+
+FEW_CREDITS = 20
+"""Below this many credited events an arm's normal-approximation intervals mislead."""
+
+
+def _thin_evidence(report: Any, window_ms: int) -> list[str]:
+    """What the reader of an estimate must know before trusting its intervals."""
+    scoring = [a for a in report.arms.values() if a.lists > 0]
+    credited = {a.name: a.clicks + a.carts + a.purchases for a in scoring}
+    if scoring and not any(credited.values()):
+        return [
+            f"no list of any arm was credited: no user's click, cart or purchase of a listed "
+            f"item came within {window_ms / 60_000:g} min after a list "
+            "(SHOPREC_ATTRIBUTION_WINDOW_MS; a dataset of purchases days apart gives "
+            "nothing to compare)"
+        ]
+    return [
+        f"arm {name}: only {n} credited events; its intervals are rough"
+        for name, n in credited.items()
+        if n < FEW_CREDITS
+    ]
+
+
+def _event_time(text: str) -> int:
+    """``--score-from``: ms since epoch, or an ISO time (UTC unless it says otherwise)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: valid, test, an ISO time (2019-10-01T02:40) or ms since epoch",
+            param_hint="--score-from",
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)

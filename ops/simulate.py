@@ -53,7 +53,7 @@ from features.store import UpdateResult, UserUpdate
 from features.user_state import Vector
 from ops.experiment import Report, build_report
 from ops.produce import dataset_files, in_event_order, read_jsonl
-from ranking.data import embed_catalogue, load_catalogue
+from ranking.data import embed_catalogue, load_catalogue, time_cuts
 from ranking.fusion import FusionScorer
 from ranking.pipeline import FallbackScorer, RecommendRequest, Scorer, TopK, recommend
 from shoprec.errors import ConfigError, DatasetError
@@ -88,6 +88,10 @@ class SimulateOptions:
     bandit: bool = False
     limit: int | None = None
     batch: int = 128
+    score_from_ms: int | None = None
+    """Make (and so credit) lists only for triggers at or after this event time; the
+    events before it only build the state: to estimate on events a trained ranker did
+    not learn from (its validation and test periods) with a warm store."""
 
 
 def default_experiment(bandit: bool, every_s: float = 600.0) -> Experiment:
@@ -159,6 +163,20 @@ def offline_scorer(model_repo: Path, arm: Arm) -> Scorer:
         torch.set_num_threads(1)
         return LearnedRanker(folder)
     return FusionScorer()
+
+
+def held_out_from(data: Path, period: str) -> int:
+    """The event time at which the trainer's ``"valid"`` or ``"test"`` period of ``data``
+    starts (``ranking.data.time_cuts`` with the trainer's defaults: the last 20% and 10%
+    of the events), so an estimate can leave out what a ranker trained on there learned."""
+    ts = np.fromiter((int(e["ts"]) for e in read_jsonl(dataset_files(data)[1])), np.int64)
+    if ts.size == 0:
+        raise DatasetError(f"{data} holds no events")
+    ts.sort()
+    valid, test = time_cuts(ts, 0.1, 0.1)
+    if period not in ("valid", "test"):
+        raise ConfigError(f"held-out period {period!r}: valid or test")
+    return valid if period == "valid" else test
 
 
 class _Folding:
@@ -255,6 +273,8 @@ async def simulate(
     async def run(records: list[RawRecord]) -> None:
         outcome = await ingestor.ingest(records)
         triggers = outcome.triggers
+        if opts.score_from_ms is not None:
+            triggers = [t for t in triggers if t.ts >= opts.score_from_ms]
         if not triggers:
             return
         ctx = store.read_context([t.user_id for t in triggers], {t.user_id: t.ts for t in triggers})

@@ -12,7 +12,9 @@ from typing import Any
 
 import orjson
 import pytest
+from click.testing import CliRunner
 
+from cli.experiment import experiment as experiment_cli
 from features.attribution import ShownList
 from ops.simulate import (
     REPLAY_ARM,
@@ -20,6 +22,7 @@ from ops.simulate import (
     as_estimate,
     compared_control,
     default_experiment,
+    held_out_from,
     offline_scorer,
     simulate,
 )
@@ -173,3 +176,46 @@ async def test_errors_name_what_to_fix(tmp_path: Path) -> None:
     no_window = Settings(_env_file=None, attribution_window_ms=0)
     with pytest.raises(ConfigError, match="SHOPREC_ATTRIBUTION_WINDOW_MS is 0"):
         await simulate(no_window, empty)
+
+
+async def test_lists_only_from_score_from_on_with_the_state_built_before(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "tiny", hand_made())
+    shown: list[ShownList] = []
+    opts = SimulateOptions(
+        data=data,
+        experiment=experiment(COVIS, RETRIEVAL, HOLDOUT),
+        model_repo=tmp_path,
+        cache=None,
+        score_from_ms=T0 + 60_000,
+    )
+    report = await simulate(
+        Settings(_env_file=None),
+        opts,
+        on_show=lambda m: shown.extend(lst for many in m.values() for lst in many),
+    )
+    assert shown and min(lst.ts for lst in shown) == T0 + 60_000
+    # z and y still get b after a: the co-visitation the w shoppers left in the store.
+    assert [(a.clicks, a.purchases) for n, a in report.arms.items() if n != REPLAY_ARM] == [
+        (2, 0),
+        (2, 0),
+    ]
+
+
+def test_the_held_out_periods_are_the_trainers(tmp_path: Path) -> None:
+    events = hand_made()
+    data = write_dataset(tmp_path / "tiny", events)
+    ts = sorted(int(e["ts"]) for e in events)
+    assert held_out_from(data, "valid") == ts[int(18 * 0.8)]
+    assert held_out_from(data, "test") == ts[int(18 * 0.9)]
+
+
+def test_the_command_explains_itself_and_its_errors(tmp_path: Path) -> None:
+    runner = CliRunner()
+    helped = runner.invoke(experiment_cli, ["simulate", "--help"])
+    assert helped.exit_code == 0
+    assert "predicted" in helped.output and "--score-from" in helped.output
+    missing = runner.invoke(experiment_cli, ["simulate", "--data", str(tmp_path)])
+    assert missing.exit_code == 1 and "lacks items.jsonl.gz" in missing.output
+    data = write_dataset(tmp_path / "tiny", hand_made())
+    bad = runner.invoke(experiment_cli, ["simulate", "--data", str(data), "--score-from", "x"])
+    assert bad.exit_code == 2 and "--score-from" in bad.output
