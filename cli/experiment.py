@@ -235,21 +235,33 @@ FEW_CREDITS = 20
 
 
 def _thin_evidence(report: Any, window_ms: int) -> list[str]:
-    """What the reader of an estimate must know before trusting its intervals."""
+    """What the reader of an estimate must know before trusting its intervals: no credit
+    at all, or too few credited events of a kind for that rate's normal interval."""
     scoring = [a for a in report.arms.values() if a.lists > 0]
-    credited = {a.name: a.clicks + a.carts + a.purchases for a in scoring}
-    if scoring and not any(credited.values()):
+    if scoring and not any(a.clicks + a.carts + a.purchases for a in scoring):
         return [
             f"no list of any arm was credited: no user's click, cart or purchase of a listed "
             f"item came within {window_ms / 60_000:g} min after a list "
             "(SHOPREC_ATTRIBUTION_WINDOW_MS; a dataset of purchases days apart gives "
             "nothing to compare)"
         ]
-    return [
-        f"arm {name}: only {n} credited events; its intervals are rough"
-        for name, n in credited.items()
-        if n < FEW_CREDITS
-    ]
+    out = []
+    for arm in scoring:
+        few = [
+            f"{what} ({n})"
+            for what, n in (
+                ("clicks", arm.clicks),
+                ("carts", arm.carts),
+                ("purchases", arm.purchases),
+            )
+            if 0 < n < FEW_CREDITS or (n == 0 and any(getattr(a, what) for a in scoring))
+        ]
+        if few:
+            out.append(
+                f"arm {arm.name}: few credited {', '.join(few)}: those rates' intervals "
+                "(normal approximations) are rough"
+            )
+    return out
 
 
 def _event_time(text: str) -> int:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import gzip
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
 from click.testing import CliRunner
 
+from cli.experiment import _thin_evidence
 from cli.experiment import experiment as experiment_cli
 from features.attribution import ShownList
 from ops.simulate import (
@@ -219,3 +221,22 @@ def test_the_command_explains_itself_and_its_errors(tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "tiny", hand_made())
     bad = runner.invoke(experiment_cli, ["simulate", "--data", str(data), "--score-from", "x"])
     assert bad.exit_code == 2 and "--score-from" in bad.output
+
+
+def test_thin_evidence_is_said_on_stderr() -> None:
+    def arm(clicks: int, carts: int, purchases: int) -> SimpleNamespace:
+        return SimpleNamespace(lists=100, clicks=clicks, carts=carts, purchases=purchases)
+
+    def report(*arms: SimpleNamespace) -> SimpleNamespace:
+        for i, a in enumerate(arms):
+            a.name = f"a{i}"
+        return SimpleNamespace(arms={a.name: a for a in arms})
+
+    assert "no list of any arm was credited" in _thin_evidence(report(arm(0, 0, 0)), WINDOW)[0]
+    assert _thin_evidence(report(arm(50, 0, 0), arm(30, 0, 0)), WINDOW) == []
+    said = _thin_evidence(report(arm(50, 3, 0), arm(30, 0, 25)), WINDOW)
+    assert said == [
+        "arm a0: few credited carts (3), purchases (0): those rates' intervals "
+        "(normal approximations) are rough",
+        "arm a1: few credited carts (0): those rates' intervals (normal approximations) are rough",
+    ]
