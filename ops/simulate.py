@@ -21,17 +21,25 @@ Two modes:
   (Thompson sampling, periods of event time), each user sees their arm's lists only, and
   the report shows the allocation moving.
 
-The estimator and its bias (docs/experiments.md): this is the replay estimator on logs
-the shop's own pages produced, not on a randomised logging policy, so it is not the
-unbiased rejection-sampling replay of Li et al. (which needs logged actions chosen
-uniformly at random): the logged shoppers never saw these lists.  A list is credited when
-it *predicted* what the shopper did next anyway, which favours arms that resemble what
-the shop showed (popular, co-visited items) and credits nothing the shopper would only
-have done because of the list; items the shop never displayed cannot be credited at all.
-Read it as a ranking of arms on hit rate, to stop an obviously worse arm before it goes
-live, never as a forecast of live CTR or of uplift over a holdout.  What the offline
-store does not model: behavioural vectors of items without text (they are not retrieved
-here), and key TTLs.
+What it estimates: for each arm, the share of its lists (one per trigger) for which the
+same user's logged click (or ``click_types`` event), cart or purchase of one of its items
+came within ``(list time, list time + window]``: a hit rate, each event credited at most
+once per arm, to the newest such list.
+
+Its bias (docs/experiments.md, "the estimator and its bias", with measurements): this is
+the replay estimator on logs the shop's own pages produced, not on a randomised logging
+policy, so it is not the unbiased rejection-sampling replay of Li et al. (which needs
+logged actions chosen uniformly at random), and no propensities exist to reweight by: the
+logged shoppers never saw these lists.  A list is credited when it *predicted* what the
+shopper did next anyway, which favours arms that resemble what the shop showed (popular,
+co-visited items) and lists of items the shopper already looked at (a re-view counts),
+and credits nothing the shopper would only have done because of the list; items the shop
+never displayed can hardly be credited.  A ranker trained on the same events is scored
+in-sample unless ``score_from_ms`` starts the lists after its training period.  Read it
+as a ranking of arms on hit rate, to stop an obviously worse arm before it goes live,
+never as a forecast of live CTR or of uplift over a holdout.  What the offline store does
+not model: behavioural vectors of items without text (they are not retrieved here), key
+TTLs, and search queries (not embedded: no Triton).
 """
 
 from __future__ import annotations
@@ -268,6 +276,7 @@ async def simulate(
         return recommend(request, table, index, scorers[arm.name]), arm.label, False
 
     sent = 0
+    made_lists = [0]
     batch: list[RawRecord] = []
 
     async def run(records: list[RawRecord]) -> None:
@@ -284,6 +293,7 @@ async def simulate(
         answers = await rank_by_arm(request, arms, runner.shadows, rank)
         made = [(a, table.id_of(a.top.items)) for a in answers]
         shown = shown_lists(triggers, made, experiment.name)
+        made_lists[0] += sum(map(len, shown.values()))
         if on_show is not None:
             on_show(shown)
         await runner.show(shown)
@@ -313,6 +323,11 @@ async def simulate(
         progress(sent)
     if sent == 0:
         raise DatasetError(f"{events_path} holds no events")
+    if opts.score_from_ms is not None and not made_lists[0]:
+        raise DatasetError(
+            f"no list was made at or after the score-from time {opts.score_from_ms} (ms) in "
+            f"the {sent} events replayed: is it past the last of them (--limit)?"
+        )
     return build_report(
         experiment,
         (rec for _, rec in attribution.records()),

@@ -240,3 +240,17 @@ def test_thin_evidence_is_said_on_stderr() -> None:
         "(normal approximations) are rough",
         "arm a1: few credited carts (0): those rates' intervals (normal approximations) are rough",
     ]
+
+
+async def test_a_score_from_past_the_replayed_events_is_an_error(tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "tiny", hand_made())
+    opts = SimulateOptions(
+        data=data,
+        experiment=experiment(COVIS, RETRIEVAL, HOLDOUT),
+        model_repo=tmp_path,
+        cache=None,
+        limit=5,
+        score_from_ms=T0 + 60_000,
+    )
+    with pytest.raises(DatasetError, match="no list was made at or after the score-from"):
+        await simulate(Settings(_env_file=None), opts)
