@@ -175,6 +175,7 @@ def simulate(
     \b
     Examples:
       shoprec experiment simulate --data ../shared/data/rees46-sample
+      shoprec experiment simulate --data ../shared/data/rees46-sample --score-from test
       shoprec experiment simulate --data DIR --experiment ab.json --json
       shoprec experiment simulate --data DIR --experiment ab.json --bandit --plot sim.png
 
