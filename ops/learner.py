@@ -3,7 +3,9 @@
 A process of its own beside the workers (exactly one per shop: two would race for the
 next version number).  Every ``SHOPREC_LEARNER_EVERY_S`` seconds, or as soon as
 ``SHOPREC_LEARNER_EVERY_EVENTS`` new events have arrived on the input topics (their end
-offsets, read every few seconds), it runs one round of :mod:`ops.learn`: read the
+offsets, read every few seconds), it runs one round of :mod:`ops.learn` (the first at
+start; after one that found fewer than ``SHOPREC_LEARNER_MIN_EVENTS``, the next as soon as
+the topics can hold enough; :class:`Trigger`): read the
 retained topics (the last ``SHOPREC_LEARNER_WINDOW_S`` of them, or all), replay, train a
 candidate, shadow-score it and the live version on the latest slice of events held out
 by time (the most recent live triggers), and promote it through Triton's model control
@@ -47,6 +49,7 @@ from streams.topics import TopicNames, partitions_of
 log = logging.getLogger("shoprec.learner")
 
 POLL_S = 5.0
+RETRY_S = 60.0
 OUTCOMES = ("promoted", "kept", "skipped", "failed")
 
 
@@ -107,6 +110,55 @@ class LearnerCollector(Collector):
             yield GaugeMetricFamily(name, doc, value=value)
 
 
+@dataclass
+class Trigger:
+    """When the next round is due: the first at once; then every ``every_s`` seconds
+    (0: never by time), or once ``every_events`` more records are on the input topics
+    (0: never by events), or, after a round that found too few events, once the topics
+    hold enough (whichever comes first)."""
+
+    every_s: float
+    every_events: int
+    next_at: float = float("inf")
+    """Monotonic time of the next scheduled round (inf: none by time)."""
+    counted: int | None = None
+    """Records on the input topics when the last round started (None: not counted yet)."""
+    waiting_for: int | None = None
+    """After a round that found too few events: the record count worth another try."""
+    first: bool = True
+
+    def due_by_time(self, now: float) -> bool:
+        return self.first or now >= self.next_at
+
+    def counts_events(self) -> bool:
+        """Whether :meth:`due_by_events` can say yes (so the topics are worth counting)."""
+        return self.counted is not None and (self.waiting_for is not None or self.every_events > 0)
+
+    def due_by_events(self, count: int) -> bool:
+        if self.counted is None:
+            return False
+        if self.waiting_for is not None and count >= self.waiting_for:
+            return True
+        return self.every_events > 0 and count - self.counted >= self.every_events
+
+    def started(self, now: float, count: int) -> None:
+        """A round starts now, with ``count`` records on the input topics."""
+        self.first = False
+        self.next_at = now + self.every_s if self.every_s > 0 else float("inf")
+        self.counted = count
+        self.waiting_for = None
+
+    def wait_for(self, count: int) -> None:
+        """The round found too few events: another is due once the topics hold ``count``."""
+        self.waiting_for = count
+
+    def retry(self, now: float) -> None:
+        """The round could not even count the topics (Kafka away): try again in
+        :data:`RETRY_S`."""
+        self.first = False
+        self.next_at = now + RETRY_S
+
+
 class Learner:
     """The loop: wait for a trigger, run a round, promote or keep; never exits on a failure."""
 
@@ -115,8 +167,7 @@ class Learner:
         self.options = options or LearnOptions(margin=settings.learner_margin)
         self.versions = Versions.from_settings(settings)
         self.state = LearnerState(live_version=self.versions.live() or 0)
-        self._events_at_last_round: int | None = None
-        self._next_round = 0.0  # the first round starts at once
+        self.trigger = Trigger(settings.learner_every_s, settings.learner_every_events)
 
     async def run(self, stop: asyncio.Event) -> None:
         serve_metrics(self.settings, LearnerCollector(self.state))
@@ -134,17 +185,17 @@ class Learner:
                 await asyncio.wait_for(stop.wait(), POLL_S)
 
     async def _due(self) -> bool:
-        s = self.settings
-        if s.learner_every_s and time.monotonic() >= self._next_round:
+        now = time.monotonic()
+        if self.trigger.due_by_time(now):
             return True
-        if s.learner_every_events and self._events_at_last_round is not None:
-            try:
-                new = await self._event_count() - self._events_at_last_round
-            except Exception as exc:  # Kafka away: the schedule still holds
-                log.warning("cannot count new events: %r", exc)
-                return False
-            return new >= s.learner_every_events
-        return False
+        if not self.trigger.counts_events():
+            return False
+        try:
+            count = await self._event_count()
+        except Exception as exc:  # Kafka away: the schedule still holds
+            log.warning("cannot count new events: %r", exc)
+            return False
+        return self.trigger.due_by_events(count)
 
     async def _event_count(self) -> int:
         """Records ever written to the input topics (the sum of their end offsets)."""
@@ -158,10 +209,11 @@ class Learner:
     async def round(self) -> Round | None:
         """One round; the outcome is counted, logged and kept in the history."""
         s, st = self.settings, self.state
-        self._next_round = time.monotonic() + (s.learner_every_s or float("inf"))
         started = time.time()
+        events_now: int | None = None
         try:
             events_now = await self._event_count()
+            self.trigger.started(time.monotonic(), events_now)
             options = self.options
             if s.learner_window_s:
                 now_ms = int(time.time() * 1000)
@@ -169,13 +221,17 @@ class Learner:
             result = await learn_once(s, options, min_events=s.learner_min_events)
         except TooFewEvents as few:
             st.rounds["skipped"] += 1
+            # Try again as soon as the topics can hold enough, not a whole period later.
+            if events_now is not None:
+                self.trigger.wait_for(events_now + s.learner_min_events - few.count)
             log.info("learner: %d events so far, waiting for %d", few.count, s.learner_min_events)
             return None
         except Exception:
             st.rounds["failed"] += 1
+            if events_now is None:  # not even counted
+                self.trigger.retry(time.monotonic())
             log.exception("learner round failed; the next trigger tries again")
             return None
-        self._events_at_last_round = events_now
         st.last_training_ts = time.time()
         st.last_training_s = st.last_training_ts - started
         st.candidate_ndcg = float(result.card["held_out"]["candidate"]["ndcg@10"])

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from ops.learn import decide
-from ops.learner import LearnerCollector, LearnerState
+from ops.learner import RETRY_S, LearnerCollector, LearnerState, Trigger
 from ops.produce import in_event_order
 from ops.versions import INCOMING, Versions, triton_endpoints
 from ranking.data import load_catalogue, load_events
@@ -171,3 +171,26 @@ def test_learner_metrics_say_last_training_promotion_and_live_ndcg() -> None:
     assert "shoprec_learner_live_ndcg_at_10 0.123" in text
     assert "shoprec_learner_last_training_timestamp_seconds 1.7e+09" in text
     assert "shoprec_learner_last_promotion_timestamp_seconds 0.0" in text
+
+
+def test_the_first_round_starts_at_once_and_events_alone_can_trigger_the_next() -> None:
+    only_events = Trigger(every_s=0, every_events=100)  # SHOPREC_LEARNER_EVERY_S=0
+    assert only_events.due_by_time(0.0)
+    only_events.started(0.0, 1_000)
+    assert not only_events.due_by_time(1e9) and only_events.counts_events()
+    assert not only_events.due_by_events(1_099) and only_events.due_by_events(1_100)
+    only_time = Trigger(every_s=60, every_events=0)
+    only_time.started(10.0, 5)
+    assert not only_time.counts_events()
+    assert not only_time.due_by_time(69.0) and only_time.due_by_time(70.0)
+
+
+def test_a_round_with_too_few_events_is_retried_once_there_are_enough() -> None:
+    t = Trigger(every_s=3600, every_events=50_000)
+    t.started(0.0, 30)
+    t.wait_for(30 + 200 - 25)  # 25 usable events of 200 needed
+    assert t.counts_events() and not t.due_by_events(204) and t.due_by_events(205)
+    t.started(1.0, 205)  # the retry: back to the schedule and every 50,000 events
+    assert not t.due_by_events(5_000) and not t.due_by_time(3600.0) and t.due_by_time(3601.0)
+    t.retry(4000.0)  # Kafka away: not counted, tried again later, not at every poll
+    assert not t.due_by_time(4000.0 + RETRY_S - 1) and t.due_by_time(4000.0 + RETRY_S)
