@@ -119,7 +119,7 @@ def percentiles(values: Sequence[float]) -> dict[str, float | None]:
 
 def read_dataset(folder: Path) -> tuple[list[Any], list[dict[str, Any]]]:
     from ops.produce import dataset_files, read_jsonl
-    from shoprec.events import CatalogItem
+    from shoprec.events import CatalogItem, tie_break
 
     items_path, events_path = dataset_files(folder)
     fields = set(CatalogItem.__dataclass_fields__)
@@ -127,7 +127,7 @@ def read_dataset(folder: Path) -> tuple[list[Any], list[dict[str, Any]]]:
         CatalogItem(**{k: v for k, v in r.items() if k in fields}) for r in read_jsonl(items_path)
     ]
     events = [e for e in read_jsonl(events_path) if e.get("item_id")]
-    events.sort(key=lambda e: e["ts"])
+    events.sort(key=lambda e: (e["ts"], tie_break(str(e["event_id"]))))
     return items, events
 
 

@@ -1,12 +1,15 @@
-"""``shoprec train`` and ``shoprec evaluate``: the fused ranker offline, on a real dataset."""
+"""The ranker's commands: ``train`` (from a dataset folder or the shop's own topics),
+``evaluate``, ``learner`` (retrains and promotes continuously) and ``model`` (list, promote,
+rollback the versions Triton serves)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -16,21 +19,44 @@ DATA_HELP = (
 CACHE_HELP = "Where item BERT vectors are cached between runs."
 
 
-def _load(data: Path, cache: Path, valid_frac: float, test_frac: float, threads: int) -> Any:
+def _threads(threads: int) -> None:
     import torch
-
-    from ranking.data import load_dataset
 
     # Small ops on two shared cores: one thread measured 5-8x faster per training step.
     torch.set_num_threads(threads)
-    return load_dataset(data, valid_frac=valid_frac, test_frac=test_frac, cache_dir=cache)
+
+
+def _load(
+    data: Path,
+    cache: Path,
+    valid_frac: float,
+    test_frac: float,
+    threads: int,
+    order: str = "hash",
+) -> Any:
+    from ranking.data import Order, load_dataset
+
+    _threads(threads)
+    return load_dataset(
+        data,
+        valid_frac=valid_frac,
+        test_frac=test_frac,
+        cache_dir=cache,
+        order=cast(Order, order),
+    )
 
 
 def _train_config(epochs: int, seed: int, no_text: bool) -> Any:
     from ranking.model import RankerConfig
     from ranking.train import TrainOptions
 
-    return TrainOptions(RankerConfig(use_text=not no_text), max_epochs=epochs, seed=seed)
+    return TrainOptions(RankerConfig(use_text=not no_text, base=True), max_epochs=epochs, seed=seed)
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _export(folder: Path, ds: Any, model: Any, tables: Any, report: dict[str, Any]) -> None:
@@ -87,12 +113,45 @@ def _with_split(f: Any) -> Any:
 
 
 @click.command("train")
-@_data_option
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help=DATA_HELP + " Or --from-topics.",
+)
+@click.option(
+    "--from-topics",
+    "from_topics",
+    is_flag=True,
+    help="Train on the shop's own retained topics (catalogue and events) instead of a folder.",
+)
+@click.option(
+    "--from",
+    "from_time",
+    default=None,
+    help="With --from-topics: first event time (ISO 8601, epoch ms, -2h ...; default: all "
+    "retained).",
+)
+@click.option(
+    "--to", "to_time", default=None, help="With --from-topics: end of the range (default: now)."
+)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Version folder to write, e.g. model_repo/fused_ranker/3 (Triton loads it in place).",
+    default=None,
+    help="With --data: the version folder to write, e.g. .shoprec/model_archive/fused_ranker/3 "
+    "(a candidate: `shoprec model promote 3` serves it).",
+)
+@click.option(
+    "--no-promote",
+    is_flag=True,
+    help="With --from-topics: keep the new version a candidate even if it beats the live one.",
+)
+@click.option(
+    "--sasrec-minutes",
+    default=10.0,
+    show_default=True,
+    help="With --from-topics: SASRec's training budget for the model card (0 = leave it out).",
 )
 @click.option(
     "--epochs",
@@ -107,8 +166,13 @@ def _with_split(f: Any) -> Any:
 @_cache_option
 @_with_split
 def train(
-    data: Path,
-    out: Path,
+    data: Path | None,
+    from_topics: bool,
+    from_time: str | None,
+    to_time: str | None,
+    out: Path | None,
+    no_promote: bool,
+    sasrec_minutes: float,
     epochs: int,
     seed: int,
     no_text: bool,
@@ -117,28 +181,81 @@ def train(
     test_frac: float,
     threads: int,
 ) -> None:
-    """Train the fused ranker on DATA's past, early-stopped on its validation period.
+    """Train the fused ranker: on a dataset folder (--data, --out) or on the shop's own
+    retained topics (--from-topics).
 
-    Uses a GPU when there is one, the CPU otherwise (minutes on the small datasets).
-    Writes the weights and a training report into OUT; copy or write OUT inside
-    model_repo/fused_ranker/ and Triton serves it as a new version.
+    The model starts as the baselines (co-visitation, popularity) and keeps what it learns
+    only where the validation period says it ranks better; a shop with too few users to
+    validate on gets the baseline model.  Uses a GPU when there is one.
+
+    With --from-topics the catalogue topic and the event topics are read over the range,
+    replayed through the live feature code, split by time (train, validation, the latest
+    slice held out), trained, and judged on the held-out slice against the live version
+    and every baseline.  The new version goes to SHOPREC_MODEL_ARCHIVE with its model card
+    (card.json), and is promoted into SHOPREC_MODEL_REPO and loaded by every Triton server
+    only if it beats the live version (see `shoprec learner --help`).
 
     \b
-    Example:
-      shoprec train --data ../shared/data/rees46-sample --out model_repo/fused_ranker/2
+    Examples:
+      shoprec train --from-topics --from -30d
+      shoprec train --data ../shared/data/rees46-sample \\
+        --out .shoprec/model_archive/fused_ranker/3 && shoprec model promote 3 --force
     """
+    _logging()
+    if from_topics:
+        if data is not None or out is not None:
+            raise click.UsageError("--from-topics reads the topics: drop --data and --out")
+        from ops.learn import LearnOptions
+        from ops.ranges import parse_time
+
+        now = int(time.time() * 1000)
+        options = LearnOptions(
+            from_ms=None if from_time is None else parse_time(from_time, now),
+            to_ms=None if to_time is None else parse_time(to_time, now),
+            valid_frac=valid_frac,
+            test_frac=test_frac,
+            train=_train_config(epochs, seed, no_text),
+            sasrec_seconds=60.0 * sasrec_minutes if sasrec_minutes > 0 else None,
+            cache_dir=cache,
+        )
+        _threads(threads)
+        _train_from_topics(options, promote=not no_promote)
+        return
+    if data is None or out is None:
+        raise click.UsageError("give --data and --out, or --from-topics")
     from ranking.train import train_fused
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     ds = _load(data, cache, valid_frac, test_frac, threads)
     model, tables, report = train_fused(ds, _train_config(epochs, seed, no_text))
     _export(out, ds, model, tables, report)
     click.echo(
-        f"best epoch {report['best_epoch']}, valid ndcg@10 {report['valid_ndcg@10']}, "
-        f"{report['seconds']} s"
+        f"best epoch {report['best_epoch']} ({report['kept']}), valid ndcg@10 "
+        f"{report['valid_ndcg@10']}, {report['seconds']} s"
     )
+
+
+def _train_from_topics(options: Any, promote: bool) -> None:
+    from cli.main import _run, _settings
+    from ops.learn import learn_once
+
+    settings = _settings()
+    options = dataclasses.replace(options, margin=settings.learner_margin)
+    result = _run(learn_once(settings, options, promote_if_better=promote, progress=True))
+    click.echo(_card_table(result.card))
+    verb = "promoted and loaded" if promote and result.decision.promote else "kept as a candidate"
+    click.echo(f"version {result.version} {verb} ({result.folder}): {result.decision.reason}")
+
+
+def _card_table(card: dict[str, Any]) -> str:
+    """The held-out metrics of a model card as a small table."""
+    lines = ["model          NDCG@10  95% CI            HR@10   MRR     n"]
+    for name, m in card["held_out"].items():
+        lo, hi = m["ndcg@10_ci95"]
+        lines.append(
+            f"{name:<14} {m['ndcg@10']:.4f}   [{lo:.4f}, {hi:.4f}]  {m['hr@10']:.4f}  "
+            f"{m['mrr']:.4f}  {m['n']}"
+        )
+    return "\n".join(lines)
 
 
 @click.command("evaluate")
@@ -177,6 +294,14 @@ def train(
     show_default=True,
     help="Time budget for SASRec training (0 = until early stopping); the JSON says if it hit it.",
 )
+@click.option(
+    "--same-ts-order",
+    type=click.Choice(["hash", "file"]),
+    default="hash",
+    show_default=True,
+    help="Order of events that share a timestamp: a hash of the event id (always), or the "
+    "dataset file's order (only to measure what the hash changes).",
+)
 @_cache_option
 @_with_split
 def evaluate(
@@ -188,12 +313,15 @@ def evaluate(
     export_dir: Path | None,
     models: str,
     sasrec_minutes: float,
+    same_ts_order: str,
     cache: Path,
     valid_frac: float,
     test_frac: float,
     threads: int,
 ) -> None:
-    """HR@10, NDCG@10 and MRR on DATA's test period, over the full catalogue.
+    """HR@10, NDCG@10 (with a 95% bootstrap interval over test users) and MRR on DATA's
+    test period, over the full catalogue; the fused ranker against each other model with a
+    paired bootstrap interval (``versus_fused`` in the JSON).
 
     Models: popularity, co-visitation, embedding-only (BERT cosine), a SASRec-style
     sequential model trained with cross-entropy on the same split, the fused ranker,
@@ -209,19 +337,26 @@ def evaluate(
     from ranking.evaluate import evaluate_scorer, merge_report, sample_queries
     from ranking.train import FusedScorer, train_fused
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _logging()
     wanted = set(models.split(",")) if models else set(MODELS)
     if unknown := wanted - set(MODELS):
         raise click.BadParameter(f"unknown models {sorted(unknown)}; choose from {MODELS}")
-    ds = _load(data, cache, valid_frac, test_frac, threads)
+    ds = _load(data, cache, valid_frac, test_frac, threads, same_ts_order)
     valid = sample_queries(ds.period(Period.VALID), 400, seed)
     test = sample_queries(ds.period(Period.TEST), max_test_queries or None, seed)
-    common: dict[str, object] = {"test_sample": {"queries": len(test), "seed": seed}}
+    common: dict[str, object] = {
+        "test_sample": {"queries": len(test), "users": len({q.user for q in test}), "seed": seed},
+        "same_ts_order": same_ts_order,
+    }
 
     def record(name: str, metrics: Any, info: dict[str, Any]) -> None:
-        click.echo(f"{name}: {metrics.to_json()} ({metrics.skipped} unshowable skipped)", err=True)
+        m = metrics.to_json()
+        lo, hi = m["ndcg@10_ci95"]
+        click.echo(
+            f"{name}: NDCG@10 {m['ndcg@10']:.4f} [{lo:.4f}, {hi:.4f}], HR@10 {m['hr@10']:.4f}, "
+            f"MRR {m['mrr']:.4f}, n {m['n']} ({metrics.skipped} unshowable skipped)",
+            err=True,
+        )
         merge_report(
             json_out, ds, name, metrics, {**info, "skipped_positives": metrics.skipped}, common
         )
@@ -252,4 +387,151 @@ def evaluate(
     click.echo(f"wrote {json_out}", err=True)
 
 
-COMMANDS = (train, evaluate)
+@click.command("learner")
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    help="CPU threads for torch while training (one is fastest on a small shared CPU).",
+)
+def learner(threads: int) -> None:
+    """Retrain the ranker on the shop's own stream and promote only what is better.
+
+    Runs until Ctrl-C / SIGTERM, beside the workers (exactly one per shop).  Every
+    SHOPREC_LEARNER_EVERY_S seconds, or after SHOPREC_LEARNER_EVERY_EVENTS new events, it
+    reads the retained topics (the last SHOPREC_LEARNER_WINDOW_S, or all), trains a
+    candidate as `shoprec train --from-topics` does, and scores it and the live version on
+    the latest events held out by time.  It asks every Triton server (each host:port of
+    SHOPREC_TRITON_URL, every address of each host) to load the candidate only when it
+    beats the live version: by SHOPREC_LEARNER_MARGIN of its NDCG@10, with 95% confidence
+    (a paired bootstrap over test users), when the live version is the shop's own; at
+    least equally when it is not (the shipped model, another shop's weights).  Otherwise
+    the live version stays and the log says why.  Candidates wait in
+    SHOPREC_MODEL_ARCHIVE, never in the served SHOPREC_MODEL_REPO; every decision is in
+    its history.jsonl (`shoprec model list`).  Prometheus metrics on
+    SHOPREC_METRICS_HOST:SHOPREC_METRICS_PORT: last training, last promotion, the live
+    version's held-out NDCG@10.
+    """
+    import signal
+
+    from cli.main import _run, _settings
+    from ops.learner import Learner
+
+    _logging()
+    _threads(threads)
+    settings = _settings()
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Learner(settings).run(stop)
+
+    _run(go())
+
+
+@click.group("model")
+def model() -> None:
+    """The ranker's versions: what is served, what waits, rollback."""
+
+
+@model.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def model_list(as_json: bool) -> None:
+    """Every version: served (the newest is live) or archived (candidate, retired), with
+    its held-out NDCG@10 and the last decisions."""
+    from cli.main import _echo_json, _settings
+    from ops.versions import Versions
+
+    versions = Versions.from_settings(_settings())
+    live = versions.live()
+    rows = []
+    for where, numbers in (("served", versions.served()), ("archive", versions.archived())):
+        for n in numbers:
+            card = versions.card(n) or {}
+            held = card.get("held_out", {}).get("candidate", {})
+            rows.append(
+                {
+                    "version": n,
+                    "where": where,
+                    "live": n == live,
+                    "created": card.get("created"),
+                    "ndcg@10": held.get("ndcg@10"),
+                    "ndcg@10_ci95": held.get("ndcg@10_ci95"),
+                    "decision": card.get("decision", {}).get("reason"),
+                }
+            )
+    rows.sort(key=lambda r: r["version"])
+    if as_json:
+        _echo_json({"versions": rows, "history": versions.history()[-20:]})
+        return
+    for r in rows:
+        mark = "*" if r["live"] else " "
+        ndcg = "-" if r["ndcg@10"] is None else f"{r['ndcg@10']:.4f} {r['ndcg@10_ci95']}"
+        click.echo(f"{mark} {r['version']:>4}  {r['where']:<8} {ndcg:<28} {r['decision'] or ''}")
+    click.echo(f"(* = live; served from {versions.served_dir}, archive {versions.archive_dir})")
+
+
+@model.command("rollback")
+def model_rollback() -> None:
+    """Serve the previous version again: the live one moves back to the archive and every
+    Triton server loads the one before it (also what a restarted server serves)."""
+    from cli.main import _run, _settings
+    from ops.learn import rollback
+
+    settings = _settings()
+    retired, live, problems = _run(rollback(settings, _versions(settings)))
+    click.echo(f"version {retired} retired; version {live} is live")
+    for endpoint, problem in problems.items():
+        click.echo(f"warning: Triton {endpoint}: {problem}", err=True)
+    if problems:
+        raise SystemExit(1)
+
+
+@model.command("promote")
+@click.argument("version", type=int)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Promote without judging it on the current topics (an operator's decision).",
+)
+def model_promote(version: int, force: bool) -> None:
+    """Promote an archived candidate VERSION: judged first on the shop's current topics
+    against the live version, with the learner's rule, unless --force."""
+    from cli.main import _run, _settings
+    from ops.learn import LearnOptions, judge_version, promote, read_shop
+
+    settings = _settings()
+    versions = _versions(settings)
+    reason = "forced by an operator"
+    if not force:
+        history = _run(read_shop(settings, None, None))
+        verdict = judge_version(
+            settings, history, versions, version, LearnOptions(margin=settings.learner_margin)
+        )
+        click.echo(_card_table(verdict.card()))
+        if not verdict.decision.promote:
+            versions.record(
+                {
+                    "action": "rejected",
+                    "version": version,
+                    "live": verdict.live_version,
+                    "reason": verdict.decision.reason,
+                }
+            )
+            raise click.ClickException(f"version {version} not promoted: {verdict.decision.reason}")
+        reason = verdict.decision.reason
+    problems = _run(promote(settings, versions, version, reason))
+    click.echo(f"version {version} promoted: {reason}")
+    for endpoint, problem in problems.items():
+        click.echo(f"warning: Triton {endpoint}: {problem}", err=True)
+
+
+def _versions(settings: Any) -> Any:
+    from ops.versions import Versions
+
+    return Versions.from_settings(settings)
+
+
+COMMANDS = (train, evaluate, learner, model)

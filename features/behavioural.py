@@ -78,8 +78,9 @@ async def refresh_behavioural(
             rows, current, exists = raw[3 * k], raw[3 * k + 1], raw[3 * k + 2]
             if not exists:
                 continue  # left the catalogue: writing would resurrect a hash
-            vec = behavioural_vector([(m.decode(), float(s)) for m, s in rows], text_vector)
-            if vec is None or _unchanged(vector_from_bytes(current), vec):
+            found = [(m.decode(), float(s)) for m, s in rows]
+            vec = changed_vector(found, vector_from_bytes(current), text_vector)
+            if vec is None:
                 continue
             pipe.hset(keys.item(item_id), "bemb", vector_to_bytes(vec))
             pipe.xadd(keys.ITEM_LOG, {"id": item_id}, maxlen=ITEM_LOG_MAXLEN, approximate=True)
@@ -87,6 +88,17 @@ async def refresh_behavioural(
         if changed:
             await pipe.execute()
     return changed
+
+
+def changed_vector(
+    neighbours: Sequence[tuple[str, float]],
+    current: Vector | None,
+    text_vector: Callable[[str], Vector | None],
+) -> Vector | None:
+    """The item's new behavioural vector, or None when there is none or it barely moved
+    (the Redis store and the in-memory store both decide with this)."""
+    vec = behavioural_vector(neighbours, text_vector)
+    return None if vec is None or _unchanged(current, vec) else vec
 
 
 def _unchanged(current: Vector | None, new: Vector) -> bool:

@@ -21,7 +21,7 @@ has only searched gets the categories of the items nearest their query
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, cast
@@ -48,7 +48,7 @@ from features.user_state import (
     vector_from_bytes,
     vector_to_bytes,
 )
-from shoprec.events import EVENT_WEIGHTS
+from shoprec.events import EVENT_WEIGHTS, ShopEvent
 
 HOUR_BUCKET_TTL_S = 2 * 86_400
 DAY_BUCKET_TTL_S = 3 * 86_400
@@ -78,6 +78,19 @@ class UserUpdate:
     item_id: str | None
     vector: Vector | None  # item or query embedding; None when the item has no text
     always_emit: bool
+
+    @classmethod
+    def of(cls, event: ShopEvent, vector: Vector | None) -> UserUpdate:
+        """The update a validated event makes, with the vector it adds to its user."""
+        return cls(
+            event.event_id,
+            event.user_id,
+            event.type,
+            event.ts,
+            event.item_id,
+            vector,
+            event.type in ALWAYS_EMIT,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,35 +249,18 @@ class FeatureStore:
     ) -> None:
         """Popularity and co-visitation of the applied events: one script call per key.
 
-        Increments are summed per (key, member) over the batch first; a batch touches
-        far fewer keys than it has increments (measured on UCI: 10 ZINCRBY and 5 EXPIRE
-        per event, which cost more client and server time than the user update itself).
+        Increments are summed per (key, member) over the batch first (:func:`signal_bumps`,
+        which the in-memory store applies too); a batch touches far fewer keys than it has
+        increments (measured on UCI: 10 ZINCRBY and 5 EXPIRE per event, which cost more
+        client and server time than the user update itself).
         """
-        bumps: dict[str, dict[str, float]] = {}
-        limits: dict[str, tuple[int, int]] = {}  # key -> (ttl_s, members kept; 0 = all)
-
-        def bump(key: str, member: str, by: float, limit: tuple[int, int]) -> None:
-            row = bumps.setdefault(key, {})
-            row[member] = row.get(member, 0.0) + by
-            limits[key] = limit
-
-        for u, r in zip(updates, results, strict=True):
-            if not r.applied or u.item_id is None:
-                continue
-            weight = EVENT_WEIGHTS[u.type]
-            for key, ttl in popularity_keys(u.ts, self._category_of(u.item_id)):
-                bump(key, u.item_id, weight, (ttl, 0))
-            pair = forward_weight(u.ts)
-            for other in covisited(u.item_id, u.ts, r.recent):
-                covis_limit = (COVIS_TTL_S, COVIS_KEEP)
-                bump(keys.item_covis(u.item_id), other, pair, covis_limit)
-                bump(keys.item_covis(other), u.item_id, pair, covis_limit)
+        bumps = signal_bumps(updates, results, self._category_of)
         if not bumps:
             return
         calls: list[ScriptCall] = []
-        for key, row in bumps.items():
-            args: list[str | float] = [*limits[key]]
-            for member, by in row.items():
+        for key, bump in bumps.items():
+            args: list[str | float] = [bump.ttl_s, bump.keep]
+            for member, by in bump.members.items():
                 args += [member, repr(by)]
             calls.append((self._bump, [key], args))
         await self._scripts.run(calls)
@@ -276,7 +272,11 @@ class FeatureStore:
         covis_per_item: int = 20,
         trending_n: int = 50,
     ) -> Context:
-        """Everything the recommender needs for these users, in two round trips."""
+        """Everything the recommender needs for these users, in two round trips.
+
+        The reads are Redis's; what is made of them is :func:`plan_neighbourhood` and
+        :func:`fill_neighbourhood`, which the in-memory store (``features.fold``) shares.
+        """
         users = list(dict.fromkeys(user_ids))
         now = max(trigger_ts.values(), default=0)
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -329,49 +329,24 @@ class FeatureStore:
         trending_n: int,
     ) -> None:
         """Co-visitation of each user's latest items and trending in their categories."""
-        sources = {u: _distinct_items(c.history, COVIS_SOURCES) for u, c in contexts.items()}
-        cats = {
-            u: self._categories(items[:CATEGORY_SOURCES])
-            # A user who has only searched: the category their query points at most.
-            or (self._query_categories(contexts[u].query)[:1] if not items else [])
-            for u, items in sources.items()
-        }
-        wanted = sorted({i for items in sources.values() for i in items})
-        wanted_cats = sorted({c for cs in cats.values() for c in cs})
-        if not wanted and not wanted_cats:
+        plan = plan_neighbourhood(contexts, self._category_of, self._query_categories)
+        if not plan.items and not plan.categories:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
-            for item in wanted:
+            for item in plan.items:
                 pipe.zrevrange(keys.item_covis(item), 0, per_item - 1, withscores=True)
-            cat_weights = [queue_popularity_reads(pipe, now, c, trending_n) for c in wanted_cats]
+            cat_weights = [
+                queue_popularity_reads(pipe, now, c, trending_n) for c in plan.categories
+            ]
             raw = await pipe.execute()
-        rows = dict(zip(wanted, raw[: len(wanted)], strict=True))
+        n = len(plan.items)
+        rows = {item: _decoded(r) for item, r in zip(plan.items, raw[:n], strict=True)}
         per_cat = 4  # replies per popularity read: hour now, hour before, day now, day before
         cat_pop = {
-            c: popularity_from_replies(
-                raw[len(wanted) + per_cat * k : len(wanted) + per_cat * (k + 1)], w
-            ).trending()
-            for k, (c, w) in enumerate(zip(wanted_cats, cat_weights, strict=True))
+            c: popularity_from_replies(raw[n + per_cat * k : n + per_cat * (k + 1)], w).trending()
+            for k, (c, w) in enumerate(zip(plan.categories, cat_weights, strict=True))
         }
-        for u, ctx in contexts.items():
-            at = trigger_ts.get(u, now)
-            for src in sources[u]:
-                for member, score in rows[src]:
-                    item = member.decode()
-                    value = decayed_value(float(score), at, COVIS_HALF_LIFE_MS)
-                    ctx.covis[item] = ctx.covis.get(item, 0.0) + value
-                    ctx.covis_source.setdefault(item, src)
-            for c in cats[u]:
-                for item, score in cat_pop[c].items():
-                    ctx.category_trending[item] = ctx.category_trending.get(item, 0.0) + score
-
-    def _categories(self, item_ids: Sequence[str]) -> list[str]:
-        out: list[str] = []
-        for item in item_ids:
-            c = self._category_of(item)
-            if c and c not in out:
-                out.append(c)
-        return out
+        fill_neighbourhood(contexts, plan, rows, cat_pop, trigger_ts, now)
 
     async def user_embedding(self, user_id: str) -> Vector:
         """The normalised rolling embedding of one user (zeros when unknown)."""
@@ -418,27 +393,150 @@ def popularity_keys(ts: int, category: str | None) -> list[tuple[str, int]]:
     return out
 
 
-def queue_popularity_reads(
-    pipe: Any, now_ms: int, category: str | None, n: int
-) -> tuple[float, float]:
-    """Queue the trailing hour and day bucket reads; returns the previous buckets' weights."""
+def popularity_read_keys(
+    now_ms: int, category: str | None
+) -> tuple[list[str], tuple[float, float]]:
+    """The bucket keys a trailing hour and day are read from (hour now, hour before, day now,
+    day before) and the weights of the two previous buckets."""
     h, h_prev, wh = window_buckets(now_ms, HOUR_MS)
     d, d_prev, wd = window_buckets(now_ms, DAY_MS)
-    for key in (
+    names = [
         keys.popularity_hour(h, category),
         keys.popularity_hour(h_prev, category),
         keys.popularity_day(d, category),
         keys.popularity_day(d_prev, category),
-    ):
+    ]
+    return names, (wh, wd)
+
+
+def queue_popularity_reads(
+    pipe: Any, now_ms: int, category: str | None, n: int
+) -> tuple[float, float]:
+    """Queue the trailing hour and day bucket reads; returns the previous buckets' weights."""
+    names, weights = popularity_read_keys(now_ms, category)
+    for key in names:
         pipe.zrevrange(key, 0, n - 1, withscores=True)
-    return wh, wd
+    return weights
+
+
+Row = Sequence[tuple[str, float]]
+"""A sorted set's top members, best first: what ``ZREVRANGE ... WITHSCORES`` answers."""
+
+
+def _decoded(raw: Sequence[tuple[bytes, float]]) -> list[tuple[str, float]]:
+    return [(m.decode(), float(s)) for m, s in raw]
 
 
 def popularity_from_replies(raw: Sequence[Any], weights: tuple[float, float]) -> Popularity:
+    """The four bucket reads of :func:`popularity_read_keys` (Redis replies, bytes members,
+    or an in-memory store's rows) as one :class:`Popularity`."""
+
     def rows(r: Any) -> list[tuple[str, float]]:
-        return [(m.decode(), float(s)) for m, s in r]
+        return [(m.decode() if isinstance(m, bytes) else m, float(s)) for m, s in r]
 
     return Popularity(
         hour=sliding_window(rows(raw[0]), rows(raw[1]), weights[0]),
         day=sliding_window(rows(raw[2]), rows(raw[3]), weights[1]),
     )
+
+
+# --- what both stores share: counter increments and the neighbourhood read -------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Bump:
+    """Increments of one sorted set from one batch, and how it is kept."""
+
+    ttl_s: int
+    keep: int  # members kept, highest scores first (0 = all)
+    members: dict[str, float]
+
+
+def signal_bumps(
+    updates: Sequence[UserUpdate],
+    results: Sequence[UpdateResult],
+    category_of: Callable[[str], str | None],
+) -> dict[str, Bump]:
+    """The popularity and co-visitation increments of a batch's applied events, summed per
+    key and member (in first-seen order: both stores add them in this order, so their
+    floating-point sums agree to the bit)."""
+    bumps: dict[str, Bump] = {}
+
+    def bump(key: str, member: str, by: float, ttl_s: int, keep: int) -> None:
+        b = bumps.get(key)
+        if b is None:
+            b = bumps[key] = Bump(ttl_s, keep, {})
+        b.members[member] = b.members.get(member, 0.0) + by
+
+    for u, r in zip(updates, results, strict=True):
+        if not r.applied or u.item_id is None:
+            continue
+        weight = EVENT_WEIGHTS[u.type]
+        for key, ttl in popularity_keys(u.ts, category_of(u.item_id)):
+            bump(key, u.item_id, weight, ttl, 0)
+        pair = forward_weight(u.ts)
+        for other in covisited(u.item_id, u.ts, r.recent):
+            bump(keys.item_covis(u.item_id), other, pair, COVIS_TTL_S, COVIS_KEEP)
+            bump(keys.item_covis(other), u.item_id, pair, COVIS_TTL_S, COVIS_KEEP)
+    return bumps
+
+
+@dataclass(frozen=True, slots=True)
+class NeighbourhoodPlan:
+    """What the second read of :meth:`FeatureStore.read_context` fetches."""
+
+    sources: dict[str, list[str]]  # user -> their latest distinct items (co-visitation)
+    categories_of: dict[str, list[str]]  # user -> categories whose trending they get
+    items: list[str]  # every source item (one co-visitation read each)
+    categories: list[str]  # every category (one popularity read each)
+
+
+def plan_neighbourhood(
+    contexts: dict[str, UserContext],
+    category_of: Callable[[str], str | None],
+    query_categories: Callable[[Vector], list[str]],
+) -> NeighbourhoodPlan:
+    sources = {u: _distinct_items(c.history, COVIS_SOURCES) for u, c in contexts.items()}
+    cats = {
+        u: _categories(items[:CATEGORY_SOURCES], category_of)
+        # A user who has only searched: the category their query points at most.
+        or (query_categories(contexts[u].query)[:1] if not items else [])
+        for u, items in sources.items()
+    }
+    return NeighbourhoodPlan(
+        sources,
+        cats,
+        sorted({i for items in sources.values() for i in items}),
+        sorted({c for cs in cats.values() for c in cs}),
+    )
+
+
+def fill_neighbourhood(
+    contexts: dict[str, UserContext],
+    plan: NeighbourhoodPlan,
+    rows: Mapping[str, Row],
+    category_trending: Mapping[str, dict[str, float]],
+    trigger_ts: dict[str, int],
+    now: int,
+) -> None:
+    """Each user's co-visitation (decayed to their trigger time) and category trending,
+    from the planned reads: ``rows`` per source item, ``category_trending`` per category."""
+    for u, ctx in contexts.items():
+        at = trigger_ts.get(u, now)
+        for src in plan.sources[u]:
+            for item, score in rows[src]:
+                value = decayed_value(float(score), at, COVIS_HALF_LIFE_MS)
+                ctx.covis[item] = ctx.covis.get(item, 0.0) + value
+                ctx.covis_source.setdefault(item, src)
+        for c in plan.categories_of[u]:
+            for item, score in category_trending[c].items():
+                ctx.category_trending[item] = ctx.category_trending.get(item, 0.0) + score
+
+
+def _categories(item_ids: Sequence[str], category_of: Callable[[str], str | None]) -> list[str]:
+    out: list[str] = []
+    for item in item_ids:
+        c = category_of(item)
+        if c and c not in out:
+            out.append(c)
+    return out

@@ -35,7 +35,12 @@ def decode_history_entry(raw: str | bytes) -> HistoryEntry:
 
 def decode_history(raw: list[bytes] | list[str]) -> list[HistoryEntry]:
     """History newest first (by event time, not arrival)."""
-    entries = [decode_history_entry(r) for r in raw]
+    return by_event_time([decode_history_entry(r) for r in raw])
+
+
+def by_event_time(entries: list[HistoryEntry]) -> list[HistoryEntry]:
+    """A stored history (newest arrival first) as the read path gives it: newest event time
+    first, arrival order kept among equal times."""
     entries.sort(key=lambda e: e.ts, reverse=True)
     return entries
 
@@ -78,23 +83,39 @@ class EmbeddingState:
     seen: frozenset[str] = frozenset()
 
 
+def embedding_step(
+    total: npt.NDArray[np.float64] | None,
+    ref_ts: int,
+    ts: int,
+    weight: float,
+    vec: npt.NDArray[np.float64],
+    half_life_ms: float,
+) -> npt.NDArray[np.float64]:
+    """The decayed sum after one more event, in update_user.lua's operations and order
+    (doubles; the script then stores float32, and so does the in-memory store).
+
+    A newer event rescales the sum to its time; an older one is added with its own decay.
+    """
+    if total is None or ref_ts < 0:
+        return vec * weight
+    if ts >= ref_ts:
+        out: npt.NDArray[np.float64] = total * 2.0 ** (-(ts - ref_ts) / half_life_ms) + vec * weight
+        return out
+    late: npt.NDArray[np.float64] = total + vec * (weight * 2.0 ** (-(ref_ts - ts) / half_life_ms))
+    return late
+
+
 def fold_event(
     state: EmbeddingState, event_id: str, ts: int, weight: float, vec: Vector, half_life_ms: float
 ) -> EmbeddingState:
     """One event into the decayed sum, exactly as update_user.lua does it.
 
-    A seen id changes nothing; a newer event rescales the sum to its time; an
-    older one is added with its own decay.  Either way the sum equals
-    :func:`decayed_sum` of the distinct events, whatever the arrival order.
+    A seen id changes nothing; otherwise :func:`embedding_step`.  Either way the sum
+    equals :func:`decayed_sum` of the distinct events, whatever the arrival order.
     """
     if event_id in state.seen:
         return state
-    seen = state.seen | {event_id}
-    add = vec.astype(np.float64)
-    if state.total is None:
-        return EmbeddingState(weight * add, ts, seen)
-    if ts >= state.ref_ts:
-        keep = 2.0 ** (-(ts - state.ref_ts) / half_life_ms)
-        return EmbeddingState(state.total * keep + weight * add, ts, seen)
-    late = weight * 2.0 ** (-(state.ref_ts - ts) / half_life_ms)
-    return EmbeddingState(state.total + late * add, state.ref_ts, seen)
+    total = embedding_step(
+        state.total, state.ref_ts, ts, weight, vec.astype(np.float64), half_life_ms
+    )
+    return EmbeddingState(total, max(state.ref_ts, ts), state.seen | {event_id})

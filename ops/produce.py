@@ -2,7 +2,9 @@
 
 The catalogue goes first (``items.jsonl.gz`` → ``catalog.items``, key item id),
 then the events (``events.jsonl.gz``, already sorted by event time) to the topic
-of their type, key user id.  Pacing: ``rate`` events/s, or the recorded gaps
+of their type, key user id; events of one timestamp go in the order of a hash of
+their id (:func:`shoprec.events.tie_break`), never the file's (the amazon data lists
+one user's same-day events by item id).  Pacing: ``rate`` events/s, or the recorded gaps
 divided by ``speedup``, or as fast as the broker takes them.  By default each
 event is re-timed to the moment it is sent, so the stream looks live: latency
 is then measured from a real send time and the worker's future-time guard
@@ -16,7 +18,7 @@ import gzip
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from aiokafka import AIOKafkaProducer
 from features import keys
 from features.connection import open_redis
 from shoprec.errors import DatasetError, StackError
+from shoprec.events import tie_break
 from shoprec.settings import Settings
 from streams.topics import TopicNames, kafka_options
 
@@ -103,7 +106,7 @@ async def produce_events(
     users: set[str] = set()
     start = time.monotonic()
     first_ts: int | None = None
-    for n, event in enumerate(read_jsonl(events_path)):
+    for n, event in enumerate(in_event_order(read_jsonl(events_path))):
         if pacing.limit is not None and n >= pacing.limit:
             break
         first_ts = event["ts"] if first_ts is None else first_ts
@@ -125,6 +128,18 @@ async def produce_events(
     report.seconds = time.monotonic() - start
     report.users = len(users)
     return report
+
+
+def in_event_order(events: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """A time-sorted event stream with each run of equal timestamps reordered by
+    :func:`~shoprec.events.tie_break` of the event id (one run is held in memory)."""
+    run: list[dict[str, Any]] = []
+    for event in events:
+        if run and event["ts"] != run[0]["ts"]:
+            yield from sorted(run, key=lambda e: tie_break(str(e["event_id"])))
+            run = []
+        run.append(event)
+    yield from sorted(run, key=lambda e: tie_break(str(e["event_id"])))
 
 
 def _send_offset(n: int, recorded_gap_ms: int, pacing: Pacing) -> float:

@@ -35,7 +35,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from redis.asyncio import Redis
 
 from features import keys
-from features.connection import open_redis
+from features.connection import is_cluster, open_redis
 from features.fold import StateFolder, write_folded
 from features.forget import ForgetList
 from features.item_index import ItemIndex
@@ -215,8 +215,13 @@ async def _through_script(
 
 
 async def _redis_cpu_s(redis: Redis) -> float:
-    info = await redis.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    if is_cluster(redis):
+        # Every node of a Redis Cluster counts: asked of all, it answers {node: its info}.
+        per_node = await redis.info("cpu", target_nodes="all")
+        nodes = [i for i in per_node.values() if isinstance(i, dict)]
+    else:
+        nodes = [await redis.info("cpu")]
+    return sum(float(i["used_cpu_user"]) + float(i["used_cpu_sys"]) for i in nodes)
 
 
 async def _fold_history(

@@ -1,32 +1,36 @@
-"""Offline data for the ranker: load a dataset, replay it as the worker would, split by time.
+"""Offline data for the ranker: load a dataset, replay it through the feature store, split by time.
 
-The replay (:func:`replay`) walks every event in event-time order and keeps the same
-state the online feature store keeps (``features/``): each user's capped history and
-rolling embedding (same event weights and half-life), co-visitation pairs (same span,
-same 24 h window), hourly popularity.  Right after each user's event group (events of
-one user sharing a timestamp: a basket) it snapshots what the worker would send the
-ranker at that moment -- a :class:`Query` -- and labels it with the items of the user's
-*next* group.  Every feature of a query is therefore computed from events at or before
-its trigger time; the label always lies in the future.  Queries are assigned to the
-train, validation or test period by the time of their label.
+The replay (:func:`replay`) feeds every event, in event-time order (equal times ordered by
+a hash of the event id, :func:`shoprec.events.tie_break`), into the in-memory feature
+store (:class:`features.fold.MemoryStore`): the same state the live worker keeps in Redis,
+by the same code, held equal to it by a property test (capped histories, rolling
+embeddings, co-visitation with its 200-neighbour cap, hourly and daily popularity overall
+and per category, behavioural vectors for items without text, refreshed every minute of
+event time as the worker refreshes them).  Events of one timestamp are applied as one
+batch; right after it, for each user of the batch, the state is read as the worker reads
+it (``read_context``: co-visitation of the three latest distinct items, trending overall
+and in the user's categories) and the retrieval the worker runs (the 50 items nearest the
+user embedding, text or behavioural vectors) is added: a :class:`Query`, labelled with
+the items of the user's *next* batch.  Every feature of a query is therefore computed from
+events at or before its trigger time; the label always lies in the future.  Queries are
+assigned to the train, validation or test period by the time of their label.
 
 The catalogue is every item of ``items.jsonl.gz`` plus any item seen only in events;
 items without text get a zero BERT row and rank from behaviour (co-visitation,
-popularity, the model's learned item vectors).
+popularity, behavioural vectors, the model's learned item vectors).
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import heapq
 import logging
 import pickle
-from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -34,18 +38,12 @@ import orjson
 from tqdm import tqdm
 
 from features.candidates import JUST_PURCHASED_MS
-from features.decay import (
-    COVIS_HALF_LIFE_MS,
-    DAY_MS,
-    HOUR_MS,
-    decayed_value,
-    forward_weight,
-    window_buckets,
-)
+from features.fold import MemoryStore
+from features.item_index import BEHAVIOURAL_CHUNK, BEHAVIOURAL_EVERY_S
 from features.keys import EMB_DIM
-from features.store import COVIS_SOURCES, COVIS_SPAN, COVIS_WINDOW_MS
+from features.store import ALWAYS_EMIT, Context, UpdatePolicy, UserUpdate
 from shoprec.errors import DatasetError
-from shoprec.events import EVENT_TYPES, EVENT_WEIGHTS, CatalogItem, EventType, event_code
+from shoprec.events import EVENT_TYPES, CatalogItem, EventType, event_code, tie_break
 from shoprec.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,15 +51,28 @@ log = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
-HISTORY_LEN: int = int(Settings.model_fields["history_len"].default)
-HALF_LIFE_MS: float = 1000.0 * float(Settings.model_fields["embedding_half_life_s"].default)
-RETRIEVAL_K: int = int(Settings.model_fields["n_candidates"].default) // 2
-"""Online retrieval takes this many nearest items to the user embedding (recommend.py)."""
+_DEFAULTS = Settings.model_fields
+HISTORY_LEN: int = int(_DEFAULTS["history_len"].default)
+POLICY = UpdatePolicy(
+    half_life_ms=1000.0 * float(_DEFAULTS["embedding_half_life_s"].default),
+    history_len=HISTORY_LEN,
+    ttl_s=int(_DEFAULTS["user_ttl_s"].default),
+    min_emit_interval_ms=int(_DEFAULTS["min_emit_interval_ms"].default),
+)
+"""The worker's update policy under the default settings."""
+RETRIEVAL_K: int = int(_DEFAULTS["n_candidates"].default) // 2
+"""Online retrieval takes this many nearest items to the user embedding."""
 COVIS_PER_ITEM = 20
+"""Neighbours per source item the worker reads (``FeatureStore.read_context``)."""
 COVIS_WIDE = 200
+"""Neighbours per source item for the co-visitation baseline: all the store keeps."""
 TRENDING_N = 50
-RECENT_SEEN = 5
-"""The update script hands co-visitation the user's five latest history entries."""
+SOURCE_FILES = ("data.py", "../features/fold.py", "../features/store.py")
+"""What the replay's result depends on besides the data (the dataset cache key)."""
+
+Order = Literal["hash", "file"]
+"""How events of one timestamp are ordered: by a hash of their id (always, except to
+measure what that changes: ``file`` keeps the dataset file's order)."""
 
 
 class Period(IntEnum):
@@ -76,6 +87,7 @@ class Catalogue:
 
     ids: list[str]
     text: list[str]
+    category: dict[str, str] = field(default_factory=dict)
 
     @property
     def has_text(self) -> npt.NDArray[np.bool_]:
@@ -87,16 +99,32 @@ class Catalogue:
 
 @dataclass(frozen=True)
 class Events:
-    """Events sorted by time (stable: file order within a timestamp)."""
+    """Events in replay order: by time, equal times by :func:`~shoprec.events.tie_break`."""
 
     user: I64
     item: I64
     type: npt.NDArray[np.int8]
     ts: I64
     n_users: int
+    event_ids: list[str] = field(default_factory=list)
+    user_ids: list[str] = field(default_factory=list)
+    """Original user id of each user number."""
 
     def __len__(self) -> int:
         return int(self.ts.shape[0])
+
+    def subset(self, keep: npt.NDArray[np.bool_] | slice) -> Events:
+        """The events selected by a mask or slice, in the same order."""
+        idx = np.arange(len(self))[keep]
+        return Events(
+            self.user[keep],
+            self.item[keep],
+            self.type[keep],
+            self.ts[keep],
+            self.n_users,
+            [self.event_ids[i] for i in idx.tolist()] if self.event_ids else [],
+            self.user_ids,
+        )
 
 
 @dataclass
@@ -110,7 +138,7 @@ class Query:
     hist_items: I64  # newest first, at most HISTORY_LEN
     hist_types: npt.NDArray[np.int8]
     hist_age_s: F32
-    user_emb: F32  # unit length, zeros when the user has no text-bearing event yet
+    user_emb: F32  # unit length, zeros when the user has no event with a vector yet
     covis: dict[int, float]
     popularity: dict[int, float]
     retrieval: dict[int, float]
@@ -177,55 +205,91 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, object]]:
 
 
 def load_catalogue(folder: Path) -> Catalogue:
-    ids: list[str] = []
-    text: list[str] = []
-    for rec in _read_jsonl(folder / "items.jsonl.gz"):
-        item = CatalogItem(
+    return catalogue_of(
+        CatalogItem(
             item_id=str(rec["item_id"]),
             title=_opt(rec.get("title")),
             description=_opt(rec.get("description")),
             category=_opt(rec.get("category")),
             brand=_opt(rec.get("brand")),
         )
+        for rec in _read_jsonl(folder / "items.jsonl.gz")
+    )
+
+
+def catalogue_of(items: Iterable[CatalogItem]) -> Catalogue:
+    """The catalogue of these items, with the text the catalogue agent embeds."""
+    ids: list[str] = []
+    text: list[str] = []
+    category: dict[str, str] = {}
+    for item in items:
         ids.append(item.item_id)
         text.append(item.text())
-    return Catalogue(ids, text)
+        if item.category:
+            category[item.item_id] = item.category
+    return Catalogue(ids, text, category)
 
 
 def _opt(v: object) -> str | None:
     return str(v) if v not in (None, "") else None
 
 
-def load_events(folder: Path, catalogue: Catalogue) -> Events:
-    """Events with an item, in time order; items missing from the catalogue are appended."""
+def load_events(folder: Path, catalogue: Catalogue, order: Order = "hash") -> Events:
+    """The events of a dataset folder with an item, in replay order (:func:`make_events`)."""
+    rows: list[EventRow] = []
+    for n, rec in enumerate(_read_jsonl(folder / "events.jsonl.gz")):
+        ts = rec["ts"]
+        if not isinstance(ts, int):
+            raise DatasetError(f"event {rec.get('event_id')} has a non-integer ts")
+        item = rec.get("item_id")
+        eid = str(rec.get("event_id") or f"{folder.name}-{n}")
+        rows.append(
+            (
+                eid,
+                str(rec.get("type")),
+                str(rec["user_id"]),
+                None if item is None else str(item),
+                ts,
+            )
+        )
+    if not any(r[3] is not None for r in rows):
+        raise DatasetError(f"{folder} has no item events")
+    return make_events(rows, catalogue, order)
+
+
+EventRow = tuple[str, str, str, str | None, int]
+"""``(event_id, type, user_id, item_id, ts)``: one shop event, from a file or a topic."""
+
+
+def make_events(rows: Sequence[EventRow], catalogue: Catalogue, order: Order = "hash") -> Events:
+    """Events with an item, sorted by time, equal times by :func:`~shoprec.events.tie_break`
+    of the event id (``order="file"``: as given); items missing from the catalogue are
+    appended to it without text.  Searches carry no item and are left out: the training
+    replay has no query embeddings (none of the public datasets has a search)."""
     index = {i: r for r, i in enumerate(catalogue.ids)}
     users: dict[str, int] = {}
-    rows: list[tuple[int, int, int, int]] = []
-    for rec in _read_jsonl(folder / "events.jsonl.gz"):
-        etype, item = str(rec.get("type")), rec.get("item_id")
-        if item is None or etype not in EVENT_TYPES or etype == "search":
+    kept: list[tuple[int, int, int, int, int, str]] = []
+    for n, (eid, etype, user_id, item_id, ts) in enumerate(rows):
+        if item_id is None or etype not in EVENT_TYPES or etype == "search":
             continue
-        item_id = str(item)
         if item_id not in index:
             index[item_id] = len(catalogue.ids)
             catalogue.ids.append(item_id)
             catalogue.text.append("")
-        uid = users.setdefault(str(rec["user_id"]), len(users))
-        ts = rec["ts"]
-        if not isinstance(ts, int):
-            raise DatasetError(f"event {rec.get('event_id')} has a non-integer ts")
-        rows.append((ts, uid, index[item_id], event_code(etype)))
-    if not rows:
-        raise DatasetError(f"{folder} has no item events")
-    arr = np.array(rows, dtype=np.int64)
-    order = np.argsort(arr[:, 0], kind="stable")
-    arr = arr[order]
+        uid = users.setdefault(user_id, len(users))
+        tie = tie_break(eid) if order == "hash" else n
+        kept.append((ts, tie, uid, index[item_id], event_code(etype), eid))
+    # Ties are 64-bit hashes: sorted as Python ints (numpy's int64 would overflow).
+    kept.sort(key=lambda r: (r[0], r[1]))
+    arr = np.array([(r[0], r[2], r[3], r[4]) for r in kept], dtype=np.int64).reshape(-1, 4)
     return Events(
         user=arr[:, 1],
         item=arr[:, 2],
         type=arr[:, 3].astype(np.int8),
         ts=arr[:, 0],
         n_users=len(users),
+        event_ids=[r[5] for r in kept],
+        user_ids=list(users),
     )
 
 
@@ -268,158 +332,162 @@ def time_cuts(ts: I64, valid_frac: float, test_frac: float) -> tuple[int, int]:
     return v, t
 
 
-@dataclass
-class _UserState:
-    hist: deque[tuple[int, int, int]]  # (item, type, ts), newest last
-    emb: F32 | None = None
-    ref_ts: int = -1
-    pending: Query | None = None
-
-
 class _Replay:
-    """The online state, updated event by event exactly as ``features/`` does it."""
+    """The live feature state, in memory, plus the retrieval the worker runs."""
 
-    def __init__(self, ds_emb: F32, has_text: npt.NDArray[np.bool_], history_len: int) -> None:
-        self.emb = ds_emb
-        self.has_text = has_text
-        self.history_len = history_len
-        self.users: dict[int, _UserState] = {}
-        self.covis: defaultdict[int, defaultdict[int, float]] = defaultdict(_zeros)
-        self.pop_hour: defaultdict[int, defaultdict[int, float]] = defaultdict(_zeros)
-        self.pop_day: defaultdict[int, defaultdict[int, float]] = defaultdict(_zeros)
-        self.text_rows = np.flatnonzero(has_text)
-        self.text_matrix = ds_emb[self.text_rows]
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        item_emb: F32,
+        policy: UpdatePolicy,
+        item_ids: Sequence[str],
+    ) -> None:
+        self.catalogue = catalogue
+        self.emb = item_emb
+        self.has_text = catalogue.has_text
+        self.policy = policy
+        self.item_ids = item_ids
+        self.row = {i: r for r, i in enumerate(catalogue.ids)}
+        self.store = MemoryStore(policy, category_of=catalogue.category.get)
+        self.textless = [i for i, t in zip(catalogue.ids, self.has_text, strict=True) if not t]
+        self._cursor = 0
+        self._next_behavioural = -1
+        self._build_retrieval()
 
-    def user(self, u: int) -> _UserState:
-        st = self.users.get(u)
-        if st is None:
-            st = self.users[u] = _UserState(deque(maxlen=self.history_len))
-        return st
+    def vector(self, item_id: str) -> F32 | None:
+        """``ItemIndex.vector``: the text embedding, else the behavioural one."""
+        r = self.row[item_id]
+        return self.emb[r] if self.has_text[r] else self.store.behavioural.get(item_id)
 
-    def apply(self, u: int, item: int, etype: int, ts: int) -> None:
-        st = self.user(u)
-        weight = EVENT_WEIGHTS[EventType(etype).label]
-        if self.has_text[item]:
-            vec = self.emb[item]
-            if st.emb is None or st.ref_ts < 0:
-                st.emb = vec * weight
-            elif ts >= st.ref_ts:
-                st.emb = st.emb * 2.0 ** (-(ts - st.ref_ts) / HALF_LIFE_MS) + vec * weight
-            else:
-                st.emb = st.emb + vec * (weight * 2.0 ** (-(st.ref_ts - ts) / HALF_LIFE_MS))
-        st.ref_ts = max(st.ref_ts, ts)
-        recent = list(st.hist)[-RECENT_SEEN:][::-1]
-        self.pop_hour[ts // HOUR_MS][item] += weight
-        self.pop_day[ts // DAY_MS][item] += weight
-        seen: list[int] = []
-        for other, _, ots in recent:
-            if abs(ts - ots) <= COVIS_WINDOW_MS and other != item and other not in seen:
-                seen.append(other)
-            if len(seen) >= COVIS_SPAN:
-                break
-        pair = forward_weight(ts)
-        for other in seen:
-            self.covis[item][other] += pair
-            self.covis[other][item] += pair
-        st.hist.append((item, etype, ts))
+    def text_vector(self, item_id: str) -> F32 | None:
+        r = self.row.get(item_id)
+        return self.emb[r] if r is not None and self.has_text[r] else None
 
-    def snapshot(self, u: int, ts: int) -> Query:
-        st = self.users[u]
-        hist = list(st.hist)[::-1]
-        items = np.array([h[0] for h in hist], np.int64)
-        user_emb = np.zeros(self.emb.shape[1], np.float32)
-        if st.emb is not None:
-            norm = float(np.linalg.norm(st.emb))
-            if norm > 0:
-                user_emb = (st.emb / norm).astype(np.float32)
+    def _build_retrieval(self) -> None:
+        rows = np.flatnonzero(self.has_text).tolist()
+        behavioural = [self.row[i] for i in self.store.behavioural]
+        self.retrieval_rows = np.asarray(rows + behavioural, np.int64)
+        vectors = [self.emb[rows]] + [
+            self.store.behavioural[i][None, :] for i in self.store.behavioural
+        ]
+        self.retrieval_matrix = (
+            np.concatenate(vectors).astype(np.float32)
+            if self.retrieval_rows.size
+            else np.zeros((0, self.emb.shape[1]), np.float32)
+        )
+
+    def apply(
+        self,
+        users: Sequence[int],
+        items: Sequence[int],
+        types: Sequence[int],
+        event_ids: Sequence[str],
+        ts: int,
+    ) -> None:
+        """One batch of events (one timestamp) into the store."""
+        if ts >= self._next_behavioural and self.textless:
+            # ItemIndex.maybe_refresh: a slice of the items without text every minute.
+            ids = self.textless
+            start = self._cursor % len(ids)
+            chunk = (ids[start:] + ids[:start])[:BEHAVIOURAL_CHUNK]
+            self._cursor = start + BEHAVIOURAL_CHUNK
+            if self.store.refresh_behavioural(chunk, self.text_vector, lambda _: True):
+                self._build_retrieval()
+            self._next_behavioural = ts + int(1000 * BEHAVIOURAL_EVERY_S)
+        updates = []
+        for u, i, t, eid in zip(users, items, types, event_ids, strict=True):
+            label = EventType(t).label
+            item_id = self.catalogue.ids[i]
+            updates.append(
+                UserUpdate(
+                    eid,
+                    self.item_ids[u],
+                    label,
+                    ts,
+                    item_id,
+                    self.vector(item_id),
+                    label in ALWAYS_EMIT,
+                )
+            )
+        self.store.apply_events(updates)
+
+    def snapshots(self, users: Sequence[int], ts: int) -> list[Query]:
+        """What the worker would read and retrieve for ``users`` right after ``ts``."""
+        names = [self.item_ids[u] for u in users]
+        at = dict.fromkeys(names, ts)
+        wide, narrow = self.store.read_contexts(
+            names, at, covis_per_item=(COVIS_WIDE, COVIS_PER_ITEM), trending_n=TRENDING_N
+        )
+        embs = np.stack([wide.users[n].embedding for n in names])
+        retrieved = self._retrieve(embs)
+        return [
+            self._query(u, ts, wide, narrow, n, found)
+            for u, n, found in zip(users, names, retrieved, strict=True)
+        ]
+
+    def _retrieve(self, embs: F32) -> list[dict[int, float]]:
+        out: list[dict[int, float]] = [{} for _ in range(embs.shape[0])]
+        known = np.flatnonzero(np.abs(embs).sum(axis=1) > 0)
+        if known.size == 0 or self.retrieval_rows.size == 0:
+            return out
+        scores = embs[known] @ self.retrieval_matrix.T
+        k = min(RETRIEVAL_K, scores.shape[1])
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        for k_row, (r, row) in enumerate(zip(known.tolist(), top, strict=True)):
+            out[r] = {int(self.retrieval_rows[j]): float(scores[k_row, j]) for j in row}
+        return out
+
+    def _query(
+        self,
+        u: int,
+        ts: int,
+        wide: Context,
+        narrow: Context,
+        name: str,
+        retrieval: dict[int, float],
+    ) -> Query:
+        ctx = narrow.users[name]
+        row = self.row
+        hist = ctx.history
+        popularity = {row[i]: v for i, v in ctx.category_trending.items()}
+        popularity |= {row[i]: v for i, v in narrow.trending.items()}
+        covis_wide = wide.users[name].covis
         return Query(
             user=u,
             trigger_ts=ts,
             target_ts=-1,
             period=Period.TRAIN,
-            hist_items=items,
-            hist_types=np.array([h[1] for h in hist], np.int8),
-            hist_age_s=np.array([max(0.0, (ts - h[2]) / 1000.0) for h in hist], np.float32),
-            user_emb=user_emb,
-            covis=self._covis_signal(items, COVIS_PER_ITEM, ts),
-            covis_wide=_as_arrays(self._covis_signal(items, COVIS_WIDE, ts)),
-            popularity=self._trending(ts),
-            retrieval=self._retrieval(user_emb),
+            hist_items=np.array([row[h.item_id] for h in hist], np.int64),
+            hist_types=np.array([event_code(h.type) for h in hist], np.int8),
+            hist_age_s=np.array([max(0.0, (ts - h.ts) / 1000.0) for h in hist], np.float32),
+            user_emb=ctx.embedding.astype(np.float32),
+            covis={row[i]: v for i, v in ctx.covis.items()},
+            covis_wide=(
+                np.fromiter((row[i] for i in covis_wide), np.int64, len(covis_wide)),
+                np.fromiter(covis_wide.values(), np.float32, len(covis_wide)),
+            ),
+            popularity=popularity,
+            retrieval=retrieval,
         )
-
-    def _covis_signal(self, items: I64, per_item: int, at: int) -> dict[int, float]:
-        """Forward-decayed counts read at ``at``, as ``FeatureStore._read_neighbourhood``."""
-        sources: list[int] = []
-        for i in items.tolist():
-            if i not in sources:
-                sources.append(i)
-                if len(sources) == COVIS_SOURCES:
-                    break
-        out: dict[int, float] = {}
-        for src in sources:
-            row = self.covis.get(src)
-            if not row:
-                continue
-            for item, score in _top(row, per_item):
-                value = decayed_value(score, at, COVIS_HALF_LIFE_MS)
-                out[item] = out.get(item, 0.0) + value
-        return out
-
-    def _trending(self, ts: int) -> dict[int, float]:
-        """``Popularity.trending()``: trailing hour plus the trailing day's hourly mean."""
-        out: dict[int, float] = {}
-        for buckets, size, scale in (
-            (self.pop_day, DAY_MS, 1.0 / 24.0),
-            (self.pop_hour, HOUR_MS, 1.0),
-        ):
-            now, prev, prev_w = window_buckets(ts, size)
-            for b, w in ((now, scale), (prev, scale * prev_w)):
-                row = buckets.get(b)
-                if row:
-                    for item, score in _top(row, TRENDING_N):
-                        out[item] = out.get(item, 0.0) + w * score
-        return out
-
-    def _retrieval(self, user_emb: F32) -> dict[int, float]:
-        if not user_emb.any() or self.text_rows.size == 0:
-            return {}
-        scores = self.text_matrix @ user_emb
-        k = min(RETRIEVAL_K, scores.shape[0])
-        top = np.argpartition(-scores, k - 1)[:k]
-        return {int(self.text_rows[j]): float(scores[j]) for j in top}
-
-
-def _zeros() -> defaultdict[int, float]:
-    return defaultdict(float)
-
-
-def _top(row: dict[int, float], n: int) -> list[tuple[int, float]]:
-    """The ``n`` largest entries, like ``ZREVRANGE key 0 n-1 WITHSCORES``."""
-    return heapq.nlargest(n, row.items(), key=lambda kv: kv[1])
-
-
-def _as_arrays(sparse: dict[int, float]) -> tuple[I64, F32]:
-    return np.fromiter(sparse.keys(), np.int64, len(sparse)), np.fromiter(
-        sparse.values(), np.float32, len(sparse)
-    )
 
 
 def replay(
     events: Events,
+    catalogue: Catalogue,
     item_emb: F32,
-    has_text: npt.NDArray[np.bool_],
     cuts: tuple[int, int],
-    history_len: int = HISTORY_LEN,
+    policy: UpdatePolicy = POLICY,
     progress: bool = True,
 ) -> list[Query]:
-    """Replay events in time order; one labelled :class:`Query` per user group with a successor.
+    """Replay events in order; one labelled :class:`Query` per user batch with a successor.
 
-    All events of one timestamp are applied before any snapshot of that timestamp, so a
-    snapshot sees other users' simultaneous events (never later ones) and a basket is
-    one trigger.
+    All events of one timestamp are applied as one batch before any snapshot of that
+    timestamp, so a snapshot sees other users' simultaneous events (never later ones)
+    and a basket is one trigger.
     """
-    state = _Replay(item_emb, has_text, history_len)
+    state = _Replay(catalogue, item_emb, policy, events.user_ids)
     queries: list[Query] = []
+    pending: dict[int, Query] = {}
     users, items, types, tss = (
         events.user.tolist(),
         events.item.tolist(),
@@ -431,20 +499,21 @@ def replay(
     while k < n:
         ts = tss[k]
         end = k
-        groups: dict[int, list[int]] = {}
         while end < n and tss[end] == ts:
-            state.apply(users[end], items[end], types[end], ts)
-            groups.setdefault(users[end], []).append(items[end])
             end += 1
+        state.apply(users[k:end], items[k:end], types[k:end], events.event_ids[k:end], ts)
+        groups: dict[int, list[int]] = {}
+        for j in range(k, end):
+            groups.setdefault(users[j], []).append(items[j])
         for u, group_items in groups.items():
-            st = state.users[u]
-            if st.pending is not None:
-                q = st.pending
+            q = pending.pop(u, None)
+            if q is not None:
                 q.target_ts = ts
                 q.period = _period(ts, cuts)
                 q.targets = list(dict.fromkeys(group_items))
                 queries.append(q)
-            st.pending = state.snapshot(u, ts)
+        for q in state.snapshots(list(groups), ts):
+            pending[q.user] = q
         bar.update(end - k)
         k = end
     bar.close()
@@ -463,20 +532,23 @@ def load_dataset(
     valid_frac: float = 0.1,
     test_frac: float = 0.1,
     cache_dir: Path | None = None,
-    history_len: int = HISTORY_LEN,
+    order: Order = "hash",
     progress: bool = True,
 ) -> Dataset:
     """Everything training and evaluation need from one dataset folder.
 
     With a ``cache_dir`` the replayed dataset is kept there, keyed by the input files,
-    the split, the history length and this module's source, so ``shoprec train`` and
-    ``shoprec evaluate`` replay a dataset once.
+    the split, the order and the replay's source (:data:`SOURCE_FILES`), so ``shoprec
+    train`` and ``shoprec evaluate`` replay a dataset once.
     """
-    cached = _cache_path(folder, cache_dir, (valid_frac, test_frac, history_len))
+    cached = _cache_path(folder, cache_dir, (valid_frac, test_frac, order))
     if cached is not None and cached.is_file():
         ds: Dataset = pickle.loads(cached.read_bytes())
         return ds
-    ds = _build(folder, valid_frac, test_frac, cache_dir, history_len, progress)
+    catalogue = load_catalogue(folder)
+    events = load_events(folder, catalogue, order)
+    item_emb = embed_catalogue(catalogue, cache_dir)
+    ds = build_dataset(folder.name, catalogue, events, item_emb, valid_frac, test_frac, progress)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_bytes(pickle.dumps(ds, protocol=pickle.HIGHEST_PROTOCOL))
@@ -486,7 +558,10 @@ def load_dataset(
 def _cache_path(folder: Path, cache_dir: Path | None, params: tuple[object, ...]) -> Path | None:
     if cache_dir is None:
         return None
-    h = hashlib.sha256(Path(__file__).read_bytes())
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for source in SOURCE_FILES:
+        h.update((here / source).read_bytes())
     for name in ("events.jsonl.gz", "items.jsonl.gz"):
         st = (folder / name).stat()
         h.update(f"{folder.resolve()}/{name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -494,26 +569,25 @@ def _cache_path(folder: Path, cache_dir: Path | None, params: tuple[object, ...]
     return cache_dir / f"dataset-{folder.name}-{h.hexdigest()[:16]}.pkl"
 
 
-def _build(
-    folder: Path,
-    valid_frac: float,
-    test_frac: float,
-    cache_dir: Path | None,
-    history_len: int,
-    progress: bool,
+def build_dataset(
+    name: str,
+    catalogue: Catalogue,
+    events: Events,
+    item_emb: F32,
+    valid_frac: float = 0.1,
+    test_frac: float = 0.1,
+    progress: bool = True,
 ) -> Dataset:
-    catalogue = load_catalogue(folder)
-    events = load_events(folder, catalogue)
-    item_emb = embed_catalogue(catalogue, cache_dir)
+    """Split ``events`` by time and replay them into labelled queries."""
     cuts = time_cuts(events.ts, valid_frac, test_frac)
-    queries = replay(events, item_emb, catalogue.has_text, cuts, history_len, progress)
+    queries = replay(events, catalogue, item_emb, cuts, POLICY, progress)
     log.info(
         "dataset %s: %d items (%d with text), %d events, %d users, %d queries",
-        folder.name,
+        name,
         len(catalogue),
         int(catalogue.has_text.sum()),
         len(events),
         events.n_users,
         len(queries),
     )
-    return Dataset(folder.name, catalogue, item_emb, events, queries, cuts)
+    return Dataset(name, catalogue, item_emb, events, queries, cuts)

@@ -28,8 +28,13 @@ from ranking.data import Dataset, Period, Query
 
 F32 = npt.NDArray[np.float32]
 K = 10
+F64 = npt.NDArray[np.float64]
 Scorer = Callable[[Sequence[Query]], F32]
 """Scores ``[len(queries), n_items]`` for a batch of queries; higher is better."""
+
+
+BOOTSTRAP_DRAWS = 2000
+"""Bootstrap samples behind every confidence interval."""
 
 
 @dataclass
@@ -40,26 +45,111 @@ class Metrics:
     n: int = 0
     skipped: int = 0
     ranks: list[float] = field(default_factory=list, repr=False)
+    users: list[int] = field(default_factory=list, repr=False)
+    """The user of each rank: confidence intervals resample users, not positives."""
 
-    def add(self, rank: float) -> None:
+    def add(self, rank: float, user: int = -1) -> None:
         self.ranks.append(rank)
+        self.users.append(user)
 
     def finish(self) -> Metrics:
         r = np.asarray(self.ranks, dtype=np.float64)
         self.n = int(r.size)
         if r.size:
             self.hr = float((r <= K).mean())
-            self.ndcg = float(np.where(r <= K, 1.0 / np.log2(r + 1.0), 0.0).mean())
+            self.ndcg = float(ndcg_gains(r).mean())
             self.mrr = float((1.0 / r).mean())
         return self
 
-    def to_json(self) -> dict[str, float | int]:
+    def per_user(self) -> tuple[npt.NDArray[np.int64], F64, F64]:
+        """Users, the sum of their positives' NDCG@10 gains, and how many positives each has."""
+        users, inverse = np.unique(np.asarray(self.users, np.int64), return_inverse=True)
+        gains = np.bincount(inverse, weights=ndcg_gains(np.asarray(self.ranks))).astype(np.float64)
+        counts = np.bincount(inverse).astype(np.float64)
+        return users, gains, counts
+
+    def ci(self, level: float = 0.95, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> Interval:
+        """Bootstrap interval of NDCG@10 over users (each draw resamples the test users)."""
+        _, gains, counts = self.per_user()
+        return Interval.of(self.ndcg, _resampled(gains, counts, draws, seed), level)
+
+    def to_json(self) -> dict[str, Any]:
+        lo, hi = self.ci().bounds if self.n else (0.0, 0.0)
         return {
             f"hr@{K}": round(self.hr, 4),
             f"ndcg@{K}": round(self.ndcg, 4),
+            f"ndcg@{K}_ci95": [round(lo, 4), round(hi, 4)],
             "mrr": round(self.mrr, 4),
             "n": self.n,
+            "users": len(set(self.users)),
         }
+
+
+def ndcg_gains(ranks: npt.NDArray[np.float64]) -> F64:
+    """NDCG@10 of each positive from its (expected) rank: one relevant item per list."""
+    out: F64 = np.where(ranks <= K, 1.0 / np.log2(ranks + 1.0), 0.0)
+    return out
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its bootstrap percentile interval."""
+
+    value: float
+    lo: float
+    hi: float
+    level: float
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return self.lo, self.hi
+
+    @classmethod
+    def of(cls, value: float, draws: F64, level: float) -> Interval:
+        tail = 100.0 * (1.0 - level) / 2.0
+        lo, hi = np.percentile(draws, [tail, 100.0 - tail]) if draws.size else (value, value)
+        return cls(value, float(lo), float(hi), level)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value": round(self.value, 4), "ci95": [round(self.lo, 4), round(self.hi, 4)]}
+
+
+def _weights(n_users: int, draws: int, seed: int) -> npt.NDArray[np.int64]:
+    """``[draws, n_users]``: how often each user is drawn in each bootstrap sample."""
+    rng = np.random.default_rng(seed)
+    out: npt.NDArray[np.int64] = rng.multinomial(n_users, np.full(n_users, 1.0 / n_users), draws)
+    return out
+
+
+def _resampled(gains: F64, counts: F64, draws: int, seed: int) -> F64:
+    if gains.size == 0:
+        return np.zeros(0)
+    w = _weights(gains.size, draws, seed)
+    out: F64 = (w @ gains) / np.maximum(w @ counts, 1.0)
+    return out
+
+
+def paired_difference(
+    a: Metrics, b: Metrics, level: float = 0.95, draws: int = BOOTSTRAP_DRAWS, seed: int = 0
+) -> Interval:
+    """NDCG@10 of ``a`` minus ``b`` on the same positives, with a bootstrap interval that
+    resamples users once for both (so what the two share cancels)."""
+    if a.users != b.users:
+        raise ValueError("paired_difference needs two evaluations of the same positives")
+    _, gains_a, counts = a.per_user()
+    _, gains_b, _ = b.per_user()
+    return _paired(gains_a, gains_b, counts, level, draws, seed)
+
+
+def _paired(
+    gains_a: F64, gains_b: F64, counts: F64, level: float, draws: int, seed: int
+) -> Interval:
+    total = float(counts.sum())
+    value = float((gains_a - gains_b).sum()) / total if total else 0.0
+    if gains_a.size == 0:
+        return Interval(value, value, value, level)
+    w = _weights(gains_a.size, draws, seed)
+    return Interval.of(value, (w @ (gains_a - gains_b)) / np.maximum(w @ counts, 1.0), level)
 
 
 def ranks_for_query(scores: F32, query: Query) -> list[float]:
@@ -98,7 +188,7 @@ def evaluate_scorer(
             ranks = ranks_for_query(scores[row], q)
             m.skipped += len(q.targets) - len(ranks)
             for r in ranks:
-                m.add(r)
+                m.add(r, q.user)
     return m.finish()
 
 
@@ -120,8 +210,12 @@ def merge_report(
 ) -> None:
     """Add one model's metrics to the JSON at ``path`` (created if absent), under a lock.
 
-    Shape: ``{"dataset", "split", "models": {name: {"hr@10", "ndcg@10", "mrr", "n"}},
-    "details": {name: {...}}, ...common}``.
+    Shape: ``{"dataset", "split", "models": {name: {"hr@10", "ndcg@10", "ndcg@10_ci95",
+    "mrr", "n", "users"}}, "details": {name: {...}}, "per_user": {"users", "positives",
+    "ndcg_sum": {name: [...]}}, "versus_fused": {name: {"value", "ci95"}}, ...common}``:
+    ``per_user`` keeps what the paired comparisons need, so models evaluated in separate
+    processes are still compared user by user; ``versus_fused`` is fused minus each other
+    model with a paired bootstrap interval over users.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     # The lock lives in the temp dir so results folders hold results only.
@@ -146,4 +240,27 @@ def merge_report(
         )
         payload.setdefault("models", {})[name] = metrics.to_json()
         payload.setdefault("details", {})[name] = info
+        users, gains, counts = metrics.per_user()
+        per_user = payload.get("per_user", {})
+        if per_user.get("users") != users.tolist() or per_user.get("positives") != counts.tolist():
+            # Another test sample: earlier models' per-user sums no longer pair with these.
+            per_user = {"users": users.tolist(), "positives": counts.tolist(), "ndcg_sum": {}}
+        per_user["ndcg_sum"][name] = [round(float(g), 6) for g in gains]
+        payload["per_user"] = per_user
+        payload["versus_fused"] = _versus_fused(per_user)
         path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _versus_fused(per_user: dict[str, Any]) -> dict[str, Any]:
+    sums = per_user["ndcg_sum"]
+    if "fused" not in sums:
+        return {}
+    counts = np.asarray(per_user["positives"], np.float64)
+    fused = np.asarray(sums["fused"], np.float64)
+    return {
+        name: _paired(
+            fused, np.asarray(other, np.float64), counts, 0.95, BOOTSTRAP_DRAWS, 0
+        ).to_json()
+        for name, other in sums.items()
+        if name != "fused"
+    }

@@ -54,11 +54,19 @@ def save(
         shutil.copyfile(MODEL_PY, target)
 
 
+def config_of(report: dict[str, Any]) -> RankerConfig:
+    """The shape a training report records (``report["model"]``)."""
+    return RankerConfig(**report["model"])
+
+
 def load(folder: Path, device: torch.device | str = "cpu") -> Artefact:
     meta = json.loads((folder / CONFIG_FILE).read_text())
     cfg = RankerConfig(**meta["config"])
     model = FusedRanker(cfg)
     state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    if not cfg.base:
+        # Written before the baseline path existed: its per-item bias is zero and unused.
+        state.setdefault("item_bias.weight", model.item_bias.weight.detach().clone())
     model.load_state_dict(state)
     model.to(device).eval()
     return Artefact(model, cfg, list(meta["item_ids"]), dict(meta.get("report", {})))

@@ -1,4 +1,11 @@
-"""Training the fused ranker: sampled negatives, early stopping on the validation period.
+"""Training the fused ranker: from the baselines, sampled negatives, early stopping.
+
+The model starts as the baselines (``RankerConfig.base``, :func:`ranking.model.init_baselines`):
+co-visitation first, popularity (the training period's, per item) to break ties, the
+learned residual at zero.  That start is scored on validation like every epoch, so training
+keeps a learned model only when validation says it ranks better; a shop whose validation
+period has too few users to tell (``min_validation_users``: a cold shop) is not trained at
+all and gets the baseline model, never another shop's weights.
 
 Each training query (a user right after a trigger, see :mod:`ranking.data`) gives up to
 ``positives`` items of the user's next event group and ``negatives`` others: half drawn
@@ -16,6 +23,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,9 +32,18 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ranking import export
 from ranking.data import Dataset, Period, Query
-from ranking.evaluate import F32, Metrics, evaluate_scorer, sample_queries
-from ranking.model import N_MODEL_SIGNALS, FusedRanker, RankerConfig, choose_device, repeat_signals
+from ranking.evaluate import F32, Metrics, Scorer, evaluate_scorer, sample_queries
+from ranking.model import (
+    N_MODEL_SIGNALS,
+    FusedRanker,
+    RankerConfig,
+    choose_device,
+    init_baselines,
+    repeat_signals,
+)
+from shoprec.events import EVENT_WEIGHTS, EventType, event_code
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +53,7 @@ class TrainOptions:
     """How to train: the model's shape is its :class:`RankerConfig` (``n_items`` is set
     from the dataset), the rest is sampling, optimisation and early stopping."""
 
-    model: RankerConfig = field(default_factory=RankerConfig)
+    model: RankerConfig = field(default_factory=lambda: RankerConfig(base=True))
     positives: int = 4
     negatives: int = 64
     batch: int = 128
@@ -46,6 +63,9 @@ class TrainOptions:
     patience: int = 2
     valid_queries: int = 300
     seed: int = 7
+    min_validation_users: int = 50
+    """Below this many users in the validation period the shop is cold: validation could
+    not tell a learned model from the baselines, so the baseline model is kept untrained."""
 
 
 @dataclass
@@ -134,6 +154,73 @@ class FusedScorer:
         return out
 
 
+def version_scorer(folder: Path, ds: Dataset) -> tuple[Scorer, str]:
+    """Full-catalogue scores of a served version folder on ``ds``, and what it is.
+
+    A trained artefact (``ranker.json``) is its :class:`FusedRanker`, its behavioural rows
+    matched to ``ds``'s items by id; a folder without one is version 1, the fixed fusion
+    (``ranking.fusion.fused_scores``)."""
+    if not (folder / export.CONFIG_FILE).is_file():
+        return FixedFusionScorer(ds), "fixed fusion"
+    art = export.load(folder)
+    known = art.item_rows()
+    rows = torch.tensor([known.get(i, 0) for i in ds.catalogue.ids], dtype=torch.long)
+    tables = Tables.build(ds, art.config.use_text)
+    tables.rows = rows
+    about = f"trained on {art.report.get('dataset', 'unknown data')}"
+    return FusedScorer(art.model, tables, art.config.history_len), about
+
+
+class FixedFusionScorer:
+    """Version 1, the fixed-weight fusion, over the full catalogue (the learner compares a
+    candidate with whatever is live)."""
+
+    def __init__(self, ds: Dataset, chunk: int = 1024) -> None:
+        self.emb = ds.item_emb
+        self.has = ds.catalogue.has_text
+        self.chunk = chunk
+
+    def __call__(self, queries: Sequence[Query]) -> F32:
+        from ranking.fusion import fused_scores
+
+        n_items, b = self.emb.shape[0], len(queries)
+        h = max(1, max(min(q.hist_items.size, HISTORY_CAP) for q in queries))
+        hist = np.zeros((b, h), np.int64)
+        types = np.zeros((b, h), np.int32)
+        ages = np.zeros((b, h), np.float32)
+        for r, q in enumerate(queries):
+            k = min(h, q.hist_items.size)
+            hist[r, :k], types[r, :k], ages[r, :k] = (
+                q.hist_items[:k],
+                q.hist_types[:k],
+                q.hist_age_s[:k],
+            )
+        user = np.stack([q.user_emb for q in queries])
+        signals = np.stack([q.dense_signals(n_items) for q in queries])
+        out = np.zeros((b, n_items), np.float32)
+        for s in range(0, n_items, self.chunk):
+            e = min(n_items, s + self.chunk)
+            cand = np.broadcast_to(self.emb[s:e], (b, e - s, self.emb.shape[1]))
+            has = np.broadcast_to(self.has[s:e], (b, e - s))
+            out[:, s:e] = fused_scores(
+                user,
+                np.zeros_like(user),
+                self.emb[hist] * (types > 0)[..., None],
+                types > 0,
+                types,
+                ages,
+                cand,
+                has,
+                signals[:, s:e],
+                np.ones((b, e - s), np.bool_),
+            )[0]
+        return out
+
+
+HISTORY_CAP = 50
+"""History events the fixed fusion reads (the worker's default history length)."""
+
+
 def _sample_candidates(
     q: Query, cfg: TrainOptions, n_items: int, rng: np.random.Generator
 ) -> tuple[list[int], list[int]] | None:
@@ -214,16 +301,24 @@ def train_fused(
     device, dtype = choose_device()
     rc = replace(cfg.model, n_items=len(ds.catalogue))
     tables = Tables.build(ds, rc.use_text)
-    model = FusedRanker(rc).to(device)
+    model = FusedRanker(rc)
+    if rc.base:
+        init_baselines(model, item_counts(ds, tables))
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train = ds.period(Period.TRAIN)
-    valid = sample_queries(ds.period(Period.VALID), cfg.valid_queries, cfg.seed)
+    all_valid = ds.period(Period.VALID)
+    valid = sample_queries(all_valid, cfg.valid_queries, cfg.seed)
+    valid_users = len({q.user for q in all_valid})
+    cold = rc.base and valid_users < cfg.min_validation_users
     scorer = FusedScorer(model, tables, rc.history_len)
-    best: tuple[float, int, dict[str, Tensor]] = (-1.0, -1, {})
-    history: list[dict[str, float]] = []
     t0 = time.perf_counter()
+    start = evaluate_scorer(scorer, valid, progress=False).ndcg
+    # The start (the baselines, or noise without a baseline path) is a candidate too.
+    best: tuple[float, int, dict[str, Tensor]] = (start, -1, _snapshot(model))
+    history: list[dict[str, float]] = [{"epoch": -1, "loss": 0.0, "valid_ndcg@10": start}]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
-    for epoch in range(cfg.max_epochs):
+    for epoch in range(0 if cold else cfg.max_epochs):
         model.train()
         order = rng.permutation(len(train))
         total, steps = 0.0, 0
@@ -256,23 +351,53 @@ def train_fused(
             "fused epoch %d loss %.4f valid ndcg@10 %.4f", epoch, total / max(steps, 1), m.ndcg
         )
         if m.ndcg > best[0]:
-            best = (m.ndcg, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        elif epoch - best[1] >= cfg.patience:
+            best = (m.ndcg, epoch, _snapshot(model))
+        elif epoch - max(best[1], 0) >= cfg.patience:
             break
     model.load_state_dict(best[2])
+    if cold:
+        log.info(
+            "cold shop: %d users in the validation period (< %d): the baseline model, untrained",
+            valid_users,
+            cfg.min_validation_users,
+        )
     report: dict[str, Any] = {
         "dataset": ds.name,
         "config": {k: v for k, v in asdict(cfg).items() if k != "model"},  # shape: "model"
         "model": rc.to_dict(),
         "device": str(device),
         "best_epoch": best[1],
+        "start": "baselines" if rc.base else "random",
+        "cold_shop": cold,
+        "kept": "baselines" if best[1] < 0 and rc.base else "trained",
         "valid_ndcg@10": round(best[0], 4),
+        "valid_ndcg@10_start": round(start, 4),
         "train_queries": len(train),
         "valid_queries": len(valid),
+        "valid_users": valid_users,
         "seconds": round(time.perf_counter() - t0, 1),
         "history": history,
     }
     return model, tables, report
+
+
+def _snapshot(model: FusedRanker) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def item_counts(ds: Dataset, tables: Tables) -> Tensor:
+    """Event-weighted count of each behavioural row in the training period (row 0: 0)."""
+    weights = np.zeros(len(EventType), np.float64)
+    for name, w in EVENT_WEIGHTS.items():
+        weights[event_code(name)] = w
+    train = ds.events.ts < ds.cut_ts[0]
+    counts = np.bincount(
+        ds.events.item[train], weights=weights[ds.events.type[train]], minlength=len(ds.catalogue)
+    )
+    rows: npt.NDArray[np.int64] = tables.rows.numpy()
+    out = np.zeros(len(ds.catalogue) + 1, np.float64)
+    out[rows[rows > 0]] = counts[rows > 0]
+    return torch.from_numpy(out)
 
 
 def behavioural_ids(ds: Dataset, tables: Tables) -> list[str]:

@@ -9,6 +9,7 @@ every field that is read is type-checked and size-capped.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from enum import IntEnum
@@ -54,6 +55,16 @@ EVENT_WEIGHTS: Final[dict[str, float]] = {
 def event_code(event_type: str) -> int:
     """The :class:`EventType` code of an event's ``type`` (0, padding, for an unknown one)."""
     return _CODES.get(event_type, EventType.PAD)
+
+
+def tie_break(event_id: str) -> int:
+    """Where an event goes among events of the same timestamp: a stable 64-bit hash of its id.
+
+    Wherever shoprec puts events in time order (training replay, evaluation, ``produce``),
+    equal timestamps are ordered by this, never by file order: the amazon data lists one
+    user's same-day reviews by item id, and co-visitation would learn that id order.
+    """
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big")
 
 
 # Event time before this is not a shop event but a broken clock or a unit

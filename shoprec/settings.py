@@ -242,6 +242,43 @@ class Settings(BaseSettings):
         "SHOPREC_API_RATE_LIMIT applies (the bucket's size).",
     )
 
+    # --- learning (`shoprec learner`, `shoprec train --from-topics`) ------------------
+    model_repo: Path = Field(
+        Path("model_repo"),
+        description="Triton's model repository. Only promoted ranker versions are moved in: "
+        "Triton serves the newest version folder it finds.",
+    )
+    model_archive: Path = Field(
+        Path(".shoprec/model_archive"),
+        description="Where candidate and retired ranker versions are kept, outside the served "
+        "repository (never served unless promoted).",
+    )
+    learner_every_s: float = Field(
+        3600.0, ge=0, description="The learner retrains at least this often (0 = only on events)."
+    )
+    learner_every_events: int = Field(
+        50_000,
+        ge=0,
+        description="The learner also retrains after this many new input events (0 = only "
+        "on schedule).",
+    )
+    learner_window_s: int = Field(
+        0,
+        ge=0,
+        description="How far back from now the learner reads the topics, by record time (when "
+        "each event was produced); 0 = every retained event.",
+    )
+    learner_margin: float = Field(
+        0.01,
+        ge=0,
+        description="A candidate replaces this shop's own live ranker only when the 95% "
+        "bootstrap interval of its held-out NDCG@10 gain lies above this share of the live "
+        "NDCG@10 (never when it scores lower).",
+    )
+    learner_min_events: int = Field(
+        200, ge=1, description="The learner waits for this many events before it trains at all."
+    )
+
     # --- local stack ----------------------------------------------------------------
     stack_dir: Path = Field(
         Path(".shoprec"), description="Where `shoprec stack` keeps data, logs and pids."

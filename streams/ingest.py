@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from features.forget import ForgetList
-from features.store import ALWAYS_EMIT, UpdateResult, UserUpdate
+from features.store import UpdateResult, UserUpdate
 from features.user_state import Vector
 from shoprec.dlq import DeadLetter
 from shoprec.errors import InvalidEvent, ShoprecError
@@ -110,18 +110,7 @@ class Ingestor:
         if not events:
             return outcome
         vectors = await self._event_vectors(events, outcome)
-        updates = [
-            UserUpdate(
-                event_id=e.event_id,
-                user_id=e.user_id,
-                type=e.type,
-                ts=e.ts,
-                item_id=e.item_id,
-                vector=v,
-                always_emit=e.type in ALWAYS_EMIT,
-            )
-            for e, v in zip(events, vectors, strict=True)
-        ]
+        updates = [UserUpdate.of(e, v) for e, v in zip(events, vectors, strict=True)]
         results = await self._store.apply_events(updates)
         if self._experiment is not None:
             # Every event, duplicates too: attribution dedupes by event id itself, so an

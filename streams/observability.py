@@ -200,7 +200,7 @@ def _histogram(name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
 
 
-def serve_metrics(settings: Settings, collector: StatsCollector) -> bool:
+def serve_metrics(settings: Settings, collector: Collector) -> bool:
     """Start the /metrics endpoint in a daemon thread; False (logged) when the port is taken.
 
     A taken port must not stop the worker: recommendations matter more than

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -61,3 +62,12 @@ def rees46_fixture(
     with gzip.open(folder / "items.jsonl.gz", "rb") as fh:
         items = [it for line in fh if (it := orjson.loads(line))["item_id"] in wanted]
     return events, items
+
+
+def copy_model_repo(parent: Path) -> Path:
+    """A private copy of the repository's ``model_repo`` under ``parent``: tests that add,
+    load or roll back versions leave the shared one alone."""
+    dst = parent / "model_repo"
+    src = Path(__file__).resolve().parents[2] / "model_repo"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst

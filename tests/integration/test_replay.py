@@ -149,8 +149,8 @@ from ranking import fusion
 _spec = importlib.util.spec_from_file_location("_base_fused_ranker", {str(base)!r})
 _base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_base)
-_base.score_batch = functools.partial(
-    fusion.score_batch, weights=fusion.FusionWeights(user=0.0, history=0.0, popularity=3.0)
+_base.FusionScorer = functools.partial(
+    fusion.FusionScorer, weights=fusion.FusionWeights(user=0.0, history=0.0, popularity=3.0)
 )
 TritonPythonModel = _base.TritonPythonModel
 """

@@ -32,7 +32,7 @@ from ranking.data import load_catalogue, load_events
 from ranking.encoder import TextEncoder
 from ranking.pipeline import RecommendRequest, empty_request, recommend
 from ranking.serve import LearnedRanker
-from tests.integration.helpers import isolated_settings, settings_env
+from tests.integration.helpers import copy_model_repo, isolated_settings, settings_env
 from tests.stack import stack_settings
 from tests.worker import WorkerProcess
 
@@ -46,9 +46,7 @@ N_ITEMS = 400
 
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    dst = tmp_path_factory.mktemp("repo") / "model_repo"
-    shutil.copytree(REPO / "model_repo", dst, ignore=shutil.ignore_patterns("__pycache__"))
-    return dst
+    return copy_model_repo(tmp_path_factory.mktemp("repo"))
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 
 from features.decay import decayed_value, forward_weight
 from features.store import COVIS_SPAN, COVIS_WINDOW_MS
+from ranking import export
 from ranking.data import (
     Catalogue,
     Dataset,
@@ -22,6 +23,7 @@ from ranking.data import (
     replay,
 )
 from ranking.evaluate import Metrics, merge_report, ranks_for_query
+from ranking.train import version_scorer
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 REES = DATA / "rees46-sample"
@@ -32,8 +34,7 @@ def rees() -> tuple[Catalogue, Events, np.ndarray]:
     """The first 3,000 real rees46 events; item vectors seeded-random (BERT is not the point)."""
     cat = load_catalogue(REES)
     ev = load_events(REES, cat)
-    n = 3000
-    ev = Events(ev.user[:n], ev.item[:n], ev.type[:n], ev.ts[:n], ev.n_users)
+    ev = ev.subset(slice(0, 3000))
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(len(cat), 384)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
@@ -48,7 +49,7 @@ def _cuts(ev: Events) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def full(rees: tuple[Catalogue, Events, np.ndarray]) -> list[Query]:
     cat, ev, emb = rees
-    return replay(ev, emb, cat.has_text, _cuts(ev), progress=False)
+    return replay(ev, cat, emb, _cuts(ev), progress=False)
 
 
 def _features(q: Query) -> tuple[object, ...]:
@@ -71,8 +72,7 @@ def test_features_do_not_depend_on_later_events(
     cat, ev, emb = rees
     cut = int(ev.ts[1500])
     keep = ev.ts < cut
-    early = Events(ev.user[keep], ev.item[keep], ev.type[keep], ev.ts[keep], ev.n_users)
-    part = replay(early, emb, cat.has_text, _cuts(ev), progress=False)
+    part = replay(ev.subset(keep), cat, emb, _cuts(ev), progress=False)
     by_key = {(q.user, q.trigger_ts): q for q in full}
     assert len(part) > 300
     for q in part:
@@ -183,13 +183,52 @@ def test_evaluations_of_separate_processes_merge_into_one_json(
     cat, ev, emb = rees
     ds = Dataset("rees46-sample", cat, emb, ev, full, _cuts(ev))
     out = tmp_path / "eval.json"
-    for name, ranks in (("sasrec", [1.0, 20.0]), ("fused", [2.0])):
+    users = [3, 3, 8]
+    for name, ranks in (("sasrec", [1.0, 20.0, 4.0]), ("fused", [2.0, 1.0, 1.0])):
         m = Metrics()
-        for r in ranks:
-            m.add(r)
+        for r, u in zip(ranks, users, strict=True):
+            m.add(r, u)
         merge_report(out, ds, name, m.finish(), {"epochs": 1}, {"test_sample": {"seed": 7}})
     got = orjson.loads(out.read_bytes())
     assert got["dataset"] == "rees46-sample"
-    assert got["models"]["sasrec"] == {"hr@10": 0.5, "ndcg@10": 0.5, "mrr": 0.525, "n": 2}
-    assert got["models"]["fused"]["n"] == 1 and got["details"]["fused"] == {"epochs": 1}
+    sasrec = got["models"]["sasrec"]
+    assert {k: sasrec[k] for k in ("hr@10", "mrr", "n", "users")} == {
+        "hr@10": 0.6667,
+        "mrr": 0.4333,
+        "n": 3,
+        "users": 2,
+    }
+    lo, hi = sasrec["ndcg@10_ci95"]
+    assert lo <= sasrec["ndcg@10"] <= hi
+    assert got["models"]["fused"]["n"] == 3 and got["details"]["fused"] == {"epochs": 1}
+    # Paired over the same users, kept per user so separate processes still pair up.
+    assert got["per_user"]["users"] == [3, 8] and got["per_user"]["positives"] == [2, 1]
+    gain = got["versus_fused"]["sasrec"]
+    assert gain["value"] == pytest.approx(
+        got["models"]["fused"]["ndcg@10"] - sasrec["ndcg@10"], abs=2e-4
+    )
+    assert gain["ci95"][0] <= gain["value"] <= gain["ci95"][1]
     assert list(tmp_path.iterdir()) == [out]
+
+
+def test_any_served_version_can_be_judged_on_a_shops_data(
+    rees: tuple[Catalogue, Events, np.ndarray], full: list[Query]
+) -> None:
+    """The learner compares a candidate with whatever is live: version 1's fixed fusion or
+    a trained artefact, its behavioural rows matched to this shop's items by id."""
+    cat, ev, emb = rees
+    ds = Dataset("rees46-sample", cat, emb, ev, full, _cuts(ev))
+    repo = Path(__file__).resolve().parents[2] / "model_repo" / "fused_ranker"
+    queries = [q for q in full if q.period == Period.TEST][:3]
+    fixed, about = version_scorer(repo / "1", ds)
+    assert about == "fixed fusion"
+    trained, about = version_scorer(repo / "2", ds)
+    assert about == "trained on rees46-sample"
+    for scorer in (fixed, trained):
+        scores = scorer(queries)
+        assert scores.shape == (3, len(cat)) and np.isfinite(scores).all()
+    # Items the artefact learned keep their rows; the rest get row 0 (unknown).
+    known = export.load(repo / "2").item_rows()
+    rows = trained.tables.rows.tolist()  # type: ignore[attr-defined]
+    assert all(rows[i] == known.get(item, 0) for i, item in enumerate(cat.ids))
+    assert any(rows)

@@ -1,0 +1,546 @@
+"""A shop's own ranker from its own stream: read the retained topics, train, judge, promote.
+
+``shoprec train --from-topics`` runs one round; ``shoprec learner`` (:mod:`ops.learner`)
+runs rounds forever.  One round:
+
+1. **Read** the catalogue topic (the latest record of every item; tombstones remove) and
+   the event topics over a time range, with the operator tools' readers
+   (:mod:`ops.ranges`: fixed offset ranges, no consumer group); events are validated as
+   the worker validates them, and events of users who asked to be forgotten are dropped
+   (:class:`features.forget.ForgetList`), as replay and rebuild drop them.
+2. **Replay** them through the in-memory feature store into labelled queries
+   (:func:`ranking.data.build_dataset`: the live feature code, events of one timestamp
+   ordered by a hash of their id), split by time: train, validation, and the latest
+   slice held out for testing.
+3. **Train** a candidate (:func:`ranking.train.train_fused`): it starts as the baselines
+   and keeps a learned model only where validation says so; a cold shop (too few users to
+   validate on) gets the baseline model.
+4. **Judge** it on the held-out slice against the live version and every baseline
+   (bootstrap intervals over test users), and decide (:func:`decide`).
+5. **Write** it as the next version into the archive, outside the served repository, with
+   its model card (``card.json``: data range, event counts, metrics with 95% intervals,
+   baselines, training time, seed, decision); promote it (:func:`promote`) only when the
+   decision says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from features.connection import open_redis
+from features.forget import ForgetList
+from ops.ranges import (
+    FETCH_MAX_RECORDS,
+    MergedReader,
+    RangeSpec,
+    open_reader,
+    plan_ranges,
+    read_topic,
+)
+from ops.versions import CARD_FILE, Versions, load_everywhere
+from ranking import export
+from ranking.baselines import SASRecConfig, baseline_scorers, train_sasrec
+from ranking.data import (
+    Catalogue,
+    Dataset,
+    EventRow,
+    Events,
+    Period,
+    build_dataset,
+    catalogue_of,
+    embed_catalogue,
+    make_events,
+)
+from ranking.evaluate import (
+    Interval,
+    Metrics,
+    Scorer,
+    evaluate_scorer,
+    paired_difference,
+    sample_queries,
+)
+from ranking.train import FusedScorer, TrainOptions, behavioural_ids, train_fused, version_scorer
+from shoprec.errors import DatasetError, InvalidEvent
+from shoprec.events import CatalogItem, parse_catalog_item, tombstone_item_id
+from shoprec.settings import Settings
+from streams.ingest import RawRecord, parse_records
+from streams.runtime import limits_from, now_ms
+from streams.topics import TopicNames
+
+log = logging.getLogger("shoprec.learn")
+
+CANDIDATE = "candidate"
+LIVE = "live"
+
+
+@dataclass(frozen=True)
+class LearnOptions:
+    """What one round reads, how it trains and how it judges."""
+
+    from_ms: int | None = None
+    to_ms: int | None = None
+    valid_frac: float = 0.1
+    test_frac: float = 0.1
+    train: TrainOptions = field(default_factory=TrainOptions)
+    max_test_queries: int | None = 1500
+    sasrec_seconds: float | None = None
+    """Train SASRec for the model card within this budget (None: leave it out)."""
+    margin: float = 0.01
+    cache_dir: Path | None = None
+    """Where item BERT vectors are cached (by text); None: the archive's ``.cache``."""
+
+
+# --- 1. reading the topics -----------------------------------------------------------------
+
+
+@dataclass
+class ShopHistory:
+    """What the topics held: the catalogue, the usable events and what was left out."""
+
+    catalogue: Catalogue
+    rows: list[EventRow]
+    topics: list[str]
+    catalog_topic: str
+    ranges: list[dict[str, Any]]
+    read: int = 0
+    dead_letters: int = 0
+    suppressed: int = 0
+    catalogue_dead_letters: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def span(self) -> tuple[int | None, int | None]:
+        ts = [r[4] for r in self.rows]
+        return (min(ts), max(ts)) if ts else (None, None)
+
+
+async def read_shop(settings: Settings, from_ms: int | None, to_ms: int | None) -> ShopHistory:
+    """The catalogue and the events of ``[from_ms, to_ms)`` (record time; None: all retained)."""
+    topics = TopicNames.from_settings(settings)
+    catalogue, bad_items = await _read_catalogue(settings, topics.catalog)
+    consumer = await open_reader(settings)
+    redis = open_redis(settings.redis_url, timeout_s=10.0)
+    try:
+        spec = RangeSpec(topics.events, from_ms=from_ms, to_ms=to_ms)
+        ranges = await plan_ranges(consumer, spec)
+        history = ShopHistory(
+            catalogue,
+            [],
+            list(topics.events),
+            topics.catalog,
+            [dataclasses.asdict(r) for r in ranges],
+            catalogue_dead_letters=bad_items,
+        )
+        forgotten = ForgetList.from_settings(redis, settings)
+        limits = limits_from(settings)
+        reader = MergedReader(consumer, ranges)
+        await reader.start()
+        by_type: Counter[str] = Counter()
+        async for batch in reader.batches(FETCH_MAX_RECORDS):
+            raw = [RawRecord(r.topic, r.partition, r.offset, r.key, r.value) for r in batch]
+            events, dead = parse_records(raw, now_ms(), limits)
+            kept, suppressed = await forgotten.drop_suppressed(events)
+            history.read += len(batch)
+            history.dead_letters += len(dead)
+            history.suppressed += suppressed
+            for e in kept:
+                by_type[e.type] += 1
+                history.rows.append((e.event_id, e.type, e.user_id, e.item_id, e.ts))
+        history.by_type = dict(sorted(by_type.items()))
+        return history
+    finally:
+        await consumer.stop()
+        await redis.aclose()
+
+
+async def _read_catalogue(settings: Settings, topic: str) -> tuple[Catalogue, int]:
+    """The latest record of every item (a tombstone removes it) and how many were invalid."""
+    limits = limits_from(settings)
+    latest: dict[str, CatalogItem] = {}
+    bad = 0
+    for r in await read_topic(settings, topic):
+        try:
+            if r.value is None:
+                latest.pop(tombstone_item_id(r.key, limits), None)
+            else:
+                item = parse_catalog_item(r.key, r.value, limits=limits)
+                latest[item.item_id] = item
+        except InvalidEvent:
+            bad += 1
+    return catalogue_of(latest.values()), bad
+
+
+# --- 2-4. the dataset, the candidate, the judgement ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    gain: Interval | None = None
+    """Candidate minus live, held-out NDCG@10, with its 95% interval over users."""
+
+
+def decide(candidate: Metrics, live: Metrics | None, live_is_own: bool, margin: float) -> Decision:
+    """Whether the candidate replaces the live version, and why.
+
+    * never when it scores lower than the live version on the held-out slice: a promotion
+      never makes held-out NDCG worse;
+    * over this shop's own live model, only when the 95% interval of the gain (a paired
+      bootstrap over test users) lies above ``margin`` times the live NDCG@10;
+    * over no model, or one not trained on this shop's topics (the shipped version, another
+      shop's weights), when it scores at least as well: the shop's own model, from its own
+      events, with no evidence against it.
+    """
+    if live is None:
+        return Decision(True, "no live version to compare with")
+    gain = paired_difference(candidate, live)
+    if gain.value < 0:
+        return Decision(
+            False,
+            f"worse than the live version on the held-out slice: NDCG@10 "
+            f"{candidate.ndcg:.4f} against {live.ndcg:.4f}",
+            gain,
+        )
+    if not live_is_own:
+        return Decision(
+            True,
+            f"the shop's own model, at least as good as the live version (not trained on "
+            f"this shop's topics): NDCG@10 {candidate.ndcg:.4f} against {live.ndcg:.4f}",
+            gain,
+        )
+    need = margin * live.ndcg
+    if gain.lo > need:
+        return Decision(
+            True,
+            f"better than the live version: NDCG@10 {candidate.ndcg:.4f} against "
+            f"{live.ndcg:.4f}, gain {gain.value:+.4f} (95% CI {gain.lo:+.4f}..{gain.hi:+.4f}) "
+            f"above the margin {need:.4f}",
+            gain,
+        )
+    return Decision(
+        False,
+        f"not better with confidence: gain {gain.value:+.4f} (95% CI {gain.lo:+.4f}.."
+        f"{gain.hi:+.4f}) does not clear the margin {need:.4f} over the live "
+        f"NDCG@10 {live.ndcg:.4f}",
+        gain,
+    )
+
+
+@dataclass
+class Round:
+    """One round's result: the candidate's version and card, and the decision."""
+
+    version: int
+    folder: Path
+    card: dict[str, Any]
+    decision: Decision
+    live_version: int | None
+    live_ndcg: float | None
+
+
+def shop_id(settings: Settings) -> dict[str, str]:
+    """What identifies a shop's data in a model card: its topics."""
+    return {"topic_prefix": settings.topic_prefix, "catalog_topic": settings.topic("catalog.items")}
+
+
+def is_own(card: dict[str, Any] | None, settings: Settings) -> bool:
+    return card is not None and card.get("shop") == shop_id(settings)
+
+
+def dataset_of(
+    settings: Settings,
+    history: ShopHistory,
+    versions: Versions,
+    options: LearnOptions,
+    progress: bool = False,
+) -> Dataset:
+    """The shop's events replayed into labelled queries, split by time."""
+    events = make_events(history.rows, history.catalogue)
+    if len(events) == 0:
+        raise DatasetError("the topics hold no events with an item in the time range")
+    emb = embed_catalogue(history.catalogue, options.cache_dir or versions.archive / ".cache")
+    return build_dataset(
+        settings.topic_prefix + "shop",
+        history.catalogue,
+        events,
+        emb,
+        options.valid_frac,
+        options.test_frac,
+        progress,
+    )
+
+
+@dataclass
+class Judgement:
+    """A candidate against the live version and the baselines on the held-out slice."""
+
+    metrics: dict[str, Metrics]
+    test: list[Any]
+    live_version: int | None
+    live_card: dict[str, Any] | None
+    live_about: str
+    decision: Decision
+    baselines: dict[str, object]
+    sasrec: dict[str, Any]
+
+    def card(self) -> dict[str, Any]:
+        """The model card's judgement part."""
+        cand = self.metrics[CANDIDATE]
+        return {
+            "held_out": {name: m.to_json() for name, m in self.metrics.items()},
+            "versus": {
+                name: paired_difference(cand, m).to_json()
+                for name, m in self.metrics.items()
+                if name != CANDIDATE
+            },
+            "baselines": self.baselines,
+            "decision": {"promote": self.decision.promote, "reason": self.decision.reason},
+        }
+
+
+def judge(
+    settings: Settings,
+    versions: Versions,
+    ds: Dataset,
+    candidate: Scorer,
+    options: LearnOptions,
+    progress: bool = False,
+) -> Judgement:
+    """Score the candidate, the live version (whatever it is) and the baselines on the
+    latest slice held out by time, and :func:`decide`."""
+    seed = options.train.seed
+    test = sample_queries(ds.period(Period.TEST), options.max_test_queries, seed)
+    valid = sample_queries(ds.period(Period.VALID), 400, seed)
+    metrics = {CANDIDATE: evaluate_scorer(candidate, test, progress=False)}
+    live_version = versions.live()
+    live_card = None if live_version is None else versions.card(live_version)
+    about = ""
+    if live_version is not None:
+        scorer, about = version_scorer(versions.folder(live_version), ds)
+        metrics[LIVE] = evaluate_scorer(scorer, test, progress=False)
+    scorers, extra = baseline_scorers(ds, valid)
+    for name, scorer in scorers.items():
+        metrics[name] = evaluate_scorer(scorer, test, progress=False)
+    sasrec: dict[str, Any] = {}
+    if options.sasrec_seconds is not None:
+        cfg = dataclasses.replace(SASRecConfig(), seed=seed, max_seconds=options.sasrec_seconds)
+        sas, sasrec = train_sasrec(ds, valid, cfg, progress)
+        metrics["sasrec"] = evaluate_scorer(sas, test, progress=False)
+    decision = decide(
+        metrics[CANDIDATE], metrics.get(LIVE), is_own(live_card, settings), options.margin
+    )
+    return Judgement(metrics, test, live_version, live_card, about, decision, extra, sasrec)
+
+
+def train_round(
+    settings: Settings,
+    history: ShopHistory,
+    versions: Versions,
+    options: LearnOptions,
+    progress: bool = False,
+) -> Round:
+    """Build the dataset, train, write the candidate into the archive, judge it against the
+    live version and the baselines, and write its card (CPU-heavy: run it in a thread)."""
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    ds = dataset_of(settings, history, versions, options, progress)
+    model, tables, report = train_fused(ds, options.train, progress)
+    train_s, train_cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    with versions.locked():
+        version = versions.next_version()
+        folder = versions.candidate_dir(version)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        export.save(folder, model, export.config_of(report), behavioural_ids(ds, tables), report)
+    scorer = FusedScorer(model, tables, report["model"]["history_len"])
+    verdict = judge(settings, versions, ds, scorer, options, progress)
+    card = _card(settings, version, history, ds, verdict, options) | {
+        "training": {
+            "seconds": round(train_s, 1),
+            "cpu_seconds": round(train_cpu, 1),
+            "torch_threads": torch.get_num_threads(),
+            **{k: report[k] for k in _TRAINING_KEYS},
+            "seed": options.train.seed,
+            "options": report["config"],
+            "sasrec": {k: v for k, v in verdict.sasrec.items() if k != "history"},
+        },
+        "model_config": report["model"],
+    }
+    (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    log.info("version %d written to %s: %s", version, folder, verdict.decision.reason)
+    live = verdict.metrics.get(LIVE)
+    return Round(
+        version,
+        folder,
+        card,
+        verdict.decision,
+        verdict.live_version,
+        None if live is None else live.ndcg,
+    )
+
+
+def judge_version(
+    settings: Settings,
+    history: ShopHistory,
+    versions: Versions,
+    version: int,
+    options: LearnOptions,
+) -> Judgement:
+    """Judge an archived candidate on the shop's current topics (``shoprec model promote``
+    without ``--force``), and add the judgement to its card."""
+    ds = dataset_of(settings, history, versions, options)
+    folder = versions.candidate_dir(version)
+    scorer, _ = version_scorer(folder, ds)
+    verdict = judge(settings, versions, ds, scorer, options)
+    card = versions.card(version) or {"model": versions.model, "version": version}
+    card["judged"] = _card(settings, version, history, ds, verdict, options)
+    (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    return verdict
+
+
+_TRAINING_KEYS = (
+    "best_epoch",
+    "kept",
+    "cold_shop",
+    "start",
+    "valid_ndcg@10",
+    "valid_ndcg@10_start",
+    "valid_users",
+    "train_queries",
+    "device",
+)
+
+
+def _card(
+    settings: Settings,
+    version: int,
+    history: ShopHistory,
+    ds: Dataset,
+    verdict: Judgement,
+    options: LearnOptions,
+) -> dict[str, Any]:
+    first, last = history.span
+    ev: Events = ds.events
+    live_card = verdict.live_card
+    return {
+        "model": settings.ranker_model,
+        "version": version,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "shop": shop_id(settings),
+        "data": {
+            "from_ms": options.from_ms,
+            "to_ms": options.to_ms,
+            "first_event_ts": first,
+            "last_event_ts": last,
+            "records_read": history.read,
+            "events_used": len(ev),
+            "events_by_type": history.by_type,
+            "dead_letters": history.dead_letters,
+            "suppressed_forgotten_users": history.suppressed,
+            "catalogue_dead_letters": history.catalogue_dead_letters,
+            "users": ev.n_users,
+            "items": len(ds.catalogue),
+            "items_with_text": int(ds.catalogue.has_text.sum()),
+            "ranges": history.ranges,
+        },
+        "split": {
+            "valid_from_ts": ds.cut_ts[0],
+            "test_from_ts": ds.cut_ts[1],
+            "train_queries": len(ds.period(Period.TRAIN)),
+            "valid_queries": len(ds.period(Period.VALID)),
+            "test_queries": len(verdict.test),
+            "test_users": len({q.user for q in verdict.test}),
+        },
+        "live": {
+            "version": verdict.live_version,
+            "about": verdict.live_about,
+            "own": is_own(live_card, settings),
+            "trained_on": None if live_card is None else live_card.get("shop"),
+        },
+        **verdict.card(),
+    }
+
+
+# --- 5. promotion ------------------------------------------------------------------------------
+
+
+async def promote(
+    settings: Settings, versions: Versions, version: int, reason: str
+) -> dict[str, str]:
+    """Move candidate ``version`` into the served repository and have every Triton server
+    load it; returns the servers that did not (they load it at their next start, and the
+    learner asks again)."""
+    with versions.locked():
+        versions.promote(version)
+    problems = await load_everywhere(settings.triton_url, versions.model, version)
+    versions.record(
+        {"action": "promoted", "version": version, "reason": reason, "servers": problems}
+    )
+    if problems:
+        log.warning("version %d promoted; not loaded on %s", version, problems)
+    return problems
+
+
+async def rollback(settings: Settings, versions: Versions) -> tuple[int, int, dict[str, str]]:
+    """Retire the live version; the previous one is served again. Returns (retired, live,
+    servers that did not load it)."""
+    with versions.locked():
+        served = versions.served()
+        if len(served) < 2:
+            raise DatasetError(
+                f"nothing to roll back to: the served repository {versions.served_dir} holds "
+                f"{'only version ' + str(served[0]) if served else 'no version'}"
+            )
+        retired, previous = served[-1], served[-2]
+        versions.retire(retired)
+    problems = await load_everywhere(settings.triton_url, versions.model, previous)
+    versions.record(
+        {"action": "rolled back", "version": retired, "live": previous, "servers": problems}
+    )
+    return retired, previous, problems
+
+
+class TooFewEvents(DatasetError):
+    """The topics do not hold enough events to learn from yet."""
+
+    def __init__(self, count: int, needed: int) -> None:
+        super().__init__(f"{count} events in the topics, {needed} needed to learn from")
+        self.count = count
+
+
+async def learn_once(
+    settings: Settings,
+    options: LearnOptions,
+    *,
+    promote_if_better: bool = True,
+    progress: bool = False,
+    min_events: int = 1,
+) -> Round:
+    """One round: read, train and judge (in a thread), then promote or keep the live one."""
+    versions = Versions.from_settings(settings)
+    history = await read_shop(settings, options.from_ms, options.to_ms)
+    if len(history.rows) < min_events:
+        raise TooFewEvents(len(history.rows), min_events)
+    result = await asyncio.to_thread(train_round, settings, history, versions, options, progress)
+    if promote_if_better and result.decision.promote:
+        await promote(settings, versions, result.version, result.decision.reason)
+    else:
+        versions.record(
+            {
+                "action": "rejected" if not result.decision.promote else "candidate",
+                "version": result.version,
+                "live": result.live_version,
+                "reason": result.decision.reason,
+            }
+        )
+    return result

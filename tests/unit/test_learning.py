@@ -1,0 +1,196 @@
+"""Learning per shop without services: event order, confidence intervals, the promotion
+rule, the version folders, the learner's metrics."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from ops.learn import decide
+from ops.learner import RETRY_S, LearnerCollector, LearnerState, Trigger
+from ops.produce import in_event_order
+from ops.versions import INCOMING, Versions, triton_endpoints
+from ranking.data import load_catalogue, load_events
+from ranking.evaluate import Metrics, paired_difference
+from shoprec.errors import ConfigError
+from shoprec.events import tie_break
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+# --- same-timestamp events ------------------------------------------------------------------
+
+
+def test_same_timestamp_events_are_ordered_by_a_hash_of_their_id_not_the_file() -> None:
+    """The amazon file lists a user's same-day reviews by item id; the replay must not."""
+    folder = DATA / "amazon-gift-cards-2018"
+    cat = load_catalogue(folder)
+    by_hash = load_events(folder, cat)
+    by_file = load_events(folder, load_catalogue(folder), order="file")
+    assert len(by_hash) == len(by_file) and (by_hash.ts == by_file.ts).all()
+    for k in range(1, len(by_hash)):
+        if by_hash.ts[k] == by_hash.ts[k - 1]:
+            assert tie_break(by_hash.event_ids[k - 1]) < tie_break(by_hash.event_ids[k])
+    assert by_hash.event_ids != by_file.event_ids
+    # Within a shared day, file order is item-id order for one user; hash order is not.
+    in_file = _same_user_same_day_pairs(by_file, cat.ids)
+    in_hash = _same_user_same_day_pairs(by_hash, cat.ids)
+    assert in_file and all(a < b for a, b in in_file)
+    assert not all(a < b for a, b in in_hash)
+
+
+def _same_user_same_day_pairs(ev: object, ids: list[str]) -> list[tuple[str, str]]:
+    out = []
+    user, item, ts = ev.user, ev.item, ev.ts  # type: ignore[attr-defined]
+    for k in range(1, len(ts)):
+        if ts[k] == ts[k - 1] and user[k] == user[k - 1]:
+            out.append((ids[item[k - 1]], ids[item[k]]))
+    return out
+
+
+def test_produce_sends_a_timestamp_run_in_hash_order_and_keeps_time_order() -> None:
+    with gzip.open(DATA / "amazon-gift-cards-2018" / "events.jsonl.gz", "rb") as fh:
+        events = [orjson.loads(line) for line in fh]
+    sent = list(in_event_order(events))
+    assert sorted(e["event_id"] for e in sent) == sorted(e["event_id"] for e in events)
+    assert [e["ts"] for e in sent] == sorted(e["ts"] for e in events)
+    keys = [(e["ts"], tie_break(e["event_id"])) for e in sent]
+    assert keys == sorted(keys)
+
+
+# --- intervals and the promotion rule ------------------------------------------------------
+
+
+def _metrics(ranks: list[float], users: list[int]) -> Metrics:
+    m = Metrics()
+    for r, u in zip(ranks, users, strict=True):
+        m.add(r, u)
+    return m.finish()
+
+
+def test_intervals_resample_users_and_pair_two_models() -> None:
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 300, 2000).tolist()
+    base = rng.integers(1, 40, 2000).astype(float)
+    better = np.maximum(base - 3, 1)  # every positive ranked 3 places higher
+    a, b = _metrics(better.tolist(), users), _metrics(base.tolist(), users)
+    ci = b.ci()
+    assert ci.lo < b.ndcg < ci.hi and ci.hi - ci.lo < 0.05
+    gain = paired_difference(a, b)
+    assert gain.value == pytest.approx(a.ndcg - b.ndcg)
+    # Paired, the shared noise cancels: the gain's interval is narrower than either model's.
+    assert 0 < gain.lo < gain.value < gain.hi and gain.hi - gain.lo < ci.hi - ci.lo
+    assert paired_difference(b, b).bounds == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same positives"):
+        paired_difference(a, _metrics([1.0], [0]))
+
+
+def test_a_worse_candidate_is_never_promoted() -> None:
+    users = list(range(200)) * 3
+    live = _metrics([2.0] * 600, users)
+    worse = _metrics([3.0] * 600, users)
+    for own in (True, False):
+        d = decide(worse, live, live_is_own=own, margin=0.0)
+        assert not d.promote and "worse" in d.reason
+
+
+def test_over_the_shops_own_model_only_a_confident_gain_promotes() -> None:
+    rng = np.random.default_rng(1)
+    users = rng.integers(0, 400, 1500).tolist()
+    live_ranks = rng.integers(1, 30, 1500).astype(float)
+    live = _metrics(live_ranks.tolist(), users)
+    # Different per positive and a little better on average: no evidence of a gain.
+    shuffled = rng.permutation(live_ranks)
+    shuffled[:60] = np.maximum(shuffled[:60] - 1, 1)
+    slightly = _metrics(shuffled.tolist(), users)
+    clearly = _metrics(np.maximum(live_ranks - 4, 1).tolist(), users)
+    unsure = decide(slightly, live, True, 0.01)
+    assert slightly.ndcg > live.ndcg and not unsure.promote
+    assert unsure.gain is not None and unsure.gain.lo < 0 < unsure.gain.value
+    assert "not better with confidence" in unsure.reason
+    assert decide(clearly, live, True, 0.01).promote
+    # The shipped model (or another shop's) gives way to the shop's own at equal quality.
+    assert decide(_metrics(live_ranks.tolist(), users), live, False, 0.01).promote
+    assert decide(clearly, None, True, 0.01).promote
+
+
+# --- versions -------------------------------------------------------------------------------
+
+
+def _version(base: Path, n: int, marker: str = "") -> None:
+    (base / str(n)).mkdir(parents=True)
+    (base / str(n) / "ranker.json").write_text(json.dumps({"n": n, "marker": marker}))
+
+
+def test_candidates_wait_outside_the_served_repository(tmp_path: Path) -> None:
+    v = Versions(tmp_path / "repo", tmp_path / "archive")
+    _version(v.served_dir, 1)
+    _version(v.served_dir, 2)
+    assert v.live() == 2 and v.next_version() == 3
+    _version(v.archive_dir, 3)
+    assert v.served() == [1, 2] and v.live() == 2  # a candidate is never served
+    assert v.next_version() == 4
+    v.promote(3)
+    assert v.served() == [1, 2, 3] and v.archived() == [] and v.live() == 3
+    assert not list(v.served_dir.glob(f"{INCOMING}*"))
+    v.retire(3)  # rollback: 2 is the newest served again, also after a restart
+    assert v.served() == [1, 2] and v.archived() == [3] and v.next_version() == 4
+    _version(v.archive_dir, 5)
+    v.promote(5)
+    _version(v.archive_dir, 4)
+    with pytest.raises(ConfigError, match="older than the live version 5"):
+        v.promote(4)
+    v.record({"action": "promoted", "version": 5})
+    assert [h["version"] for h in v.history()] == [5]
+
+
+def test_every_triton_server_is_found(tmp_path: Path) -> None:
+    assert triton_endpoints("127.0.0.1:8001, 127.0.0.1:9001") == [
+        "127.0.0.1:8001",
+        "127.0.0.1:9001",
+    ]
+    assert triton_endpoints("localhost:8001")[0].endswith(":8001")
+    with pytest.raises(ConfigError, match="host:port"):
+        triton_endpoints("triton")
+
+
+def test_learner_metrics_say_last_training_promotion_and_live_ndcg() -> None:
+    state = LearnerState(live_version=7, live_ndcg=0.123, last_training_ts=1.7e9)
+    state.rounds["promoted"] += 1
+    registry = CollectorRegistry()
+    registry.register(LearnerCollector(state))
+    text = generate_latest(registry).decode()
+    assert 'shoprec_learner_rounds_total{outcome="promoted"} 1.0' in text
+    assert "shoprec_learner_live_version 7.0" in text
+    assert "shoprec_learner_live_ndcg_at_10 0.123" in text
+    assert "shoprec_learner_last_training_timestamp_seconds 1.7e+09" in text
+    assert "shoprec_learner_last_promotion_timestamp_seconds 0.0" in text
+
+
+def test_the_first_round_starts_at_once_and_events_alone_can_trigger_the_next() -> None:
+    only_events = Trigger(every_s=0, every_events=100)  # SHOPREC_LEARNER_EVERY_S=0
+    assert only_events.due_by_time(0.0)
+    only_events.started(0.0, 1_000)
+    assert not only_events.due_by_time(1e9) and only_events.counts_events()
+    assert not only_events.due_by_events(1_099) and only_events.due_by_events(1_100)
+    only_time = Trigger(every_s=60, every_events=0)
+    only_time.started(10.0, 5)
+    assert not only_time.counts_events()
+    assert not only_time.due_by_time(69.0) and only_time.due_by_time(70.0)
+
+
+def test_a_round_with_too_few_events_is_retried_once_there_are_enough() -> None:
+    t = Trigger(every_s=3600, every_events=50_000)
+    t.started(0.0, 30)
+    t.wait_for(30 + 200 - 25)  # 25 usable events of 200 needed
+    assert t.counts_events() and not t.due_by_events(204) and t.due_by_events(205)
+    t.started(1.0, 205)  # the retry: back to the schedule and every 50,000 events
+    assert not t.due_by_events(5_000) and not t.due_by_time(3600.0) and t.due_by_time(3601.0)
+    t.retry(4000.0)  # Kafka away: not counted, tried again later, not at every poll
+    assert not t.due_by_time(4000.0 + RETRY_S - 1) and t.due_by_time(4000.0 + RETRY_S)
