@@ -18,8 +18,10 @@ COOL_DOWN_S = 0.25  # the breaker's longest wait is 16 times this
 @pytest.mark.scenario(triton_breaker_cool_down_s=COOL_DOWN_S)
 async def test_triton_outage_degrades_then_recovers(scenario: Scenario) -> None:
     s = scenario
-    events = s.events(1400)
-    before, during, spare, after = events[:150], events[150:400], events[400:1000], events[1000:]
+    # The spares stream at 10/s while Triton restarts: 1,600 of them allow 160 s (three
+    # models load, two of them MiniLM; about 60-90 s on two busy cores).
+    events = s.events(2400)
+    before, during, spare, after = events[:150], events[150:400], events[400:2000], events[2000:]
     await s.stream(before, RATE)
     await s.caught_up()  # all served by the ranker
     await s.stop_component("triton")

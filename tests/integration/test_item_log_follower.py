@@ -73,10 +73,21 @@ def vec(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
 
 
+def number(r: redis.Redis, item_id: str) -> int:
+    """The item's number as ``features.catalog`` assigns it: once, from ``items:seq``
+    (the table is keyed by number and skips an item without one)."""
+    got = r.hget(keys.item(item_id), "n")
+    return int(got) if got is not None else int(r.incr(keys.ITEM_SEQ)) - 1  # type: ignore[arg-type]
+
+
 def write(r: redis.Redis, items: dict[str, np.ndarray | None], in_stock: str = "1") -> None:
     pipe = r.pipeline(transaction=False)
     for item_id, emb in items.items():
-        fields: dict[str, str | bytes] = {"title": item_id, "in_stock": in_stock}
+        fields: dict[str, str | bytes] = {
+            "title": item_id,
+            "in_stock": in_stock,
+            "n": str(number(r, item_id)),
+        }
         if emb is not None:
             fields["emb"] = emb.astype("<f4").tobytes()
         else:  # as features.catalog does: a record without text keeps no stale embedding
@@ -167,6 +178,10 @@ def test_outage_keeps_the_table_serving_and_the_thread_recovers(
         server.start()  # empty: a restarted Redis without persistence
         fresh = redis.Redis.from_url(server.server.url)
         try:
+            # A Redis that lost its data lost items:seq too and would hand "c" the number 0,
+            # a's row, until the catalogue is sent again; this test is about the thread, so
+            # the counter goes on where it was.
+            fresh.set(keys.ITEM_SEQ, 2)
             write(fresh, {"c": vec(3)})
         finally:
             fresh.close()
