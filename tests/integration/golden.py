@@ -28,6 +28,9 @@ from typing import Any
 import orjson
 
 from infra.stack import Endpoints, Stack
+from ranking.client import RankerClient
+from ranking.pipeline import empty_request
+from ranking.triton_model import APPLY_PER_CALL, DEFAULT_REFRESH_INTERVAL_S
 from shoprec.settings import Settings
 from streams.ingest import RawRecord
 from streams.runtime import Runtime
@@ -65,6 +68,20 @@ async def load_catalogue(settings: Settings, items: list[dict[str, Any]]) -> Non
     finally:
         await loader.close()
     await asyncio.sleep(TABLE_SETTLE_S)
+    await take_in_catalogue(settings, len(items))
+
+
+async def take_in_catalogue(settings: Settings, n_items: int) -> None:
+    """Call the ranker until its table holds the whole catalogue, as the recorded path's did.
+
+    ``fused_ranker`` takes in at most ``APPLY_PER_CALL`` item changes per call, so a burst
+    never stalls one batch; the first calls after a catalogue load therefore see part of
+    it (by design, for a few batches), and the comparison must not start among them.
+    """
+    async with RankerClient.from_settings(settings) as client:
+        for _ in range(n_items // APPLY_PER_CALL + 5):
+            await client.recommend(empty_request(1))
+            await asyncio.sleep(DEFAULT_REFRESH_INTERVAL_S)
 
 
 async def record(settings: Settings, data: Path = DATA) -> list[dict[str, Any]]:
