@@ -105,7 +105,9 @@ def paired_ratio_difference(ya: F64, xa: F64, yc: F64, xc: F64) -> dict[str, Any
     """``Σya/Σxa - Σyc/Σxc`` over the same users (two arms scoring the same triggers), its
     interval from each user's linearised contribution to both ratios (delta method)."""
     n = xa.size
-    if n < 2 or xa.sum() <= 0 or xc.sum() <= 0:
+    # Nothing attributed to either arm: the normal interval would be [0, 0], a certainty
+    # the data do not hold; no difference is reported instead.
+    if n < 2 or xa.sum() <= 0 or xc.sum() <= 0 or ya.sum() + yc.sum() <= 0:
         return {"diff": None, "ci95": [None, None], "lift": None}
     ra, rc = ya.sum() / xa.sum(), yc.sum() / xc.sum()
     z = (ya - ra * xa) / xa.mean() - (yc - rc * xc) / xc.mean()
@@ -121,6 +123,8 @@ def paired_ratio_difference(ya: F64, xa: F64, yc: F64, xc: F64) -> dict[str, Any
 def difference(a: Estimate, b: Estimate) -> dict[str, Any]:
     """``a - b`` with a normal 95% interval, and ``a / b - 1``."""
     if a.value is None or b.value is None or a.se is None or b.se is None:
+        return {"diff": None, "ci95": [None, None], "lift": None}
+    if a.value == 0 and b.value == 0:  # nothing in either arm: no interval to speak of
         return {"diff": None, "ci95": [None, None], "lift": None}
     d = a.value - b.value
     se = math.sqrt(a.se**2 + b.se**2)
@@ -183,7 +187,14 @@ class Report:
             "window_ms": self.window_ms,
             "arms": {name: a.to_json() for name, a in self.arms.items()},
             "bandit": [
-                {"period": a.period, "ts": a.ts, "shares": a.shares, "p_best": a.p_best}
+                {
+                    "period": a.period,
+                    "ts": a.ts,
+                    "shares": a.shares,
+                    "p_best": a.p_best,
+                    # bandit arm -> [rewarded lists, lists]: what the shares came from
+                    "stats": {arm: list(v) for arm, v in a.stats.items()},
+                }
                 for a in self.allocations
             ],
         }

@@ -25,6 +25,7 @@ from ops.experiment import (
     build_report,
     format_report,
     mean_ci,
+    difference,
     paired_ratio_difference,
     proportion_ci,
     ratio_ci,
@@ -333,6 +334,11 @@ def test_intervals() -> None:
     y, x = np.array([1.0, 0.0, 2.0]), np.array([3.0, 1.0, 4.0])
     same = paired_ratio_difference(y, x, y, x)
     assert same["diff"] == 0.0 and same["ci95"] == [0.0, 0.0]
+    # Nothing attributed to either arm: no difference, not a zero-width "+0.00 [+0.00, +0.00]".
+    none = np.zeros(3)
+    assert paired_ratio_difference(none, x, none, x)["diff"] is None
+    assert difference(proportion_ci(0, 50), proportion_ci(0, 80))["diff"] is None
+    assert difference(proportion_ci(1, 50), proportion_ci(0, 80))["diff"] == pytest.approx(0.02)
 
 
 def test_the_report_compares_each_arm_with_the_control() -> None:
