@@ -57,7 +57,9 @@ class ItemIndex:
     ) -> None:
         self._redis = redis
         self.table = ItemTable(dim)
-        self.retrieval = TableIndex(self.table, ann_min_items)
+        # The fallback path must not stop the event loop for an IVF build (about 100 s
+        # at 1M items): rebuilds run in a thread while the old index serves.
+        self.retrieval = TableIndex(self.table, ann_min_items, background=True)
         self._next_refresh = 0.0
         # The catalogue agent and the event path both refresh; one at a time, or both
         # would apply the same log entries and rebuild the index twice.

@@ -86,7 +86,9 @@ class FusedRankerModel:
         self.pb_utils = pb_utils
         self.scorer = scorer
         self.table = ItemTable()
-        self.index = TableIndex(self.table)
+        # Rebuilds of the IVF index while serving run in a thread; the first, here, is waited
+        # for: nothing is served until initialize returns.
+        self.index = TableIndex(self.table, background=True)
         url = os.environ.get("SHOPREC_REDIS_URL", DEFAULT_REDIS_URL)
         interval = refresh_interval_s(json.loads(args["model_config"]))
         # Read as Settings reads SHOPREC_REDIS_CLUSTER (pydantic's words for a bool).
@@ -98,6 +100,7 @@ class FusedRankerModel:
         )
         loaded = self.follower.catch_up(self.table)
         self._derive()
+        self.index.wait_built()
         self.follower.start()
         detail = f"{about}, " if about else ""
         pb_utils.Logger.log_info(

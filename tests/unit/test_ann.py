@@ -68,6 +68,35 @@ def test_table_index_retrieves_eligible_items_and_follows_changes(ann_min_items:
     assert (found[1] == -1).all(), "a zero query (no taste yet) retrieves nothing"
 
 
+def test_background_rebuilds_serve_the_old_index_and_miss_no_change() -> None:
+    table = ItemTable(dim=DIM)
+    x = unit_rows(1200)
+    nums = table.upsert([f"i{n}" for n in range(100)], x[:100])
+    index = TableIndex(table, ann_min_items=50, background=True)
+    index.changed(table.take_changed())
+    # Crossing the threshold: the exact copy serves while the first IVF builds.
+    first = index.index()
+    assert isinstance(first, ExactIndex)
+    index.wait_built(30)
+    ivf = index.index()
+    assert isinstance(ivf, IvfIndex) and len(ivf) == 100
+    # Grown 4-fold: a rebuild starts in a thread, the old IVF keeps serving, new rows and all.
+    more = table.upsert([f"i{n}" for n in range(100, 1100)], x[100:1100])
+    index.changed(table.take_changed())
+    assert index.index() is ivf and len(ivf) == 1100
+    # Changes while it builds: one item sold out, one new; both must reach the new index.
+    table.upsert(["i3"], x[3:4], in_stock=[False])
+    table.upsert(["late"], x[1100:1101])
+    index.changed(table.take_changed())
+    index.wait_built(30)
+    rebuilt = index.index()
+    assert isinstance(rebuilt, IvfIndex) and rebuilt is not ivf and len(rebuilt) == 1100
+    late = table.rows(["late"])[0]
+    assert index.search(x[1100:1101], 1)[0][0, 0] == late
+    assert nums[3] not in index.search(x[3:4], 20)[0][0].tolist()
+    assert more[500] in index.search(x[600:601], 5)[0][0].tolist()
+
+
 def test_exact_top_k_orders_by_inner_product() -> None:
     x = unit_rows(50)
     rows, scores = exact_top_k(x, x[:2], 5)
