@@ -23,9 +23,9 @@ from features.candidates import Mixed
 from features.item_table import ItemTable
 from ops.experiment import (
     build_report,
+    difference,
     format_report,
     mean_ci,
-    difference,
     paired_ratio_difference,
     proportion_ci,
     ratio_ci,
