@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -39,6 +40,25 @@ def _settings() -> Settings:
         return load_settings()
     except Exception as exc:
         raise click.ClickException(f"invalid settings: {exc}") from exc
+
+
+async def _until_ctrl_c(work: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work(stop)`` with the first Ctrl-C setting ``stop`` instead of cancelling
+    whatever is awaited at that moment (``work`` ends at its next safe point); a second
+    Ctrl-C interrupts at once, as usual."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def first_ctrl_c() -> None:
+        stop.set()
+        loop.remove_signal_handler(signal.SIGINT)  # the next one raises KeyboardInterrupt
+        click.echo("\nstopping after this batch (Ctrl-C again to stop now) ...", err=True)
+
+    loop.add_signal_handler(signal.SIGINT, first_ctrl_c)
+    try:
+        return await work(stop)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -235,7 +255,9 @@ def replay(
             bar.update(n)
 
         try:
-            report = _run(run_replay(settings, req, progress=progress))
+            report = _run(
+                _until_ctrl_c(lambda stop: run_replay(settings, req, progress=progress, stop=stop))
+            )
         except KeyboardInterrupt:
             click.echo(
                 "\ninterrupted: progress is checkpointed; run the same command to resume",
