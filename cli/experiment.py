@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ _PLOT = click.option(
 
 
 def _settings() -> Settings:
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         return load_settings()
     except Exception as exc:

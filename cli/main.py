@@ -67,6 +67,10 @@ def main(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Library chatter (aiokafka's re-assignments, faiss' loader trying CPU variants) buries
+    # what the tool says; their warnings still show.
+    for noisy in ("aiokafka", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 # --- stack ---------------------------------------------------------------------------------
@@ -193,7 +197,7 @@ def format_status(status: dict[str, dict[str, Any]]) -> str:
         lines += ["", _cluster_head("Kafka cluster", kafka)]
         if "error" not in kafka:
             lines.append(
-                f"  brokers {', '.join(kafka['brokers'])}; controller {kafka['controller']}; "
+                f"  brokers {', '.join(kafka['brokers'])}; "
                 f"replication factor {kafka['replication_factor']}, "
                 f"min.insync.replicas {kafka['min_insync_replicas']}"
             )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -51,12 +50,6 @@ def _train_config(epochs: int, seed: int, no_text: bool) -> Any:
     from ranking.train import TrainOptions
 
     return TrainOptions(RankerConfig(use_text=not no_text, base=True), max_epochs=epochs, seed=seed)
-
-
-def _logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
 
 
 def _export(folder: Path, ds: Any, model: Any, tables: Any, report: dict[str, Any]) -> None:
@@ -201,7 +194,6 @@ def train(
       shoprec train --data ../shared/data/rees46-sample \\
         --out .shoprec/model_archive/fused_ranker/3 && shoprec model promote 3 --force
     """
-    _logging()
     if from_topics:
         if data is not None or out is not None:
             raise click.UsageError("--from-topics reads the topics: drop --data and --out")
@@ -337,7 +329,6 @@ def evaluate(
     from ranking.evaluate import evaluate_scorer, merge_report, sample_queries
     from ranking.train import FusedScorer, train_fused
 
-    _logging()
     wanted = set(models.split(",")) if models else set(MODELS)
     if unknown := wanted - set(MODELS):
         raise click.BadParameter(f"unknown models {sorted(unknown)}; choose from {MODELS}")
@@ -417,7 +408,6 @@ def learner(threads: int) -> None:
     from cli.main import _run, _settings
     from ops.learner import Learner
 
-    _logging()
     _threads(threads)
     settings = _settings()
 

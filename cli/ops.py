@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import signal
 import sys
 import time
@@ -33,9 +32,6 @@ EXIT_INTERRUPTED = 130
 
 
 def _settings() -> Settings:
-    # Library chatter (aiokafka re-assignments, faiss' loader) buries what the tool says.
-    for noisy in ("aiokafka", "faiss.loader"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return load_settings()
     except Exception as exc:

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from features.item_table import ItemTable
+from shoprec.errors import describe
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -224,7 +225,8 @@ class TableIndex:
         self._build = None
         if build.error is not None:
             log.warning(
-                "retrieval index: background build failed (%r); keeping the old", build.error
+                "retrieval index: background build failed (%s); keeping the old",
+                describe(build.error),
             )
             return
         for nums in build.since:  # what changed while it was being built

@@ -39,6 +39,7 @@ from redis.exceptions import (
     SlotNotCoveredError,
 )
 
+from shoprec.errors import describe
 from shoprec.retry import RETRIABLE, backoff_s
 
 log = logging.getLogger("shoprec.redis")
@@ -226,10 +227,10 @@ class ScriptRunner:
             # A dead node refuses at once, and a failover takes seconds: retry within one.
             delay = backoff_s(attempt, cap_s=1.0)
             log.warning(
-                "Redis Cluster: %d of %d script calls not run (%r); sent again in %.2f s",
+                "Redis Cluster: %d of %d script calls not run (%s); sent again in %.2f s",
                 len(again),
                 len(calls),
-                failures[0],
+                describe(failures[0]),
                 delay,
             )
             await asyncio.sleep(delay)

@@ -302,7 +302,7 @@ class Stack:
         """Per recorded component: kind, pid, port, endpoint, alive, healthy, log.
 
         A cluster adds one entry per cluster, each with its own ``healthy``:
-        ``kafka-cluster`` (live brokers, the active controller, the leader of
+        ``kafka-cluster`` (live brokers, the leader of
         every partition per topic, partitions missing in-sync replicas) and
         ``redis-cluster`` (its state and the slot ranges and replicas of each
         primary); each Redis node says whether it is a primary or a replica.
@@ -720,11 +720,12 @@ def kafka_report_from(meta: ClusterMetadata, shape: ClusterShape) -> dict[str, A
         for topic, parts in sorted(meta.topics.items())
     }
     offline = [t for t, ls in leaders.items() if None in ls]
+    # No "controller": under KRaft the Metadata response names a random live broker as
+    # the controller (clients cannot reach the quorum), so showing it would mislead.
     return {
         "kind": "kafka-cluster",
         "healthy": len(meta.brokers) == shape.kafka_nodes and not offline,
         "brokers": sorted(r for r in map(role, meta.brokers) if r is not None),
-        "controller": role(meta.controller),
         "replication_factor": shape.replication_factor,
         "min_insync_replicas": shape.min_insync,
         "leaders": leaders,

@@ -26,7 +26,7 @@ from features import keys
 from features.connection import open_redis
 from ops.ranges import read_topic
 from shoprec.dlq import event_id_of
-from shoprec.errors import ReplayError
+from shoprec.errors import ReplayError, describe
 from shoprec.settings import Settings
 from streams.topics import DLQ, kafka_options
 
@@ -206,7 +206,9 @@ async def reinject(
                 extra={"event_id": letter.event_id, "reason": letter.reason},
             )
     except OSError as exc:
-        raise ReplayError(f"re-injection stopped after {report.sent} records: {exc!r}") from exc
+        raise ReplayError(
+            f"re-injection stopped after {report.sent} records: {describe(exc)}"
+        ) from exc
     finally:
         if producer is not None:
             await producer.stop()

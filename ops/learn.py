@@ -130,7 +130,7 @@ async def read_shop(settings: Settings, from_ms: int | None, to_ms: int | None) 
     topics = TopicNames.from_settings(settings)
     catalogue, bad_items = await _read_catalogue(settings, topics.catalog)
     consumer = await open_reader(settings)
-    redis = open_redis(settings.redis_url, timeout_s=10.0)
+    redis = open_redis(settings.redis_url, cluster=settings.redis_cluster, timeout_s=10.0)
     try:
         spec = RangeSpec(topics.events, from_ms=from_ms, to_ms=to_ms)
         ranges = await plan_ranges(consumer, spec)

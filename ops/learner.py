@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 from ops.learn import LearnOptions, Round, TooFewEvents, learn_once
 from ops.ranges import open_reader
 from ops.versions import Versions, reconcile
+from shoprec.errors import describe
 from shoprec.settings import Settings
 from streams.observability import serve_metrics
 from streams.topics import TopicNames, partitions_of
@@ -193,7 +194,7 @@ class Learner:
         try:
             count = await self._event_count()
         except Exception as exc:  # Kafka away: the schedule still holds
-            log.warning("cannot count new events: %r", exc)
+            log.warning("cannot count new events: %s", describe(exc))
             return False
         return self.trigger.due_by_events(count)
 

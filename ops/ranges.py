@@ -25,7 +25,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from shoprec.errors import ConfigError, DependencyUnavailable, ReplayError
+from shoprec.errors import ConfigError, DependencyUnavailable, ReplayError, describe
 from shoprec.settings import Settings
 from streams.topics import kafka_options, partitions_of
 
@@ -138,7 +138,8 @@ async def open_reader(settings: Settings) -> AIOKafkaConsumer:
     except Exception as exc:
         await consumer.stop()
         raise DependencyUnavailable(
-            f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc!r} (SHOPREC_KAFKA_BOOTSTRAP)"
+            f"cannot reach Kafka at {settings.kafka_bootstrap}: {describe(exc)} "
+            "(SHOPREC_KAFKA_BOOTSTRAP)"
         ) from exc
     return consumer
 

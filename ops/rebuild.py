@@ -393,16 +393,22 @@ async def compare_state(redis: Redis, prefix_a: str, prefix_b: str, chunk: int =
                 pipe.zrange(prefix_b + k, 0, -1, withscores=True)
             raw = await pipe.execute()
         for i, k in enumerate(part):
-            if not _zsets_close(raw[2 * i], raw[2 * i + 1]):
+            differs = _zset_difference(raw[2 * i], raw[2 * i + 1])
+            if differs is not None:
                 diff.global_mismatched += 1
                 if len(diff.examples) < 5:
-                    diff.examples.append(f"key {k}")
+                    diff.examples.append(f"key {k}: {differs}")
     return diff
 
 
-def _zsets_close(a: list[tuple[bytes, float]], b: list[tuple[bytes, float]]) -> bool:
+def _zset_difference(a: list[tuple[bytes, float]], b: list[tuple[bytes, float]]) -> str | None:
+    """None when two sorted sets hold the same members with the same scores, else the first
+    difference, for the operator to look at."""
     da, db = dict(a), dict(b)
-    if da.keys() != db.keys():
-        return False
-    # Sums of the same increments in another order differ in the last bits.
-    return all(abs(da[m] - db[m]) <= 1e-9 * max(1.0, abs(da[m])) for m in da)
+    for m in sorted(da.keys() | db.keys()):
+        sa, sb = da.get(m), db.get(m)
+        # Sums of the same increments in another order differ in the last bits.
+        if sa is None or sb is None or abs(sa - sb) > 1e-9 * max(1.0, abs(sa)):
+            name = m.decode(errors="replace")
+            return f"member {name} {sa} vs {sb} ({len(da)} vs {len(db)} members)"
+    return None

@@ -44,7 +44,7 @@ from typing import Any
 import tritonclient.grpc.aio as grpc_aio
 from tritonclient.utils import InferenceServerException
 
-from shoprec.errors import ConfigError, DependencyUnavailable
+from shoprec.errors import ConfigError, DependencyUnavailable, describe
 from shoprec.settings import Settings
 
 log = logging.getLogger("shoprec.versions")
@@ -223,7 +223,7 @@ async def reconcile(urls: str, model: str, live: int) -> dict[str, str]:
             if await served_version(endpoint, model) == live:
                 return ""
         except Exception as exc:
-            return f"unreachable: {exc!r}"
+            return f"unreachable: {describe(exc)}"
         return await _load_one(endpoint, model, live, 300.0)
 
     problems = await asyncio.gather(*(one(e) for e in endpoints))
@@ -237,13 +237,13 @@ async def _load_one(endpoint: str, model: str, expect: int | None, timeout_s: fl
     except InferenceServerException as exc:
         return f"load failed: {exc.message()}"
     except Exception as exc:  # unreachable server: the next cycle tries again
-        return f"load failed: {exc!r}"
+        return f"load failed: {describe(exc)}"
     finally:
         await client.close()
     try:
         got = await served_version(endpoint, model)
     except Exception as exc:
-        return f"version check failed: {exc!r}"
+        return f"version check failed: {describe(exc)}"
     if expect is not None and got != expect:
         return f"serves version {got}, expected {expect}"
     return ""

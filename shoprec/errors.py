@@ -58,3 +58,14 @@ class DatasetError(ShoprecError):
 class ReplayError(ShoprecError):
     """An operator tool (replay, rebuild-state, diff, dlq replay) cannot run as asked;
     the message says what to change."""
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of an infrastructure error, for a log line or an error message.
+
+    redis-py 8's ``repr`` of its errors is only a category (``network:ConnectionError``),
+    which hides the endpoint that failed; on-call needs that.  Not for errors raised while
+    processing an event, whose messages may quote it (:func:`shoprec.redact.exception_ref`).
+    """
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -12,7 +12,7 @@ from redis.exceptions import ClusterError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shoprec.errors import ShoprecError
+from shoprec.errors import ShoprecError, describe
 
 T = TypeVar("T")
 log = logging.getLogger("shoprec.retry")
@@ -62,5 +62,5 @@ async def retry(
             if not is_retriable(exc) or (attempts is not None and attempt >= attempts):
                 raise
             delay = backoff_s(attempt, base_s, cap_s)
-            log.warning("%s failed (%r); retry %d in %.2f s", what, exc, attempt, delay)
+            log.warning("%s failed (%s); retry %d in %.2f s", what, describe(exc), attempt, delay)
             await asyncio.sleep(delay)

@@ -54,6 +54,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from shoprec.errors import describe
 from shoprec.settings import Settings
 from streams.lag import LagProbe, lag_is_known
 from streams.metrics import Histogram, WorkerStats, percentiles
@@ -246,7 +247,8 @@ def install(app: Any, stats: WorkerStats, settings: Settings, topics: Sequence[s
             collector.lag = await probe.per_partition()
         except Exception as exc:  # lag is advisory; the next probe tries again
             # Once per outage, not every 10 s.
-            log.log(logging.DEBUG if failing else logging.WARNING, "lag probe failed: %r", exc)
+            level = logging.DEBUG if failing else logging.WARNING
+            log.log(level, "lag probe failed: %s", describe(exc))
             failing = True
         else:
             if failing:

@@ -30,7 +30,7 @@ from ranking.breaker import CircuitBreaker
 from ranking.client import RankerClient
 from shoprec import redact
 from shoprec.dlq import DeadLetter
-from shoprec.errors import DependencyUnavailable, InvalidEvent
+from shoprec.errors import DependencyUnavailable, InvalidEvent, describe
 from shoprec.events import CatalogItem, Limits, parse_catalog_item, tombstone_item_id
 from shoprec.output import Recommendation
 from shoprec.retry import retry
@@ -106,7 +106,8 @@ class Runtime:
             await self.redis.ping()
         except Exception as exc:
             raise DependencyUnavailable(
-                f"cannot reach Redis ({exc!r}); check SHOPREC_REDIS_URL and that Redis is up"
+                f"cannot reach Redis ({describe(exc)}); "
+                "check SHOPREC_REDIS_URL and that Redis is up"
             ) from exc
         self.ranker = RankerClient.from_settings(
             s,

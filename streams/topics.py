@@ -11,7 +11,7 @@ from typing import Any, Final
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from shoprec.errors import ConfigError, ReplayError, StackError
+from shoprec.errors import ConfigError, ReplayError, StackError, describe
 from shoprec.settings import Settings
 
 log = logging.getLogger("shoprec.topics")
@@ -119,7 +119,7 @@ async def ensure_topics(settings: Settings) -> None:
         await admin.start()
     except Exception as exc:
         raise StackError(
-            f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc!r}. "
+            f"cannot reach Kafka at {settings.kafka_bootstrap}: {describe(exc)}. "
             "Is the broker up? (`shoprec stack status`; SHOPREC_KAFKA_BOOTSTRAP)"
         ) from exc
     try:

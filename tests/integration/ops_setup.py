@@ -55,7 +55,7 @@ def shoprec(
 
 
 def json_out(result: subprocess.CompletedProcess[str]) -> Any:
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return orjson.loads(result.stdout)
 
 

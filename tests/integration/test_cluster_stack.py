@@ -96,7 +96,6 @@ def test_every_node_is_up_and_the_clusters_are_whole(cluster: Running) -> None:
 
     kafka = status["kafka-cluster"]
     assert kafka["brokers"] == ["broker-1", "broker-2", "broker-3"]
-    assert kafka["controller"] in kafka["brokers"]
     assert (kafka["replication_factor"], kafka["min_insync_replicas"]) == (3, 2)
 
     redis_part = status["redis-cluster"]

@@ -177,7 +177,7 @@ def test_status_text_shows_every_part_the_leaders_and_the_slots() -> None:
     lines = text.splitlines()
     assert any(line.startswith("triton-2") and "DOWN" in line for line in lines)
     assert any(line.startswith("redis-4") and "replica" in line for line in lines)
-    assert "Kafka cluster: healthy" in text and "controller broker-2" in text
+    assert "Kafka cluster: healthy" in text and "controller" not in text
     assert any("shop.views" in line and "0:broker-1 1:broker-2" in line for line in lines)
     assert "__consumer_offsets" not in text
     assert "under-replicated: shop.views [1]" in text
