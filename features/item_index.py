@@ -29,10 +29,11 @@ from features.catalog import item_titles, number_items
 from features.item_table import (
     ItemRecord,
     ItemTable,
+    log_after,
+    log_entries,
     parse_log_entries,
     queue_item_reads,
     records_from_replies,
-    stream_entries,
 )
 from features.user_state import Vector
 
@@ -106,8 +107,10 @@ class ItemIndex:
     async def _apply_log(self) -> int:
         total = 0
         while True:
-            resp = await self._redis.xread({keys.ITEM_LOG: self.table.last_stream_id}, count=10_000)
-            last_id, changed = parse_log_entries(stream_entries(resp))
+            entries = await self._redis.xrange(
+                keys.ITEM_LOG, min=log_after(self.table.last_stream_id), count=10_000
+            )
+            last_id, changed = parse_log_entries(log_entries(entries))
             if last_id is None:
                 return total
             self.table.apply(await self._fetch(changed))

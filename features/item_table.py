@@ -468,13 +468,20 @@ class ItemTable:
                 return total
 
 
-def stream_entries(resp: Any) -> list[tuple[bytes, Mapping[bytes, bytes]]]:
-    """The entries of the one stream an XREAD asked for, under RESP2 or RESP3."""
-    if not resp:
-        return []
-    if isinstance(resp, Mapping):
-        return list(next(iter(resp.values())))
-    return list(resp[0][1])
+def log_after(last_id: bytes) -> bytes:
+    """The XRANGE lower bound for the ``items:log`` entries after ``last_id`` (exclusive).
+
+    XRANGE, not XREAD: XREAD's key is "moveable", and redis-py's cluster client asks one
+    fixed node (COMMAND GETKEYS) where such a command's key is; once that node died it kept
+    asking it, and every read of the log failed until the worker restarted (found killing a
+    Redis Cluster primary).  XRANGE's key is its first argument.
+    """
+    return b"(" + last_id
+
+
+def log_entries(resp: Any) -> list[tuple[bytes, Mapping[bytes, bytes]]]:
+    """The entries of an XRANGE reply (a client with ``decode_responses=False``)."""
+    return list(resp or [])
 
 
 def parse_log_entries(
@@ -579,7 +586,7 @@ def read_changes(
     stopped at ``max_entries``, so more are probably waiting.  ``client`` is a
     synchronous client with ``decode_responses=False``.  Raises ``redis.RedisError``.
     """
-    entries = stream_entries(client.xread({keys.ITEM_LOG: after}, count=max_entries))
+    entries = log_entries(client.xrange(keys.ITEM_LOG, min=log_after(after), count=max_entries))
     last_id, changed = parse_log_entries(entries)
     if last_id is None:
         return None, False
