@@ -5,9 +5,11 @@ worker's read (``bench/redis_protocol.py``: 157 vs 149 CPU-us per user for RESP2
 RESP3, rees46-sample, batches of 32; bench/results/ablation/redis-protocol.json).
 
 With ``cluster`` (``SHOPREC_REDIS_CLUSTER``) the client is redis-py's Redis Cluster
-client: the URL names one node, the client learns the others and the slot map from
-it, splits every pipeline by node (one round trip per node, concurrently) and follows
-MOVED replies after a failover.  Callers keep the plain client's commands; two things
+client: the URL names one node or several (``redis://h1:p1,h2:p2/0``), the client
+learns the others and the slot map from the first that answers (name several: a client
+started while the one named node is down cannot find the cluster), splits every
+pipeline by node (one round trip per node, concurrently) and follows MOVED replies
+after a failover.  Callers keep the plain client's commands; two things
 differ and live here:
 
 * redis-py refuses scripts (EVALSHA) inside a cluster pipeline; :class:`ScriptRunner`
@@ -29,7 +31,8 @@ from typing import Any, cast
 import redis
 from pydantic import SecretStr
 from redis.asyncio import Redis
-from redis.asyncio.cluster import PipelineCommand, RedisCluster
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+from redis.cluster import ClusterNode as SyncClusterNode
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterCrossSlotError,
@@ -52,6 +55,26 @@ def _raw(url: SecretStr | str) -> str:
     return url.get_secret_value() if isinstance(url, SecretStr) else url
 
 
+def split_nodes(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """A URL naming several nodes, ``redis://[auth@]h1:p1,h2:p2[/db][?options]``, as the
+    URL of its first node and every node's ``(host, port)``; a one-node URL gives itself
+    and that node."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a Redis URL (redis://host:port/db): {url[:40]!r}")
+    auth, at, located = rest.rpartition("@")
+    cut = min((i for i in (located.find("/"), located.find("?")) if i >= 0), default=len(located))
+    hosts, tail = located[:cut], located[cut:]
+    nodes = []
+    for part in hosts.split(","):
+        host, colon, port = part.strip().rpartition(":")
+        if not colon or not port.isdigit():
+            host, port = part.strip(), "6379"
+        nodes.append((host.strip("[]"), int(port)))
+    first = f"{scheme}://{auth}{at}{hosts.split(',')[0].strip()}{tail}"
+    return first, nodes
+
+
 def open_redis(
     url: SecretStr | str,
     *,
@@ -67,15 +90,21 @@ def open_redis(
     :class:`Redis` because every caller uses only the commands both clients have.
     """
     if cluster:
+        first, nodes = split_nodes(_raw(url))
         # The cluster client has every command the callers use; it is not a subclass.
         return cast(
             Redis,
             RedisCluster.from_url(
-                _raw(url),
+                first,
+                startup_nodes=[ClusterNode(host, port) for host, port in nodes[1:]] or None,
                 socket_timeout=timeout_s,
                 # Per node; redis-py's cluster default is 2**31.
                 max_connections=max_connections or 2**31,
             ),
+        )
+    if "," in _raw(url).partition("://")[2].partition("/")[0]:
+        raise ValueError(
+            "a Redis URL names several nodes only for a cluster (SHOPREC_REDIS_CLUSTER)"
         )
     return Redis.from_url(
         _raw(url),
@@ -126,7 +155,16 @@ class _LazySyncCluster:
     def _get(self) -> redis.RedisCluster:
         if self._client is None:
             try:
-                self._client = redis.RedisCluster.from_url(self._url, **self._options)
+                first, nodes = split_nodes(self._url)
+                self._client = redis.RedisCluster.from_url(
+                    first,
+                    startup_nodes=[
+                        SyncClusterNode(h, p)  # type: ignore[no-untyped-call]
+                        for h, p in nodes[1:]
+                    ]
+                    or None,
+                    **self._options,
+                )
             except RedisClusterException as exc:
                 raise redis.ConnectionError(str(exc)) from exc
         return self._client

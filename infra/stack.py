@@ -144,7 +144,7 @@ class Endpoints:
 
     broker: str  # "kafka" or "tansu"
     kafka_bootstrap: str  # host:port, comma-separated in a cluster
-    redis_url: str  # redis://host:port/0 (in a cluster: one node, the client finds the rest)
+    redis_url: str  # redis://host:port/0 (a cluster: every node, redis://h:p1,h:p2/0)
     triton_url: str  # gRPC host:port, comma-separated in a cluster
     triton_http: str  # host:port, comma-separated in a cluster
     triton_metrics: str  # host:port (Prometheus text at /metrics), comma-separated
@@ -576,8 +576,13 @@ class Stack:
         return Endpoints(
             broker=self.settings.broker if "broker" in members else "",
             kafka_bootstrap=hp("broker"),
-            # One node is enough: a cluster client learns the others from it.
-            redis_url=f"redis://{host}:{ports[redis_nodes[0]]['port']}/0" if redis_nodes else "",
+            # A cluster client learns the others from one node, but a client started while
+            # that node is down would find none: every node is named.
+            redis_url=(
+                "redis://" + ",".join(f"{host}:{ports[r]['port']}" for r in redis_nodes) + "/0"
+                if redis_nodes
+                else ""
+            ),
             triton_url=hp("triton"),
             triton_http=hp("triton", "http"),
             triton_metrics=hp("triton", "metrics"),
@@ -671,6 +676,9 @@ def _cluster_services(
         )
     seed = services[redis_nodes[0]]
     ours = redis_nodes[0] in ports and isinstance(seed, RedisServer)
+    # Every node: a Triton whose item follower starts while one node is down still finds
+    # the cluster through another.
+    cluster_url = f"redis://{','.join(f'{procs.LOOPBACK}:{port(r)}' for r in redis_nodes)}/0"
     for i, role in enumerate(member_roles("triton", shape), 1):
         workdir = root / f"triton-{i}"
         services[role] = TritonServer(
@@ -680,7 +688,7 @@ def _cluster_services(
             grpc_port=port(role),
             metrics_port=port(role, "metrics"),
             # Triton started without the cluster's Redis talks to the configured one.
-            redis_url=seed.endpoint if ours else settings.redis_url.get_secret_value(),
+            redis_url=cluster_url if ours else settings.redis_url.get_secret_value(),
             redis_cluster=True if ours else settings.redis_cluster,
             shm_prefix=shm_prefix_for(workdir),
         )

@@ -67,8 +67,9 @@ class Settings(BaseSettings):
     )
     redis_cluster: bool = Field(
         False,
-        description="Redis is a Redis Cluster: SHOPREC_REDIS_URL names one of its nodes and "
-        "the client finds the others.",
+        description="Redis is a Redis Cluster: SHOPREC_REDIS_URL names one of its nodes or "
+        "several (redis://h1:p1,h2:p2/0; name several, so that a process started while one "
+        "node is down still finds the cluster) and the client finds the others.",
     )
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port.")
     triton_timeout_s: float = Field(2.0, gt=0, description="Timeout of one Triton call.")

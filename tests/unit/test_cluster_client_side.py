@@ -9,7 +9,7 @@ from redis.crc import key_slot
 
 from cli.main import format_status
 from features import keys
-from features.connection import is_cluster, open_redis, open_sync_redis
+from features.connection import is_cluster, open_redis, open_sync_redis, split_nodes
 from infra import redis_cluster
 from infra.kafka import ClusterMetadata, PartitionInfo
 from infra.procs import free_ports
@@ -187,3 +187,17 @@ def test_status_text_shows_every_part_the_leaders_and_the_slots() -> None:
         for line in lines
     )
     assert format_status({}).startswith("no stack is running")
+
+
+def test_a_cluster_url_may_name_several_nodes() -> None:
+    """Every node named becomes a startup node, so a client started while the first is down
+    still finds the cluster; auth, database and options stay on the first node's URL."""
+    first, nodes = split_nodes("rediss://app:s3cret@h1:7000,h2:7001,[::1]:7002/0?ssl_ca_certs=ca")
+    assert first == "rediss://app:s3cret@h1:7000/0?ssl_ca_certs=ca"
+    assert nodes == [("h1", 7000), ("h2", 7001), ("::1", 7002)]
+    assert split_nodes("redis://h") == ("redis://h", [("h", 6379)])
+    client = open_redis("redis://127.0.0.1:7000,127.0.0.1:7001/0", cluster=True)
+    startup = client.nodes_manager.startup_nodes  # type: ignore[attr-defined]
+    assert set(startup) == {"127.0.0.1:7000", "127.0.0.1:7001"}
+    with pytest.raises(ValueError, match="only for a cluster"):
+        open_redis("redis://h1:7000,h2:7001/0")

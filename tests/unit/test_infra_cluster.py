@@ -390,7 +390,7 @@ def test_redis_command_reads_bulk_simple_and_error_replies(fake_redis: int) -> N
 
 def test_each_cluster_triton_has_its_own_shm_prefix_and_ports(tmp_path: Path) -> None:
     ports = {
-        "redis-1": {"port": 7001, "bus": 17001},
+        **{f"redis-{i}": {"port": 7000 + i, "bus": 17000 + i} for i in range(1, 7)},
         "triton-1": {"port": 8001, "http": 8000, "metrics": 8002},
         "triton-2": {"port": 8004, "http": 8003, "metrics": 8005},
     }
@@ -408,8 +408,9 @@ def test_each_cluster_triton_has_its_own_shm_prefix_and_ports(tmp_path: Path) ->
     assert one.shm_prefix == shm_prefix_for(tmp_path / "cluster" / "triton-1")
     assert one.model_repo == two.model_repo == tmp_path / "repo"
     assert (two.grpc_port, two.http_port, two.metrics_port) == (8004, 8003, 8005)
-    # Both talk to the cluster's Redis through one of its nodes.
-    assert one.redis_url == two.redis_url == "redis://127.0.0.1:7001/0"
+    # Both name every node of the cluster's Redis, so either finds it with one node down.
+    nodes = ",".join(f"127.0.0.1:{7000 + i}" for i in range(1, 7))
+    assert one.redis_url == two.redis_url == f"redis://{nodes}/0"
     assert one.redis_cluster and two.redis_cluster
     flag = f"--backend-config=python,shm-region-prefix-name={one.shm_prefix}"
     assert flag in one.argv(tmp_path / "ts")
