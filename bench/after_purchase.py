@@ -48,7 +48,7 @@ from features.candidates import JUST_PURCHASED_MS
 from features.store import covisited
 from features.user_state import HistoryEntry
 from ranking.data import load_catalogue, load_events
-from ranking.evaluate import Interval, K, Metrics, paired_difference
+from ranking.evaluate import K, Metrics, paired_difference
 from shoprec.events import EventType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -196,24 +196,11 @@ def measure(folder: Path, window_days: float, measure_frac: float) -> dict[str, 
     }
     for s, m in done.items():
         row = m.to_json()
-        row[f"hr@{K}_ci95"] = list(_hr_interval(m).bounds)
+        row[f"hr@{K}_ci95"] = [round(x, 4) for x in m.hr_ci().bounds] if m.n else [0.0, 0.0]
         if s != "co-view" and m.n:
             row["ndcg_vs_co-view"] = paired_difference(m, base).to_json()
         out["signals"][s] = row
     return out
-
-
-def _hr_interval(m: Metrics) -> Interval:
-    """Bootstrap interval of HR@10 over users, as :meth:`Metrics.ci` does for NDCG."""
-    if not m.n:
-        return Interval(0.0, 0.0, 0.0, 0.95)
-    users, inverse = np.unique(np.asarray(m.users, np.int64), return_inverse=True)
-    hits = np.bincount(inverse, weights=(np.asarray(m.ranks) <= K).astype(np.float64))
-    counts = np.bincount(inverse).astype(np.float64)
-    rng = np.random.default_rng(0)
-    w = rng.multinomial(users.size, np.full(users.size, 1.0 / users.size), 2000)
-    draws = (w @ hits) / np.maximum(w @ counts, 1.0)
-    return Interval.of(m.hr, draws, 0.95)
 
 
 def _plot(results: list[dict[str, Any]], path: Path) -> None:

@@ -61,7 +61,8 @@ def split_nodes(url: str) -> tuple[str, list[tuple[str, int]]]:
     and that node."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ValueError(f"not a Redis URL (redis://host:port/db): {url[:40]!r}")
+        # Not the URL itself in the message: it may carry a password.
+        raise ValueError("the Redis URL does not start with redis:// or rediss://")
     auth, at, located = rest.rpartition("@")
     cut = min((i for i in (located.find("/"), located.find("?")) if i >= 0), default=len(located))
     hosts, tail = located[:cut], located[cut:]

@@ -73,6 +73,14 @@ class Metrics:
         _, gains, counts = self.per_user()
         return Interval.of(self.ndcg, _resampled(gains, counts, draws, seed), level)
 
+    def hr_ci(self, level: float = 0.95, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> Interval:
+        """Bootstrap interval of HR@10 over users, as :meth:`ci` for NDCG@10."""
+        _, inverse = np.unique(np.asarray(self.users, np.int64), return_inverse=True)
+        hit = (np.asarray(self.ranks) <= K).astype(np.float64)
+        hits = np.bincount(inverse, weights=hit).astype(np.float64)
+        counts = np.bincount(inverse).astype(np.float64)
+        return Interval.of(self.hr, _resampled(hits, counts, draws, seed), level)
+
     def to_json(self) -> dict[str, Any]:
         lo, hi = self.ci().bounds if self.n else (0.0, 0.0)
         return {

@@ -1,4 +1,5 @@
-"""No raw user ids in logs; TLS and ACL settings reach the Kafka and Redis clients."""
+"""No raw user ids or secrets in logs, endpoints in them; TLS and ACL settings reach the
+Kafka and Redis clients."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import ssl
 from pathlib import Path
 
 import pytest
+import redis.exceptions
 from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection
 
-from shoprec.errors import ConfigError
+from features.connection import split_nodes
+from shoprec.errors import ConfigError, describe
 from shoprec.redact import user_ref
 from shoprec.settings import Settings
 from streams.topics import kafka_options, kafka_ssl_context
@@ -64,3 +67,14 @@ def test_redis_acl_user_and_tls_files_pass_through_the_url() -> None:
         "/k.pem",
     )
     assert "pw" not in repr(s) and "pw" not in str(s.model_dump())
+
+
+def test_infrastructure_errors_say_where_they_failed() -> None:
+    """redis-py 8's repr is only a category; the log needs the endpoint."""
+    exc = redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:7002.")
+    assert repr(exc) == "network:ConnectionError"  # what the logs used to show
+    assert describe(exc) == "ConnectionError: Error 111 connecting to 127.0.0.1:7002."
+    assert describe(TimeoutError()) == "TimeoutError"
+    with pytest.raises(ValueError) as bad:
+        split_nodes("127.0.0.1:6379")  # no scheme; the message never quotes the URL
+    assert "127.0.0.1" not in str(bad.value)
