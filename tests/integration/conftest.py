@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from bench.features import private_redis
 from features.connection import open_redis
 from infra.stack import Endpoints, Stack
 from tests.stack import stack_settings
@@ -42,5 +43,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
 async def redis(stack: Endpoints) -> AsyncIterator[Redis]:
     """A client of the stack's Redis, configured as shoprec's own."""
     client = open_redis(stack.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def private_redis_url() -> Iterator[str]:
+    """A redis-server of the module's own, for tests of the stores alone (no stack)."""
+    with private_redis() as url:
+        yield url
+
+
+@pytest.fixture
+async def private_redis_client(private_redis_url: str) -> AsyncIterator[Redis]:
+    """A client of :func:`private_redis_url`, its database emptied for each test."""
+    client = open_redis(private_redis_url)
+    await client.flushdb()
     yield client
     await client.aclose()

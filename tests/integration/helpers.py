@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -71,3 +73,17 @@ def copy_model_repo(parent: Path) -> Path:
     src = Path(__file__).resolve().parents[2] / "model_repo"
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
     return dst
+
+
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """``shoprec ARGS`` in a subprocess with exactly ``env``, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -25,11 +24,12 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
 
+from features import keys
 from infra import procs
 from infra.stack import Endpoints
 from shoprec.settings import Settings
 from streams.topics import TopicNames, ensure_topics, kafka_options
-from tests.integration.helpers import isolated_settings, rees46_fixture
+from tests.integration.helpers import isolated_settings, rees46_fixture, run_cli
 from tests.worker import WorkerProcess
 
 N_EVENTS = 600
@@ -44,14 +44,7 @@ def shoprec(
     settings: Settings, *args: str, timeout: float = 300, **env: str
 ) -> subprocess.CompletedProcess[str]:
     """The CLI in a subprocess, as an operator runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args],
-        env={**os.environ, **settings.as_env(), **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_cli({**os.environ, **settings.as_env(), **env}, *args, timeout=timeout)
 
 
 def json_out(result: subprocess.CompletedProcess[str]) -> Any:
@@ -185,6 +178,25 @@ async def wait_for(
         assert worker.proc.poll() is None, worker.tail()
         assert time.monotonic() < deadline, worker.tail()
         await asyncio.sleep(0.5)
+
+
+async def load_catalogue(
+    settings: Settings,
+    redis: Redis,
+    worker: WorkerProcess,
+    items: list[dict[str, Any]],
+    timeout_s: float = 600.0,
+) -> None:
+    """Send ``items`` on the catalogue topic and wait until ``worker`` has logged every one
+    in ``items:log`` (embedded and written)."""
+    before = await redis.xlen(keys.ITEM_LOG)
+    names = TopicNames.from_settings(settings)
+    await send(
+        settings, [(names.catalog, it["item_id"].encode(), orjson.dumps(it)) for it in items]
+    )
+    await wait_for(
+        lambda: _at_least(redis.xlen(keys.ITEM_LOG), before + len(items)), worker, timeout_s
+    )
 
 
 async def snapshot(redis: Redis, exclude_prefixes: tuple[str, ...]) -> dict[bytes, bytes | None]:

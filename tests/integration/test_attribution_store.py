@@ -10,7 +10,6 @@ batch and leave the same per-user records; a redelivered batch credits nothing a
 from __future__ import annotations
 
 import gzip
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from bench.features import private_redis
 from features import keys
 from features.attribution import (
     Attributable,
@@ -31,7 +29,6 @@ from features.attribution import (
     totals_delta,
     user_records,
 )
-from features.connection import open_redis
 from shoprec.events import ShopEvent
 from shoprec.experiments import Experiment, assign, list_id
 from streams.experiment import attributable
@@ -59,18 +56,9 @@ BATCH = 64
 K = 10
 
 
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    with private_redis() as url:
-        yield url
-
-
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = open_redis(redis_url)
-    await client.flushdb()
-    yield client
-    await client.aclose()
+def redis(private_redis_client: Redis) -> Redis:
+    return private_redis_client  # a server of this module's own, not the stack's
 
 
 def rees46(data_dir: Path) -> list[ShopEvent]:

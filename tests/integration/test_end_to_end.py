@@ -24,6 +24,7 @@ from shoprec.dlq import original_bytes
 from shoprec.settings import Settings
 from streams.topics import TopicNames, ensure_topics, kafka_options
 from tests.integration.helpers import isolated_settings, rees46_fixture
+from tests.integration.ops_setup import load_catalogue
 from tests.worker import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -82,14 +83,7 @@ async def test_events_become_recommendations_and_bad_input_is_dead_lettered(
     producer = AIOKafkaProducer(**kafka_options(settings), acks="all")
     await producer.start()
     try:
-        for item in items:
-            await producer.send(names.catalog, orjson.dumps(item), key=item["item_id"].encode())
-        await producer.flush()
-        deadline = time.monotonic() + 240
-        while await redis.xlen(keys.ITEM_LOG) < len(items):
-            assert worker.proc.poll() is None, worker.tail()
-            assert time.monotonic() < deadline, "catalogue not embedded in time\n" + worker.tail()
-            await asyncio.sleep(0.5)
+        await load_catalogue(settings, redis, worker, items, timeout_s=240)
         assert await redis.hexists(keys.item(items[0]["item_id"]), "emb")
 
         # Live, in recorded order, and never in the future: the producer sends faster than

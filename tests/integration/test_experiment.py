@@ -39,12 +39,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
-from features import keys
 from infra.stack import Endpoints
 from shoprec.experiments import Experiment, assign, revenue
 from shoprec.settings import Settings
 from streams.topics import TopicNames, ensure_topics, kafka_options
-from tests.integration.ops_setup import json_out, shoprec
+from tests.integration.ops_setup import json_out, load_catalogue, shoprec
 from tests.integration.test_end_to_end import consume_all
 from tests.worker import WorkerProcess
 
@@ -175,27 +174,14 @@ async def test_two_arms_and_a_holdout_report_exactly_what_followed_the_lists(
     phases = [events[:third], events[third : 2 * third], events[:RESENT] + events[2 * third :]]
     first = isolated_settings(stack, experiment=BEFORE, topic_partitions=4, min_emit_interval_ms=0)
     later = first.model_copy(update={"experiment": AFTER})
+    names = TopicNames.from_settings(first)
     await ensure_topics(first)
     redis = Redis.from_url(stack.redis_url)
     stopped: list[dict[str, Any]] = []
     a = WorkerProcess(first, tmp_path / "a.log")
     b: WorkerProcess | None = None
     try:
-        before = await redis.xlen(keys.ITEM_LOG)
-        names = TopicNames.from_settings(first)
-        producer = AIOKafkaProducer(**kafka_options(first), acks="all")
-        await producer.start()
-        try:
-            for item in items:
-                await producer.send(names.catalog, orjson.dumps(item), key=item["item_id"].encode())
-            await producer.flush()
-        finally:
-            await producer.stop()
-        await a.ready()
-        deadline = time.monotonic() + 600
-        while await redis.xlen(keys.ITEM_LOG) < before + len(items):
-            assert a.proc.poll() is None and time.monotonic() < deadline, a.tail()
-            await asyncio.sleep(1.0)
+        await load_catalogue(first, redis, a, items)
 
         await send(first, phases[0])
         await drained([a], 0, third)
@@ -350,21 +336,7 @@ async def test_the_bandit_moves_new_users_toward_the_arm_whose_lists_get_clicked
     redis = Redis.from_url(stack.redis_url)
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     try:
-        before = await redis.xlen(keys.ITEM_LOG)
-        names = TopicNames.from_settings(settings)
-        producer = AIOKafkaProducer(**kafka_options(settings), acks="all")
-        await producer.start()
-        try:
-            for item in items:
-                await producer.send(names.catalog, orjson.dumps(item), key=item["item_id"].encode())
-            await producer.flush()
-        finally:
-            await producer.stop()
-        await worker.ready()
-        deadline = time.monotonic() + 600
-        while await redis.xlen(keys.ITEM_LOG) < before + len(items):
-            assert worker.proc.poll() is None and time.monotonic() < deadline, worker.tail()
-            await asyncio.sleep(1.0)
+        await load_catalogue(settings, redis, worker, items)
         for start in range(0, N_EVENTS, 100):  # paced: new users keep coming for a while
             await send(settings, events[start : start + 100])
             await asyncio.sleep(0.8)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 import pytest
@@ -12,12 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from bench.features import private_redis
 from features import keys
 from features.ann import TableIndex
 from features.candidates import SOURCES
 from features.catalog import upsert_items
-from features.connection import open_redis
 from features.decay import COVIS_HALF_LIFE_MS, forward_weight
 from features.item_index import ItemIndex
 from features.item_table import ItemTable
@@ -34,18 +31,14 @@ HOUR = 3_600_000
 POLICY = UpdatePolicy(half_life_ms=HOUR, history_len=5, ttl_s=3600, min_emit_interval_ms=60_000)
 
 
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    with private_redis() as url:
-        yield url
+@pytest.fixture
+def redis(private_redis_client: Redis) -> Redis:
+    return private_redis_client  # a server of this module's own, not the stack's
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = open_redis(redis_url)
-    await client.flushdb()
-    yield client
-    await client.aclose()
+def redis_url(private_redis_url: str) -> str:
+    return private_redis_url
 
 
 def vec(seed: int) -> np.ndarray:

@@ -47,7 +47,7 @@ from ranking import export
 from ranking.evaluate import Metrics, paired_difference
 from ranking.model import FusedRanker
 from shoprec.settings import Settings
-from tests.integration.helpers import copy_model_repo, isolated_settings
+from tests.integration.helpers import copy_model_repo, isolated_settings, run_cli
 from tests.stack import stack_settings
 from tests.worker import WorkerProcess
 
@@ -192,14 +192,7 @@ def scenario(
 
 
 def _shoprec(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    return run_cli(env, *args, timeout=900)
 
 
 def _ok(done: subprocess.CompletedProcess[str]) -> None:

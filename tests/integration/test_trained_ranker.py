@@ -12,7 +12,6 @@ import asyncio
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ from ranking.data import load_catalogue, load_events
 from ranking.encoder import TextEncoder
 from ranking.pipeline import RecommendRequest, empty_request, recommend
 from ranking.serve import LearnedRanker
-from tests.integration.helpers import copy_model_repo, isolated_settings, settings_env
+from tests.integration.helpers import copy_model_repo, isolated_settings, run_cli, settings_env
 from tests.stack import stack_settings
 from tests.worker import WorkerProcess
 
@@ -170,14 +169,7 @@ async def test_a_new_version_is_served_without_restarting_triton(
 
 
 def _shoprec(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_cli(env, *args, timeout=300)
 
 
 def test_worker_records_the_trained_version(

@@ -9,7 +9,6 @@ import socket
 import struct
 import sys
 import sysconfig
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from infra.stack import Endpoints, Stack, format_env_file
 from infra.triton import TritonServer, model_names, prepare_backends, python_tag, triton_env
 from shoprec.errors import StackError
 from shoprec.settings import Settings
+from tests.kafka_answer import answering_once
 from tests.stack import running
 
 
@@ -70,24 +70,8 @@ def test_cluster_ids_look_like_kafkas() -> None:
 @pytest.fixture
 def fake_broker() -> Iterator[tuple[int, list[bytes]]]:
     """A socket answering one Metadata request with one broker, recording the request."""
-    server = socket.create_server(("127.0.0.1", 0))
-    seen: list[bytes] = []
-
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn:
-            (size,) = struct.unpack(">i", conn.recv(4))
-            request = conn.recv(size)
-            seen.append(request)
-            correlation_id = request[4:8]
-            body = correlation_id + struct.pack(">ii", 0, 1) + b"\0" * 20
-            conn.sendall(struct.pack(">i", len(body)) + body)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1], seen
-    server.close()
-    thread.join(timeout=2)
+    with answering_once(struct.pack(">ii", 0, 1) + b"\0" * 20) as served:
+        yield served
 
 
 def test_metadata_probe_speaks_the_kafka_protocol(fake_broker: tuple[int, list[bytes]]) -> None:

@@ -37,6 +37,7 @@ from infra.stack import (
 from infra.triton import TritonServer, shm_prefix_for, triton_env
 from shoprec.errors import StackError
 from shoprec.settings import Settings
+from tests.kafka_answer import answering_once
 
 
 def props(text: str) -> dict[str, str]:
@@ -189,25 +190,8 @@ def test_parse_metadata_reads_brokers_controller_and_partitions() -> None:
 @pytest.fixture
 def fake_kafka() -> Iterator[tuple[int, list[bytes]]]:
     """A socket answering one Metadata request with a three-broker cluster."""
-    server = socket.create_server(("127.0.0.1", 0))
-    seen: list[bytes] = []
-
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn:
-            (size,) = struct.unpack(">i", conn.recv(4))
-            request = conn.recv(size)
-            seen.append(request)
-            body = request[4:8] + metadata_v4_body(
-                {1: 1, 2: 2, 3: 3}, 1, {"t": [(0, 2, [2, 3, 1])]}
-            )
-            conn.sendall(struct.pack(">i", len(body)) + body)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1], seen
-    server.close()
-    thread.join(timeout=2)
+    with answering_once(metadata_v4_body({1: 1, 2: 2, 3: 3}, 1, {"t": [(0, 2, [2, 3, 1])]})) as s:
+        yield s
 
 
 def test_describe_cluster_asks_a_broker(fake_kafka: tuple[int, list[bytes]]) -> None:
