@@ -29,6 +29,7 @@ from infra import procs
 from infra.stack import Endpoints
 from shoprec.settings import Settings
 from streams.topics import TopicNames, ensure_topics, kafka_options
+from tests.integration.golden import take_in_catalogue
 from tests.integration.helpers import isolated_settings, rees46_fixture, run_cli
 from tests.worker import WorkerProcess
 
@@ -187,8 +188,10 @@ async def load_catalogue(
     items: list[dict[str, Any]],
     timeout_s: float = 600.0,
 ) -> None:
-    """Send ``items`` on the catalogue topic and wait until ``worker`` has logged every one
-    in ``items:log`` (embedded and written)."""
+    """Send ``items`` on the catalogue topic, wait until ``worker`` has logged every one in
+    ``items:log`` (embedded and written), then until Triton's ranker holds them: it follows
+    the log every 0.5 s, and a batch ranked before it took in a catalogue loaded into an
+    empty table gets an empty list (seen in CI)."""
     before = await redis.xlen(keys.ITEM_LOG)
     names = TopicNames.from_settings(settings)
     await send(
@@ -197,6 +200,7 @@ async def load_catalogue(
     await wait_for(
         lambda: _at_least(redis.xlen(keys.ITEM_LOG), before + len(items)), worker, timeout_s
     )
+    await take_in_catalogue(settings, before + len(items))
 
 
 async def snapshot(redis: Redis, exclude_prefixes: tuple[str, ...]) -> dict[bytes, bytes | None]:
