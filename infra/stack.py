@@ -579,7 +579,7 @@ class Stack:
             # A cluster client learns the others from one node, but a client started while
             # that node is down would find none: every node is named.
             redis_url=(
-                "redis://" + ",".join(f"{host}:{ports[r]['port']}" for r in redis_nodes) + "/0"
+                nodes_url(host, [ports[r]["port"] for r in redis_nodes])
                 if redis_nodes
                 else ""
             ),
@@ -678,7 +678,7 @@ def _cluster_services(
     ours = redis_nodes[0] in ports and isinstance(seed, RedisServer)
     # Every node: a Triton whose item follower starts while one node is down still finds
     # the cluster through another.
-    cluster_url = f"redis://{','.join(f'{procs.LOOPBACK}:{port(r)}' for r in redis_nodes)}/0"
+    cluster_url = nodes_url(procs.LOOPBACK, [port(r) for r in redis_nodes])
     for i, role in enumerate(member_roles("triton", shape), 1):
         workdir = root / f"triton-{i}"
         services[role] = TritonServer(
@@ -693,6 +693,12 @@ def _cluster_services(
             shm_prefix=shm_prefix_for(workdir),
         )
     return services
+
+
+def nodes_url(host: str, ports: Sequence[int]) -> str:
+    """The Redis URL naming every node (``redis://h:p1,h:p2/0``), so a client started while
+    one node is down still finds the cluster."""
+    return "redis://" + ",".join(f"{host}:{p}" for p in ports) + "/0"
 
 
 def _first_metadata(ports: Sequence[int]) -> ClusterMetadata | None:
