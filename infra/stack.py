@@ -579,9 +579,7 @@ class Stack:
             # A cluster client learns the others from one node, but a client started while
             # that node is down would find none: every node is named.
             redis_url=(
-                nodes_url(host, [ports[r]["port"] for r in redis_nodes])
-                if redis_nodes
-                else ""
+                nodes_url(host, [ports[r]["port"] for r in redis_nodes]) if redis_nodes else ""
             ),
             triton_url=hp("triton"),
             triton_http=hp("triton", "http"),
