@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ DLQ: Final = "recs.dlq"
 CONTROL: Final = "shop.control"
 
 _TOPIC_EXISTS = 36
+# Leader election of a new topic's partitions takes ~0.5 s on one broker; a cluster, more.
+_LEADER_WAIT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +127,54 @@ async def ensure_topics(settings: Settings) -> None:
         ) from exc
     try:
         response = await admin.create_topics(wanted)
+        created = []
         for topic, code, *_ in response.topic_errors:
             if code not in (0, _TOPIC_EXISTS):
                 raise StackError(f"cannot create topic {topic}: Kafka error code {code}")
             if code == 0:
+                created.append(topic)
                 log.info("created topic %s", topic)
     finally:
         await admin.close()
+    await _await_leaders(settings, created)
+
+
+async def _await_leaders(settings: Settings, topics: Sequence[str]) -> None:
+    """Return once the leader of every partition of ``topics`` answers.
+
+    Kafka answers CreateTopics before the new partitions' leaders serve them (the metadata
+    names a leader a moment before it takes writes); a producer that writes at once is
+    refused (NotLeaderForPartition) and aiokafka logs a warning per partition per retry: a
+    screen of them in the demo. Asking each leader for its end offset (ListOffsets) waits
+    for exactly that, and aiokafka retries that request quietly.
+    """
+    if not topics:
+        return
+    consumer = AIOKafkaConsumer(**kafka_options(settings), request_timeout_ms=15_000)
+    await consumer.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + _LEADER_WAIT_S
+        while True:
+            cluster = await consumer._client.fetch_all_metadata()
+            waiting = [t for t in topics if not _all_led(cluster, t)]
+            if not waiting:
+                break
+            if asyncio.get_running_loop().time() > deadline:
+                raise StackError(
+                    f"Kafka elected no leader for {', '.join(waiting)} within "
+                    f"{_LEADER_WAIT_S:.0f} s (`shoprec stack status`)"
+                )
+            await asyncio.sleep(0.1)
+        await consumer.end_offsets(await partitions_of(consumer, topics))
+    finally:
+        await consumer.stop()
+
+
+def _all_led(cluster: Any, topic: str) -> bool:
+    parts = cluster.partitions_for_topic(topic)
+    return bool(parts) and all(
+        (cluster.leader_for_partition(TopicPartition(topic, p)) or -1) >= 0 for p in parts
+    )
 
 
 async def partitions_of(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> list[TopicPartition]:
