@@ -12,7 +12,8 @@ DATA   ?= ../shared/data
 $(BIN)/shoprec: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	@# setuptools warns about every editable install (a box of "!!"); nothing to act on.
+	PYTHONWARNINGS=ignore $(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	@touch $@
 
 install: system-deps $(BIN)/shoprec
