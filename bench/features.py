@@ -304,7 +304,7 @@ async def score_event(store: Any, index: Any, event: dict[str, Any], hits: Hits)
     # The request the worker would send for the user's latest event, mixed by the
     # ranker's own candidate step (retrieval n/2, quotas, filters).
     latest = ShopEvent("bench", u.history[0].type, user, event["ts"], item_id=in_view)
-    request = build_request([latest], [u], ctx.trending, index.table, RecommendPolicy(K, K, 50))
+    request = build_request([latest], [u], ctx.trending, index.table, RecommendPolicy(K, K, 50, 0))
     t0 = time.perf_counter()
     mixed = candidates(request, index.table, index.retrieval)
     hits.retrieval_ms.append((time.perf_counter() - t0) * 1000)

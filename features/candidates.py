@@ -6,6 +6,9 @@ operations per batch: inside Triton, where the ranker retrieves and mixes, and i
 worker's fallback when Triton is down.
 
 Sources, each with a quota of the ``n`` candidates:
+* ``complement`` — after a purchase only: what other customers bought together with the
+  basket (co-purchase, ``{i:<item>}:cb``), all of them, ahead of every other source; the
+  ranker places them first in the list too (``ranking.pipeline.recommend``);
 * ``semantic`` — nearest items to the rolling user embedding (and, for a search, to the
   query, interleaved: :func:`interleave`);
 * ``covis`` — co-visitation neighbours of the user's latest items;
@@ -17,6 +20,8 @@ Each source arrives ranked (the worker orders co-visitation and popularity by sc
 by item id, :func:`ranked`).  Quota a source cannot fill passes to the next source in
 that order, so a cold user's list fills from their category before the whole shop; slots
 still free at the end are refilled from the sources' leftovers, in source order.
+Complements take their slots from the end (trending first), and their unused quota passes
+to no one: a list without complements is mixed exactly as if the source did not exist.
 
 Filters: the item must be in the catalogue and in stock, not bought by the user recently
 (:data:`JUST_PURCHASED_MS`), not the item the user is looking at, and not taken twice.
@@ -36,7 +41,7 @@ I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
 Bools = npt.NDArray[np.bool_]
 
-SOURCES = ("semantic", "covis", "category", "trending")
+SOURCES = ("complement", "semantic", "covis", "category", "trending")
 """Source codes of :attr:`Mixed.source`, in mixing order."""
 # Quotas of the n candidates; trending gets the rest.  Co-visitation was the strongest
 # single source on three of the four datasets (bench/results/features.json); at 30 of 100
@@ -62,9 +67,10 @@ class Mixed:
 
 
 def quotas(n: int) -> list[int]:
-    """Candidates each source may fill, in :data:`SOURCES` order (trending: the rest)."""
+    """Candidates each source may fill, in :data:`SOURCES` order (complements: all of them,
+    up to ``n``; trending: the rest of the others')."""
     q = [int(n * SEMANTIC_SHARE), int(n * COVIS_SHARE), int(n * CATEGORY_SHARE)]
-    return [*q, n - sum(q)]
+    return [n, *q, n - sum(q)]
 
 
 def blocked(history: I64, history_types: I32, history_age_s: F32, in_view: I64) -> I64:
@@ -105,18 +111,19 @@ def interleave(first: I64, first_scores: F32, second: I64, second_scores: F32) -
 
 
 def mix(
-    sources: tuple[I64, I64, I64, I64],
-    scores: tuple[F32, F32, F32, F32],
+    sources: tuple[I64, I64, I64, I64, I64],
+    scores: tuple[F32, F32, F32, F32, F32],
     in_stock: Bools,
     blocked_items: I64,
     n: int,
 ) -> Mixed:
-    """Merge the four ranked ``sources`` (:data:`SOURCES` order, each ``[B, width]``) into
+    """Merge the five ranked ``sources`` (:data:`SOURCES` order, each ``[B, width]``) into
     ``n`` candidates per user, as the module docstring says.
 
-    ``scores`` are each source's scores (semantic: cosine; covis: decayed count; category
-    and trending: popularity); ``in_stock`` is indexed by item number; ``blocked_items``
-    ``[B, m]`` (see :func:`blocked`).
+    ``scores`` are each source's scores (complement: decayed co-purchase count, not a
+    ranker signal; semantic: cosine; covis: decayed count; category and trending:
+    popularity); ``in_stock`` is indexed by item number; ``blocked_items`` ``[B, m]`` (see
+    :func:`blocked`).
     """
     b = sources[0].shape[0]
     cand = np.concatenate(sources, axis=1).astype(np.int64)
@@ -149,7 +156,9 @@ def mix(
             leftover[:, lo:hi] = free & ~take
             taken_keys = np.concatenate([taken_keys, seg_key[take]])
             quota = quota - take.sum(axis=1)
-        carry = quota  # what this source could not use passes to the next
+        # What this source could not use passes to the next; complements' quota is not a
+        # share of the others', so theirs passes to no one.
+        carry = quota if SOURCES[k] != "complement" else np.zeros(b, np.int64)
 
     # Leftovers in source order fill what is still free, each item once.
     spare = leftover & ~_isin(key, taken_keys)
@@ -158,7 +167,7 @@ def mix(
     once = np.zeros(cand.size, np.bool_)
     once[flat[first]] = True
     spare &= once.reshape(cand.shape)
-    room = n - taken.sum(axis=1)
+    room = np.maximum(n - taken.sum(axis=1), 0)
     refill = spare & ((np.cumsum(spare, axis=1) - 1) < room[:, None])
 
     width = cand.shape[1]
@@ -172,10 +181,12 @@ def mix(
         pad = ((0, 0), (0, n - items.shape[1]))
         items = np.pad(items, pad, constant_values=-1)
         source = np.pad(source, pad, constant_values=-1)
-    covis, _ = _lookup(items, sources[1], scores[1])
-    trend, in_trending = _lookup(items, sources[3], scores[3])
-    category, _ = _lookup(items, sources[2], scores[2])
-    retrieval, _ = _lookup(items, sources[0], scores[0])
+    # The ranker's signals; complements get theirs from the other sources (0 if absent).
+    _, sem, cov, cat, trn = range(len(SOURCES))
+    covis, _ = _lookup(items, sources[cov], scores[cov])
+    trend, in_trending = _lookup(items, sources[trn], scores[trn])
+    category, _ = _lookup(items, sources[cat], scores[cat])
+    retrieval, _ = _lookup(items, sources[sem], scores[sem])
     popularity = np.where(in_trending, trend, category)
     signals = np.stack([covis, popularity, retrieval], axis=-1).astype(np.float32)
     return Mixed(items, source, signals)

@@ -237,12 +237,14 @@ class MemoryStore:
         plan = plan_neighbourhood(base, self._category_of, self._query_categories)
         widest = max(covis_per_item)
         rows = {item: self.top(keys.item_covis(item), widest) for item in plan.items}
+        bought = {item: self.top(keys.item_cobought(item), widest) for item in plan.bought}
         cat_pop = {c: self.popularity(now, c, trending_n).trending() for c in plan.categories}
         out = []
         for width in covis_per_item:
             contexts = {u: UserContext(c.embedding, c.query, c.history) for u, c in base.items()}
             cut = {item: row[:width] for item, row in rows.items()}
-            fill_neighbourhood(contexts, plan, cut, cat_pop, trigger_ts, now)
+            cut_bought = {item: row[:width] for item, row in bought.items()}
+            fill_neighbourhood(contexts, plan, cut, cat_pop, trigger_ts, now, cut_bought)
             out.append(Context(users=contexts, trending=trending))
         return out
 

@@ -21,6 +21,8 @@ one slot (the update script touches them together); an item's keys share
                        bemb (behavioural embedding of an item without text)
     {i:<item>}:cv      sorted set: co-visited item -> forward-decayed count (features.decay),
                        the 200 strongest kept
+    {i:<item>}:cb      sorted set: item bought by the same user within 30 days -> forward-
+                       decayed count (co-purchase: complements shown after a purchase)
     pop:h:<hour>       sorted set: item -> weighted events in that event-time hour (TTL 2 days)
     pop:d:<day>        the same per event-time day (TTL 3 days)
     pop:h:<hour>:c:<category>, pop:d:<day>:c:<category>   the same within one category
@@ -130,6 +132,10 @@ def item(item_id: str) -> str:
 
 def item_covis(item_id: str) -> str:
     return _state(f"{{i:{item_id}}}:cv")
+
+
+def item_cobought(item_id: str) -> str:
+    return _state(f"{{i:{item_id}}}:cb")
 
 
 def popularity_hour(hour: int, category: str | None = None) -> str:
@@ -290,6 +296,12 @@ SCHEMA: tuple[KeySpec, ...] = (
         "{i:<item>}:cv",
         "items co-visited with this one, summed over all users (no user id)",
         "30 days after the last co-visit (features.store.COVIS_TTL_S)",
+    ),
+    KeySpec(
+        "{i:<item>}:cb",
+        "items bought by the same customer within 30 days of this one, summed over all "
+        "customers (no user id)",
+        "30 days after the last co-purchase (features.store.COVIS_TTL_S)",
     ),
     KeySpec("pop:h:<hour>", "weighted events per item in one event-time hour", "2 days"),
     KeySpec("pop:h:<hour>:c:<category>", "the same within one category", "2 days"),

@@ -61,8 +61,13 @@ COVIS_SOURCES = 3
 CATEGORY_SOURCES = 2
 # Co-visitation pairs an event with this many of the user's previous items.
 COVIS_SPAN = 5
-# Two purchases further apart than this are not "bought together".
+# Two events further apart than this are not "seen together".
 COVIS_WINDOW_MS = 24 * HOUR_MS
+# Two purchases of one customer this far apart are still "bought together" (a phone, then
+# its case a week later): bench/after_purchase.py measured complements over 30 days.
+COPURCHASE_WINDOW_MS = 30 * DAY_MS
+# How many items of the basket just bought have their co-purchases read after a purchase.
+BASKET_SOURCES = 5
 # Purchases and searches change what a user wants right now: always answer them.
 ALWAYS_EMIT = frozenset({"purchase", "search"})
 
@@ -123,6 +128,9 @@ class UserContext:
     history: list[HistoryEntry]
     covis: dict[str, float] = field(default_factory=dict)  # neighbour -> decayed count
     covis_source: dict[str, str] = field(default_factory=dict)  # neighbour -> history item
+    # After a purchase only: items bought together with the basket (co-purchase).
+    bought_with: dict[str, float] = field(default_factory=dict)  # item -> decayed count
+    bought_with_source: dict[str, str] = field(default_factory=dict)  # item -> basket item
     # Trending within the categories of the user's latest items (cold start by category).
     category_trending: dict[str, float] = field(default_factory=dict)
 
@@ -335,18 +343,22 @@ class FeatureStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             for item in plan.items:
                 pipe.zrevrange(keys.item_covis(item), 0, per_item - 1, withscores=True)
+            for item in plan.bought:
+                pipe.zrevrange(keys.item_cobought(item), 0, per_item - 1, withscores=True)
             cat_weights = [
                 queue_popularity_reads(pipe, now, c, trending_n) for c in plan.categories
             ]
             raw = await pipe.execute()
-        n = len(plan.items)
+        n, m = len(plan.items), len(plan.bought)
         rows = {item: _decoded(r) for item, r in zip(plan.items, raw[:n], strict=True)}
+        bought = {item: _decoded(r) for item, r in zip(plan.bought, raw[n : n + m], strict=True)}
+        n += m
         per_cat = 4  # replies per popularity read: hour now, hour before, day now, day before
         cat_pop = {
             c: popularity_from_replies(raw[n + per_cat * k : n + per_cat * (k + 1)], w).trending()
             for k, (c, w) in enumerate(zip(plan.categories, cat_weights, strict=True))
         }
-        fill_neighbourhood(contexts, plan, rows, cat_pop, trigger_ts, now)
+        fill_neighbourhood(contexts, plan, rows, cat_pop, trigger_ts, now, bought)
 
     async def user_embedding(self, user_id: str) -> Vector:
         """The normalised rolling embedding of one user (zeros when unknown)."""
@@ -366,6 +378,40 @@ def covisited(item_id: str, ts: int, recent: Sequence[HistoryEntry]) -> list[str
             if len(out) >= COVIS_SPAN:
                 break
     return out
+
+
+def copurchased(item_id: str, ts: int, recent: Sequence[HistoryEntry]) -> list[str]:
+    """The items a purchase of ``item_id`` at ``ts`` pairs with for co-purchase: the
+    user's purchases among ``recent`` (newest first) within ``COPURCHASE_WINDOW_MS``,
+    distinct, not the item itself, at most ``COVIS_SPAN``.
+
+    ``recent`` is the update script's short history (the latest five events of any type),
+    so a browsing shop pairs a purchase with the same basket and the purchases just before
+    it; a shop whose stream is purchases only (amazon, UCI) pairs with the last five.
+    """
+    out: list[str] = []
+    for h in recent:
+        if (
+            h.type == "purchase"
+            and h.item_id != item_id
+            and abs(ts - h.ts) <= COPURCHASE_WINDOW_MS
+            and h.item_id not in out
+        ):
+            out.append(h.item_id)
+            if len(out) >= COVIS_SPAN:
+                break
+    return out
+
+
+def just_bought(history: Sequence[HistoryEntry]) -> list[str]:
+    """The basket of a user whose newest event is a purchase (the distinct items bought at
+    its timestamp, at most ``BASKET_SOURCES``); empty for any other newest event."""
+    if not history or history[0].type != "purchase":
+        return []
+    at = history[0].ts
+    return _distinct_items(
+        [h for h in history if h.type == "purchase" and h.ts == at], BASKET_SOURCES
+    )
 
 
 def _distinct_items(history: Sequence[HistoryEntry], n: int) -> list[str]:
@@ -457,9 +503,9 @@ def signal_bumps(
     results: Sequence[UpdateResult],
     category_of: Callable[[str], str | None],
 ) -> dict[str, Bump]:
-    """The popularity and co-visitation increments of a batch's applied events, summed per
-    key and member (in first-seen order: both stores add them in this order, so their
-    floating-point sums agree to the bit)."""
+    """The popularity, co-visitation and co-purchase increments of a batch's applied events,
+    summed per key and member (in first-seen order: both stores add them in this order, so
+    their floating-point sums agree to the bit)."""
     bumps: dict[str, Bump] = {}
 
     def bump(key: str, member: str, by: float, ttl_s: int, keep: int) -> None:
@@ -478,6 +524,10 @@ def signal_bumps(
         for other in covisited(u.item_id, u.ts, r.recent):
             bump(keys.item_covis(u.item_id), other, pair, COVIS_TTL_S, COVIS_KEEP)
             bump(keys.item_covis(other), u.item_id, pair, COVIS_TTL_S, COVIS_KEEP)
+        if u.type == "purchase":
+            for other in copurchased(u.item_id, u.ts, r.recent):
+                bump(keys.item_cobought(u.item_id), other, pair, COVIS_TTL_S, COVIS_KEEP)
+                bump(keys.item_cobought(other), u.item_id, pair, COVIS_TTL_S, COVIS_KEEP)
     return bumps
 
 
@@ -489,6 +539,8 @@ class NeighbourhoodPlan:
     categories_of: dict[str, list[str]]  # user -> categories whose trending they get
     items: list[str]  # every source item (one co-visitation read each)
     categories: list[str]  # every category (one popularity read each)
+    baskets: dict[str, list[str]]  # user -> the items just bought (empty unless a purchase)
+    bought: list[str]  # every basket item (one co-purchase read each)
 
 
 def plan_neighbourhood(
@@ -503,11 +555,14 @@ def plan_neighbourhood(
         or (query_categories(contexts[u].query)[:1] if not items else [])
         for u, items in sources.items()
     }
+    baskets = {u: just_bought(c.history) for u, c in contexts.items()}
     return NeighbourhoodPlan(
         sources,
         cats,
         sorted({i for items in sources.values() for i in items}),
         sorted({c for cs in cats.values() for c in cs}),
+        baskets,
+        sorted({i for items in baskets.values() for i in items}),
     )
 
 
@@ -518,19 +573,31 @@ def fill_neighbourhood(
     category_trending: Mapping[str, dict[str, float]],
     trigger_ts: dict[str, int],
     now: int,
+    bought_rows: Mapping[str, Row],
 ) -> None:
-    """Each user's co-visitation (decayed to their trigger time) and category trending,
-    from the planned reads: ``rows`` per source item, ``category_trending`` per category."""
+    """Each user's co-visitation and co-purchase (decayed to their trigger time) and category
+    trending, from the planned reads: ``rows`` (co-visitation) and ``bought_rows``
+    (co-purchase) per source item, ``category_trending`` per category."""
     for u, ctx in contexts.items():
         at = trigger_ts.get(u, now)
-        for src in plan.sources[u]:
-            for item, score in rows[src]:
-                value = decayed_value(float(score), at, COVIS_HALF_LIFE_MS)
-                ctx.covis[item] = ctx.covis.get(item, 0.0) + value
-                ctx.covis_source.setdefault(item, src)
+        _add_decayed(plan.sources[u], rows, at, ctx.covis, ctx.covis_source)
+        _add_decayed(plan.baskets[u], bought_rows, at, ctx.bought_with, ctx.bought_with_source)
         for c in plan.categories_of[u]:
             for item, score in category_trending[c].items():
                 ctx.category_trending[item] = ctx.category_trending.get(item, 0.0) + score
+
+
+def _add_decayed(
+    sources: Sequence[str],
+    rows: Mapping[str, Row],
+    at: int,
+    into: dict[str, float],
+    source_of: dict[str, str],
+) -> None:
+    for src in sources:
+        for item, score in rows[src]:
+            into[item] = into.get(item, 0.0) + decayed_value(float(score), at, COVIS_HALF_LIFE_MS)
+            source_of.setdefault(item, src)
 
 
 def _categories(item_ids: Sequence[str], category_of: Callable[[str], str | None]) -> list[str]:

@@ -354,7 +354,7 @@ def user_fields_differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 async def _global_keys(redis: Redis, prefix: str) -> set[str]:
     p = keys.glob_escape(prefix)
     found: set[str] = set()
-    for pattern in (f"{p}{{i:*}}:cv", f"{p}pop:*"):
+    for pattern in (f"{p}{{i:*}}:cv", f"{p}{{i:*}}:cb", f"{p}pop:*"):
         found |= {
             k.decode()[len(prefix) :] async for k in redis.scan_iter(match=pattern, count=10_000)
         }
@@ -362,7 +362,7 @@ async def _global_keys(redis: Redis, prefix: str) -> set[str]:
 
 
 async def compare_state(redis: Redis, prefix_a: str, prefix_b: str, chunk: int = 500) -> StateDiff:
-    """Key-by-key comparison of two states (users, co-visitation, popularity)."""
+    """Key-by-key comparison of two states (users, co-visitation, co-purchase, popularity)."""
     diff = StateDiff(prefix_a, prefix_b)
     users_a, users_b = await _users(redis, prefix_a), await _users(redis, prefix_b)
     diff.users_a, diff.users_b = len(users_a), len(users_b)

@@ -221,7 +221,8 @@ async def replay(
             writes=[
                 f"recommendations -> topic {req.into}",
                 f"state -> Redis keys {req.state_prefix}{{u:<user>}}:*, "
-                f"{req.state_prefix}{{i:<item>}}:cv, {req.state_prefix}pop:*",
+                f"{req.state_prefix}{{i:<item>}}:cv, {req.state_prefix}{{i:<item>}}:cb, "
+                f"{req.state_prefix}pop:*",
                 f"checkpoint -> Redis {checkpoint.key}",
             ],
         )

@@ -270,7 +270,7 @@ async def simulate(
         lambda: int(now[0] * 1000),
         experiment=runner,
     )
-    policy = RecommendPolicy(settings.top_k, settings.n_candidates, settings.history_len)
+    policy = RecommendPolicy.from_settings(settings)
 
     async def rank(request: RecommendRequest, arm: Arm) -> tuple[TopK, str, bool]:
         return recommend(request, table, index, scorers[arm.name]), arm.label, False

@@ -60,6 +60,8 @@ class Reason(IntEnum):
     """Trending: many recent events."""
     NONE = 4
     """No term contributed positively: nothing to explain."""
+    BOUGHT_WITH = 5
+    """After a purchase: often bought together with an item of the basket (co-purchase)."""
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,16 @@ Per micro-batch of ``B`` users:
 1. semantic retrieval: the ``n/2`` nearest eligible items (a vector, in stock) to each
    user's rolling embedding, and for a search the ``n/4`` nearest to the query,
    interleaved (``features.ann.TableIndex``: exact, or faiss IVF on a large catalogue);
-2. mixing with quotas and filters (``features.candidates.mix``): semantic, co-visitation,
-   category trending, trending; never what the user just bought or is looking at;
+2. mixing with quotas and filters (``features.candidates.mix``): after a purchase the
+   basket's complements (co-purchase), then semantic, co-visitation, category trending,
+   trending; never what the user just bought or is looking at;
 3. scoring (a :class:`Scorer`: the trained ranker, or v1's fixed fusion);
-4. the ``k`` best, stable on ties (retrieval order breaks them);
+4. the ``k`` best, stable on ties (retrieval order breaks them), after the complements:
+   after a purchase the list opens with what is bought together with it, in co-purchase
+   order (bench/after_purchase.py: complements, not the ranker's substitutes, are what the
+   next purchase holds);
 5. the explanation of those ``k`` only: reason code, and the user's item behind
-   "similar to" / "often seen together with".
+   "similar to" / "often seen together with" / "often bought together with".
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from features.ann import TableIndex
-from features.candidates import Mixed, blocked, interleave, mix
+from features.candidates import SOURCES, Mixed, blocked, interleave, mix
 from features.item_table import ItemTable
 from features.keys import EMB_DIM
 from ranking.fusion import Reason
@@ -58,6 +62,9 @@ class RecommendRequest:
     covis: I32  # [B, C] co-visitation neighbours of the user's latest items
     covis_score: F32  # [B, C] their decayed counts
     covis_source: I32  # [B, C] the user's item each neighbour was seen with
+    bought_with: I32  # [B, P] after a purchase: co-purchases of the basket; else -1
+    bought_with_score: F32  # [B, P] their decayed counts
+    bought_with_source: I32  # [B, P] the basket item each was bought with
     category: I32  # [B, T] trending in the user's categories
     category_score: F32  # [B, T]
     trending: I32  # [B, G] trending in the shop
@@ -92,6 +99,7 @@ class RecommendRequest:
         groups = (
             ("history", ("history", "history_types", "history_age_s")),
             ("covis", ("covis", "covis_score", "covis_source")),
+            ("bought_with", ("bought_with", "bought_with_score", "bought_with_source")),
             ("category", ("category", "category_score")),
             ("trending", ("trending", "trending_score")),
         )
@@ -135,9 +143,28 @@ class RecommendRequest:
 
 
 _FLOATS = frozenset(
-    {"user_emb", "query_emb", "history_age_s", "covis_score", "category_score", "trending_score"}
+    {
+        "user_emb",
+        "query_emb",
+        "history_age_s",
+        "covis_score",
+        "bought_with_score",
+        "category_score",
+        "trending_score",
+    }
 )
-_ITEM_LISTS = frozenset({"history", "covis", "covis_source", "category", "trending", "in_view"})
+_ITEM_LISTS = frozenset(
+    {
+        "history",
+        "covis",
+        "covis_source",
+        "bought_with",
+        "bought_with_source",
+        "category",
+        "trending",
+        "in_view",
+    }
+)
 
 TRITON_INPUTS: tuple[str, ...] = tuple(f.name.upper() for f in fields(RecommendRequest))
 """The ``recommender``'s inputs in config order: each field of :class:`RecommendRequest`,
@@ -202,12 +229,19 @@ def candidates(request: RecommendRequest, table: ItemTable, index: TableIndex) -
     history = request.history.astype(np.int64)
     return mix(
         (
+            request.bought_with.astype(np.int64),
             sem,
             request.covis.astype(np.int64),
             request.category.astype(np.int64),
             request.trending.astype(np.int64),
         ),
-        (sem_scores, request.covis_score, request.category_score, request.trending_score),
+        (
+            request.bought_with_score,
+            sem_scores,
+            request.covis_score,
+            request.category_score,
+            request.trending_score,
+        ),
         table.stock(np.arange(table.size)),
         blocked(
             history,
@@ -227,22 +261,30 @@ def recommend(
     cands = candidates(request, table, index)
     scores = scorer.score(request, cands, table)
     scores = np.where(cands.items >= 0, scores, -np.inf).astype(np.float32)
-    # Stable: equal scores keep retrieval order, so the same input gives the same list.
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    # Complements first, in their mixing (co-purchase) order; then the rest by score,
+    # stable: equal scores keep retrieval order, so the same input gives the same list.
+    complement = cands.source == _COMPLEMENT
+    cols = np.broadcast_to(np.arange(scores.shape[1], dtype=np.float32), scores.shape)
+    within = np.where(complement, cols, -scores)
+    order = np.lexsort((within, ~complement), axis=1)[:, :k]
     items = np.take_along_axis(cands.items, order, axis=1)
     top_scores = np.take_along_axis(scores, order, axis=1)
     signals = np.take_along_axis(cands.signals, order[:, :, None], axis=1)
     real = items >= 0
     reasons, match = scorer.explain(request, items, signals, table)
+    placed = np.take_along_axis(complement, order, axis=1)
+    reasons = np.where(placed, Reason.BOUGHT_WITH, reasons)
     reasons = np.where(real, reasons, Reason.PAD).astype(np.int32)
     source = np.full(items.shape, -1, np.int64)
     similar = real & (reasons == Reason.SIMILAR) & (match >= 0)
     source[similar] = np.take_along_axis(request.history, np.maximum(match, 0), axis=1)[similar]
-    together = real & (reasons == Reason.COVISIT)
-    if together.any():
-        eq = (items[:, :, None] == request.covis[:, None, :]) & (request.covis[:, None, :] >= 0)
-        seen_with = np.take_along_axis(request.covis_source, eq.argmax(axis=-1), axis=1)
-        source[together] = np.where(eq.any(axis=-1), seen_with, -1)[together]
+    for reason, listed, behind in (
+        (Reason.COVISIT, request.covis, request.covis_source),
+        (Reason.BOUGHT_WITH, request.bought_with, request.bought_with_source),
+    ):
+        mask = real & (reasons == reason)
+        if mask.any():
+            source[mask] = _source_of(items, listed, behind)[mask]
     width = max(k, items.shape[1])
     pad = ((0, 0), (0, width - items.shape[1]))
     return TopK(
@@ -252,6 +294,18 @@ def recommend(
         source_item=np.pad(source, pad, constant_values=-1).astype(np.int32),
         is_trending=np.pad(real & (signals[..., 1] > 0), pad).astype(np.int32),
     )
+
+
+_COMPLEMENT = SOURCES.index("complement")
+
+
+def _source_of(items: I64, listed: I32, behind: I32) -> I64:
+    """For each of ``items`` ``[B, k]``: ``behind[b, j]`` where ``listed[b, j]`` is that
+    item (the user's item it was seen or bought with), -1 where it is not listed."""
+    eq = (items[:, :, None] == listed[:, None, :]) & (listed[:, None, :] >= 0)
+    found = np.take_along_axis(behind, eq.argmax(axis=-1), axis=1)
+    out: I64 = np.where(eq.any(axis=-1), found, -1).astype(np.int64)
+    return out
 
 
 class FallbackScorer:
@@ -291,6 +345,9 @@ def empty_request(b: int, dim: int = EMB_DIM, *, k: int = 10, n: int = 100) -> R
         covis=one.copy(),
         covis_score=zero.copy(),
         covis_source=one.copy(),
+        bought_with=one.copy(),
+        bought_with_score=zero.copy(),
+        bought_with_source=one.copy(),
         category=one.copy(),
         category_score=zero.copy(),
         trending=one.copy(),

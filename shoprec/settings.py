@@ -146,6 +146,14 @@ class Settings(BaseSettings):
         100, ge=10, le=1000, description="Candidates sent to the ranker per user."
     )
     history_len: int = Field(50, ge=1, le=500, description="Recent events kept per user.")
+    complements_after_purchase: int = Field(
+        10,
+        ge=0,
+        le=100,
+        description="After a purchase, the list opens with up to this many items other "
+        "customers bought together with it (co-purchase within 30 days), then the ranker's "
+        "picks; 0 serves the ranker's list alone.",
+    )
     min_emit_interval_ms: int = Field(
         30_000,
         ge=0,

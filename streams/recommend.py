@@ -37,6 +37,7 @@ from shoprec.errors import RankerUnavailable
 from shoprec.events import ShopEvent, event_code
 from shoprec.experiments import Arm, list_id
 from shoprec.output import RecItem, Recommendation
+from shoprec.settings import Settings
 from streams.experiment import (
     ArmAnswer,
     CovisitationScorer,
@@ -59,6 +60,11 @@ class RecommendPolicy:
     top_k: int
     n_candidates: int
     history_len: int
+    complements: int  # after a purchase, co-purchases sent to be placed first
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> RecommendPolicy:
+        return cls(s.top_k, s.n_candidates, s.history_len, s.complements_after_purchase)
 
 
 class Recommender:
@@ -247,6 +253,8 @@ def explanation(reason: Reason, source: str | None, trending: bool) -> tuple[str
         primary = "matches your search"
     elif reason == Reason.COVISIT and source:
         primary = f"often seen together with {source}"
+    elif reason == Reason.BOUGHT_WITH and source:
+        primary = f"often bought together with {source}"
     elif reason == Reason.SIMILAR:
         primary = f"similar to {source}" if source else "matches your taste"
     elif reason == Reason.POPULAR or (reason == Reason.NONE and trending):
@@ -298,6 +306,15 @@ def build_request(
         [[u.covis_source.get(i, "") for i in x] for u, x in zip(users, covis_ids, strict=True)],
         [[0.0] * len(x) for x in covis_ids],
     )
+    bought_ids = [ranked(u.bought_with)[: policy.complements] for u in users]
+    bought_with, bought_with_score = rows(
+        bought_ids,
+        [[u.bought_with[i] for i in x] for u, x in zip(users, bought_ids, strict=True)],
+    )
+    bought_with_source, _ = rows(
+        [[u.bought_with_source[i] for i in x] for u, x in zip(users, bought_ids, strict=True)],
+        [[0.0] * len(x) for x in bought_ids],
+    )
     cat_ids = [ranked(u.category_trending) for u in users]
     category, category_score = rows(
         cat_ids, [[u.category_trending[i] for i in x] for u, x in zip(users, cat_ids, strict=True)]
@@ -313,6 +330,9 @@ def build_request(
         covis=covis,
         covis_score=covis_score,
         covis_source=covis_source,
+        bought_with=bought_with,
+        bought_with_score=bought_with_score,
+        bought_with_source=bought_with_source,
         category=category,
         category_score=category_score,
         trending=np.repeat(trend, b, axis=0),

@@ -151,7 +151,7 @@ class Runtime:
             self.redis,
             self.items,
             self.ranker,
-            RecommendPolicy(s.top_k, s.n_candidates, s.history_len),
+            RecommendPolicy.from_settings(s),
             now_ms,
             experiment=self.experiment,
         )

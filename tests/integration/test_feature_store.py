@@ -131,7 +131,7 @@ async def test_a_new_user_gets_the_trending_items_of_the_category_they_touched(
     table = ItemTable(dim=DIM)  # every item for sale, none with text
     table.upsert(list(categories), np.zeros((5, DIM), np.float32), has_emb=[False] * 5)
     trigger = ShopEvent("new", "view", "newbie", t0 + 100, item_id="s1")
-    policy = RecommendPolicy(top_k=10, n_candidates=10, history_len=50)
+    policy = RecommendPolicy(top_k=10, n_candidates=10, history_len=50, complements=10)
     request = build_request([trigger], [newbie], ctx.trending, table, policy)
     got = candidates(request, table, TableIndex(table))
     # No taste or co-visitation yet: their share goes to the user's own category, best

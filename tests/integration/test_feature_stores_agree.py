@@ -155,12 +155,13 @@ def _update(e: dict[str, Any], vector: Vector | None) -> UserUpdate:
 
 
 async def _redis_dump(redis: Redis) -> dict[str, Any]:
-    """Every event-derived key (users, co-visitation, popularity) in MemoryStore.dump form."""
+    """Every event-derived key (users, co-visitation, co-purchase, popularity) in
+    MemoryStore.dump form."""
     out: dict[str, Any] = {}
     async for raw in redis.scan_iter(count=10_000):
         key = raw.decode()
         kind = (await redis.type(key)).decode()
-        if key.startswith("items:") or (key.startswith("{i:") and not key.endswith(":cv")):
+        if key.startswith("items:") or (key.startswith("{i:") and not key.endswith((":cv", ":cb"))):
             continue  # the catalogue: compared through the behavioural vectors
         if kind == "string":
             out[key] = await redis.get(key)
@@ -184,6 +185,8 @@ def _same_context(a: Context, b: Context) -> None:
         assert np.array_equal(x.query, y.query), u
         assert x.history == y.history, u
         assert x.covis == y.covis and x.covis_source == y.covis_source, u
+        assert x.bought_with == y.bought_with, u
+        assert x.bought_with_source == y.bought_with_source, u
         assert x.category_trending == y.category_trending, u
 
 

@@ -22,7 +22,7 @@ def reference_mix(
     sources: list[list[tuple[int, float]]], in_stock: set[int], blocked_items: set[int], n: int
 ) -> list[tuple[int, str, tuple[float, float, float]]]:
     """The mixing rule, a user at a time: (item, source, (covis, popularity, retrieval))."""
-    semantic, covis, category, trending = (dict(s) for s in sources)
+    _, semantic, covis, category, trending = (dict(s) for s in sources)
     out: list[tuple[int, str]] = []
     seen: set[int] = set()
     leftovers: list[tuple[int, str]] = []
@@ -39,7 +39,8 @@ def reference_mix(
                 taken += 1
             else:
                 leftovers.append((item, name))
-        carry = quota - taken
+        # Complements take from no one's quota, so their unused quota passes to no one.
+        carry = quota - taken if name != "complement" else 0
     for item, name in leftovers:
         if len(out) >= n:
             break
@@ -72,9 +73,18 @@ def test_the_batch_mix_equals_the_rule_user_by_user(seed: int) -> None:
         return sorted(((i, float(rnd.randrange(1, 6))) for i in picked), key=lambda p: -p[1])
 
     shop = ranked_source(80)
-    users = [[ranked_source(50), ranked_source(60), ranked_source(50), shop] for _ in range(b)]
+    users = [
+        [
+            ranked_source(12) if rnd.random() < 0.4 else [],  # after a purchase
+            ranked_source(50),
+            ranked_source(60),
+            ranked_source(50),
+            shop,
+        ]
+        for _ in range(b)
+    ]
     blocks = [set(rnd.sample(range(m), rnd.randrange(0, 6))) for _ in range(b)]
-    arrays = [padded([u[k] for u in users], 80) for k in range(4)]
+    arrays = [padded([u[k] for u in users], 80) for k in range(len(SOURCES))]
     got = mix(
         tuple(a[0] for a in arrays),  # type: ignore[arg-type]
         tuple(a[1] for a in arrays),  # type: ignore[arg-type]
@@ -96,8 +106,8 @@ def test_unused_quota_flows_to_the_users_category_before_the_whole_shop() -> Non
     category = np.arange(10)[None, :]
     shop = np.arange(10, 20)[None, :]
     got = mix(
-        (empty, empty, category, shop),
-        (np.zeros((1, 1), np.float32),) * 2 + (np.ones((1, 10), np.float32),) * 2,
+        (empty, empty, empty, category, shop),
+        (np.zeros((1, 1), np.float32),) * 3 + (np.ones((1, 10), np.float32),) * 2,
         np.ones(20, bool),
         empty,
         10,
@@ -105,6 +115,29 @@ def test_unused_quota_flows_to_the_users_category_before_the_whole_shop() -> Non
     # No taste, no co-visitation: their 8 slots and the category's 1 go to the category.
     assert [SOURCES[s] for s in got.source[0]].count("category") == 9
     assert got.items[0].tolist() == [*range(9), 10]
+
+
+def test_complements_come_first_and_take_their_slots_from_the_end() -> None:
+    def row(*items: int) -> np.ndarray:
+        return np.array([list(items)], np.int64)
+
+    ones = np.ones((1, 4), np.float32)
+    others = (row(1, 2, 3, 4), row(5, 6, 7, 8), row(9, 10, 11, 12), row(13, 14, 15, 16))
+
+    def mixed(complements: np.ndarray) -> list[int]:
+        got = mix(
+            (complements, *others),
+            (np.ones(complements.shape, np.float32), ones, ones, ones, ones),
+            np.ones(40, bool),
+            row(-1),
+            10,
+        )
+        return [int(i) for i in got.items[0]]
+
+    without = mixed(row(-1))
+    assert mixed(row(30, 31)) == [30, 31, *without[:8]]
+    # A complement the user may not be shown (blocked or out of stock) leaves no hole.
+    assert mixed(row(30, 99)) == [30, *without[:9]]
 
 
 def test_a_purchase_blocks_its_item_for_a_day_only_and_the_item_in_view_always() -> None:

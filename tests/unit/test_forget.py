@@ -232,6 +232,7 @@ def test_every_key_function_has_a_spec_and_user_specs_are_the_user_keys() -> Non
     made |= {
         "{i:<item>}": keys.item("1004856"),
         "{i:<item>}:cv": keys.item_covis("1004856"),
+        "{i:<item>}:cb": keys.item_cobought("1004856"),
         "pop:h:<hour>": keys.popularity_hour(487_000),
         "pop:h:<hour>:c:<category>": keys.popularity_hour(487_000, "electronics > phone"),
         "pop:d:<day>": keys.popularity_day(20_300),

@@ -224,3 +224,46 @@ def test_covisitation_pairs_recent_distinct_items_within_the_window() -> None:
         near = [h.item_id for h in recent if abs(ts - h.ts) <= COVIS_WINDOW_MS]
         expected = list(dict.fromkeys(i for i in near if i != item))[:COVIS_SPAN]
         assert covisited(item, ts, recent) == expected
+
+
+def test_copurchase_pairs_earlier_purchases_within_30_days_and_reads_after_a_purchase() -> None:
+    from features.store import (
+        COPURCHASE_WINDOW_MS,
+        UpdateResult,
+        UserUpdate,
+        copurchased,
+        just_bought,
+        signal_bumps,
+    )
+    from features.user_state import HistoryEntry
+
+    day = 86_400_000
+    t = 100 * day
+    recent = [  # newest first, as the update script returns them
+        HistoryEntry("case", "purchase", t),  # the same basket
+        HistoryEntry("phone", "view", t - 1),  # viewed, not bought
+        HistoryEntry("charger", "purchase", t - 29 * day),
+        HistoryEntry("case", "purchase", t - 29 * day),  # bought twice: paired once
+        HistoryEntry("tv", "purchase", t - COPURCHASE_WINDOW_MS - 1),  # too long ago
+    ]
+    assert copurchased("phone", t, recent) == ["case", "charger"]
+    assert copurchased("case", t, recent) == ["charger"]
+
+    def update(item: str, etype: str) -> UserUpdate:
+        return UserUpdate(f"e-{item}", "u1", etype, t, item, None, False)
+
+    bumps = signal_bumps(
+        [update("phone", "purchase"), update("phone", "view")],
+        [UpdateResult(True, True, recent), UpdateResult(True, True, recent)],
+        lambda _: None,
+    )
+    bought = {k.split("}")[0] + "}": b.members for k, b in bumps.items() if k.endswith(":cb")}
+    assert {k: set(v) for k, v in bought.items()} == {
+        "{i:phone}": {"case", "charger"},
+        "{i:case}": {"phone"},
+        "{i:charger}": {"phone"},
+    }
+    # Only a user whose newest event is a purchase has a basket to find complements for.
+    assert just_bought(recent) == ["case"]
+    assert just_bought([HistoryEntry("x", "purchase", t), *recent]) == ["x", "case"]
+    assert just_bought(recent[1:]) == []

@@ -37,3 +37,6 @@ def test_reasons_read_as_words_with_item_names() -> None:
     assert explanation(Reason.POPULAR, None, True) == ("trending",)
     assert explanation(Reason.NONE, None, False) == ("picked for you",)
     assert explanation(Reason.QUERY, None, True) == ("matches your search", "trending")
+    assert explanation(Reason.BOUGHT_WITH, name, False) == (
+        "often bought together with samsung smartphone",
+    )

@@ -11,7 +11,7 @@ import numpy as np
 
 from features.ann import TableIndex
 from features.item_table import ItemTable
-from ranking.fusion import FusionScorer
+from ranking.fusion import FusionScorer, Reason
 from ranking.pipeline import RecommendRequest, empty_request, recommend
 from ranking.triton_model import DEFAULT_REFRESH_INTERVAL_S, refresh_interval_s
 from shoprec.events import EventType
@@ -58,3 +58,36 @@ def test_refresh_interval_from_the_model_config() -> None:
     param = {"ITEM_REFRESH_INTERVAL_S": {"string_value": "0.25"}}
     assert refresh_interval_s({"parameters": param}) == 0.25
     assert refresh_interval_s({}) == DEFAULT_REFRESH_INTERVAL_S
+
+
+def test_after_a_purchase_the_list_opens_with_its_complements_explained_by_the_basket() -> None:
+    rng = np.random.default_rng(8)
+    table = ItemTable()
+    table.upsert([f"i{k}" for k in range(60)], rng.standard_normal((60, D)).astype(np.float32))
+    index, scorer = TableIndex(table), FusionScorer()
+    plain = user_request(rng, 2, 4, 10)
+    basket = int(plain.history[0, 0])
+    bought = RecommendRequest(
+        **plain.arrays()
+        | {
+            # Row 0 just bought its newest item; 57 was bought with it most, then 3, then
+            # that very item (which a filter keeps out of the list).
+            "history_types": np.where(
+                np.arange(4) == 0, EventType.PURCHASE, plain.history_types
+            ).astype(np.int32),
+            "bought_with": np.array([[57, 3, basket], [-1, -1, -1]], np.int32),
+            "bought_with_score": np.array([[5.0, 2.0, 1.0], [0, 0, 0]], np.float32),
+            "bought_with_source": np.full((2, 3), basket, np.int32),
+        }
+    )
+    got = recommend(bought, table, index, scorer)
+    assert got.items[0, :2].tolist() == [57, 3]
+    assert got.reasons[0, :2].tolist() == [Reason.BOUGHT_WITH] * 2
+    assert got.source_item[0, :2].tolist() == [basket, basket]
+    assert basket not in got.items[0].tolist()
+    assert Reason.BOUGHT_WITH not in got.reasons[0, 2:].tolist()
+    # After the complements, the ranker's own order; a user without complements is untouched.
+    alone = recommend(plain, table, index, scorer)
+    assert got.items[1].tolist() == alone.items[1].tolist()
+    rest = [i for i in got.items[0, 2:].tolist()]
+    assert rest == [i for i in alone.items[0].tolist() if i not in (57, 3)][: len(rest)]
