@@ -85,7 +85,12 @@ async def take_in_catalogue(settings: Settings, n_items: int) -> None:
 
 
 async def record(settings: Settings, data: Path = DATA) -> list[dict[str, Any]]:
-    """Every recommendation of the fixed replay, in emission order."""
+    """Every recommendation of the fixed replay, in emission order.
+
+    The ranker's lists: the complements that open a list after a purchase (which the
+    recording predates) are off; tests/integration/test_complements.py holds those.
+    """
+    settings = settings.model_copy(update={"complements_after_purchase": 0})
     await load_catalogue(settings, read_jsonl(data / "items.jsonl.gz"))
     topics = TopicNames.from_settings(settings)
     events = read_jsonl(data / "events.jsonl.gz", N_EVENTS)
