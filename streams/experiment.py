@@ -130,7 +130,7 @@ async def rank_by_arm(
         for j, row in enumerate(rows):
             by_arm.setdefault(arms[row].name, []).append(j)
         for js in by_arm.values():
-            part = top if len(js) == len(rows) else _top_rows(top, js)
+            part = top if len(js) == len(rows) else top_rows(top, js)
             out.append(ArmAnswer(arms[rows[js[0]]], [rows[j] for j in js], part, model, degraded))
     every = list(range(request.size))
     for arm in shadows:
@@ -140,7 +140,8 @@ async def rank_by_arm(
     return out
 
 
-def _top_rows(top: TopK, rows: Sequence[int]) -> TopK:
+def top_rows(top: TopK, rows: Sequence[int]) -> TopK:
+    """The lists of some of the users of ``top``, in ``rows`` order."""
     idx = np.asarray(rows, np.int64)
     return TopK(**{k: v[idx] for k, v in top.arrays().items()})
 

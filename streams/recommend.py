@@ -44,6 +44,8 @@ from streams.experiment import (
     ExperimentRunner,
     rank_by_arm,
     shown_lists,
+    take_rows,
+    top_rows,
 )
 
 log = logging.getLogger("shoprec.recommend")
@@ -112,7 +114,7 @@ class Recommender:
         users = [ctx.users[t.user_id] for t in triggers]
         request = build_request(triggers, users, ctx.trending, self._items.table, self._policy)
         t2 = time.perf_counter()
-        answers = await self._rank_by_arm(triggers, request, arms)
+        answers = self._fill_empty(request, await self._rank_by_arm(triggers, request, arms))
         t3 = time.perf_counter()
         recs = await self._assemble(triggers, answers)
         t4 = time.perf_counter()
@@ -149,7 +151,8 @@ class Recommender:
         request = build_request(asks, users, trending, self._items.table, policy)
         top, model, degraded = await self._rank(request)
         every = list(range(len(asks)))
-        return await self._assemble(asks, [ArmAnswer(NO_ARM, every, top, model, degraded)])
+        answers = self._fill_empty(request, [ArmAnswer(NO_ARM, every, top, model, degraded)])
+        return await self._assemble(asks, answers)
 
     async def _rank_by_arm(
         self,
@@ -191,6 +194,47 @@ class Recommender:
             top = recommend(request, items.table, items.retrieval, self._fallback)
             return top, FALLBACK_MODEL, True
         return answer.top, f"{self._ranker.ranker_model}@{answer.model_version}", False
+
+    def _fill_empty(self, request: RecommendRequest, answers: list[ArmAnswer]) -> list[ArmAnswer]:
+        """Users the ranker answered with an empty list while this worker's own fallback
+        finds items get the fallback's list, marked degraded.
+
+        Triton's item table follows ``items:log`` a moment behind the worker's (every
+        ``ITEM_REFRESH_INTERVAL_S``, a bounded number of changes per call), so the first
+        batches after a catalogue is loaded into an empty shop could otherwise publish
+        empty recommendations; so would a Triton pointed at another Redis.
+        """
+        out: list[ArmAnswer] = []
+        for a in answers:
+            empty = np.flatnonzero((a.top.items < 0).all(axis=1)).tolist()
+            if a.degraded or not empty:
+                out.append(a)
+                continue
+            items = self._items
+            rows = [a.rows[j] for j in empty]
+            fallback = recommend(
+                take_rows(request, rows), items.table, items.retrieval, self._fallback
+            )
+            filled = np.flatnonzero((fallback.items >= 0).any(axis=1)).tolist()
+            if not filled:
+                out.append(a)
+                continue
+            log.warning(
+                "%s answered %d of %d lists empty; serving the retrieval order for %d "
+                "(its item table is behind this worker's: a catalogue just loaded?)",
+                a.model,
+                len(empty),
+                len(a.rows),
+                len(filled),
+            )
+            replaced = {empty[f] for f in filled}
+            keep = [j for j in range(len(a.rows)) if j not in replaced]
+            if keep:
+                kept = [a.rows[j] for j in keep]
+                out.append(ArmAnswer(a.arm, kept, top_rows(a.top, keep), a.model, False))
+            served = [rows[f] for f in filled]
+            out.append(ArmAnswer(a.arm, served, top_rows(fallback, filled), FALLBACK_MODEL, True))
+        return out
 
     async def _assemble(
         self, triggers: Sequence[ShopEvent], answers: Sequence[ArmAnswer]

@@ -162,7 +162,7 @@ async def test_events_become_recommendations_and_bad_input_is_dead_lettered(
         assert rec["schema"] == 1 and rec["degraded"] is False
         assert rec["model"].startswith("fused_ranker@")
         assert rec["latency_ms"] == rec["emitted_ts"] - rec["trigger"]["ts"] >= 0
-        assert 0 < len(rec["items"]) <= settings.top_k
+        assert 0 < len(rec["items"]) <= settings.top_k, rec
         ids = [i["item_id"] for i in rec["items"]]
         assert len(ids) == len(set(ids))
         assert all(i["reasons"] and isinstance(i["score"], float) for i in rec["items"])
