@@ -176,10 +176,7 @@ def run_demo(opts: DemoOptions, model_repo: Path) -> None:
         shown = _pick_examples(recs, 3)
         names = asyncio.run(titles(settings, [i["item_id"] for r in shown for i in r["items"]]))
         for r in shown:
-            text = format_recommendation(orjson.dumps(r))
-            for item_id, title in names.items():
-                text = text.replace(f" {item_id} ", f" {item_id} [{title[:40]}] ", 1)
-            print(text)
+            print(format_recommendation(orjson.dumps(r), names))
             print()
         pulled = ask_pull_api(api, [r["user_id"] for r in shown], names)
         summary = summarise(recs, report, n_items) | {

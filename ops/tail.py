@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import orjson
 from aiokafka import AIOKafkaConsumer
@@ -54,8 +54,9 @@ async def tail_topic(
         await asyncio.shield(consumer.stop())
 
 
-def format_recommendation(value: bytes) -> str:
-    """A one-screen human view of one recs.out record."""
+def format_recommendation(value: bytes, names: Mapping[str, str] | None = None) -> str:
+    """A one-screen human view of one recs.out record; ``names`` (item id -> a short name)
+    are shown beside the ids they name."""
     rec = orjson.loads(value)
     trig = rec["trigger"]
     head = (
@@ -63,8 +64,15 @@ def format_recommendation(value: bytes) -> str:
         f"{rec['latency_ms']} ms  {rec['model']}{'  DEGRADED' if rec['degraded'] else ''}"
     )
     lines = [head]
+    shown = {
+        item["item_id"]: item["item_id"]
+        + (f" [{names[item['item_id']][:40]}]" if names and item["item_id"] in names else "")
+        for item in rec["items"]
+    }
+    width = max([16, *map(len, shown.values())])
     for n, item in enumerate(rec["items"], 1):
         lines.append(
-            f"  {n:2d}. {item['item_id']:<16} {item['score']:.3f}  {'; '.join(item['reasons'])}"
+            f"  {n:2d}. {shown[item['item_id']]:<{width}} {item['score']:.3f}  "
+            f"{'; '.join(item['reasons'])}"
         )
     return "\n".join(lines)
