@@ -31,9 +31,6 @@ no time decay: the comparison is of the signals, not of the live weighting.
 
 from __future__ import annotations
 
-import os
-import platform
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +39,8 @@ from typing import Any
 import click
 import numpy as np
 import numpy.typing as npt
-import orjson
 
+from bench.report import datasets, publish
 from features.candidates import JUST_PURCHASED_MS
 from features.store import covisited
 from features.user_state import HistoryEntry
@@ -51,8 +48,6 @@ from ranking.data import load_catalogue, load_events
 from ranking.evaluate import K, Metrics, paired_difference
 from shoprec.events import EventType
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA = REPO_ROOT.parent / "shared" / "data"
 DAY_MS = 86_400_000
 HISTORY = 50  # recent events kept per user for co-view pairing (the live history's length)
 # A purchase pairs with at most this many of the user's latest distinct purchases, and a
@@ -256,7 +251,7 @@ def main(
     folders: tuple[Path, ...], window_days: float, measure_frac: float, json_path: Path | None
 ) -> None:
     """Share of next purchases that the list after a purchase contains, per signal."""
-    chosen = folders or tuple(sorted(p for p in DATA.iterdir() if (p / "events.jsonl.gz").exists()))
+    chosen = datasets(folders)
     results = []
     for folder in chosen:
         click.echo(f"{folder.name}: replaying ...", err=True)
@@ -268,20 +263,13 @@ def main(
                 f"NDCG@{K} {row[f'ndcg@{K}']:.4f}  ({row['n']} next purchases)",
                 err=True,
             )
-    doc = {
-        "benchmark": "after-purchase",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "window_days": window_days,
-        "measure_frac": measure_frac,
-        "k": K,
-        "results": results,
-    }
-    text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
-    if json_path is not None:
-        json_path.write_text(text + "\n")
-        _plot(results, json_path.with_suffix(".png"))
-    click.echo(text)
+    publish(
+        "after-purchase",
+        {"window_days": window_days, "measure_frac": measure_frac, "k": K},
+        results,
+        json_path,
+        _plot,
+    )
 
 
 if __name__ == "__main__":

@@ -19,20 +19,16 @@ unpaired (wider than a paired difference would be).  The estimator's bias
 from __future__ import annotations
 
 import asyncio
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import click
-import orjson
 
+from bench.report import REPO_ROOT, datasets, publish
 from ops.simulate import SimulateOptions, default_experiment, simulate
 from shoprec.settings import Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA = REPO_ROOT.parent / "shared" / "data"
 DAY_MS = 86_400_000
 ARMS = ("ranker", "covisitation")
 
@@ -126,7 +122,7 @@ def main(
     folders: tuple[Path, ...], values: tuple[int, ...], window_days: float, json_path: Path | None
 ) -> None:
     """Purchase rate per list of the served path, with and without complements."""
-    chosen = folders or tuple(sorted(p for p in DATA.iterdir() if (p / "events.jsonl.gz").exists()))
+    chosen = datasets(folders)
     results = []
     for folder in chosen:
         runs = []
@@ -142,18 +138,7 @@ def main(
                     err=True,
                 )
         results.append({"dataset": folder.name, "runs": runs})
-    doc = {
-        "benchmark": "complements",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "window_days": window_days,
-        "results": results,
-    }
-    text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
-    if json_path is not None:
-        json_path.write_text(text + "\n")
-        _plot(results, json_path.with_suffix(".png"))
-    click.echo(text)
+    publish("complements", {"window_days": window_days}, results, json_path, _plot)
 
 
 if __name__ == "__main__":
