@@ -480,7 +480,8 @@ def inspect_user(
 @_PREFIX
 @_JSON
 def inspect_item(item_id: str, state_prefix: str | None, as_json: bool) -> None:
-    """An item's catalogue record, embedding, nearest items, co-visitation, popularity."""
+    """An item's catalogue record, embedding, nearest items, co-visitation, co-purchase
+    (what a list after buying it opens with), popularity."""
     from ops.inspect import format_item
     from ops.inspect import inspect_item as run
 

@@ -4,7 +4,7 @@ Read-only.  A user: the rolling embedding (norm, the catalogue items nearest
 to it), counters from the meta hash, recent history with item names, and
 the last recommendations found on the output topic with their reasons and
 latency.  An item: its catalogue record, whether it has a text or behavioural
-embedding, its nearest items, what it is co-visited with, and its weighted
+embedding, its nearest items, what it is co-visited and bought with, and its weighted
 events in the latest popularity buckets.  ``state_prefix`` inspects a
 replay's shadow state instead of the live one.  Both show how long each key has left
 (``features.keys.SCHEMA`` says why the few without a TTL have none), and a user erased
@@ -134,15 +134,28 @@ async def inspect_item(settings: Settings, item_id: str, state_prefix: str) -> d
             for k, v in fields.items()
             if k not in (b"emb", b"bemb")
         }
-        covis = cast(
-            list[tuple[bytes, float]],
-            await redis.zrevrange(keys.item_covis(item_id), 0, 9, withscores=True),
-        )
+        covis, bought = [
+            cast(
+                list[tuple[bytes, float]],
+                await redis.zrevrange(key(item_id), 0, 9, withscores=True),
+            )
+            for key in (keys.item_covis, keys.item_cobought)
+        ]
         latest = await _latest_buckets(redis, item_id)
         item_ttls = await _ttls(
-            redis, [keys.item(item_id), keys.item_covis(item_id)], ("record", "co_visits")
+            redis,
+            [keys.item(item_id), keys.item_covis(item_id), keys.item_cobought(item_id)],
+            ("record", "co_visits", "co_purchases"),
         )
-        names = await item_titles(redis, [m.decode() for m, _ in covis])
+        names = await item_titles(redis, sorted({m.decode() for m, _ in [*covis, *bought]}))
+
+        def neighbours(rows: list[tuple[bytes, float]]) -> list[dict[str, Any]]:
+            return [
+                {"item_id": m.decode(), "name": names.get(m.decode(), m.decode())}
+                | {"weight": round(float(s), 4)}
+                for m, s in rows
+            ]
+
         text_vec = vector_from_bytes(fields.get(b"emb"))
         behav_vec = vector_from_bytes(fields.get(b"bemb"))
         vec = text_vec if text_vec is not None else behav_vec
@@ -157,11 +170,9 @@ async def inspect_item(settings: Settings, item_id: str, state_prefix: str) -> d
             if vec is not None
             else None,
             "nearest_items": await _nearest(redis, vec, exclude=item_id),
-            "co_visited_with": [
-                {"item_id": m.decode(), "name": names.get(m.decode(), m.decode())}
-                | {"weight": round(float(s), 4)}
-                for m, s in covis
-            ],
+            "co_visited_with": neighbours(covis),
+            # What a list after a purchase of this item opens with (complements).
+            "bought_with": neighbours(bought),
             "popularity": latest,
             "key_ttls_s": item_ttls,
         }
@@ -248,6 +259,8 @@ def format_item(doc: dict[str, Any]) -> str:
         lines.append(f"    near {n['item_id']:<14} {n['cosine']:.3f}  {n['name']}")
     for c in doc["co_visited_with"]:
         lines.append(f"    with {c['item_id']:<14} {c['weight']:.3f}  {c['name']}")
+    for c in doc["bought_with"]:
+        lines.append(f"  bought {c['item_id']:<14} {c['weight']:.3f}  {c['name']}")
     for kind, p in doc["popularity"].items():
         lines.append(
             f"  popularity, {kind} from {p['bucket_start']}: {p['weight']:g}"

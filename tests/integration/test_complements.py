@@ -26,7 +26,7 @@ from features.store import COPURCHASE_WINDOW_MS
 from infra.stack import Endpoints
 from streams.topics import TopicNames, ensure_topics, kafka_options
 from tests.integration.helpers import isolated_settings
-from tests.integration.ops_setup import load_catalogue
+from tests.integration.ops_setup import json_out, load_catalogue, shoprec
 from tests.integration.test_end_to_end import consume_all
 from tests.worker import WorkerProcess
 
@@ -87,7 +87,6 @@ async def test_the_list_after_a_purchase_opens_with_what_is_bought_with_it(
     await ensure_topics(s)
     names = TopicNames.from_settings(s)
     redis = Redis.from_url(s.redis_url.get_secret_value())
-    await redis.flushdb()
     worker = WorkerProcess(s, tmp_path / "worker.log")
     producer = AIOKafkaProducer(**kafka_options(s), acks="all")
     await producer.start()
@@ -117,6 +116,9 @@ async def test_the_list_after_a_purchase_opens_with_what_is_bought_with_it(
         await redis.aclose()
 
     assert y.encode() in bought_with_x, bought_with_x
+    # What an operator sees: `shoprec inspect item X` lists Y as bought with it.
+    shown = json_out(shoprec(s, "inspect", "item", x, "--json"))
+    assert y in [c["item_id"] for c in shown["bought_with"]], shown["bought_with"]
     after = next(
         orjson.loads(r.value)
         for r in recs

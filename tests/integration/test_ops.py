@@ -93,6 +93,10 @@ async def test_inspect_user_and_item(live: LiveRun) -> None:
     item = mine[0]["item_id"]
     idoc = json_out(shoprec(s, "inspect", "item", item, "--json"))
     assert idoc["in_catalogue"] and idoc["popularity"]["day"]["weight"] > 0
+    # These 600 rees46 events hold 5 purchases, none after another within five events:
+    # never bought with (test_complements.py reads a filled co-purchase key).
+    assert idoc["bought_with"] == [] and idoc["key_ttls_s"]["co_purchases"] is None
+    assert "co_visits" in idoc["key_ttls_s"]
     shadow = json_out(shoprec(s, "inspect", "user", user, "--state-prefix", "none:", "--json"))
     assert not shadow["known"]
 
