@@ -202,11 +202,15 @@ class Recommender:
         Triton's item table follows ``items:log`` a moment behind the worker's (every
         ``ITEM_REFRESH_INTERVAL_S``, a bounded number of changes per call), so the first
         batches after a catalogue is loaded into an empty shop could otherwise publish
-        empty recommendations; so would a Triton pointed at another Redis.
+        empty recommendations; so would a Triton pointed at another Redis, whose items
+        this worker cannot name.
         """
         out: list[ArmAnswer] = []
+        table = self._items.table
         for a in answers:
-            empty = np.flatnonzero((a.top.items < 0).all(axis=1)).tolist()
+            # Empty as published: numbers this worker's table does not know are dropped.
+            known = np.array([i is not None for i in table.id_of(a.top.items)], np.bool_)
+            empty = np.flatnonzero(~known.reshape(a.top.items.shape).any(axis=1)).tolist()
             if a.degraded or not empty:
                 out.append(a)
                 continue
