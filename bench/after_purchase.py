@@ -40,7 +40,7 @@ import click
 import numpy as np
 import numpy.typing as npt
 
-from bench.report import datasets, publish
+from bench.report import bars_with_intervals, data_option, datasets, publish
 from features.candidates import JUST_PURCHASED_MS
 from features.store import covisited
 from features.user_state import HistoryEntry
@@ -199,40 +199,23 @@ def measure(folder: Path, window_days: float, measure_frac: float) -> dict[str, 
 
 
 def _plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / len(SIGNALS)
-    for n_sig, signal in enumerate(SIGNALS):
-        xs, ys, lo, hi = [], [], [], []
-        for n_ds, r in enumerate(results):
-            row = r["signals"][signal]
-            xs.append(n_ds + (n_sig - (len(SIGNALS) - 1) / 2) * width)
-            ys.append(row[f"hr@{K}"])
-            lo.append(row[f"hr@{K}"] - row[f"hr@{K}_ci95"][0])
-            hi.append(row[f"hr@{K}_ci95"][1] - row[f"hr@{K}"])
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=signal)
-    ax.set_xticks(range(len(results)))
-    ax.set_xticklabels([f"{r['dataset']}\n({r['positives']} next purchases)" for r in results])
-    ax.set_ylabel(f"share of next purchases in the list (HR@{K})")
-    ax.set_title("The list after a purchase: bought together vs viewed together (95% CI)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    bars_with_intervals(
+        path,
+        [f"{r['dataset']}\n({r['positives']} next purchases)" for r in results],
+        {
+            signal: [
+                (r["signals"][signal][f"hr@{K}"], tuple(r["signals"][signal][f"hr@{K}_ci95"]))
+                for r in results
+            ]
+            for signal in SIGNALS
+        },
+        f"share of next purchases in the list (HR@{K})",
+        "The list after a purchase: bought together vs viewed together (95% CI)",
+    )
 
 
 @click.command()
-@click.option(
-    "--data",
-    "folders",
-    multiple=True,
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    help="Dataset folder (repeatable); default: every folder of ../shared/data.",
-)
+@data_option
 @click.option("--window-days", default=30.0, show_default=True, help="Co-purchase window.")
 @click.option(
     "--measure-frac",

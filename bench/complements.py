@@ -25,7 +25,7 @@ from typing import Any
 
 import click
 
-from bench.report import REPO_ROOT, datasets, publish
+from bench.report import REPO_ROOT, bars_with_intervals, data_option, datasets, publish
 from ops.simulate import SimulateOptions, default_experiment, simulate
 from shoprec.settings import Settings
 
@@ -64,44 +64,23 @@ def measure(folder: Path, complements: int, window_days: float) -> dict[str, Any
 
 
 def _plot(results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = [(r["dataset"], run) for r in results for run in r["runs"]]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.8 / len(ARMS)
-    for n_arm, arm in enumerate(ARMS):
-        xs = [k + (n_arm - (len(ARMS) - 1) / 2) * width for k in range(len(runs))]
-        ys = [run[arm]["purchase_rate"] or 0.0 for _, run in runs]
-        lo = [
-            y - (run[arm]["purchase_rate_ci95"][0] or 0.0)
-            for y, (_, run) in zip(ys, runs, strict=True)
-        ]
-        hi = [
-            (run[arm]["purchase_rate_ci95"][1] or 0.0) - y
-            for y, (_, run) in zip(ys, runs, strict=True)
-        ]
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=arm)
-    ax.set_xticks(range(len(runs)))
-    ax.set_xticklabels([f"{d.split('-')[0]}\nc={run['complements']}" for d, run in runs])
-    ax.set_ylabel("purchase rate per list (95% CI)")
-    ax.set_title("Served lists with and without complements after a purchase")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    def bar(row: dict[str, Any]) -> tuple[float, tuple[float, float]]:
+        lo, hi = row["purchase_rate_ci95"]
+        return row["purchase_rate"] or 0.0, (lo or 0.0, hi or 0.0)
+
+    bars_with_intervals(
+        path,
+        [f"{d.split('-')[0]}\nc={run['complements']}" for d, run in runs],
+        {arm: [bar(run[arm]) for _, run in runs] for arm in ARMS},
+        "purchase rate per list (95% CI)",
+        "Served lists with and without complements after a purchase",
+    )
 
 
 @click.command()
-@click.option(
-    "--data",
-    "folders",
-    multiple=True,
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    help="Dataset folder (repeatable); default: every folder of ../shared/data.",
-)
+@data_option
 @click.option(
     "--complements",
     "values",

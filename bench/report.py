@@ -1,6 +1,7 @@
-"""What the offline quality benchmarks share: the datasets they run on by default, and how
-they publish their numbers (one JSON document stamped with the date and the machine,
-printed, and with ``--json`` written with its plot beside it)."""
+"""What the offline quality benchmarks share: the datasets they run on by default (and the
+``--data`` option naming others), how they publish their numbers (one JSON document
+stamped with the date and the machine, printed, and with ``--json`` written with its plot
+beside it), and their plot: bars per group and series with 95% intervals."""
 
 from __future__ import annotations
 
@@ -23,6 +24,49 @@ def datasets(folders: Sequence[Path]) -> tuple[Path, ...]:
     if folders:
         return tuple(folders)
     return tuple(sorted(p for p in DATA.iterdir() if (p / "events.jsonl.gz").exists()))
+
+
+data_option = click.option(
+    "--data",
+    "folders",
+    multiple=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Dataset folder (repeatable); default: every folder of ../shared/data.",
+)
+
+
+Bar = tuple[float, tuple[float, float]]
+"""A value and its 95% interval."""
+
+
+def bars_with_intervals(
+    path: Path,
+    groups: Sequence[str],
+    series: dict[str, Sequence[Bar]],
+    ylabel: str,
+    title: str,
+) -> None:
+    """One bar per group and series (each series a value per group), with its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(9.0, 1.2 * len(groups)), 4.5))
+    width = 0.8 / len(series)
+    for n, (name, values) in enumerate(series.items()):
+        xs = [k + (n - (len(series) - 1) / 2) * width for k in range(len(groups))]
+        ys = [v for v, _ in values]
+        err = [[v - lo for v, (lo, _) in values], [hi - v for v, (_, hi) in values]]
+        ax.bar(xs, ys, width, yerr=err, capsize=3, label=name)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def publish(
