@@ -29,6 +29,7 @@ from features.catalog import item_titles, number_items
 from features.item_table import (
     ItemRecord,
     ItemTable,
+    SeqWatch,
     log_after,
     log_entries,
     parse_log_entries,
@@ -72,6 +73,7 @@ class ItemIndex:
         # Display names for explanations ("similar to <name>"), read from Redis on first
         # use and forgotten when the item changes: one round trip less per batch.
         self._names: dict[str, str] = {}
+        self._seq = SeqWatch()
         self._next_behavioural = 0.0
         self._behavioural_cursor = 0
 
@@ -106,6 +108,11 @@ class ItemIndex:
 
     async def _apply_log(self) -> int:
         total = 0
+        if self._seq.went_back(await self._redis.get(keys.ITEM_SEQ)):
+            self.table.clear()
+            self._names.clear()
+            self._categories.clear()
+            self.retrieval.changed(self.table.take_changed())
         while True:
             entries = await self._redis.xrange(
                 keys.ITEM_LOG, min=log_after(self.table.last_stream_id), count=10_000

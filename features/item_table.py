@@ -297,6 +297,19 @@ class ItemTable:
         self._note(np.asarray(gone, np.int64))
         return len(gone)
 
+    def clear(self) -> None:
+        """Forget every item: Redis lost the catalogue (see :class:`SeqWatch`), and the
+        numbers it hands out next name other items.  The rows keep their place (so
+        :attr:`size` does not shrink) and all count as changed: whatever is derived from
+        the table drops them.  The next refresh reads ``items:log`` from its start."""
+        self._index.clear()
+        self._ids = [None] * len(self._ids)
+        used = len(self._ids)
+        self._vecs[:used] = 0.0
+        self._has_text[:used] = self._has_vec[:used] = self._in_stock[:used] = False
+        self.last_stream_id = FIRST_STREAM_ID
+        self._note(np.arange(used, dtype=np.int64))
+
     def _clear(self, row: int) -> None:
         self._ids[row] = None
         self._vecs[row] = 0.0
@@ -357,6 +370,11 @@ class ItemTable:
                 self._clear(had)  # removed and added again: Redis gave it a new number
             if num >= len(self._ids):
                 self._ids.extend([None] * (num + 1 - len(self._ids)))
+            other = self._ids[num]
+            if other is not None and other != item_id and index.get(other) == num:
+                # One number names one item: a Redis that lost its data hands numbers out
+                # again before a follower notices (SeqWatch) and reloads.
+                del index[other]
             self._ids[num] = item_id
             index[item_id] = num
             out[k] = num
@@ -599,6 +617,38 @@ def read_changes(
     return ItemChanges.from_records(last_id, fetched, dim), len(entries) >= max_entries
 
 
+class SeqWatch:
+    """Notices Redis losing the catalogue: ``items:seq``, the count of item numbers handed
+    out, never goes down in a Redis that keeps its data.
+
+    A Redis restarted without persistence (or restored from an older snapshot) starts
+    numbering at 0 again, and its numbers then name items a follower's table holds at
+    those rows: the worker and the ranker would show one item for another.  Every reader
+    of ``items:log`` reads the counter before the log and starts over (an empty table,
+    the log from its start) when it went down.  Counting down only (not comparing with
+    the table) means a log whose numbers disagree with the counter can never make a
+    follower reload in a loop.
+    """
+
+    def __init__(self) -> None:
+        self.seen = -1
+        """The counter's last value; -1 before the first read."""
+
+    def went_back(self, reply: bytes | str | int | None) -> bool:
+        """Record the counter's value (``GET items:seq``'s reply, None when missing);
+        whether it is lower than the value read before it."""
+        now = int(reply) if reply is not None else 0
+        back = now < self.seen
+        self.seen = now
+        if back:
+            log.warning(
+                "item table: items:seq went back to %d (Redis lost its data); "
+                "reloading the item table from items:log",
+                now,
+            )
+        return back
+
+
 def retry_delay(failures: int, interval_s: float, max_backoff_s: float) -> float:
     """Seconds to wait after ``failures`` failed reads in a row: doubling, capped."""
     return float(min(interval_s * 2**failures, max_backoff_s))
@@ -638,6 +688,8 @@ class ItemLogFollower:
         self._failures = 0
         self._pending: list[ItemChanges] = []
         self._deferred: list[ItemChanges] = []  # read but held back by apply_pending's limit
+        self._seq = SeqWatch()
+        self._reset = False  # Redis lost the catalogue: the table starts over
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -679,6 +731,7 @@ class ItemLogFollower:
         if self._thread is not None:
             raise RuntimeError("catch_up() writes the table itself: call it before start()")
         try:
+            self._seq.went_back(self.client.get(keys.ITEM_SEQ))
             changed = table.catch_up(self.client, max_entries=self.max_entries)
         except redis.RedisError as exc:
             log.warning("item table: initial load failed (%s); will retry while serving", exc)
@@ -702,6 +755,10 @@ class ItemLogFollower:
         """
         with self._lock:
             batches, self._pending = self._pending, []
+            reset, self._reset = self._reset, False
+        if reset:
+            self._deferred = []  # read from the Redis that was lost
+            table.clear()
         batches = [*self._deferred, *batches]
         self._deferred = []
         applied = 0
@@ -719,6 +776,10 @@ class ItemLogFollower:
     def poll_once(self) -> float:
         """Read and hand over what is new; returns seconds until the next read."""
         try:
+            if self._seq.went_back(self.client.get(keys.ITEM_SEQ)):
+                self._after = FIRST_STREAM_ID
+                with self._lock:
+                    self._pending, self._reset = [], True
             changes, full = read_changes(
                 self.client, self._after, dim=self.dim, max_entries=self.max_entries
             )

@@ -55,6 +55,8 @@ FALLBACK_MODEL = "retrieval@fallback"
 NO_ARM = Arm(name="none", share=1.0)
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
+Decoded = tuple[ArmAnswer, list[str | None]]
+"""An arm's answer with its item ids, row-major (None where a number names no item)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,9 +197,10 @@ class Recommender:
             return top, FALLBACK_MODEL, True
         return answer.top, f"{self._ranker.ranker_model}@{answer.model_version}", False
 
-    def _fill_empty(self, request: RecommendRequest, answers: list[ArmAnswer]) -> list[ArmAnswer]:
-        """Users the ranker answered with an empty list while this worker's own fallback
-        finds items get the fallback's list, marked degraded.
+    def _fill_empty(self, request: RecommendRequest, answers: list[ArmAnswer]) -> list[Decoded]:
+        """Each answer with its item numbers made ids (once per micro-batch); users the
+        ranker answered with an empty list while this worker's own fallback finds items
+        get the fallback's list, marked degraded.
 
         Triton's item table follows ``items:log`` a moment behind the worker's (every
         ``ITEM_REFRESH_INTERVAL_S``, a bounded number of changes per call), so the first
@@ -205,14 +208,16 @@ class Recommender:
         empty recommendations; so would a Triton pointed at another Redis, whose items
         this worker cannot name.
         """
-        out: list[ArmAnswer] = []
+        out: list[Decoded] = []
         table = self._items.table
         for a in answers:
+            ids = table.id_of(a.top.items)
+            k = a.top.items.shape[1]
             # Empty as published: numbers this worker's table does not know are dropped.
-            known = np.array([i is not None for i in table.id_of(a.top.items)], np.bool_)
-            empty = np.flatnonzero(~known.reshape(a.top.items.shape).any(axis=1)).tolist()
+            known = np.array([i is not None for i in ids], np.bool_).reshape(-1, k)
+            empty = np.flatnonzero(~known.any(axis=1)).tolist()
             if a.degraded or not empty:
-                out.append(a)
+                out.append((a, ids))
                 continue
             items = self._items
             rows = [a.rows[j] for j in empty]
@@ -221,7 +226,7 @@ class Recommender:
             )
             filled = np.flatnonzero((fallback.items >= 0).any(axis=1)).tolist()
             if not filled:
-                out.append(a)
+                out.append((a, ids))
                 continue
             log.warning(
                 "%s answered %d of %d lists empty; serving the retrieval order for %d "
@@ -234,20 +239,27 @@ class Recommender:
             replaced = {empty[f] for f in filled}
             keep = [j for j in range(len(a.rows)) if j not in replaced]
             if keep:
-                kept = [a.rows[j] for j in keep]
-                out.append(ArmAnswer(a.arm, kept, top_rows(a.top, keep), a.model, False))
-            served = [rows[f] for f in filled]
-            out.append(ArmAnswer(a.arm, served, top_rows(fallback, filled), FALLBACK_MODEL, True))
+                kept = ArmAnswer(
+                    a.arm, [a.rows[j] for j in keep], top_rows(a.top, keep), a.model, False
+                )
+                out.append((kept, [ids[j * k + c] for j in keep for c in range(k)]))
+            served = top_rows(fallback, filled)
+            out.append(
+                (
+                    ArmAnswer(a.arm, [rows[f] for f in filled], served, FALLBACK_MODEL, True),
+                    table.id_of(served.items),
+                )
+            )
         return out
 
     async def _assemble(
-        self, triggers: Sequence[ShopEvent], answers: Sequence[ArmAnswer]
+        self, triggers: Sequence[ShopEvent], answers: Sequence[Decoded]
     ) -> list[Recommendation]:
-        """Item numbers become ids once, here; the explanation's items get their names.
+        """The explanation's items get their names.
         Live arms' lists become the output, in trigger order; every list made, shadow
         lists too, is remembered for attribution (one pipeline)."""
         table = self._items.table
-        decoded = [(a, table.id_of(a.top.items), table.id_of(a.top.source_item)) for a in answers]
+        decoded = [(a, ids, table.id_of(a.top.source_item)) for a, ids in answers]
         wanted = {s for a, _, sources in decoded if a.arm.emits for s in sources if s}
         names = await self._items.names(sorted(wanted))
         now = self._clock_ms()

@@ -168,6 +168,7 @@ def test_outage_keeps_the_table_serving_and_the_thread_recovers(
     assert follower.catch_up(table) == 2
     with caplog.at_level(logging.WARNING, logger="features.item_table"):
         follower.start()
+        r.save()  # this outage keeps the data (a restart that loses it: the next test)
         server.stop()
         wait_for(lambda: not follower.healthy, 5, "the follower to notice the outage")
         time.sleep(1.0)  # several backoff periods
@@ -175,13 +176,10 @@ def test_outage_keeps_the_table_serving_and_the_thread_recovers(
         assert_holds(table, known)
         assert follower.running, "the thread survives the outage"
 
-        server.start()  # empty: a restarted Redis without persistence
+        server.start()  # from the snapshot: a, b and items:seq as they were
+        (server.server.workdir / "dump.rdb").unlink()
         fresh = redis.Redis.from_url(server.server.url)
         try:
-            # A Redis that lost its data lost items:seq too and would hand "c" the number 0,
-            # a's row, until the catalogue is sent again; this test is about the thread, so
-            # the counter goes on where it was.
-            fresh.set(keys.ITEM_SEQ, 2)
             write(fresh, {"c": vec(3)})
         finally:
             fresh.close()
@@ -192,6 +190,61 @@ def test_outage_keeps_the_table_serving_and_the_thread_recovers(
     assert follower.healthy
     assert sum("Redis unavailable" in m for m in caplog.messages) == 1, caplog.messages
     assert sum("Redis back" in m for m in caplog.messages) == 1, caplog.messages
+
+
+def test_a_redis_that_lost_its_data_is_noticed_and_the_table_reloaded(
+    server: RedisProc, r: redis.Redis, follower: ItemLogFollower, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis restarted without persistence: items:seq starts again at 0, so the first item
+    sent again gets a's number.  The follower (Triton's) notices the counter going down
+    and starts over: the table holds what this Redis holds, under its numbers."""
+    write(r, {"a": vec(1), "b": vec(2)})
+    table = ItemTable()
+    assert follower.catch_up(table) == 2
+    table.take_changed()
+    follower.start()
+    server.stop()
+    server.start()
+    fresh = redis.Redis.from_url(server.server.url)
+    try:
+        with caplog.at_level(logging.WARNING, logger="features.item_table"):
+            write(fresh, {"c": vec(3)})
+            wait_for(lambda: follower.pending > 0, 5, "the item written after the restart")
+        assert int(fresh.hget(keys.item("c"), "n")) == 0  # type: ignore[arg-type]
+    finally:
+        fresh.close()
+    assert follower.apply_pending(table) == 1
+    assert_holds(table, {"c": vec(3)})
+    assert len(table) == 1 and "a" not in table and "b" not in table
+    assert table.id_of([0, 1]) == ["c", None]
+    assert set(table.take_changed().tolist()) == {0, 1}, "what derives from rows 0, 1 is redone"
+    assert any("items:seq went back" in m for m in caplog.messages), caplog.messages
+
+
+async def test_the_workers_item_index_reloads_after_redis_lost_its_data(r: redis.Redis) -> None:
+    """The worker's side of the same: its ItemIndex reads the counter before the log."""
+    from redis.asyncio import Redis as AsyncRedis
+
+    from features.item_index import ItemIndex
+
+    client = AsyncRedis.from_url(_url(r))
+    try:
+        index = ItemIndex(client)
+        write(r, {"a": vec(1), "b": vec(2)})
+        assert await index.refresh() == 2
+        r.flushdb()  # what a restart without persistence leaves
+        write(r, {"c": vec(3)})
+        await index.refresh()
+        assert len(index.table) == 1 and index.table.id_of([0]) == ["c"]
+        found = [i for i, _ in index.nearest(vec(1)[None, :] / np.linalg.norm(vec(1)), 5)[0]]
+        assert found == ["c"], found
+    finally:
+        await client.aclose()
+
+
+def _url(r: redis.Redis) -> str:
+    kw = r.connection_pool.connection_kwargs
+    return f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
 
 
 def test_a_burst_is_read_back_to_back_and_coalesced_when_nobody_applies(

@@ -15,6 +15,7 @@ from features.item_table import (
     ItemLogFollower,
     ItemRecord,
     ItemTable,
+    SeqWatch,
     coalesce,
     parse_item_hash,
     parse_log_entries,
@@ -70,6 +71,44 @@ def test_rows_are_item_numbers_that_grow_and_are_never_reused() -> None:
     assert t.stock([500, 9_999, -1]).tolist() == [True, False, False]
     assert set(t.take_changed().tolist()) == {*range(101), 500}
     assert t.take_changed().size == 0
+
+
+def test_a_number_given_again_names_only_its_new_item() -> None:
+    """A Redis that lost its data hands out numbers again before anyone notices: the
+    item that held the number is no longer found under it."""
+    t = ItemTable(dim=D)
+    t.upsert(["a", "b"], np.stack([vec(1), vec(0, 1)]), nums=[0, 1])
+    t.upsert(["c"], [vec(0, 0, 1)], nums=[0])
+    assert t.id_of([0, 1]) == ["c", "b"]
+    assert t.rows(["a", "b", "c"]).tolist() == [-1, 1, 0]
+    assert "a" not in t and len(t) == 2
+
+
+def test_clear_forgets_every_item_and_reports_every_row_changed() -> None:
+    t = ItemTable(dim=D)
+    t.upsert(["a", "b"], np.stack([vec(1), vec(0, 1)]), nums=[0, 3])
+    t.last_stream_id = b"5-0"
+    t.take_changed()
+    t.clear()
+    assert len(t) == 0 and t.size == 4 and t.last_stream_id == b"0-0"
+    assert t.take_changed().tolist() == [0, 1, 2, 3]
+    assert t.id_of([0, 3]) == [None, None] and not t.stock([0, 3]).any()
+    mat, has = t.lookup(["a", "b"])
+    assert not has.any() and not mat.any()
+    assert t.upsert(["c"], [vec(1)], nums=[0]).tolist() == [0] and t.id_of([0]) == ["c"]
+
+
+def test_seq_watch_notices_only_the_counter_going_down() -> None:
+    w = SeqWatch()
+    assert [w.went_back(r) for r in (None, b"5", b"5", "9", b"2", 2, None)] == [
+        False,
+        False,
+        False,
+        False,
+        True,
+        False,
+        True,
+    ]
 
 
 def test_apply_upserts_and_removes() -> None:
