@@ -40,7 +40,7 @@ import click
 import numpy as np
 import numpy.typing as npt
 
-from bench.report import bars_with_intervals, data_option, datasets, publish
+from bench.report import bars_with_intervals, data_option, datasets, json_option, publish
 from features.candidates import JUST_PURCHASED_MS
 from features.store import covisited
 from features.user_state import HistoryEntry
@@ -224,12 +224,7 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
     help="Share of the stream (by events, at its end) whose baskets are scored; 1 scores "
     "every basket (test-then-learn from the first event).",
 )
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the results here, and a plot beside it (.png).",
-)
+@json_option
 def main(
     folders: tuple[Path, ...], window_days: float, measure_frac: float, json_path: Path | None
 ) -> None:

@@ -25,7 +25,14 @@ from typing import Any
 
 import click
 
-from bench.report import REPO_ROOT, bars_with_intervals, data_option, datasets, publish
+from bench.report import (
+    REPO_ROOT,
+    bars_with_intervals,
+    data_option,
+    datasets,
+    json_option,
+    publish,
+)
 from ops.simulate import SimulateOptions, default_experiment, simulate
 from shoprec.settings import Settings
 
@@ -91,12 +98,7 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
     help="SHOPREC_COMPLEMENTS_AFTER_PURCHASE values to compare with 0 (repeatable).",
 )
 @click.option("--window-days", default=30.0, show_default=True, help="Attribution window.")
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the results here, and a plot beside it (.png).",
-)
+@json_option
 def main(
     folders: tuple[Path, ...], values: tuple[int, ...], window_days: float, json_path: Path | None
 ) -> None:

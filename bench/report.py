@@ -33,6 +33,12 @@ data_option = click.option(
     type=click.Path(file_okay=False, exists=True, path_type=Path),
     help="Dataset folder (repeatable); default: every folder of ../shared/data.",
 )
+json_option = click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the results here, and a plot beside it (.png).",
+)
 
 
 Bar = tuple[float, tuple[float, float]]
