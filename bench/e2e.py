@@ -635,10 +635,14 @@ def replace_prefix(settings: Settings, prefix: str) -> Settings:
 
 @contextlib.contextmanager
 def bench_stack(
-    broker: str, model_repo: Path, min_emit_interval_ms: int, cluster: bool = False
+    broker: str,
+    model_repo: Path,
+    min_emit_interval_ms: int,
+    cluster: bool = False,
+    services: tuple[str, ...] = ("broker", "redis", "triton"),
 ) -> Iterator[Settings]:
-    """A private stack on free ports (``cluster``: the cluster profile), removed afterwards,
-    and settings that point at it."""
+    """A private stack of ``services`` on free ports (``cluster``: the cluster profile),
+    removed afterwards, and settings that point at it."""
     from infra.stack import Stack
 
     with tempfile.TemporaryDirectory(prefix="shoprec-bench-") as tmp:
@@ -654,7 +658,7 @@ def bench_stack(
         stack = Stack(base, model_repo=model_repo)
         what = "a cluster: 3 Kafka, Redis Cluster 3+3, 2 Tritons" if cluster else broker
         say(f"starting the stack ({what}) in {tmp} ...")
-        endpoints = stack.up(("broker", "redis", "triton"), timeout_s=400, cluster=cluster)
+        endpoints = stack.up(services, timeout_s=400, cluster=cluster)
         try:
             yield base.model_copy(
                 update={
