@@ -52,8 +52,11 @@ class RankerConfig:
     heads: int = 2
     dropout: float = 0.1
     use_text: bool = True
-    history_len: int = 30
-    """Newest history events the model reads; serving truncates longer requests."""
+    history_len: int = 50
+    """Newest history events the model reads; serving truncates longer requests.  50 is
+    all the feature store keeps per user (``SHOPREC_HISTORY_LEN``'s default).  Measured on
+    UCI (baskets of ~20 lines, customers who come back): NDCG@10 0.0309 against 0.0258
+    with 30 (the shipped version 2 still reads 30)."""
     query_weight: float = 4.0
     """Fixed weight of cos(last query, item), added to the logit.  None of the datasets
     has searches, so this term cannot be learned; 4 logits is about what a strong
