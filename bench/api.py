@@ -55,14 +55,14 @@ from bench.e2e import (
     start_workers,
 )
 from bench.features import _int_list
+from bench.report import DATA, REPO_ROOT
 from infra import procs
 from ops.produce import start_producer
 from shoprec.errors import StackError
 from shoprec.settings import Settings
 from streams.topics import TopicNames
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "rees46-sample"
+DEFAULT_DATA = DATA / "rees46-sample"
 TARGET = {"p99_ms": 20.0, "requests_per_s": 200.0, "events_per_s": 200.0}
 READY_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 10.0

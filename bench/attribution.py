@@ -29,6 +29,7 @@ import numpy as np
 import orjson
 
 from bench.features import private_redis
+from bench.report import DATA
 from features import keys
 from features.attribution import AttributionPolicy, AttributionStore, ShownList
 from features.connection import open_redis
@@ -38,8 +39,7 @@ from shoprec.experiments import Experiment, list_id
 from streams.experiment import ExperimentRunner
 from streams.metrics import WorkerStats
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA = REPO_ROOT.parent / "shared" / "data" / "rees46-sample"
+REES46 = DATA / "rees46-sample"
 EXPERIMENT = Experiment.model_validate(
     {
         "name": "bench",
@@ -54,7 +54,7 @@ EXPERIMENT = Experiment.model_validate(
 
 
 def _events(n: int) -> list[ShopEvent]:
-    with gzip.open(DATA / "events.jsonl.gz", "rb") as fh:
+    with gzip.open(REES46 / "events.jsonl.gz", "rb") as fh:
         rows = [orjson.loads(line) for _, line in zip(range(n), fh, strict=False)]
     return [
         ShopEvent(r["event_id"], r["type"], r["user_id"], r["ts"], r["item_id"], price=r["price"])

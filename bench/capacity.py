@@ -32,14 +32,14 @@ import numpy as np
 import orjson
 
 from bench.e2e import BenchOptions, run_bench, say
+from bench.report import DATA, REPO_ROOT
 from features import keys
 from features.connection import open_redis
 from ops.produce import dataset_files, read_jsonl
 from shoprec.errors import ShoprecError
 from shoprec.settings import Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "rees46-sample"
+DEFAULT_DATA = DATA / "rees46-sample"
 DEFAULT_JSON = REPO_ROOT / "bench" / "results" / "capacity-cluster.json"
 SAMPLED_USERS = 400
 # A run is saturated (its events/s is a capacity) when this much of what was offered

@@ -48,12 +48,13 @@ from bench.e2e import (
     start_process,
     wait_for_line,
 )
+from bench.report import DATA
 from infra import procs
 from ops.produce import start_producer
 from shoprec.settings import Settings, load_settings
 from streams.topics import EVENT_TOPICS, TopicNames, ensure_topics
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "rees46-sample"
+DEFAULT_DATA = DATA / "rees46-sample"
 READY = "hop subject ready"
 SENT_HEADER = "shoprec-bench-sent-ns"
 STAMPS = ("fetched", "loop", "stream", "agent")

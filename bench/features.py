@@ -44,12 +44,13 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from bench.report import DATA, REPO_ROOT
+
 DATASETS = ("uci-online-retail", "amazon-gift-cards-2018", "rees46-sample", "otto-sample")
 SOURCES = ("semantic", "covis", "category", "trending", "mix")
 K = 100
 BATCH = 256
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
+DEFAULT_DATA_ROOT = DATA
 CACHE_DIR = REPO_ROOT / ".shoprec" / "bench-cache"
 
 

@@ -42,11 +42,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.report import DATA, REPO_ROOT
 from ranking import export
 from ranking.encoder import TextEncoder
 
-REPO = Path(__file__).resolve().parent.parent
-RANKER = REPO / "model_repo" / "fused_ranker" / "2"
+RANKER = REPO_ROOT / "model_repo" / "fused_ranker" / "2"
 BATCHES = (1, 16, 64, 256)
 N_CANDIDATES, HISTORY = 100, 30
 CATALOGUE = 100_000
@@ -210,7 +210,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the results here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    data = REPO.parent / "shared" / "data"
+    data = DATA
     texts = read_texts(
         a.texts
         or [

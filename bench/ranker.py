@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from bench.report import DATA, REPO_ROOT
 from features.ann import TableIndex
 from features.item_table import ItemTable
 from ranking.data import embed_catalogue, load_catalogue, load_events
@@ -35,8 +36,7 @@ from ranking.fusion import FusionScorer
 from ranking.pipeline import RecommendRequest, Scorer, candidates, empty_request, recommend
 from shoprec.events import EventType
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data" / "rees46-sample"
+REES46 = DATA / "rees46-sample"
 H, C, T, G = 50, 60, 50, 100  # history, co-visitation, category and shop-trending widths
 
 
@@ -67,7 +67,7 @@ def scaled_vectors(vectors: npt.NDArray[np.float32], n: int, seed: int) -> npt.N
 
 def build(data: Path, n_items: int, model: str, batches: list[int], seed: int) -> Setup:
     cat = load_catalogue(data)
-    vecs = embed_catalogue(cat, REPO / ".shoprec" / "cache")
+    vecs = embed_catalogue(cat, REPO_ROOT / ".shoprec" / "cache")
     has = cat.has_text
     events = load_events(data, cat)
     table = ItemTable()
@@ -85,7 +85,7 @@ def build(data: Path, n_items: int, model: str, batches: list[int], seed: int) -
     else:
         from ranking.serve import LearnedRanker
 
-        ranked = LearnedRanker(REPO / "model_repo" / "fused_ranker" / model)
+        ranked = LearnedRanker(REPO_ROOT / "model_repo" / "fused_ranker" / model)
         ranked.sync(table, table.take_changed())
         scorer = ranked
     rng = np.random.default_rng(seed)
@@ -186,7 +186,7 @@ def time_batch(s: Setup, b: int, repeats: int) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=DATA, help="dataset folder (rees46-sample)")
+    ap.add_argument("--data", type=Path, default=REES46, help="dataset folder (rees46-sample)")
     ap.add_argument("--items", type=int, default=0, help="catalogue size (0: the dataset's)")
     ap.add_argument("--batches", default="1,16,64,128,256", help="users per call")
     ap.add_argument("--model", default="2", help="fused_ranker version: 1 fixed fusion, 2 trained")

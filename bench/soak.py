@@ -40,12 +40,12 @@ from bench.e2e import (
     summarise_run,
     worker_phase,
 )
+from bench.report import DATA, REPO_ROOT
 from infra import procs
 from shoprec.errors import ShoprecError
 from shoprec.settings import Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "rees46-sample"
+DEFAULT_DATA = DATA / "rees46-sample"
 DEFAULT_JSON = REPO_ROOT / "bench" / "results" / "soak.json"
 RSS_EVERY_S = 5.0
 WINDOWS = 10

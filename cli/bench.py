@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
+from bench.report import DATA, REPO_ROOT
 from shoprec.errors import ShoprecError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "rees46-sample"
+DEFAULT_DATA = DATA / "rees46-sample"
 # Items with long descriptions, for --catalog-load.
-DEFAULT_LOAD_DATA = REPO_ROOT.parent / "shared" / "data" / "amazon-gift-cards-2018"
+DEFAULT_LOAD_DATA = DATA / "amazon-gift-cards-2018"
 
 
 def _numbers(kind: type[float] | type[int]) -> click.ParamType:
