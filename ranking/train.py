@@ -63,9 +63,13 @@ class TrainOptions:
     patience: int = 2
     valid_queries: int = 300
     seed: int = 7
-    min_validation_users: int = 50
+    min_validation_users: int = 20
     """Below this many users in the validation period the shop is cold: validation could
-    not tell a learned model from the baselines, so the baseline model is kept untrained."""
+    not tell a learned model from the baselines, so the baseline model is kept untrained.
+    Above it a learned model still has to beat the baselines on validation, and then the
+    live version on the held-out slice.  20, not 50: the learner's view of amazon's first
+    70% has 33 validation users; trained there (three seeds) it scored NDCG@10 0.104-0.110
+    on the last 30% against the untrained baselines' 0.104 and co-visitation's 0.102."""
 
 
 @dataclass

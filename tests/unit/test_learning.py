@@ -91,6 +91,28 @@ def test_intervals_resample_users_and_pair_two_models() -> None:
         paired_difference(a, _metrics([1.0], [0]))
 
 
+def test_a_cold_shop_gets_the_untrained_baselines_and_a_warmer_one_is_trained(
+    tmp_path: Path,
+) -> None:
+    """otto-sample's validation period has 4 users: too few to tell a learned model from the
+    baselines, so none is trained; with the threshold at 4 the same shop is trained."""
+    from dataclasses import replace
+
+    from ranking.data import load_dataset
+    from ranking.train import TrainOptions, train_fused
+
+    ds = load_dataset(DATA / "otto-sample", cache_dir=tmp_path, progress=False)
+    options = TrainOptions(max_epochs=1, seed=7)
+    _, _, cold = train_fused(ds, options, progress=False)
+    assert cold["valid_users"] < options.min_validation_users
+    assert cold["cold_shop"] and cold["kept"] == "baselines" and cold["best_epoch"] == -1
+    assert [h["epoch"] for h in cold["history"]] == [-1], "no epoch was run"
+    warm_options = replace(options, min_validation_users=cold["valid_users"])
+    _, _, warm = train_fused(ds, warm_options, progress=False)
+    assert not warm["cold_shop"]
+    assert [h["epoch"] for h in warm["history"]] == [-1, 0]
+
+
 def test_a_worse_candidate_is_never_promoted() -> None:
     users = list(range(200)) * 3
     live = _metrics([2.0] * 600, users)
