@@ -481,7 +481,7 @@ def inspect_user(
 @_JSON
 def inspect_item(item_id: str, state_prefix: str | None, as_json: bool) -> None:
     """An item's catalogue record, embedding, nearest items, co-visitation, co-purchase
-    (what a list after buying it opens with), popularity."""
+    (the complements a list after buying it offers), popularity."""
     from ops.inspect import format_item
     from ops.inspect import inspect_item as run
 

@@ -171,7 +171,7 @@ async def inspect_item(settings: Settings, item_id: str, state_prefix: str) -> d
             else None,
             "nearest_items": await _nearest(redis, vec, exclude=item_id),
             "co_visited_with": neighbours(covis),
-            # What a list after a purchase of this item opens with (complements).
+            # What a list after a purchase of this item offers with it (complements).
             "bought_with": neighbours(bought),
             "popularity": latest,
             "key_ttls_s": item_ttls,

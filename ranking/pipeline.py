@@ -17,10 +17,10 @@ Per micro-batch of ``B`` users:
    basket's complements (co-purchase), then semantic, co-visitation, category trending,
    trending; never what the user just bought or is looking at;
 3. scoring (a :class:`Scorer`: the trained ranker, or v1's fixed fusion);
-4. the ``k`` best, stable on ties (retrieval order breaks them), after the complements:
-   after a purchase the list opens with what is bought together with it, in co-purchase
-   order (bench/after_purchase.py: complements, not the ranker's substitutes, are what the
-   next purchase holds);
+4. the ``k`` best, stable on ties (retrieval order breaks them); after a purchase the
+   ranker's picks and what is bought together with the basket take turns, the ranker's
+   best first, the complements in co-purchase order (:func:`take_turns`;
+   bench/after_purchase.py: complements are what the next purchase often holds);
 5. the explanation of those ``k`` only: reason code, and the user's item behind
    "similar to" / "often seen together with" / "often bought together with".
 """
@@ -261,12 +261,8 @@ def recommend(
     cands = candidates(request, table, index)
     scores = scorer.score(request, cands, table)
     scores = np.where(cands.items >= 0, scores, -np.inf).astype(np.float32)
-    # Complements first, in their mixing (co-purchase) order; then the rest by score,
-    # stable: equal scores keep retrieval order, so the same input gives the same list.
     complement = cands.source == _COMPLEMENT
-    cols = np.broadcast_to(np.arange(scores.shape[1], dtype=np.float32), scores.shape)
-    within = np.where(complement, cols, -scores)
-    order = np.lexsort((within, ~complement), axis=1)[:, :k]
+    order = take_turns(scores, complement)[:, :k]
     items = np.take_along_axis(cands.items, order, axis=1)
     top_scores = np.take_along_axis(scores, order, axis=1)
     signals = np.take_along_axis(cands.signals, order[:, :, None], axis=1)
@@ -297,6 +293,24 @@ def recommend(
 
 
 _COMPLEMENT = SOURCES.index("complement")
+
+
+def take_turns(scores: F32, complement: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+    """Column order of each row: the ranker's picks by score and the complements in their
+    mixing (co-purchase) order, taking turns, the ranker's best first; padding last.
+
+    Turns, not complements first: on amazon (every event a purchase) ten complements ahead
+    of the ranker cost the next purchase's NDCG@10 in the learner's stream test (0.1193
+    against 0.1271 without complements), while alternating keeps the ranker's best on top.
+    Stable: equal scores keep retrieval order, so the same input gives the same list.
+    """
+    rows, width = scores.shape
+    rank = np.empty((rows, width), np.float64)
+    by_score = np.argsort(np.where(complement, np.inf, -scores), axis=1, kind="stable")
+    np.put_along_axis(rank, by_score, np.arange(width, dtype=np.float64)[None, :], axis=1)
+    turn = np.where(complement, 2.0 * (np.cumsum(complement, axis=1) - 1) + 1.0, 2.0 * rank)
+    turn = np.where(np.isneginf(scores), np.inf, turn)
+    return np.argsort(turn, axis=1, kind="stable")
 
 
 def _source_of(items: I64, listed: I32, behind: I32) -> I64:

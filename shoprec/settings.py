@@ -150,9 +150,9 @@ class Settings(BaseSettings):
         10,
         ge=0,
         le=100,
-        description="After a purchase, the list opens with up to this many items other "
-        "customers bought together with it (co-purchase within 30 days), then the ranker's "
-        "picks; 0 serves the ranker's list alone.",
+        description="After a purchase, up to this many items other customers bought "
+        "together with it (co-purchase within 30 days) take turns with the ranker's picks "
+        "in the list, the ranker's best first; 0 serves the ranker's list alone.",
     )
     min_emit_interval_ms: int = Field(
         30_000,

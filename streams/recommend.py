@@ -64,7 +64,7 @@ class RecommendPolicy:
     top_k: int
     n_candidates: int
     history_len: int
-    complements: int  # after a purchase, co-purchases sent to be placed first
+    complements: int  # after a purchase, co-purchases sent to take turns with the ranker
 
     @classmethod
     def from_settings(cls, s: Settings) -> RecommendPolicy:

@@ -60,7 +60,19 @@ def test_refresh_interval_from_the_model_config() -> None:
     assert refresh_interval_s({}) == DEFAULT_REFRESH_INTERVAL_S
 
 
-def test_after_a_purchase_the_list_opens_with_its_complements_explained_by_the_basket() -> None:
+def test_turns_run_on_when_one_side_runs_out_and_padding_comes_last() -> None:
+    from ranking.pipeline import take_turns
+
+    inf = np.inf
+    scores = np.array([[0.5, 9.0, -inf, 1.0, 1.0, 1.0, 2.0]], np.float32)
+    complement = np.array([[False, True, False, True, True, True, False]])
+    # Ranker by score: 6 (2.0), 0 (0.5); complements in column order: 1, 3, 4, 5; 2 pads.
+    assert take_turns(scores, complement).tolist() == [[6, 1, 0, 3, 4, 5, 2]]
+    none = np.zeros_like(complement)
+    assert take_turns(scores, none).tolist() == [[1, 6, 3, 4, 5, 0, 2]], "by score, stable on ties"
+
+
+def test_after_a_purchase_complements_take_turns_with_the_rankers_picks() -> None:
     rng = np.random.default_rng(8)
     table = ItemTable()
     table.upsert([f"i{k}" for k in range(60)], rng.standard_normal((60, D)).astype(np.float32))
@@ -81,13 +93,16 @@ def test_after_a_purchase_the_list_opens_with_its_complements_explained_by_the_b
         }
     )
     got = recommend(bought, table, index, scorer)
-    assert got.items[0, :2].tolist() == [57, 3]
-    assert got.reasons[0, :2].tolist() == [Reason.BOUGHT_WITH] * 2
-    assert got.source_item[0, :2].tolist() == [basket, basket]
-    assert basket not in got.items[0].tolist()
-    assert Reason.BOUGHT_WITH not in got.reasons[0, 2:].tolist()
-    # After the complements, the ranker's own order; a user without complements is untouched.
     alone = recommend(plain, table, index, scorer)
+    # The ranker's best, the strongest complement, the ranker's next, the next complement,
+    # then the ranker's own order; the item just bought is never listed.
+    ranker = [i for i in alone.items[0].tolist() if i not in (57, 3)]
+    assert got.items[0, :4].tolist() == [ranker[0], 57, ranker[1], 3]
+    assert got.items[0, 4:].tolist() == ranker[2 : got.items.shape[1] - 2]
+    assert got.reasons[0, [1, 3]].tolist() == [Reason.BOUGHT_WITH] * 2
+    assert got.source_item[0, [1, 3]].tolist() == [basket, basket]
+    assert basket not in got.items[0].tolist()
+    others = np.delete(got.reasons[0], [1, 3]).tolist()
+    assert Reason.BOUGHT_WITH not in others
+    # A user without complements is untouched.
     assert got.items[1].tolist() == alone.items[1].tolist()
-    rest = [i for i in got.items[0, 2:].tolist()]
-    assert rest == [i for i in alone.items[0].tolist() if i not in (57, 3)][: len(rest)]
