@@ -40,7 +40,7 @@ import click
 import numpy as np
 import numpy.typing as npt
 
-from bench.report import bars_with_intervals, data_option, datasets, json_option, publish
+from bench.report import bar, bars_with_intervals, data_option, datasets, json_option, publish
 from features.candidates import JUST_PURCHASED_MS
 from features.store import covisited
 from features.user_state import HistoryEntry
@@ -202,13 +202,7 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
     bars_with_intervals(
         path,
         [f"{r['dataset']}\n({r['positives']} next purchases)" for r in results],
-        {
-            signal: [
-                (r["signals"][signal][f"hr@{K}"], tuple(r["signals"][signal][f"hr@{K}_ci95"]))
-                for r in results
-            ]
-            for signal in SIGNALS
-        },
+        {signal: [bar(r["signals"][signal], f"hr@{K}") for r in results] for signal in SIGNALS},
         f"share of next purchases in the list (HR@{K})",
         "The list after a purchase: bought together vs viewed together (95% CI)",
     )

@@ -27,6 +27,7 @@ import click
 
 from bench.report import (
     REPO_ROOT,
+    bar,
     bars_with_intervals,
     data_option,
     datasets,
@@ -73,14 +74,10 @@ def measure(folder: Path, complements: int, window_days: float) -> dict[str, Any
 def _plot(results: list[dict[str, Any]], path: Path) -> None:
     runs = [(r["dataset"], run) for r in results for run in r["runs"]]
 
-    def bar(row: dict[str, Any]) -> tuple[float, tuple[float, float]]:
-        lo, hi = row["purchase_rate_ci95"]
-        return row["purchase_rate"] or 0.0, (lo or 0.0, hi or 0.0)
-
     bars_with_intervals(
         path,
         [f"{d.split('-')[0]}\nc={run['complements']}" for d, run in runs],
-        {arm: [bar(run[arm]) for _, run in runs] for arm in ARMS},
+        {arm: [bar(run[arm], "purchase_rate") for _, run in runs] for arm in ARMS},
         "purchase rate per list (95% CI)",
         "Served lists with and without complements after a purchase",
     )

@@ -35,6 +35,7 @@ from bench.e2e import bench_stack
 from bench.report import (
     REPO_ROOT,
     Bar,
+    bar,
     bars_with_intervals,
     data_option,
     datasets,
@@ -110,19 +111,11 @@ def one_shop(
     }
 
 
-def _pair(xs: list[float]) -> tuple[float, float]:
-    lo, hi = xs
-    return lo, hi
-
-
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     series: dict[str, Sequence[Bar]] = {}
     for name in MODELS:
         if all(name in r["held_out"] for r in results):
-            series[name] = [
-                (r["held_out"][name]["ndcg@10"], _pair(r["held_out"][name]["ndcg@10_ci95"]))
-                for r in results
-            ]
+            series[name] = [bar(r["held_out"][name], "ndcg@10") for r in results]
     bars_with_intervals(
         path,
         [r["dataset"] for r in results],

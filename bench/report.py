@@ -45,6 +45,13 @@ Bar = tuple[float, tuple[float, float]]
 """A value and its 95% interval."""
 
 
+def bar(row: dict[str, Any], key: str) -> Bar:
+    """``row[key]`` and its interval ``row[key + "_ci95"]`` as the results JSON holds them
+    (None, where nothing was measured, draws as 0)."""
+    lo, hi = row[f"{key}_ci95"]
+    return row[key] or 0.0, (lo or 0.0, hi or 0.0)
+
+
 def bars_with_intervals(
     path: Path,
     groups: Sequence[str],

@@ -116,7 +116,7 @@ class Recommender:
         users = [ctx.users[t.user_id] for t in triggers]
         request = build_request(triggers, users, ctx.trending, self._items.table, self._policy)
         t2 = time.perf_counter()
-        answers = self._fill_empty(request, await self._rank_by_arm(triggers, request, arms))
+        answers = self._decode_and_fill(request, await self._rank_by_arm(triggers, request, arms))
         t3 = time.perf_counter()
         recs = await self._assemble(triggers, answers)
         t4 = time.perf_counter()
@@ -153,7 +153,7 @@ class Recommender:
         request = build_request(asks, users, trending, self._items.table, policy)
         top, model, degraded = await self._rank(request)
         every = list(range(len(asks)))
-        answers = self._fill_empty(request, [ArmAnswer(NO_ARM, every, top, model, degraded)])
+        answers = self._decode_and_fill(request, [ArmAnswer(NO_ARM, every, top, model, degraded)])
         return await self._assemble(asks, answers)
 
     async def _rank_by_arm(
@@ -197,7 +197,9 @@ class Recommender:
             return top, FALLBACK_MODEL, True
         return answer.top, f"{self._ranker.ranker_model}@{answer.model_version}", False
 
-    def _fill_empty(self, request: RecommendRequest, answers: list[ArmAnswer]) -> list[Decoded]:
+    def _decode_and_fill(
+        self, request: RecommendRequest, answers: list[ArmAnswer]
+    ) -> list[Decoded]:
         """Each answer with its item numbers made ids (once per micro-batch); users the
         ranker answered with an empty list while this worker's own fallback finds items
         get the fallback's list, marked degraded.
@@ -219,10 +221,9 @@ class Recommender:
             if a.degraded or not empty:
                 out.append((a, ids))
                 continue
-            items = self._items
             rows = [a.rows[j] for j in empty]
             fallback = recommend(
-                take_rows(request, rows), items.table, items.retrieval, self._fallback
+                take_rows(request, rows), table, self._items.retrieval, self._fallback
             )
             filled = np.flatnonzero((fallback.items >= 0).any(axis=1)).tolist()
             if not filled:
