@@ -1,0 +1,435 @@
+"""A shop's stream through the stack while the learner runs: ``python -m bench.stream_quality``.
+
+Issue 13's stream measurement, on every dataset.  Per shop, as the shop would run it: a
+private stack (Apache Kafka, Redis, Triton serving a private copy of ``model_repo``, so
+the shipped ``fused_ranker@2`` is live at the start) and ``shoprec worker`` with
+``SHOPREC_MIN_EMIT_INTERVAL_MS=0`` (every event gets a list);
+
+1. the catalogue and the first 70% of the events are sent (``shoprec produce --keep-ts``,
+   the recorded event times) and the worker takes them all;
+2. ``shoprec learner`` starts and runs one round: it reads the topics back, trains the
+   shop's own candidate, judges it against the live version on the latest events held out
+   by time, and promotes it through Triton's model control only if it is better;
+3. the last 30% are sent paced (``--rate``, 40 events/s by default: each event meets the
+   list its user had just before it) and every ``recs.out`` message is read back;
+4. :func:`stream_ndcg` scores them test-then-learn: an event counts when its item differs
+   from the user's previous one; its rank in the user's latest list from this part of the
+   stream, against its rank in the co-visitation list computed from the same stream up to
+   that event.  NDCG@10, 95% bootstrap intervals over users, the difference paired.
+
+``--max-events`` takes a shop's first events only (in the order ``produce`` sends them):
+UCI's 396,337 events would take over three hours at the paced rate on two cores.
+
+    python -m bench.stream_quality --json bench/results/stream-quality.json
+
+``tests/integration/test_learner.py`` runs the same scenario (:func:`learning_stream`) on
+amazon-gift-cards-2018 and then tests promotion, rejection and rollback on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import gzip
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from bench.e2e import bench_stack, events_counted, say, start_process, start_workers
+from bench.report import (
+    REPO_ROOT,
+    bar,
+    bars_with_intervals,
+    data_option,
+    datasets,
+    json_option,
+    publish,
+)
+from features.candidates import JUST_PURCHASED_MS
+from features.fold import MemoryStore
+from features.store import ALWAYS_EMIT, UpdatePolicy, UserUpdate
+from infra import procs
+from ops.produce import in_event_order, wait_for_catalog
+from ranking.evaluate import Metrics, paired_difference
+from shoprec.settings import Settings
+
+FIRST = 0.7
+"""Share of a shop's events sent before the learner's round; the rest is measured."""
+K = 10
+RATE = 40.0
+
+
+# --- the shop's events, split ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shop:
+    """A shop's events in the order ``produce`` sends them, split into two dataset folders
+    (the first ``FIRST`` share and the rest), each with the catalogue records of every item
+    the events touch."""
+
+    name: str
+    first: Path
+    rest: Path
+    events: list[dict[str, Any]]
+    n_items: int
+    n_first: int
+
+
+def split_shop(src: Path, work: Path, max_events: int | None = None) -> Shop:
+    """:class:`Shop` of dataset folder ``src`` (its first ``max_events`` only, if given)."""
+    with gzip.open(src / "events.jsonl.gz", "rb") as fh:
+        lines = (
+            fh
+            if max_events is None
+            else (line for _, line in zip(range(max_events), fh, strict=False))
+        )
+        events = list(in_event_order(orjson.loads(line) for line in lines))
+    wanted = {e["item_id"] for e in events}
+    with gzip.open(src / "items.jsonl.gz", "rb") as fh:
+        items = [i for line in fh if (i := orjson.loads(line))["item_id"] in wanted]
+    cut = int(len(events) * FIRST)
+    first, rest = work / "first", work / "rest"
+    for folder, part in ((first, events[:cut]), (rest, events[cut:])):
+        folder.mkdir(parents=True)
+        _write(folder / "events.jsonl.gz", part)
+        _write(folder / "items.jsonl.gz", items)
+    return Shop(src.name, first, rest, events, len(items), cut)
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> None:
+    with gzip.open(path, "wb") as fh:
+        fh.writelines(orjson.dumps(r) + b"\n" for r in rows)
+
+
+# --- the scenario on a running stack ------------------------------------------------
+
+
+@dataclass
+class Streamed:
+    """What one run of the scenario left: every ``recs.out`` message, the learner's log
+    and its metrics after its round."""
+
+    recs: list[dict[str, Any]]
+    learner_log: str
+    learner_metrics: dict[str, float]
+    seconds: dict[str, float]
+
+
+def shoprec(env: dict[str, str], *args: str, timeout: float = 1800) -> str:
+    """``shoprec ARGS`` as an operator runs it; its output, or a ClickException with the
+    last lines of what it said."""
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise click.ClickException(f"shoprec {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+@contextlib.contextmanager
+def learning_stream(
+    settings: Settings, shop: Shop, logs: Path, rate: float = RATE
+) -> Iterator[Streamed]:
+    """Steps 1-3 of the module's scenario on the stack ``settings`` point at (its
+    ``model_repo`` the one Triton serves, ``min_emit_interval_ms`` 0); the worker and the
+    learner are stopped when the block ends, the stack is the caller's."""
+    settings = settings.model_copy(
+        update={
+            "learner_every_s": 86_400.0,  # one round, at start
+            "learner_every_events": 0,
+            "learner_min_events": 100,
+        }
+    )
+    env = settings.as_env()
+    logs.mkdir(parents=True, exist_ok=True)
+    took: dict[str, float] = {}
+    t0 = time.perf_counter()
+    [worker] = start_workers(settings, 1, logs)
+    learner: procs.Proc | None = None
+    try:
+        shoprec(env, "catalog", "load", "--data", str(shop.first))
+        alive = functools.partial(procs.is_alive, worker.proc)
+        asyncio.run(wait_for_catalog(settings, shop.n_items, 1200, alive))
+        shoprec(env, "produce", "--data", str(shop.first), "--no-catalog", "--keep-ts")
+        _wait_events(worker, shop.n_first)
+        took["first_part"] = time.perf_counter() - t0
+
+        port = procs.free_port()
+        url = f"http://{settings.metrics_host}:{port}/metrics"
+        argv = [sys.executable, "-m", "cli.main", "learner"]
+        started = start_process(
+            "learner", argv, logs / "learner.log", env | {"SHOPREC_METRICS_PORT": str(port)}
+        )
+        learner = started.proc
+        metrics = _wait_round(learner, url)
+        took["learner_round"] = time.perf_counter() - t0 - took["first_part"]
+
+        rest = ("--data", str(shop.rest), "--no-catalog", "--keep-ts", "--rate", str(rate))
+        shoprec(env, "produce", *rest)
+        _wait_events(worker, len(shop.events))
+        tail = shoprec(env, "recs", "tail", "--from-beginning", "--json", "--timeout", "20")
+        took["total"] = time.perf_counter() - t0
+        log = learner.log_path.read_text(errors="replace")[started.log_offset :]
+        yield Streamed([orjson.loads(line) for line in tail.splitlines()], log, metrics, took)
+    finally:
+        if learner is not None:
+            procs.stop(learner)
+        procs.stop(worker.proc)
+
+
+def _wait_events(worker: Any, n: int, timeout_s: float = 3600.0) -> None:
+    procs.wait_until(
+        lambda: events_counted(worker) >= n,
+        timeout_s,
+        f"the worker to take {n} events",
+        proc=worker.proc,
+    )
+
+
+def _wait_round(learner: procs.Proc, url: str, timeout_s: float = 3600.0) -> dict[str, float]:
+    """The learner's metrics once its first round has an outcome."""
+    got: dict[str, float] = {}
+
+    def done() -> bool:
+        nonlocal got
+        try:
+            got = learner_metrics(url)
+        except OSError:
+            return False
+        return any(k.startswith("rounds_") and v for k, v in got.items())
+
+    procs.wait_until(done, timeout_s, "the learner's first round", proc=learner)
+    return got
+
+
+def learner_metrics(url: str) -> dict[str, float]:
+    """The learner's Prometheus samples, ``shoprec_learner_`` dropped, rounds by outcome
+    as ``rounds_<outcome>``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            name = s.name.removeprefix("shoprec_learner_")
+            if "outcome" in s.labels:
+                name = f"rounds_{s.labels['outcome']}"
+            out[name] = s.value
+    return out
+
+
+# --- the measurement: recs.out against co-visitation, test-then-learn ---------------------
+
+
+POLICY = UpdatePolicy(
+    half_life_ms=7 * 86_400_000.0, history_len=50, ttl_s=86_400, min_emit_interval_ms=0
+)
+"""The worker's defaults, for the co-visitation list computed beside it."""
+
+
+def stream_ndcg(
+    events: list[dict[str, Any]], recs: list[dict[str, Any]], start: int
+) -> tuple[dict[str, Any], Metrics, Metrics]:
+    """The issue's stream measurement over ``events[start:]``, test-then-learn.
+
+    An event counts when its item differs from the user's previous one and the user already
+    has a list on ``recs.out`` from this part of the stream (a trigger at or after
+    ``start``).  Its rank in that latest list (``degraded_lists`` counts the lists the
+    worker ranked without Triton), and in the co-visitation list of the user's
+    latest items computed from the same stream up to it (the in-memory feature store, 20
+    neighbours per item, the worker's filter: not the item in view, not what the user
+    bought within a day).  Ranks past 10 count as misses.
+    """
+    by_trigger = {r["trigger"]["event_id"]: r for r in recs}
+    store = MemoryStore(POLICY)
+    latest_list: dict[str, list[str]] = {}
+    latest_model: dict[str, str] = {}
+    latest_degraded: dict[str, bool] = {}
+    previous: dict[str, str] = {}
+    ours, covisitation = Metrics(), Metrics()
+    models: dict[str, int] = {}
+    degraded = 0
+    users: dict[str, int] = {}
+    for k, e in enumerate(events):
+        user, item = str(e["user_id"]), str(e["item_id"])
+        if user in latest_list and previous.get(user, item) != item:
+            u = users.setdefault(user, len(users))
+            ours.add(_rank(latest_list[user], item), u)
+            models[latest_model[user]] = models.get(latest_model[user], 0) + 1
+            degraded += latest_degraded[user]
+            ctx = store.read_context([user], {user: int(e["ts"])}).users[user]
+            hidden = blocked_items(ctx, previous[user])
+            covis = sorted(
+                (i for i in ctx.covis if i not in hidden), key=lambda i: (-ctx.covis[i], i)
+            )
+            covisitation.add(_rank(covis, item), u)
+        store.apply_events([_update(e)])
+        previous[user] = item
+        rec = by_trigger.get(e["event_id"])
+        if rec is not None and k >= start:
+            latest_list[user] = [x["item_id"] for x in rec["items"]]
+            latest_model[user] = rec["model"]
+            latest_degraded[user] = bool(rec.get("degraded"))
+    ours.finish()
+    covisitation.finish()
+    gain = paired_difference(ours, covisitation) if ours.n else None
+    summary: dict[str, Any] = {
+        "events_scored": ours.n,
+        "users": len(users),
+        "lists_by_model": models,
+        "degraded_lists": degraded,
+        "shoprec_ndcg@10": ours.to_json(),
+        "covisitation_ndcg@10": covisitation.to_json(),
+        "shoprec_minus_covisitation": gain.to_json() if gain else None,
+        "relative": round(gain.value / covisitation.ndcg, 4)
+        if gain and covisitation.ndcg
+        else None,
+    }
+    return summary, ours, covisitation
+
+
+def _update(e: dict[str, Any]) -> UserUpdate:
+    return UserUpdate(
+        e["event_id"],
+        str(e["user_id"]),
+        e["type"],
+        int(e["ts"]),
+        str(e["item_id"]),
+        None,
+        e["type"] in ALWAYS_EMIT,
+    )
+
+
+def blocked_items(ctx: Any, in_view: str) -> set[str]:
+    """The worker's filter: the item in view and what the user bought within a day."""
+    latest = max((h.ts for h in ctx.history), default=0)
+    bought = {
+        h.item_id
+        for h in ctx.history
+        if h.type == "purchase" and latest - h.ts <= JUST_PURCHASED_MS
+    }
+    return bought | {in_view}
+
+
+def _rank(ranked: list[str], item: str) -> float:
+    top = ranked[:K]
+    return float(top.index(item) + 1) if item in top else float(K + 1)
+
+
+# --- the benchmark ----------------------------------------------------------------------
+
+
+def one_shop(folder: Path, work: Path, rate: float, max_events: int | None) -> dict[str, Any]:
+    """The scenario on a stack of its own (a fresh Redis, the shipped model live)."""
+    shop = split_shop(folder, work / "data", max_events)
+    repo = work / "model_repo"
+    shutil.copytree(REPO_ROOT / "model_repo", repo, ignore=shutil.ignore_patterns("__pycache__"))
+    say(f"{shop.name}: {len(shop.events)} events, {shop.n_items} items")
+    with bench_stack("kafka", repo, 0) as base:
+        settings = base.model_copy(
+            update={
+                "model_repo": repo,
+                "model_archive": work / "archive",
+                # BERT on a loaded 2-core machine: a catalogue batch may take longer than 2 s.
+                "triton_timeout_s": 30.0,
+            }
+        )
+        with learning_stream(settings, shop, work / "logs", rate) as run:
+            summary, _, _ = stream_ndcg(shop.events, run.recs, shop.n_first)
+    # The round's candidate: promoted into the served repository, or kept in the archive.
+    cards = [
+        *(work / "archive").glob("fused_ranker/*/card.json"),
+        *repo.glob("fused_ranker/*/card.json"),
+    ]
+    newest = max(cards, key=lambda p: int(p.parent.name), default=None)
+    card = orjson.loads(newest.read_bytes()) if newest is not None else {}
+    m = run.learner_metrics
+    outcome = next(
+        (k.removeprefix("rounds_") for k, v in m.items() if k.startswith("rounds_") and v), ""
+    )
+    return {
+        "dataset": shop.name,
+        "events": len(shop.events),
+        "events_first_part": shop.n_first,
+        "items": shop.n_items,
+        "rate": rate,
+        "learner": {
+            "outcome": outcome,
+            "live_version": m.get("live_version"),
+            "decision": card.get("decision"),
+            "held_out": card.get("held_out"),
+            "kept": card.get("training", {}).get("kept"),
+            "cold_shop": card.get("training", {}).get("cold_shop"),
+        },
+        "seconds": {k: round(v, 1) for k, v in run.seconds.items()},
+        **summary,
+    }
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    bars_with_intervals(
+        path,
+        [f"{r['dataset']}\n{r['events_scored']} events" for r in results],
+        {
+            "shoprec (recs.out)": [bar(r["shoprec_ndcg@10"], "ndcg@10") for r in results],
+            "co-visitation": [bar(r["covisitation_ndcg@10"], "ndcg@10") for r in results],
+        },
+        "NDCG@10, last 30% of the stream (95% CI)",
+        "Each shop's stream through the stack while the learner runs",
+    )
+
+
+@click.command()
+@data_option
+@click.option(
+    "--rate",
+    default=RATE,
+    show_default=True,
+    help="Events/s of the measured last 30% (paced, so each event meets its user's list).",
+)
+@click.option(
+    "--max-events",
+    type=click.IntRange(min=100),
+    default=None,
+    help="Take only each shop's first N events (default: all).",
+)
+@json_option
+def main(
+    folders: tuple[Path, ...], rate: float, max_events: int | None, json_path: Path | None
+) -> None:
+    """Stream each shop's events through a private stack while ``shoprec learner`` runs, and
+    score the recommendations on recs.out against co-visitation on the same stream."""
+    results = []
+    for folder in datasets(folders):
+        with tempfile.TemporaryDirectory(prefix=f"shoprec-stream-{folder.name}-") as tmp:
+            r = one_shop(folder, Path(tmp), rate, max_events)
+        say(
+            f"{r['dataset']}: shoprec {r['shoprec_ndcg@10']['ndcg@10']} "
+            f"co-visitation {r['covisitation_ndcg@10']['ndcg@10']} "
+            f"relative {r['relative']} (learner: {r['learner']['outcome']})"
+        )
+        results.append(r)
+    publish("stream_quality", {"rate": rate, "max_events": max_events}, results, json_path, plot)
+
+
+if __name__ == "__main__":
+    main()
