@@ -20,8 +20,6 @@ out) and by the learner's judging (its own sample of held-out queries).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -41,25 +39,11 @@ from bench.report import (
     datasets,
     json_option,
     publish,
+    shoprec,
 )
 
 MODELS = ("candidate", "live", "sasrec", "covisitation", "embedding", "popularity")
 """The model card's names, in the plot's order."""
-
-
-def _shoprec(env: dict[str, str], *args: str, cwd: Path) -> str:
-    """Run a CLI command; its output, or a ClickException with its last lines."""
-    done = subprocess.run(
-        [sys.executable, "-m", "cli.main", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise click.ClickException(f"shoprec {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
 
 
 def one_shop(
@@ -74,10 +58,10 @@ def one_shop(
         "SHOPREC_MODEL_ARCHIVE": str(archive),
     }
     t0 = time.perf_counter()
-    _shoprec(shop_env, "produce", "--data", str(folder.resolve()), "--keep-ts", cwd=REPO_ROOT)
+    shoprec(shop_env, "produce", "--data", str(folder.resolve()), "--keep-ts")
     sent_s = time.perf_counter() - t0
     click.echo(f"{folder.name}: sent in {sent_s:.0f} s; training from the topics ...", err=True)
-    out = _shoprec(
+    out = shoprec(
         shop_env,
         "train",
         "--from-topics",
@@ -86,7 +70,6 @@ def one_shop(
         str(epochs),
         "--sasrec-minutes",
         str(sasrec_minutes),
-        cwd=REPO_ROOT,
     )
     click.echo(out, err=True)
     (card_path,) = archive.glob("fused_ranker/*/card.json")

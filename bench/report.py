@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -103,3 +105,20 @@ def publish(
         json_path.write_text(text + "\n")
         plot(results, json_path.with_suffix(".png"))
     click.echo(text)
+
+
+def shoprec(env: dict[str, str], *args: str, timeout: float = 1800) -> str:
+    """``shoprec ARGS`` as an operator runs it; its output, or a ClickException with the
+    last lines of what it said."""
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise click.ClickException(f"shoprec {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout

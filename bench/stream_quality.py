@@ -33,7 +33,6 @@ import contextlib
 import functools
 import gzip
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +54,7 @@ from bench.report import (
     datasets,
     json_option,
     publish,
+    shoprec,
 )
 from features.candidates import JUST_PURCHASED_MS
 from features.fold import MemoryStore
@@ -125,23 +125,6 @@ class Streamed:
     learner_log: str
     learner_metrics: dict[str, float]
     seconds: dict[str, float]
-
-
-def shoprec(env: dict[str, str], *args: str, timeout: float = 1800) -> str:
-    """``shoprec ARGS`` as an operator runs it; its output, or a ClickException with the
-    last lines of what it said."""
-    done = subprocess.run(
-        [sys.executable, "-m", "cli.main", *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise click.ClickException(f"shoprec {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
 
 
 @contextlib.contextmanager
