@@ -45,7 +45,7 @@ from typing import Any
 import click
 import orjson
 
-from bench.e2e import bench_stack, events_counted, say, start_process, start_workers
+from bench.e2e import Started, bench_stack, events_counted, say, start_process, start_workers
 from bench.report import (
     REPO_ROOT,
     bar,
@@ -178,7 +178,7 @@ def learning_stream(
         procs.stop(worker.proc)
 
 
-def _wait_events(worker: Any, n: int, timeout_s: float = 3600.0) -> None:
+def _wait_events(worker: Started, n: int, timeout_s: float = 3600.0) -> None:
     procs.wait_until(
         lambda: events_counted(worker) >= n,
         timeout_s,
