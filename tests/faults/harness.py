@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
 from features import keys
@@ -274,6 +275,19 @@ async def worker_group_lag(settings: Settings) -> int:
     return await group_lag(settings, settings.app_id, TopicNames.from_settings(settings).events)
 
 
+async def worker_group_committed(settings: Settings) -> int:
+    """Input records the worker group has committed, over every partition (the private
+    stack's topics start empty, so a committed offset is a count)."""
+    admin = AIOKafkaAdminClient(**kafka_options(settings))
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(settings.app_id)
+    finally:
+        await admin.close()
+    events = set(TopicNames.from_settings(settings).events)
+    return sum(max(0, m.offset) for tp, m in offsets.items() if tp.topic in events)
+
+
 async def wait_caught_up(
     settings: Settings, worker: WorkerProcess, collector: Collector, timeout_s: float = 180.0
 ) -> float:
@@ -424,6 +438,12 @@ class Scenario:
 
     async def lag(self) -> int:
         return await worker_group_lag(self.settings)
+
+    async def applied_past_commit(self, worker: WorkerProcess) -> int:
+        """Input records ``worker`` has applied that its group has not committed yet: what
+        the next worker reads again if this one dies now."""
+        applied = (await asyncio.to_thread(worker.counters))["events_in"]
+        return int(applied) - await worker_group_committed(self.settings)
 
     async def stop_component(self, role: str) -> None:
         await asyncio.to_thread(self.faults.stack.stop_component, role)

@@ -11,7 +11,8 @@ from tests.faults.harness import BUCKETS, Scenario, count_users
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
 
 RATE = 60.0
-KILL_AT = 300
+KILL_AT = 300  # the kill comes at the first send from here on that finds the worker has
+KILL_BY = 500  # applied records its group has not committed yet (it commits every ~3 s)
 
 
 async def test_sigkill_mid_stream_then_restart(scenario: Scenario) -> None:
@@ -19,10 +20,15 @@ async def test_sigkill_mid_stream_then_restart(scenario: Scenario) -> None:
     events = s.events(800)
 
     async def kill_and_restart() -> None:
-        s.worker.kill()
-        s.start_worker("worker-2")
+        # Killed right after a commit that covered everything it had applied, the worker
+        # would leave nothing to redeliver and the test would show nothing; wait for a
+        # moment with applied, uncommitted records instead.
+        if len(s.workers) == 1 and await s.applied_past_commit(s.worker) > 0:
+            s.worker.kill()
+            s.start_worker("worker-2")
 
-    await s.stream(events, RATE, at={KILL_AT: kill_and_restart})
+    await s.stream(events, RATE, at=dict.fromkeys(range(KILL_AT, KILL_BY), kill_and_restart))
+    assert len(s.workers) == 2, f"no send from {KILL_AT} to {KILL_BY} found records to redeliver"
     first, second = s.workers
     await second.ready()
     await s.caught_up(timeout_s=240, worker=second)
