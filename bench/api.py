@@ -51,11 +51,10 @@ from bench.e2e import (
     machine,
     offer,
     percentiles_of,
-    say,
     start_workers,
 )
 from bench.features import _int_list
-from bench.report import DATA, REPO_ROOT
+from bench.report import DATA, REPO_ROOT, say, write_results
 from infra import procs
 from ops.produce import start_producer
 from shoprec.errors import StackError
@@ -425,7 +424,7 @@ def run_api_bench(opts: ApiBenchOptions, model_repo: Path) -> dict[str, Any]:
         "by_rate": steps_r,
     }
     if opts.json_out is not None:
-        write_results(result, opts.json_out)
+        write_results(result, opts.json_out, plot)
     return result
 
 
@@ -493,13 +492,6 @@ def _one_line(step: dict[str, Any]) -> str:
         f"batch {step['api_batch_size_mean']}, stages {step['api_stage_ms_mean']} ms, "
         f"load {step['load_avg_1m']}"
     )
-
-
-def write_results(result: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
-    plot(result, path.with_suffix(".png"))
-    say(f"wrote {path} and {path.with_suffix('.png')}")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

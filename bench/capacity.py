@@ -31,8 +31,8 @@ import click
 import numpy as np
 import orjson
 
-from bench.e2e import BenchOptions, run_bench, say
-from bench.report import DATA, REPO_ROOT
+from bench.e2e import BenchOptions, run_bench
+from bench.report import DATA, REPO_ROOT, write_results
 from features import keys
 from features.connection import open_redis
 from ops.produce import dataset_files, read_jsonl
@@ -238,10 +238,7 @@ def run_capacity(
     )
     result = run_bench(opts, REPO_ROOT / "model_repo", inspect=inspect_state(data))
     result["model"] = capacity_model(result)
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
-    plot(result, json_out.with_suffix(".png"))
-    say(f"wrote {json_out} and {json_out.with_suffix('.png')}")
+    write_results(result, json_out, plot)
     return result
 
 

@@ -35,6 +35,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import SecretStr
 
+from bench.report import say, write_results
 from bench.stackwatch import StackWatch
 from infra import procs
 from infra.stack import STATE_FILE
@@ -53,10 +54,6 @@ from streams.topics import TopicNames, ensure_topics, kafka_options
 PERCENTILES = (50, 95, 99)
 PROBE_TIMEOUT_S = 120.0
 STALL_S = 60.0  # no progress for this long ends a drain where lag cannot be read
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -760,13 +757,13 @@ def run_bench(
         result |= runs[0]
     result |= inspected
     if opts.json_out is not None:
-        write_results(result, opts.json_out)
+        write_results(result, opts.json_out, plot)
         if sizes:
             from bench.catalog_scale import plot_sizes
 
-            plot = opts.json_out.with_name(f"{opts.json_out.stem}-catalogue.png")
-            plot_sizes(sizes, runs, plot)
-            say(f"wrote {plot}")
+            png = opts.json_out.with_name(f"{opts.json_out.stem}-catalogue.png")
+            plot_sizes(sizes, runs, png)
+            say(f"wrote {png}")
     return result
 
 
@@ -836,11 +833,9 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "gpu": None, "python": sys.version.split()[0]}
 
 
-def write_results(result: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
-    plot_latency(result["runs"], path.with_suffix(".png"), result["broker"])
-    say(f"wrote {path} and {path.with_suffix('.png')}")
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Latency percentiles against the offered rate, one line per worker count."""
+    plot_latency(result["runs"], path, result["broker"])
 
 
 def plot_latency(runs: Sequence[dict[str, Any]], path: Path, broker: str) -> None:

@@ -44,11 +44,10 @@ from bench.e2e import (
     cpu_seconds,
     offer,
     percentiles_of,
-    say,
     start_process,
     wait_for_line,
 )
-from bench.report import DATA
+from bench.report import DATA, say, write_results
 from infra import procs
 from ops.produce import start_producer
 from shoprec.settings import Settings, load_settings
@@ -466,10 +465,7 @@ def main() -> None:
             "summary": summary,
             "runs": [asdict(r) for r in runs],
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
-        plot(summary, args.json.with_suffix(".png"))
-        say(f"wrote {args.json} and {args.json.with_suffix('.png')}")
+        write_results(result, args.json, lambda r, png: plot(r["summary"], png))
 
 
 if __name__ == "__main__":

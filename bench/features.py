@@ -42,9 +42,8 @@ from typing import Any
 import click
 import numpy as np
 import numpy.typing as npt
-import orjson
 
-from bench.report import DATA, REPO_ROOT
+from bench.report import DATA, REPO_ROOT, say, write_results
 
 DATASETS = ("uci-online-retail", "amazon-gift-cards-2018", "rees46-sample", "otto-sample")
 SOURCES = ("semantic", "covis", "category", "trending", "mix")
@@ -52,10 +51,6 @@ K = 100
 BATCH = 256
 DEFAULT_DATA_ROOT = DATA
 CACHE_DIR = REPO_ROOT / ".shoprec" / "bench-cache"
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,12 +510,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_results(result: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
-    plot(result, path.with_suffix(".png"))
-
-
 def _int_list(value: str) -> list[int]:
     try:
         return [int(float(v)) for v in value.split(",") if v.strip()]
@@ -610,5 +599,5 @@ def features_command(
             f"ivf {r['ivf']['latency_ms']} ms"
         )
     if json_out is not None:
-        write_results(result, json_out)
+        write_results(result, json_out, plot)
         click.echo(f"wrote {json_out} and {json_out.with_suffix('.png')}")

@@ -23,7 +23,8 @@ import numpy as np
 import orjson
 from redis.asyncio import Redis
 
-from bench.features import DEFAULT_DATA_ROOT, embed_catalogue, read_dataset, say, updates_of
+from bench.features import DEFAULT_DATA_ROOT, embed_catalogue, read_dataset, updates_of
+from bench.report import say
 from features.catalog import upsert_items
 from features.item_index import ItemIndex
 from features.store import FeatureStore, UpdatePolicy

@@ -1,7 +1,10 @@
-"""What the offline quality benchmarks share: the datasets they run on by default (and the
-``--data`` option naming others), how they publish their numbers (one JSON document
-stamped with the date and the machine, printed, and with ``--json`` written with its plot
-beside it), and their plot: bars per group and series with 95% intervals."""
+"""What the benchmarks share: progress lines on stderr (:func:`say`), a result written as
+JSON with its plot beside it (:func:`write_results`), running a ``shoprec`` command as an
+operator does (:func:`shoprec`); and for the offline quality benchmarks, the datasets they
+run on by default (and the ``--data`` option naming others), how they publish their
+numbers (one JSON document stamped with the date and the machine, printed, and with
+``--json`` written with its plot beside it), and their plot: bars per group and series
+with 95% intervals."""
 
 from __future__ import annotations
 
@@ -19,6 +22,21 @@ import orjson
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def say(msg: str) -> None:
+    """A progress line on stderr (stdout stays for results)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def write_results(
+    result: dict[str, Any], path: Path, plot: Callable[[dict[str, Any], Path], None]
+) -> None:
+    """``result`` as indented JSON at ``path``, and ``plot(result, <path>.png)`` beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
+    plot(result, path.with_suffix(".png"))
+    say(f"wrote {path} and {path.with_suffix('.png')}")
 
 
 def datasets(folders: Sequence[Path]) -> tuple[Path, ...]:

@@ -35,12 +35,11 @@ from bench.e2e import (
     peak_rss_mb,
     percentiles_of,
     run_phase,
-    say,
     start_workers,
     summarise_run,
     worker_phase,
 )
-from bench.report import DATA, REPO_ROOT
+from bench.report import DATA, REPO_ROOT, say, write_results
 from infra import procs
 from shoprec.errors import ShoprecError
 from shoprec.settings import Settings
@@ -173,17 +172,8 @@ def run_soak(opts: SoakOptions, model_repo: Path) -> dict[str, Any]:
         "latency_by_window_ms": latency_windows(result.received.latencies_ms),
     } | run
     if opts.json_out is not None:
-        write(out, opts.json_out)
+        write_results(out, opts.json_out, plot)
     return out
-
-
-def write(result: dict[str, Any], path: Path) -> None:
-    import orjson
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")
-    plot(result, path.with_suffix(".png"))
-    say(f"wrote {path} and {path.with_suffix('.png')}")
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

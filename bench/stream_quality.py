@@ -45,7 +45,7 @@ from typing import Any
 import click
 import orjson
 
-from bench.e2e import Started, bench_stack, events_counted, say, start_process, start_workers
+from bench.e2e import Started, bench_stack, events_counted, start_process, start_workers
 from bench.report import (
     REPO_ROOT,
     bar,
@@ -54,6 +54,7 @@ from bench.report import (
     datasets,
     json_option,
     publish,
+    say,
     shoprec,
 )
 from features.candidates import JUST_PURCHASED_MS
