@@ -57,17 +57,35 @@ class RetrievalIndex(Protocol):
         ...
 
 
+SCORE_DECIMALS = 4
+"""Inner products are compared at this many decimals (:func:`exact_top_k`)."""
+
+
 def exact_top_k(matrix: F32, queries: F32, k: int) -> tuple[I64, F32]:
     """Top-k rows of ``matrix`` by inner product for each query row (exact)."""
     if matrix.shape[0] == 0 or k <= 0:
         empty = np.zeros((queries.shape[0], 0))
         return empty.astype(np.int64), empty.astype(np.float32)
     scores = queries @ matrix.T
-    k = min(k, matrix.shape[0])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    top_scores = np.take_along_axis(scores, top, axis=1)
-    order = np.argsort(-top_scores, axis=1)
-    return np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
+    # Compared rounded, ties to the lower row: items of the same text have the same vector,
+    # and the matrix product gives their scores last-bit differences that depend on the
+    # BLAS kernel the CPU picks, so unrounded, which of them make the cut (and their order)
+    # would differ from machine to machine.  Seen: replaying the same 1,500 rees46 events,
+    # an AMD EPYC and the machine that recorded tests/integration/golden_rees46.json
+    # disagreed on 538 of 1,164 lists, through the retrieval cosine the ranker reads.
+    # One int64 key, score first and the lower row on ties: exact, so the selection and the
+    # order are the same everywhere.
+    # In place, negated (best first): at 50,000 items x 64 queries this costs about what
+    # the plain float selection did.
+    n = matrix.shape[0]
+    key = np.rint(scores * np.float32(10**SCORE_DECIMALS)).astype(np.int64)
+    key *= -n
+    key -= np.arange(n - 1, -1, -1, dtype=np.int64)
+    k = min(k, n)
+    top = np.argpartition(key, k - 1, axis=1)[:, :k]
+    order = np.argsort(np.take_along_axis(key, top, axis=1), axis=1)
+    top = np.take_along_axis(top, order, axis=1)
+    return top, np.take_along_axis(scores, top, axis=1)
 
 
 def _padded(keys: Keys, scores: F32, k: int) -> tuple[Keys, F32]:

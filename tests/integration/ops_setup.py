@@ -200,7 +200,7 @@ async def load_catalogue(
     await wait_for(
         lambda: _at_least(redis.xlen(keys.ITEM_LOG), before + len(items)), worker, timeout_s
     )
-    await take_in_catalogue(settings, before + len(items))
+    await take_in_catalogue(settings)
 
 
 async def snapshot(redis: Redis, exclude_prefixes: tuple[str, ...]) -> dict[bytes, bytes | None]:

@@ -1,10 +1,11 @@
-"""The one-call ranker recommends what the worker-side path recommended before it.
+"""The same events get the same lists, on any machine, until a change means to change them.
 
-``golden_rees46.json`` is the recording of the path before retrieval, mixing, filters and
-the top-K moved into Triton (see ``tests/integration/golden.py``): the same 1,500 real
-rees46 events, in the same micro-batches, over the whole rees46 catalogue, through
-``fused_ranker`` v2.  Today's path must give the same lists — the same items with the same
-scores (within 1e-4) and reasons — where only items of equal score may change places.
+``golden_rees46.json`` is a recording (see ``tests/integration/golden.py`` for its
+history: first of the path before retrieval, mixing, filters and the top-K moved into
+Triton): the same 1,500 real rees46 events, in the same micro-batches, over the whole
+rees46 catalogue, through ``fused_ranker`` v2.  Today's path must give the same lists —
+the same items with the same scores (within 1e-4) and reasons — where only items of equal
+score may change places.
 A private Redis and Triton: the shared session stack's catalogue is other tests' too.
 """
 
