@@ -73,10 +73,8 @@ def exact_top_k(matrix: F32, queries: F32, k: int) -> tuple[I64, F32]:
     # would differ from machine to machine.  Seen: replaying the same 1,500 rees46 events,
     # an AMD EPYC and the machine that recorded tests/integration/golden_rees46.json
     # disagreed on 538 of 1,164 lists, through the retrieval cosine the ranker reads.
-    # One int64 key, score first and the lower row on ties: exact, so the selection and the
-    # order are the same everywhere.
-    # In place, negated (best first): at 50,000 items x 64 queries this costs about what
-    # the plain float selection did.
+    # The key is one int64 (score, then row), negated so the best comes first, built in
+    # place: exact, and at 50,000 items x 64 queries about as fast as the float selection.
     n = matrix.shape[0]
     key = np.rint(scores * np.float32(10**SCORE_DECIMALS)).astype(np.int64)
     key *= -n

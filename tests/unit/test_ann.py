@@ -104,6 +104,24 @@ def test_exact_top_k_orders_by_inner_product() -> None:
     assert np.all(np.diff(scores, axis=1) <= 0)
 
 
+def test_exact_top_k_gives_ties_to_the_lower_row_whatever_the_last_bits() -> None:
+    # Items of one text share a vector; a matrix product on another CPU gives their scores
+    # last-bit differences, which must not pick who makes the cut or in what order.
+    rng = np.random.default_rng(3)
+    matrix = rng.normal(size=(40, 8)).astype(np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    twins = [5, 9, 17, 30]
+    matrix[twins] = matrix[2]
+    query = matrix[[2]]
+    want, _ = exact_top_k(matrix, query, 3)
+    assert want.tolist() == [[2, 5, 9]]
+    for seed in range(5):
+        jitter = np.random.default_rng(seed).normal(scale=1e-7, size=matrix.shape)
+        got, scores = exact_top_k((matrix + jitter).astype(np.float32), query, 3)
+        assert got.tolist() == want.tolist()
+        assert np.allclose(scores, 1.0, atol=1e-5)
+
+
 def test_behavioural_vector_is_the_weighted_mean_of_text_neighbours() -> None:
     a, b = np.eye(DIM, dtype=np.float32)[:2]
     vectors = {"a": a, "b": b}
