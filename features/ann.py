@@ -74,7 +74,8 @@ def exact_top_k(matrix: F32, queries: F32, k: int) -> tuple[I64, F32]:
     # an AMD EPYC and the machine that recorded tests/integration/golden_rees46.json
     # disagreed on 538 of 1,164 lists, through the retrieval cosine the ranker reads.
     # The key is one int64 (score, then row), negated so the best comes first, built in
-    # place: exact, and at 50,000 items x 64 queries about as fast as the float selection.
+    # place: exact, for 64 queries 2.6 ms more than the float selection at 50,000 items
+    # (94.3 against 91.7 ms, product included) and 0.7 ms more at 6,500 (9.6 against 8.9).
     n = matrix.shape[0]
     key = np.rint(scores * np.float32(10**SCORE_DECIMALS)).astype(np.int64)
     key *= -n
