@@ -37,6 +37,7 @@ import numpy.typing as npt
 import orjson
 from tqdm import tqdm
 
+from features.ann import ExactIndex
 from features.candidates import JUST_PURCHASED_MS
 from features.fold import MemoryStore
 from features.item_index import BEHAVIOURAL_CHUNK, BEHAVIOURAL_EVERY_S
@@ -67,7 +68,7 @@ COVIS_PER_ITEM = 20
 COVIS_WIDE = 200
 """Neighbours per source item for the co-visitation baseline: all the store keeps."""
 TRENDING_N = 50
-SOURCE_FILES = ("data.py", "../features/fold.py", "../features/store.py")
+SOURCE_FILES = ("data.py", "../features/ann.py", "../features/fold.py", "../features/store.py")
 """What the replay's result depends on besides the data (the dataset cache key)."""
 
 Order = Literal["hash", "file"]
@@ -364,17 +365,16 @@ class _Replay:
         return self.emb[r] if r is not None and self.has_text[r] else None
 
     def _build_retrieval(self) -> None:
-        rows = np.flatnonzero(self.has_text).tolist()
-        behavioural = [self.row[i] for i in self.store.behavioural]
-        self.retrieval_rows = np.asarray(rows + behavioural, np.int64)
-        vectors = [self.emb[rows]] + [
-            self.store.behavioural[i][None, :] for i in self.store.behavioural
-        ]
-        self.retrieval_matrix = (
-            np.concatenate(vectors).astype(np.float32)
-            if self.retrieval_rows.size
-            else np.zeros((0, self.emb.shape[1]), np.float32)
-        )
+        # Rows ascending, as the worker's index holds item numbers ascending, so that
+        # exact_top_k gives tied scores to the same items in training as in serving.
+        behavioural = np.asarray([self.row[i] for i in self.store.behavioural], np.int64)
+        rows = np.sort(np.concatenate([np.flatnonzero(self.has_text), behavioural]))
+        matrix = np.zeros((rows.size, self.emb.shape[1]), np.float32)
+        text = self.has_text[rows]
+        matrix[text] = self.emb[rows[text]]
+        for j in np.flatnonzero(~text):
+            matrix[j] = self.store.behavioural[self.catalogue.ids[rows[j]]]
+        self.retrieval = ExactIndex(matrix, rows)
 
     def apply(
         self,
@@ -428,13 +428,15 @@ class _Replay:
     def _retrieve(self, embs: F32) -> list[dict[int, float]]:
         out: list[dict[int, float]] = [{} for _ in range(embs.shape[0])]
         known = np.flatnonzero(np.abs(embs).sum(axis=1) > 0)
-        if known.size == 0 or self.retrieval_rows.size == 0:
+        if known.size == 0 or len(self.retrieval) == 0:
             return out
-        scores = embs[known] @ self.retrieval_matrix.T
-        k = min(RETRIEVAL_K, scores.shape[1])
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        for k_row, (r, row) in enumerate(zip(known.tolist(), top, strict=True)):
-            out[r] = {int(self.retrieval_rows[j]): float(scores[k_row, j]) for j in row}
+        found, scores = self.retrieval.search(embs[known], RETRIEVAL_K)
+        for r, keys, row_scores in zip(known.tolist(), found, scores, strict=True):
+            out[r] = {
+                int(key): float(score)
+                for key, score in zip(keys.tolist(), row_scores.tolist(), strict=True)
+                if key >= 0
+            }
         return out
 
     def _query(
