@@ -232,3 +232,30 @@ def test_any_served_version_can_be_judged_on_a_shops_data(
     rows = trained.tables.rows.tolist()  # type: ignore[attr-defined]
     assert all(rows[i] == known.get(item, 0) for i, item in enumerate(cat.ids))
     assert any(rows)
+
+
+def test_replay_retrieval_gives_tied_items_to_the_lower_row_as_the_worker_does(
+    rees: tuple[Catalogue, Events, np.ndarray],
+) -> None:
+    # Arrange: every item with text takes one of ten vectors, so items tie by hundreds
+    # (as items of one text do), and a user's 50 nearest cut through a tied group.
+    cat, ev, emb = rees
+    text_rows = np.flatnonzero(cat.has_text)
+    group = np.full(len(cat), -1)
+    group[text_rows] = np.arange(text_rows.size) % 10
+    tied = np.where(cat.has_text[:, None], emb[text_rows[:10]][group % 10], 0.0)
+
+    queries = replay(
+        ev.subset(slice(0, 1500)), cat, tied.astype(np.float32), _cuts(ev), progress=False
+    )
+
+    # Assert: of each group, a list holds the group's lowest rows (features.ann.exact_top_k's
+    # rule, which the worker's index follows), whatever the matrix product's last bits.
+    checked = 0
+    for q in queries:
+        found = np.array(sorted(q.retrieval), np.int64)
+        for g in set(group[found].tolist()) - {-1}:
+            mine = found[group[found] == g]
+            assert mine.tolist() == text_rows[group[text_rows] == g][: mine.size].tolist()
+            checked += 1
+    assert checked > 500
