@@ -32,6 +32,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ from ranking.evaluate import (
 )
 from ranking.train import FusedScorer, TrainOptions, behavioural_ids, train_fused, version_scorer
 from shoprec.errors import DatasetError, InvalidEvent
-from shoprec.events import CatalogItem, parse_catalog_item, tombstone_item_id
+from shoprec.events import CatalogItem, Limits, parse_catalog_item, tombstone_item_id
 from shoprec.settings import Settings
 from streams.ingest import RawRecord, parse_records
 from streams.runtime import limits_from, now_ms
@@ -166,19 +167,31 @@ async def read_shop(settings: Settings, from_ms: int | None, to_ms: int | None) 
 
 async def _read_catalogue(settings: Settings, topic: str) -> tuple[Catalogue, int]:
     """The latest record of every item (a tombstone removes it) and how many were invalid."""
-    limits = limits_from(settings)
+    records = await read_topic(settings, topic)
+    return latest_catalogue(((r.key, r.value) for r in records), limits_from(settings))
+
+
+def latest_catalogue(
+    records: Iterable[tuple[bytes | None, bytes | None]], limits: Limits
+) -> tuple[Catalogue, int]:
+    """The catalogue that the (key, value) records leave (the latest record per item; a
+    tombstone removes it), rows ordered by item id, and how many records were invalid."""
     latest: dict[str, CatalogItem] = {}
     bad = 0
-    for r in await read_topic(settings, topic):
+    for key, value in records:
         try:
-            if r.value is None:
-                latest.pop(tombstone_item_id(r.key, limits), None)
+            if value is None:
+                latest.pop(tombstone_item_id(key, limits), None)
             else:
-                item = parse_catalog_item(r.key, r.value, limits=limits)
+                item = parse_catalog_item(key, value, limits=limits)
                 latest[item.item_id] = item
         except InvalidEvent:
             bad += 1
-    return catalogue_of(latest.values()), bad
+    # Rows by id, not by arrival: the merged read orders partitions by record time, and the
+    # catalogue's records carry the time they were sent, so the arrival order (and with it
+    # every item's row, its initial embedding and the trained model) would change from one
+    # send of the same catalogue to the next.
+    return catalogue_of(sorted(latest.values(), key=lambda item: item.item_id)), bad
 
 
 # --- 2-4. the dataset, the candidate, the judgement ----------------------------------------

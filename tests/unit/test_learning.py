@@ -12,14 +12,14 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ops.learn import decide
+from ops.learn import decide, latest_catalogue
 from ops.learner import RETRY_S, LearnerCollector, LearnerState, Trigger
 from ops.produce import in_event_order
 from ops.versions import INCOMING, Versions, triton_endpoints
 from ranking.data import load_catalogue, load_events
 from ranking.evaluate import Metrics, paired_difference
 from shoprec.errors import ConfigError
-from shoprec.events import tie_break
+from shoprec.events import Limits, tie_break
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
@@ -62,6 +62,23 @@ def test_produce_sends_a_timestamp_run_in_hash_order_and_keeps_time_order() -> N
     assert [e["ts"] for e in sent] == sorted(e["ts"] for e in events)
     keys = [(e["ts"], tie_break(e["event_id"])) for e in sent]
     assert keys == sorted(keys)
+
+
+def test_the_catalogue_read_back_numbers_items_by_id_whatever_order_they_arrive_in() -> None:
+    """The learner's item rows must not depend on when each catalogue record was sent."""
+    with gzip.open(DATA / "amazon-gift-cards-2018" / "items.jsonl.gz", "rb") as fh:
+        items = [orjson.loads(line) for line in fh][:300]
+    records = [(str(i["item_id"]).encode(), orjson.dumps(i)) for i in items]
+    gone = records[7][0]
+    records += [(gone, None), (b"x", b"not json"), (records[3][0], orjson.dumps(items[3]))]
+    limits = Limits()
+    cat, bad = latest_catalogue(records, limits)
+    shuffled = [records[k] for k in np.random.default_rng(1).permutation(len(records) - 3)]
+    # The same records in another arrival order (the tombstone and the repeat kept last).
+    again, _ = latest_catalogue(shuffled + records[-3:], limits)
+    assert bad == 1 and len(cat) == len(items) - 1 and gone.decode() not in cat.ids
+    assert cat.ids == sorted(cat.ids) and again.ids == cat.ids and again.text == cat.text
+    assert again.category == cat.category
 
 
 # --- intervals and the promotion rule ------------------------------------------------------
