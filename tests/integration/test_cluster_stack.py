@@ -11,6 +11,7 @@ memory and, wiped, no data is left.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.request
@@ -169,14 +170,20 @@ async def test_a_topic_has_three_in_sync_replicas_and_min_isr_two(cluster: Runni
     try:
         created = await admin.create_topics([NewTopic(topic, 6, 3)])
         assert [err for _, err, *_ in created.topic_errors] == [0]
-        described = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topic, None)]
-        )
-        configs = {
-            entry["config_names"]: entry["config_value"]
-            for entry in described[0].to_object()["resources"][0]["config_entries"]
-        }
-        assert configs["min.insync.replicas"] == "2"
+        # The broker that answers may not have applied the new topic's metadata yet
+        # (CI saw an answer without entries): ask again until it knows the topic.
+        configs: dict[str, str] = {}
+        answer: Any = {}
+        deadline = time.monotonic() + 30
+        while "min.insync.replicas" not in configs and time.monotonic() < deadline:
+            described = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, topic, None)]
+            )
+            answer = described[0].to_object()["resources"][0]
+            configs = {e["config_names"]: e["config_value"] for e in answer["config_entries"]}
+            if "min.insync.replicas" not in configs:
+                await asyncio.sleep(0.5)
+        assert configs.get("min.insync.replicas") == "2", answer
     finally:
         await admin.close()
 
