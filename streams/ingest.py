@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -25,6 +25,10 @@ from streams.experiment import ExperimentRunner
 from streams.protocols import ItemVectors, QueryEncoder
 
 log = logging.getLogger("shoprec.ingest")
+
+IN_DOUBT_CAP = 100_000
+"""Event ids of failed attempts remembered at most (a batch normally succeeds on its next
+try and forgets them; only batches dead-lettered after the write could leave some)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,11 @@ class Ingestor:
         self._encoder = encoder
         self._limits = limits
         self._clock_ms = clock_ms
+        # Events whose state write was sent by an attempt that then failed: Redis may have
+        # run it and lost only the reply, or a later step (attribution) failed.  The
+        # worker retries the batch, and the write then finds those events applied; they
+        # are this worker's own, not a redelivery, and are counted as applied.
+        self._in_doubt: set[str] = set()
 
     async def ingest(self, records: Sequence[RawRecord]) -> IngestOutcome:
         events, dead = parse_records(records, self._clock_ms(), self._limits)
@@ -111,6 +120,10 @@ class Ingestor:
             return outcome
         vectors = await self._event_vectors(events, outcome)
         updates = [UserUpdate.of(e, v) for e, v in zip(events, vectors, strict=True)]
+        if len(self._in_doubt) > IN_DOUBT_CAP:  # only batches that never succeeded stay
+            self._in_doubt.clear()
+        retried = {e.event_id for e in events} & self._in_doubt
+        self._in_doubt.update(e.event_id for e in events)
         results = await self._store.apply_events(updates)
         if self._experiment is not None:
             # Every event, duplicates too: attribution dedupes by event id itself, so an
@@ -120,6 +133,13 @@ class Ingestor:
         redelivered: set[str] = set()
         applied_here: set[str] = set()
         for event, result in zip(events, results, strict=True):
+            if not result.applied and event.event_id in retried:
+                # Applied by this batch's failed attempt (its first copy only); the emit
+                # flag says whether it is the user's pending trigger, as on that attempt
+                # (an earlier event of the same user is then counted rate-limited, not
+                # coalesced: one bucket either way).
+                retried.discard(event.event_id)
+                result = replace(result, applied=True)
             if result.applied:
                 outcome.applied += 1
                 applied_here.add(event.event_id)
@@ -143,6 +163,7 @@ class Ingestor:
             latest[event.user_id] = event
         outcome.triggers = list(latest.values())
         outcome.redelivered = {e.event_id for e in outcome.triggers} & redelivered
+        self._in_doubt.difference_update(e.event_id for e in events)
         return outcome
 
     async def _event_vectors(

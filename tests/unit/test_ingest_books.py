@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import orjson
+import pytest
 
 from features.store import UpdateResult, UserUpdate
 from shoprec.events import Limits
@@ -90,3 +91,50 @@ async def test_a_copy_of_an_event_in_the_same_batch_is_a_duplicate_and_the_first
     assert (out.applied, out.duplicates, out.coalesced) == (1, 1, 0)
     recommended = len(out.triggers) - len(out.redelivered)
     assert out.duplicates + out.rate_limited + out.coalesced + recommended == len(records)
+
+
+async def test_a_batch_retried_after_its_write_ran_counts_events_applied_not_duplicate() -> None:
+    """Redis ran the batch's state write and the reply was lost (found in CI: Redis
+    restarted, "Connection closed by server"): the worker retries the batch, the write
+    finds every event applied.  They are this worker's own events, not a redelivery:
+    counted as applied and recommended, as if the first attempt had answered."""
+
+    class LosesFirstReply:
+        def __init__(self) -> None:
+            self.seen: set[str] = set()
+            self.calls = 0
+
+        async def apply_events(self, updates: Sequence[UserUpdate]) -> list[UpdateResult]:
+            self.calls += 1
+            out = []
+            for u in updates:
+                # A user's newest event is their pending trigger (the write's rule).
+                out.append(UpdateResult(u.event_id not in self.seen, True, []))
+                self.seen.add(u.event_id)
+            if self.calls == 1:
+                raise ConnectionError("Connection closed by server.")
+            return out
+
+    rows = [("r1", "u1", 1), ("r2", "u2", 1), ("r3", "u3", 1)]
+    records = [
+        RawRecord(
+            "shop.views",
+            0,
+            n,
+            user.encode(),
+            orjson.dumps(
+                {"event_id": eid, "type": "view", "user_id": user, "ts": T0 + dt, "item_id": "i"}
+            ),
+        )
+        for n, (eid, user, dt) in enumerate(rows)
+    ]
+    store = LosesFirstReply()
+    ingestor = Ingestor(store, NoVectors(), NoEncoder(), Limits(), lambda: T0)  # type: ignore[arg-type]
+    with pytest.raises(ConnectionError):
+        await ingestor.ingest(records)
+    out = await ingestor.ingest(records)
+    assert (out.applied, out.duplicates, out.redelivered) == (3, 0, set())
+    assert sorted(e.event_id for e in out.triggers) == ["r1", "r2", "r3"]
+    # Forgotten once answered: the same records delivered again later are duplicates.
+    again = await ingestor.ingest(records)
+    assert (again.applied, again.duplicates, again.redelivered) == (0, 3, {"r1", "r2", "r3"})
