@@ -280,7 +280,7 @@ class Settings(BaseSettings):
     learner_margin: float = Field(
         0.01,
         ge=0,
-        description="A candidate replaces this shop's own live ranker only when the 95% "
+        description="A candidate replaces the live ranker (the shipped one, another shop's or this shop's own) only when the 95% "
         "bootstrap interval of its held-out NDCG@10 gain lies above this share of the live "
         "NDCG@10 (never when it scores lower).",
     )

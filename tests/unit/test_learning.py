@@ -134,12 +134,11 @@ def test_a_worse_candidate_is_never_promoted() -> None:
     users = list(range(200)) * 3
     live = _metrics([2.0] * 600, users)
     worse = _metrics([3.0] * 600, users)
-    for own in (True, False):
-        d = decide(worse, live, live_is_own=own, margin=0.0)
-        assert not d.promote and "worse" in d.reason
+    d = decide(worse, live, margin=0.0)
+    assert not d.promote and "worse" in d.reason
 
 
-def test_over_the_shops_own_model_only_a_confident_gain_promotes() -> None:
+def test_only_a_confident_gain_promotes_whoever_trained_the_live_model() -> None:
     rng = np.random.default_rng(1)
     users = rng.integers(0, 400, 1500).tolist()
     live_ranks = rng.integers(1, 30, 1500).astype(float)
@@ -149,14 +148,15 @@ def test_over_the_shops_own_model_only_a_confident_gain_promotes() -> None:
     shuffled[:60] = np.maximum(shuffled[:60] - 1, 1)
     slightly = _metrics(shuffled.tolist(), users)
     clearly = _metrics(np.maximum(live_ranks - 4, 1).tolist(), users)
-    unsure = decide(slightly, live, True, 0.01)
+    unsure = decide(slightly, live, 0.01)
     assert slightly.ndcg > live.ndcg and not unsure.promote
     assert unsure.gain is not None and unsure.gain.lo < 0 < unsure.gain.value
     assert "not better with confidence" in unsure.reason
-    assert decide(clearly, live, True, 0.01).promote
-    # The shipped model (or another shop's) gives way to the shop's own at equal quality.
-    assert decide(_metrics(live_ranks.tolist(), users), live, False, 0.01).promote
-    assert decide(clearly, None, True, 0.01).promote
+    assert decide(clearly, live, 0.01).promote
+    # Equal quality keeps the live model, the shipped one (or another shop's) included.
+    tie = decide(_metrics(live_ranks.tolist(), users), live, 0.01)
+    assert not tie.promote and "not better with confidence" in tie.reason
+    assert decide(clearly, None, 0.01).promote
 
 
 # --- versions -------------------------------------------------------------------------------
