@@ -280,9 +280,9 @@ class Settings(BaseSettings):
     learner_margin: float = Field(
         0.01,
         ge=0,
-        description="A candidate replaces the live ranker (the shipped one, another shop's or this shop's own) only when the 95% "
-        "bootstrap interval of its held-out NDCG@10 gain lies above this share of the live "
-        "NDCG@10 (never when it scores lower).",
+        description="A candidate replaces the live ranker (the shipped one, another shop's "
+        "or this shop's own) only when the 95% bootstrap interval of its held-out NDCG@10 "
+        "gain lies above this share of the live NDCG@10 (never when it scores lower).",
     )
     learner_min_events: int = Field(
         200, ge=1, description="The learner waits for this many events before it trains at all."
