@@ -34,6 +34,22 @@ class ScriptedStore:
         return [UpdateResult(by_id[u.event_id][3], by_id[u.event_id][4], []) for u in updates]
 
 
+def views(rows: Sequence[tuple[str, str, int]]) -> list[RawRecord]:
+    """One view record per (event id, user, ts offset), in order."""
+    return [
+        RawRecord(
+            "shop.views",
+            0,
+            n,
+            user.encode(),
+            orjson.dumps(
+                {"event_id": eid, "type": "view", "user_id": user, "ts": T0 + dt, "item_id": "i"}
+            ),
+        )
+        for n, (eid, user, dt) in enumerate(rows)
+    ]
+
+
 class NoVectors:
     def vector(self, item_id: str) -> None:
         return None
@@ -45,18 +61,7 @@ class NoEncoder:
 
 
 async def test_redelivered_triggers_recommend_once_and_every_event_is_counted_once() -> None:
-    records = [
-        RawRecord(
-            "shop.views",
-            0,
-            n,
-            user.encode(),
-            orjson.dumps(
-                {"event_id": eid, "type": "view", "user_id": user, "ts": T0 + dt, "item_id": "i"}
-            ),
-        )
-        for n, (eid, user, dt, _, _) in enumerate(SCRIPT)
-    ]
+    records = views([(eid, user, dt) for eid, user, dt, _, _ in SCRIPT])
     ingestor = Ingestor(ScriptedStore(), NoVectors(), NoEncoder(), Limits(), lambda: T0)  # type: ignore[arg-type]
     out = await ingestor.ingest(records)
     assert sorted(e.event_id for e in out.triggers) == ["e2", "e3", "e5", "e7"]
@@ -115,19 +120,7 @@ async def test_a_batch_retried_after_its_write_ran_counts_events_applied_not_dup
                 raise ConnectionError("Connection closed by server.")
             return out
 
-    rows = [("r1", "u1", 1), ("r2", "u2", 1), ("r3", "u3", 1)]
-    records = [
-        RawRecord(
-            "shop.views",
-            0,
-            n,
-            user.encode(),
-            orjson.dumps(
-                {"event_id": eid, "type": "view", "user_id": user, "ts": T0 + dt, "item_id": "i"}
-            ),
-        )
-        for n, (eid, user, dt) in enumerate(rows)
-    ]
+    records = views([("r1", "u1", 1), ("r2", "u2", 1), ("r3", "u3", 1)])
     store = LosesFirstReply()
     ingestor = Ingestor(store, NoVectors(), NoEncoder(), Limits(), lambda: T0)  # type: ignore[arg-type]
     with pytest.raises(ConnectionError):
