@@ -120,10 +120,11 @@ class Ingestor:
             return outcome
         vectors = await self._event_vectors(events, outcome)
         updates = [UserUpdate.of(e, v) for e, v in zip(events, vectors, strict=True)]
+        ids = [e.event_id for e in events]
         if len(self._in_doubt) > IN_DOUBT_CAP:  # only batches that never succeeded stay
             self._in_doubt.clear()
-        retried = {e.event_id for e in events} & self._in_doubt
-        self._in_doubt.update(e.event_id for e in events)
+        retried = self._in_doubt.intersection(ids)
+        self._in_doubt.update(ids)
         results = await self._store.apply_events(updates)
         if self._experiment is not None:
             # Every event, duplicates too: attribution dedupes by event id itself, so an
@@ -163,7 +164,7 @@ class Ingestor:
             latest[event.user_id] = event
         outcome.triggers = list(latest.values())
         outcome.redelivered = {e.event_id for e in outcome.triggers} & redelivered
-        self._in_doubt.difference_update(e.event_id for e in events)
+        self._in_doubt.difference_update(ids)
         return outcome
 
     async def _event_vectors(
