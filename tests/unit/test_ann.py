@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from features.ann import ExactIndex, IvfIndex, TableIndex, exact_top_k
@@ -68,7 +71,22 @@ def test_table_index_retrieves_eligible_items_and_follows_changes(ann_min_items:
     assert (found[1] == -1).all(), "a zero query (no taste yet) retrieves nothing"
 
 
-def test_background_rebuilds_serve_the_old_index_and_miss_no_change() -> None:
+def test_background_rebuilds_serve_the_old_index_and_miss_no_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The rebuild waits for the test's word: a fast machine could otherwise finish it
+    # before the test looks at what serves meanwhile.
+    release = threading.Event()
+    release.set()
+    build = IvfIndex.build
+
+    def held_build(
+        self: IvfIndex, matrix: npt.NDArray[np.float32], keys: npt.ArrayLike, seed: int = 0
+    ) -> None:
+        release.wait(30)
+        build(self, matrix, keys, seed)
+
+    monkeypatch.setattr(IvfIndex, "build", held_build)
     table = ItemTable(dim=DIM)
     x = unit_rows(1200)
     nums = table.upsert([f"i{n}" for n in range(100)], x[:100])
@@ -81,6 +99,7 @@ def test_background_rebuilds_serve_the_old_index_and_miss_no_change() -> None:
     ivf = index.index()
     assert isinstance(ivf, IvfIndex) and len(ivf) == 100
     # Grown 4-fold: a rebuild starts in a thread, the old IVF keeps serving, new rows and all.
+    release.clear()
     more = table.upsert([f"i{n}" for n in range(100, 1100)], x[100:1100])
     index.changed(table.take_changed())
     assert index.index() is ivf and len(ivf) == 1100
@@ -88,6 +107,8 @@ def test_background_rebuilds_serve_the_old_index_and_miss_no_change() -> None:
     table.upsert(["i3"], x[3:4], in_stock=[False])
     table.upsert(["late"], x[1100:1101])
     index.changed(table.take_changed())
+    assert index.index() is ivf
+    release.set()
     index.wait_built(30)
     rebuilt = index.index()
     assert isinstance(rebuilt, IvfIndex) and rebuilt is not ivf and len(rebuilt) == 1100
