@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +271,8 @@ async def simulate(
         experiment=runner,
     )
     policy = RecommendPolicy.from_settings(settings)
+    # Enough complements in each request for the arm that takes the most (rank_by_arm).
+    request_policy = replace(policy, complements=experiment.most_complements(policy.complements))
 
     async def rank(request: RecommendRequest, arm: Arm) -> tuple[TopK, str, bool]:
         return recommend(request, table, index, scorers[arm.name]), arm.label, False
@@ -288,9 +290,9 @@ async def simulate(
             return
         ctx = store.read_context([t.user_id for t in triggers], {t.user_id: t.ts for t in triggers})
         users = [ctx.users[t.user_id] for t in triggers]
-        request = build_request(triggers, users, ctx.trending, table, policy)
+        request = build_request(triggers, users, ctx.trending, table, request_policy)
         arms = [runner.arm(outcome.arms[t.user_id]) for t in triggers]
-        answers = await rank_by_arm(request, arms, runner.shadows, rank)
+        answers = await rank_by_arm(request, arms, runner.shadows, rank, policy.complements)
         made = [(a, table.id_of(a.top.items)) for a in answers]
         shown = shown_lists(triggers, made, experiment.name)
         made_lists[0] += sum(map(len, shown.values()))

@@ -122,6 +122,23 @@ class RecommendRequest:
             if want == np.float32 and not np.isfinite(arr).all():
                 raise ValueError(f"{f.name.upper()} holds NaN or infinite values")
 
+    def with_complements(self, n: int) -> RecommendRequest:
+        """The same request with at most ``n`` complements per user: the first ``n`` of
+        ``bought_with`` (best first, as requests carry them) kept, the rest padding."""
+        if self.bought_with.shape[1] <= n:
+            return self
+        keep = slice(0, max(n, 1))  # a list input is at least one wide
+        out = self.arrays() | {
+            "bought_with": self.bought_with[:, keep].copy(),
+            "bought_with_score": self.bought_with_score[:, keep].copy(),
+            "bought_with_source": self.bought_with_source[:, keep].copy(),
+        }
+        if n == 0:
+            out["bought_with"][:] = -1
+            out["bought_with_score"][:] = 0.0
+            out["bought_with_source"][:] = -1
+        return RecommendRequest(**out)
+
     @classmethod
     def concat(cls, parts: list[RecommendRequest]) -> RecommendRequest:
         """Stack the users of several requests (Triton's dynamic batch), padding each list

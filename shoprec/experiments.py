@@ -6,7 +6,8 @@ An experiment is configuration (``SHOPREC_EXPERIMENT``: JSON, or the path of a J
      "arms": [{"name": "ranker", "kind": "ranker", "share": 0.45},
               {"name": "covis", "kind": "covisitation", "share": 0.45},
               {"name": "holdout", "kind": "holdout", "share": 0.10},
-              {"name": "v1", "kind": "ranker", "model_version": "1", "shadow": true}],
+              {"name": "v1", "kind": "ranker", "model_version": "1", "shadow": true},
+              {"name": "no-complements", "kind": "ranker", "complements": 0, "shadow": true}],
      "click_types": ["click"],
      "bandit": {"reward": "click", "min_share": 0.1, "every_s": 300}}
 
@@ -23,6 +24,12 @@ Arm kinds:
 
 A ``shadow`` arm gets no users: it scores every trigger beside the live arm and its lists
 are kept and attributed, never emitted (how would it have done, at no risk).
+
+``complements`` sets how many co-purchases take turns with the arm's picks after a
+purchase (``SHOPREC_COMPLEMENTS_AFTER_PURCHASE`` when left out): the complements cost the
+next-item ranking on some shops and add purchases on others (docs/models.md), so a shop
+reads what they do to its own conversion with an arm (a shadow arm pairs the two on every
+trigger) instead of trusting either offline measure.
 
 Assignment (:func:`assign`) is a stable hash of the experiment name and the user id into
 the shares, in the order the arms are listed: reproducible, and no state is needed to
@@ -67,6 +74,23 @@ class Arm(BaseModel):
         description="The fused_ranker version Triton must answer with; empty: the served one.",
     )
     shadow: bool = False
+    complements: int | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="Co-purchases that take turns with this arm's picks after a purchase; "
+        "empty: SHOPREC_COMPLEMENTS_AFTER_PURCHASE.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Arm:
+        if self.kind == "holdout" and self.complements is not None:
+            raise ValueError(f"holdout arm {self.name!r} shows no list: it has no complements")
+        return self
+
+    def complements_or(self, default: int) -> int:
+        """How many complements this arm's lists take after a purchase."""
+        return default if self.complements is None else self.complements
 
     @property
     def emits(self) -> bool:
@@ -157,6 +181,10 @@ class Experiment(BaseModel):
             if a.name == name:
                 return a
         raise KeyError(name)
+
+    def most_complements(self, default: int) -> int:
+        """The most complements any arm takes: how many a request must carry for all."""
+        return max((a.complements_or(default) for a in self.arms), default=default)
 
     def shares(self) -> dict[str, float]:
         """The configured share of each live arm."""

@@ -152,7 +152,8 @@ class Settings(BaseSettings):
         le=100,
         description="After a purchase, up to this many items other customers bought "
         "together with it (co-purchase within 30 days) take turns with the ranker's picks "
-        "in the list, the ranker's best first; 0 serves the ranker's list alone.",
+        "in the list, the ranker's best first; 0 serves the ranker's list alone. An experiment "
+        "arm's own 'complements' overrides it for the arm's users.",
     )
     min_emit_interval_ms: int = Field(
         30_000,

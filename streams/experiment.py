@@ -110,21 +110,28 @@ def take_rows(request: RecommendRequest, rows: Sequence[int]) -> RecommendReques
 
 
 async def rank_by_arm(
-    request: RecommendRequest, arms: Sequence[Arm], shadows: Sequence[Arm], rank: Rank
+    request: RecommendRequest,
+    arms: Sequence[Arm],
+    shadows: Sequence[Arm],
+    rank: Rank,
+    complements: int,
 ) -> list[ArmAnswer]:
     """Each user's list from their arm (``arms``, one per row; no list for a holdout), and
-    every shadow arm's list for every user.  Users of arms that score alike (same kind and
-    version) share one call: the common case, one arm, is one call as before."""
-    groups: dict[tuple[ArmKind, str], list[int]] = {}
-    first: dict[tuple[ArmKind, str], Arm] = {}
+    every shadow arm's list for every user.  Users of arms that score alike (same kind,
+    version and complements) share one call: the common case, one arm, is one call as
+    before.  ``complements`` is what an arm without its own takes (the setting); the
+    request carries at least the most any arm takes (:meth:`Experiment.most_complements`)."""
+    groups: dict[tuple[ArmKind, str, int], list[int]] = {}
+    first: dict[tuple[ArmKind, str, int], Arm] = {}
     for row, arm in enumerate(arms):
         if arm.emits:
-            key = (arm.kind, arm.model_version)
+            key = (arm.kind, arm.model_version, arm.complements_or(complements))
             groups.setdefault(key, []).append(row)
             first.setdefault(key, arm)
     out: list[ArmAnswer] = []
     for key, rows in groups.items():
-        top, model, degraded = await rank(take_rows(request, rows), first[key])
+        part_request = take_rows(request, rows).with_complements(key[2])
+        top, model, degraded = await rank(part_request, first[key])
         # Rows of different arms that score alike: split the answer back per arm.
         by_arm: dict[str, list[int]] = {}
         for j, row in enumerate(rows):
@@ -135,7 +142,8 @@ async def rank_by_arm(
     every = list(range(request.size))
     for arm in shadows:
         if every:
-            top, model, degraded = await rank(request, arm)
+            shadow_request = request.with_complements(arm.complements_or(complements))
+            top, model, degraded = await rank(shadow_request, arm)
             out.append(ArmAnswer(arm, every, top, model, degraded))
     return out
 

@@ -87,6 +87,16 @@ class Recommender:
         self._items = items
         self._ranker = ranker
         self._policy = policy
+        # The request carries the complements of the arm that takes the most; each arm's
+        # call keeps its own number (``rank_by_arm``).
+        self._request_policy = (
+            policy
+            if experiment is None
+            else replace(
+                policy,
+                complements=experiment.experiment.most_complements(policy.complements),
+            )
+        )
         self._clock_ms = clock_ms
         self._fallback = FallbackScorer()
         self._experiment = experiment
@@ -114,7 +124,9 @@ class Recommender:
         )
         t1 = time.perf_counter()
         users = [ctx.users[t.user_id] for t in triggers]
-        request = build_request(triggers, users, ctx.trending, self._items.table, self._policy)
+        request = build_request(
+            triggers, users, ctx.trending, self._items.table, self._request_policy
+        )
         t2 = time.perf_counter()
         answers = self._decode_and_fill(request, await self._rank_by_arm(triggers, request, arms))
         t3 = time.perf_counter()
@@ -174,7 +186,9 @@ class Recommender:
             known |= await exp.arms_of(missing)
         per_row = [exp.arm(known[t.user_id]) for t in triggers]
         self.held_out = [t for t, a in zip(triggers, per_row, strict=True) if a.kind == "holdout"]
-        return await rank_by_arm(request, per_row, exp.shadows, self._rank_arm)
+        return await rank_by_arm(
+            request, per_row, exp.shadows, self._rank_arm, self._policy.complements
+        )
 
     async def _rank_arm(self, request: RecommendRequest, arm: Arm) -> tuple[TopK, str, bool]:
         """One arm's top-K: Triton's ranker (the arm's version, or the served one), or a

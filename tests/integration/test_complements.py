@@ -5,8 +5,9 @@ The amazon-gift-cards shop's most co-purchased pair of items (X, Y: bought by th
 customer within 30 days) is streamed as it happened, customer by customer; then one more
 real buyer of X buys it.  The worker must have counted the pair in ``{i:<item>}:cb`` and
 the list after that purchase must hold Y second, explained by X, after the ranker's best
-(complements and the ranker's picks take turns).  With the setting at 0 the
-same purchase gets the ranker's list alone.
+(complements and the ranker's picks take turns).  In an experiment arm that takes no
+complements (``"complements": 0``, the setting left at 10) the same purchase gets the
+ranker's list alone: the worker sends Triton the arm's own number.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from redis.asyncio import Redis
 from features import keys
 from features.store import COPURCHASE_WINDOW_MS
 from infra.stack import Endpoints
+from shoprec.experiments import Experiment
 from streams.topics import TopicNames, ensure_topics, kafka_options
 from tests.integration.helpers import isolated_settings
 from tests.integration.ops_setup import json_out, load_catalogue, shoprec
@@ -63,6 +65,8 @@ def top_pair(events: list[dict[str, Any]]) -> tuple[str, str, dict[str, list[dic
 async def test_the_list_after_a_purchase_offers_what_is_bought_with_it(
     stack: Endpoints, data_dir: Path, tmp_path: Path, complements: int
 ) -> None:
+    """``complements``: what the (only) arm takes; 10 is the setting's default, 0 the arm's
+    own ``complements`` field."""
     folder = data_dir / "amazon-gift-cards-2018"
     x, y, by_user = top_pair(_read(folder / "events.jsonl.gz"))
     pair_users = [u for u, bought in by_user.items() if {x, y} <= {e["item_id"] for e in bought}]
@@ -79,11 +83,15 @@ async def test_the_list_after_a_purchase_offers_what_is_bought_with_it(
     catalogue = [it for it in items if it["item_id"] in {x, y}] + items[:40]
     title_of_x = next(it["title"] for it in items if it["item_id"] == x)
 
+    arm: dict[str, Any] = {"name": f"c{complements}", "share": 1.0}
+    if complements != 10:
+        arm["complements"] = complements
     s = isolated_settings(
         stack,
         min_emit_interval_ms=0,
         topic_partitions=1,
-        complements_after_purchase=complements,
+        complements_after_purchase=10,
+        experiment=Experiment.model_validate({"name": "complements", "arms": [arm]}),
     )
     await ensure_topics(s)
     names = TopicNames.from_settings(s)
@@ -125,7 +133,7 @@ async def test_the_list_after_a_purchase_offers_what_is_bought_with_it(
         for r in recs
         if orjson.loads(r.value)["trigger"]["event_id"] == last["event_id"]
     )
-    assert after["degraded"] is False
+    assert after["degraded"] is False and after["arm"] == f"c{complements}"
     first, second = after["items"][:2]
     if complements:
         assert not first["reasons"][0].startswith("often bought together"), after

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from ranking.fusion import Reason
 from ranking.pipeline import TopK, empty_request
 from shoprec.experiments import (
     DEFAULT_EXPERIMENT,
+    Arm,
     Experiment,
     assign,
     list_id,
@@ -295,7 +297,7 @@ async def test_users_of_arms_that_score_alike_share_one_call_and_get_their_own_a
         return top, arm.kind, False
 
     per_row = [exp.arm(n) for n in ("a", "h", "b", "c", "a")]
-    answers = await rank_by_arm(empty_request(5), per_row, exp.shadow_arms, rank)
+    answers = await rank_by_arm(empty_request(5), per_row, exp.shadow_arms, rank, 10)
     assert calls == [("ranker", 3), ("covisitation", 1), ("retrieval", 5)]
     got = {a.arm.name: (a.rows, a.top.items[:, 0].tolist()) for a in answers}
     assert got == {
@@ -304,6 +306,45 @@ async def test_users_of_arms_that_score_alike_share_one_call_and_get_their_own_a
         "c": ([3], [0]),
         "s": ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4]),
     }
+
+
+async def test_each_arm_gets_its_own_number_of_complements_from_one_request() -> None:
+    exp = Experiment.model_validate(
+        {
+            "name": "x",
+            "arms": [
+                {"name": "ten", "share": 0.5},  # the setting's number
+                {"name": "two", "complements": 2, "share": 0.5},
+                {"name": "none", "complements": 0, "shadow": True},
+            ],
+        }
+    )
+    assert exp.most_complements(3) == 3 and exp.most_complements(1) == 2
+    request = replace(
+        empty_request(2),
+        bought_with=np.array([[7, 8, 9], [4, 5, -1]], np.int32),
+        bought_with_score=np.array([[3.0, 2.0, 1.0], [2.0, 1.0, 0.0]], np.float32),
+        bought_with_source=np.array([[1, 1, 1], [2, 2, -1]], np.int32),
+    )
+    seen: dict[str, tuple[list[list[int]], list[list[float]], list[list[int]]]] = {}
+
+    async def rank(request, arm):  # type: ignore[no-untyped-def]
+        request.validate()
+        seen[arm.name] = (
+            request.bought_with.tolist(),
+            request.bought_with_score.tolist(),
+            request.bought_with_source.tolist(),
+        )
+        rows = np.arange(request.size, dtype=np.int32)[:, None]
+        return TopK(rows, rows.astype(np.float32), rows, rows, rows), arm.name, False
+
+    per_row = [exp.arm("ten"), exp.arm("two")]
+    await rank_by_arm(request, per_row, exp.shadow_arms, rank, 3)
+    assert seen["ten"] == ([[7, 8, 9]], [[3.0, 2.0, 1.0]], [[1, 1, 1]])
+    assert seen["two"] == ([[4, 5]], [[2.0, 1.0]], [[2, 2]])
+    assert seen["none"] == ([[-1], [-1]], [[0.0], [0.0]], [[-1], [-1]])
+    with pytest.raises(ValidationError, match="no list"):
+        Arm(name="h", kind="holdout", complements=0)
 
 
 def test_per_arm_counters_reach_prometheus_and_come_back() -> None:
