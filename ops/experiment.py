@@ -141,6 +141,7 @@ class ArmReport:
     kind: str
     share: float
     shadow: bool
+    complements: int | None = None  # the arm's own number after a purchase; None: the setting
     users: int = 0
     lists: int = 0
     clicks: int = 0
@@ -157,6 +158,7 @@ class ArmReport:
             "kind": self.kind,
             "share": self.share,
             "shadow": self.shadow,
+            "complements": self.complements,
             "users": self.users,
             "lists": self.lists,
             "clicks": self.clicks,
@@ -220,7 +222,7 @@ def build_report(
     user by user (:func:`paired_ratio_difference`)."""
     recs = list(records)
     arms = {
-        a.name: ArmReport(a.name, a.kind, a.share, a.shadow)
+        a.name: ArmReport(a.name, a.kind, a.share, a.shadow, a.complements)
         for a in (*experiment.arms, *_arms_only_in(recs, experiment))
     }
     for name, arm in arms.items():
@@ -354,6 +356,8 @@ def format_report(report: Report) -> str:
     ]
     for arm in report.arms.values():
         role = "shadow, never shown" if arm.shadow else f"share {arm.share:g}"
+        if arm.complements is not None:
+            role = f"{arm.complements} complements, {role}"
         lines += [
             "",
             f"{arm.name} ({arm.kind}, {role}): {arm.users} users, {arm.lists} lists; credited "

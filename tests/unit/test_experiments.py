@@ -53,7 +53,7 @@ AB = {
     "name": "ab",
     "arms": [
         {"name": "ranker", "share": 0.4},
-        {"name": "covis", "kind": "covisitation", "share": 0.4},
+        {"name": "covis", "kind": "covisitation", "share": 0.4, "complements": 3},
         {"name": "holdout", "kind": "holdout", "share": 0.2},
         {"name": "v1", "kind": "ranker", "model_version": "1", "shadow": True},
     ],
@@ -399,5 +399,8 @@ def test_the_report_compares_each_arm_with_the_control() -> None:
     assert holdout.metrics["ctr"].value is None
     text = format_report(report)
     assert "CTR@K" in text and "vs control -25.00 pp" in text
+    assert "covis (covisitation, 3 complements, share 0.4)" in text
+    assert "ranker (ranker, share 0.4)" in text
     doc = report.to_json()
+    assert doc["arms"]["covis"]["complements"] == 3 and doc["arms"]["ranker"]["complements"] is None
     assert doc["arms"]["covis"]["ctr"]["ci95"][1] < doc["arms"]["ranker"]["ctr"]["ci95"][1]
