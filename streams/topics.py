@@ -165,7 +165,14 @@ async def _await_leaders(settings: Settings, topics: Sequence[str]) -> None:
                     f"{_LEADER_WAIT_S:.0f} s (`shoprec stack status`)"
                 )
             await asyncio.sleep(0.1)
-        await consumer.end_offsets(await partitions_of(consumer, topics))
+        # From the metadata that showed every leader: a second fetch may be answered by a
+        # broker of a cluster that does not know the new topics yet.
+        led = [
+            TopicPartition(t, p)
+            for t in topics
+            for p in sorted(cluster.partitions_for_topic(t) or ())
+        ]
+        await consumer.end_offsets(led)
     finally:
         await consumer.stop()
 
