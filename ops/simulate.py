@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -271,8 +271,7 @@ async def simulate(
         experiment=runner,
     )
     policy = RecommendPolicy.from_settings(settings)
-    # Enough complements in each request for the arm that takes the most (rank_by_arm).
-    request_policy = replace(policy, complements=experiment.most_complements(policy.complements))
+    request_policy = policy.carrying(experiment)
 
     async def rank(request: RecommendRequest, arm: Arm) -> tuple[TopK, str, bool]:
         return recommend(request, table, index, scorers[arm.name]), arm.label, False

@@ -35,7 +35,7 @@ from ranking.fusion import Reason
 from ranking.pipeline import FallbackScorer, RecommendRequest, Scorer, TopK, recommend
 from shoprec.errors import RankerUnavailable
 from shoprec.events import ShopEvent, event_code
-from shoprec.experiments import Arm, list_id
+from shoprec.experiments import Arm, Experiment, list_id
 from shoprec.output import RecItem, Recommendation
 from shoprec.settings import Settings
 from streams.experiment import (
@@ -70,6 +70,11 @@ class RecommendPolicy:
     def from_settings(cls, s: Settings) -> RecommendPolicy:
         return cls(s.top_k, s.n_candidates, s.history_len, s.complements_after_purchase)
 
+    def carrying(self, experiment: Experiment) -> RecommendPolicy:
+        """The policy requests are built with: enough complements for the arm that takes
+        the most (each arm's call keeps its own number, ``rank_by_arm``)."""
+        return replace(self, complements=experiment.most_complements(self.complements))
+
 
 class Recommender:
     def __init__(
@@ -87,15 +92,8 @@ class Recommender:
         self._items = items
         self._ranker = ranker
         self._policy = policy
-        # The request carries the complements of the arm that takes the most; each arm's
-        # call keeps its own number (``rank_by_arm``).
         self._request_policy = (
-            policy
-            if experiment is None
-            else replace(
-                policy,
-                complements=experiment.experiment.most_complements(policy.complements),
-            )
+            policy if experiment is None else policy.carrying(experiment.experiment)
         )
         self._clock_ms = clock_ms
         self._fallback = FallbackScorer()

@@ -167,12 +167,7 @@ async def _await_leaders(settings: Settings, topics: Sequence[str]) -> None:
             await asyncio.sleep(0.1)
         # From the metadata that showed every leader: a second fetch may be answered by a
         # broker of a cluster that does not know the new topics yet.
-        led = [
-            TopicPartition(t, p)
-            for t in topics
-            for p in sorted(cluster.partitions_for_topic(t) or ())
-        ]
-        await consumer.end_offsets(led)
+        await consumer.end_offsets(_partitions(cluster, topics))
     finally:
         await consumer.stop()
 
@@ -194,6 +189,11 @@ async def partitions_of(consumer: AIOKafkaConsumer, topics: Sequence[str]) -> li
             f"no such topic on the broker: {', '.join(missing)} "
             f"(names take SHOPREC_TOPIC_PREFIX; known: {', '.join(sorted(cluster.topics())[:20])})"
         )
+    return _partitions(cluster, topics)
+
+
+def _partitions(cluster: Any, topics: Sequence[str]) -> list[TopicPartition]:
+    """Every partition of ``topics`` in this metadata, in order."""
     return [
         TopicPartition(t, p) for t in topics for p in sorted(cluster.partitions_for_topic(t) or ())
     ]
