@@ -35,7 +35,7 @@ from infra.stack import Endpoints, Stack
 from ranking.client import RankerClient
 from shoprec.events import CatalogItem, Limits, parse_catalog_item
 from shoprec.settings import Settings
-from streams.lag import group_lag
+from streams.lag import LagProbe, group_lag
 from streams.topics import TopicNames, ensure_topics, kafka_options
 from tests.worker import WorkerProcess
 
@@ -294,6 +294,8 @@ async def wait_caught_up(
     """Seconds until the group has committed every input record and the output is quiet."""
     start = time.monotonic()
     quiet_since, last = time.monotonic(), -1
+    topics = TopicNames.from_settings(settings).events
+    lag: dict[tuple[str, int], int] = {}
     while time.monotonic() - start < timeout_s:
         if worker.proc.poll() is not None:
             raise AssertionError(f"worker exited ({worker.proc.returncode}):\n{worker.tail()}")
@@ -301,11 +303,18 @@ async def wait_caught_up(
         if n != last:
             quiet_since, last = time.monotonic(), n
         with contextlib.suppress(Exception):
-            lag = await worker_group_lag(settings)
-            if lag == 0 and time.monotonic() - quiet_since > 2.0:
+            async with LagProbe(settings, settings.app_id, topics) as probe:
+                lag = await probe.per_partition()
+            if sum(lag.values()) == 0 and time.monotonic() - quiet_since > 2.0:
                 return time.monotonic() - start
         await asyncio.sleep(0.5)
-    raise AssertionError(f"not caught up in {timeout_s:.0f} s:\n{worker.tail()}")
+    # Which partitions stopped, and by how much: a partition no member fetches after a
+    # rebalance looks different from a worker that fell behind everywhere.
+    lagging = {f"{t}[{p}]": n for (t, p), n in sorted(lag.items()) if n}
+    raise AssertionError(
+        f"not caught up in {timeout_s:.0f} s; records not committed per partition "
+        f"(last probe): {lagging}\n{worker.tail()}"
+    )
 
 
 async def state_event_counts(settings: Settings, users: set[str]) -> dict[str, int]:
