@@ -19,8 +19,10 @@ from typing import Any
 
 import click
 import orjson
+from pydantic import SecretStr
 
 from shoprec.errors import ShoprecError
+from shoprec.redact import url_without_password
 from shoprec.settings import ENV_PREFIX, Settings, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -394,9 +396,12 @@ def config(markdown: bool) -> None:
 
 
 def _shown(name: str, value: Any) -> Any:
-    """Secrets stay secret; a Redis URL may carry a password."""
-    if "password" in name or name == "redis_url":
-        return "***" if "password" in name else "redis://127.0.0.1:6379/0 (secret)"
+    """Secrets stay secret: a Redis URL is shown without its password, others as ***."""
+    if isinstance(value, SecretStr):
+        secret = value.get_secret_value()
+        if name == "redis_url":
+            return url_without_password(secret)
+        return "***" if secret else ""
     return value
 
 

@@ -43,14 +43,14 @@ from infra.redis_server import RedisServer
 from infra.tansu import TansuBroker
 from infra.triton import TritonServer, shm_prefix_for
 from shoprec.errors import StackError
-from shoprec.settings import Settings
+from shoprec.settings import STACK_ENV_NAME, Settings
 
 log = logging.getLogger("shoprec.infra")
 
 COMPONENTS: tuple[str, ...] = ("broker", "redis", "triton")
 DEFAULT_MODEL_REPO = Path(__file__).resolve().parent.parent / "model_repo"
 STATE_FILE = "stack.json"
-ENV_FILE = "stack.env"
+ENV_FILE = STACK_ENV_NAME
 _STATE_VERSION = 1
 CLUSTER_DIR = "cluster"
 # Subfolders `down --wipe` removes; anything else in the stack dir is not ours.

@@ -1,5 +1,5 @@
 """What may appear in logs: user ids only as a short hash, never raw; exceptions by type
-and place, never by message.
+and place, never by message; URLs without their passwords.
 
 A user id is personal data; a log line needs only to tell one user from
 another and to be matched against ``user_ref`` of a known id by an operator
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import traceback
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 _PREFIX = "u#"
 
@@ -35,3 +36,19 @@ def exception_ref(exc: BaseException) -> str:
         return type(exc).__name__
     last = frames[-1]
     return f"{type(exc).__name__} at {Path(last.filename).name}:{last.lineno} in {last.name}"
+
+
+def url_without_password(url: str) -> str:
+    """``url`` with any password (``user:pw@`` or ``?password=``) replaced by ``***``;
+    the scheme, user, hosts, database and the other parameters stay readable."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, hosts = netloc.rsplit("@", 1)
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hosts}" if has_password else netloc
+    query = urlencode(
+        [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)],
+        safe="*/",
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

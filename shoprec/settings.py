@@ -1,24 +1,33 @@
 """The one typed settings object, read from ``SHOPREC_*`` environment variables.
 
-``shoprec stack up`` writes the endpoints of the stack it started to
-``.shoprec/stack.env``; that file is read as a fallback so every later
-command in the same folder finds the stack.  Real environment variables
+``shoprec stack up`` writes the endpoints of the stack it started to ``stack.env``
+in its folder (``SHOPREC_STACK_DIR``, ``.shoprec`` by default); that file is read as a
+fallback so every later command naming the same folder finds the stack.  Real environment variables
 always win over the file.  ``shoprec config`` prints every setting with its
 variable, default and meaning (the README table is made from it).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from shoprec.experiments import Experiment, load_experiment
 
 ENV_PREFIX = "SHOPREC_"
-STACK_ENV_FILE = Path(".shoprec/stack.env")
+STACK_ENV_NAME = "stack.env"
+STACK_ENV_FILE = Path(".shoprec") / STACK_ENV_NAME
+"""The stack's endpoints in the default stack folder."""
 
 
 class Settings(BaseSettings):
@@ -309,6 +318,32 @@ class Settings(BaseSettings):
     @classmethod
     def _experiment(cls, value: object) -> Experiment | None:
         return load_experiment(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Read the stack's ``stack.env`` from the stack folder the caller names
+        (``stack_dir=`` or ``SHOPREC_STACK_DIR``; the folder cannot come from the file it
+        holds), unless ``_env_file=`` names another file."""
+        if (
+            isinstance(dotenv_settings, DotEnvSettingsSource)
+            and dotenv_settings.env_file == STACK_ENV_FILE
+        ):
+            kwargs = getattr(init_settings, "init_kwargs", {})
+            folder = kwargs.get("stack_dir") or os.environ.get(f"{ENV_PREFIX}STACK_DIR")
+            if folder:
+                dotenv_settings = DotEnvSettingsSource(
+                    settings_cls,
+                    env_file=Path(folder).expanduser() / STACK_ENV_NAME,
+                    env_file_encoding="utf-8",
+                )
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
 
     def topic(self, name: str) -> str:
         """The full name of one of shoprec's topics."""

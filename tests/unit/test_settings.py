@@ -42,12 +42,35 @@ def test_readme_configuration_table_matches_the_code() -> None:
     assert stale == [], "README's configuration table is stale: run `shoprec config --markdown`"
 
 
-def test_secrets_are_not_printed() -> None:
-    result = CliRunner().invoke(
-        main, ["config"], env={"SHOPREC_REDIS_URL": "redis://:hunter2@h:6379/0"}
-    )
+def test_secrets_are_not_printed_but_the_redis_url_still_says_where() -> None:
+    env = {
+        "SHOPREC_REDIS_URL": "rediss://app:hunter2@cache.internal:6380/2?ssl_ca_certs=ca.pem",
+        "SHOPREC_KAFKA_SASL_PASSWORD": "swordfish",
+        "SHOPREC_API_KEY": "k3y",
+    }
+    result = CliRunner().invoke(main, ["config"], env=env)
     assert result.exit_code == 0
-    assert "hunter2" not in result.output
+    for secret in ("hunter2", "swordfish", "k3y"):
+        assert secret not in result.output
+    shown = "SHOPREC_REDIS_URL=rediss://app:***@cache.internal:6380/2?ssl_ca_certs=ca.pem"
+    assert shown in result.output
+    assert "SHOPREC_API_KEY=***\n" in result.output
+
+
+def test_the_stack_env_file_is_read_from_the_stack_folder_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `stack up` writes stack.env into SHOPREC_STACK_DIR; later commands naming that folder
+    # must find the stack's endpoints there, and a real variable still wins.
+    (tmp_path / "stack.env").write_text("SHOPREC_KAFKA_BOOTSTRAP=10.1.2.3:19092\n")
+    monkeypatch.delenv("SHOPREC_KAFKA_BOOTSTRAP", raising=False)
+    monkeypatch.setenv("SHOPREC_STACK_DIR", str(tmp_path))
+    assert Settings().kafka_bootstrap == "10.1.2.3:19092"
+    assert Settings(_env_file=None).kafka_bootstrap == "127.0.0.1:9092"  # type: ignore[call-arg]
+    monkeypatch.delenv("SHOPREC_STACK_DIR")
+    assert Settings(stack_dir=tmp_path).kafka_bootstrap == "10.1.2.3:19092"
+    monkeypatch.setenv("SHOPREC_KAFKA_BOOTSTRAP", "broker:9092")
+    assert Settings(stack_dir=tmp_path).kafka_bootstrap == "broker:9092"
 
 
 def test_help_names_environment_variables() -> None:
