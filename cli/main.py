@@ -147,7 +147,12 @@ async def _ensure_topics(settings: Settings) -> None:
 
 
 @stack.command("down")
-@click.option("--wipe", is_flag=True, help="Also delete the broker's log and Redis data.")
+@click.option(
+    "--wipe",
+    is_flag=True,
+    help="Also delete every part's folder in the stack folder: the brokers' topics, Redis, "
+    "Triton's and the cluster nodes' data and logs.",
+)
 def stack_down(wipe: bool) -> None:
     """Stop every part of the stack; no process is left behind."""
     from infra.stack import Stack
