@@ -25,6 +25,8 @@ one to its commits (:meth:`_Consumer._new_offset`: never past a record in flight
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, cast
 
@@ -38,6 +40,11 @@ from mode.utils.futures import maybe_async, notify
 # the channel still holds records: ones the stream drops unseen (records fetched before
 # a rebalance) never reach the batch, and a rebalance waits for the batch's acks.
 STRANDED_BATCH_S = 0.1
+# A partition's commit held this long behind records never acknowledged is reported once
+# (Faust commits every ~3 s; a batch in flight takes milliseconds, seconds in an outage).
+COMMIT_STALL_WARN_S = 60.0
+
+log = logging.getLogger("shoprec.worker")
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):
@@ -80,6 +87,11 @@ class _InLoopConsumerThread(_ConsumerThread):
 
 
 class _Consumer(driver.Consumer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Per partition whose commit waits: since when, and whether it was reported.
+        self._commit_stalls: dict[TP, tuple[float, bool]] = {}
+
     def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:
         in_thread = cast(Transport, self.transport).consumer_thread
         cls = _ConsumerThread if in_thread else _InLoopConsumerThread
@@ -98,13 +110,43 @@ class _Consumer(driver.Consumer):
         then loses it.  So wait while a record before the acknowledged run is in flight.
         """
         acked = self._acked[tp]
-        if acked:
-            head = min(acked)
-            for message in list(self._unacked_messages):
-                if message.tp == tp and not message.acked and message.offset < head:
-                    return None
-        offset: int | None = super()._new_offset(tp)
+        if not acked:
+            self._commit_stalls.pop(tp, None)
+            return None
+        head = min(acked)
+        in_flight = sorted(
+            m.offset
+            for m in list(self._unacked_messages)
+            if m.tp == tp and not m.acked and m.offset < head
+        )
+        offset: int | None = None if in_flight else super()._new_offset(tp)
+        if offset is None:
+            self._watch_stall(tp, head, len(acked), in_flight)
+        else:
+            self._commit_stalls.pop(tp, None)
         return offset
+
+    def _watch_stall(self, tp: TP, head: int, n_acked: int, in_flight: list[int]) -> None:
+        """Warn once when ``tp``'s commit has waited :data:`COMMIT_STALL_WARN_S` on records
+        before its acknowledged ones: the lag metric then stays up although the worker
+        keeps working, and this says why."""
+        now = time.monotonic()
+        since, warned = self._commit_stalls.setdefault(tp, (now, False))
+        if warned or now - since < COMMIT_STALL_WARN_S:
+            return
+        self._commit_stalls[tp] = (since, True)
+        log.warning(
+            "commit of %s[%d] held at offset %s for %.0f s: %d records acknowledged from "
+            "offset %d on, the ones before them not (in flight: %s); a restart reads again "
+            "from the commit and finds what user state already holds (duplicates)",
+            tp.topic,
+            tp.partition,
+            self._committed_offset[tp],
+            now - since,
+            n_acked,
+            head,
+            in_flight[:10] or "none",
+        )
 
 
 class Transport(driver.Transport):

@@ -3,13 +3,16 @@ worker's real Faust consumer, its acknowledgement bookkeeping driven by hand).""
 
 from __future__ import annotations
 
+import logging
 from typing import cast
 
+import pytest
 from faust.transport.conductor import Conductor
 from faust.transport.drivers import aiokafka as driver
 from faust.types import TP, Message
 
 from shoprec.settings import Settings
+from streams import transport
 from streams.app import new_faust_app
 
 TOPIC = "shop.views"
@@ -65,3 +68,26 @@ async def test_in_order_acknowledgements_commit_as_before() -> None:
         consumer.ack(messages[offset])
     # 103-105 are still in flight, after the run: they hold nothing back.
     assert consumer._new_offset(TP0) == 103
+
+
+async def test_a_commit_held_behind_records_never_acknowledged_is_reported_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 100 and 101 were never taken (say, dropped at a rebalance) while 102-103 were
+    # acknowledged: Faust waits for them, and the group's lag stays up while the worker
+    # works.  On-call gets one line that says why.
+    monkeypatch.setattr(transport, "COMMIT_STALL_WARN_S", 0.0)
+    consumer = await consumer_at(100)
+    messages = taken(consumer, range(102, 104))
+    for message in messages.values():
+        consumer.ack(message)
+    with caplog.at_level(logging.WARNING, logger="shoprec.worker"):
+        assert consumer._new_offset(TP0) is None
+        assert consumer._new_offset(TP0) is None
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "shop.views[0] held at offset 100" in warnings[0]
+    assert "2 records acknowledged from offset 102 on" in warnings[0]
+    for message in taken(consumer, range(100, 102)).values():
+        consumer.ack(message)
+    assert consumer._new_offset(TP0) == 104  # and the stall is over
