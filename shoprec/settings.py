@@ -1,10 +1,10 @@
 """The one typed settings object, read from ``SHOPREC_*`` environment variables.
 
-``shoprec stack up`` writes the endpoints of the stack it started to ``stack.env``
-in its folder (``SHOPREC_STACK_DIR``, ``.shoprec`` by default); that file is read as a
-fallback so every later command naming the same folder finds the stack.  Real environment variables
-always win over the file.  ``shoprec config`` prints every setting with its
-variable, default and meaning (the README table is made from it).
+``shoprec stack up`` writes the endpoints of the stack it started to ``stack.env`` in
+its folder (``SHOPREC_STACK_DIR``, ``.shoprec`` by default); that file is read as a
+fallback so every later command naming the same folder finds the stack.  Real
+environment variables always win over the file.  ``shoprec config`` prints every
+setting with its variable, default and meaning (the README table is made from it).
 """
 
 from __future__ import annotations
