@@ -308,8 +308,8 @@ async def wait_caught_up(
             if sum(lag.values()) == 0 and time.monotonic() - quiet_since > 2.0:
                 return time.monotonic() - start
         await asyncio.sleep(0.5)
-    # Which partitions stopped, and by how much: a partition no member fetches after a
-    # rebalance looks different from a worker that fell behind everywhere.
+    # Which partitions stopped, and by how much: one partition whose commit waits (the
+    # worker's log then says why) looks different from a worker behind everywhere.
     lagging = {f"{t}[{p}]": n for (t, p), n in sorted(lag.items()) if n}
     raise AssertionError(
         f"not caught up in {timeout_s:.0f} s; records not committed per partition "
