@@ -50,7 +50,6 @@ log = logging.getLogger("shoprec.infra")
 COMPONENTS: tuple[str, ...] = ("broker", "redis", "triton")
 DEFAULT_MODEL_REPO = Path(__file__).resolve().parent.parent / "model_repo"
 STATE_FILE = "stack.json"
-ENV_FILE = STACK_ENV_NAME
 _STATE_VERSION = 1
 CLUSTER_DIR = "cluster"
 # Subfolders `down --wipe` removes; anything else in the stack dir is not ours.
@@ -188,7 +187,7 @@ class Stack:
         self.stack_dir = settings.stack_dir.expanduser().resolve()
         self.model_repo = (model_repo or DEFAULT_MODEL_REPO).expanduser().resolve()
         self.state_path = self.stack_dir / STATE_FILE
-        self.env_path = self.stack_dir / ENV_FILE
+        self.env_path = self.stack_dir / STACK_ENV_NAME
 
     def __enter__(self) -> Self:
         return self

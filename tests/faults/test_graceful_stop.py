@@ -11,7 +11,6 @@ here waits on a frozen Triton (SIGSTOP) when the signal comes.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -29,8 +28,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
 def frozen(s: Scenario, role: str) -> Iterator[None]:
     """``role``'s processes stopped (SIGSTOP) inside the block: calls to it hang until
     their timeout, as on a stalled server; SIGCONT after, whatever happened."""
-    state = json.loads(s.faults.stack.state_path.read_text())
-    pgid = int(state["components"][role]["pid"])
+    pgid = int(s.faults.stack.status()[role]["pid"])  # the process group's leader
     os.killpg(pgid, signal.SIGSTOP)
     try:
         yield
