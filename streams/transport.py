@@ -1,7 +1,8 @@
 """How records get from Kafka to the worker's agents: Faust's aiokafka transport and
 stream, with the three changes that take Faust's own hop from 19.5–21 ms to ~5 ms
 (p50 at 100 events/s; ``bench/faust_hop.py`` measures each, docs/benchmarks.md), and
-one to its commits (:meth:`_Consumer._new_offset`: never past a record in flight).
+two to its commits (:meth:`_Consumer._new_offset`: never past a record in flight;
+:meth:`_Consumer.ack`: only records a stream took in this generation count).
 
 1. **The fetch wait.** faust-streaming 0.15 hard-codes ``fetch_max_wait_ms=1500`` for
    the worker's consumer.  Apache Kafka answers a fetch as soon as a record arrives, so
@@ -33,7 +34,8 @@ from typing import Any, cast
 import aiokafka
 import faust
 from faust.transport.drivers import aiokafka as driver
-from faust.types import TP, ChannelT, EventT, TransportT
+from faust.types import TP, ChannelT, EventT, Message, TransportT
+from faust.types.tuples import ack_lock
 from mode.utils.futures import maybe_async, notify
 
 # take_buffered hands over a batch this long after its last event at the latest even if
@@ -97,6 +99,33 @@ class _Consumer(driver.Consumer):
         cls = _ConsumerThread if in_thread else _InLoopConsumerThread
         return cls(self, loop=self.loop, beacon=self.beacon)
 
+    def ack(self, message: Message) -> bool:
+        """Mark ``message`` done; its offset counts toward the next commit only when a
+        stream took the record in the consumer group's current generation.
+
+        Around a rebalance Faust skips the records still queued for the streams, unhandled,
+        and acknowledges them: while the flow is stopped (the partitions being revoked;
+        the generation has not changed yet) and, after the new assignment, those fetched
+        in the older generation.  Faust then seeks each partition back to its committed
+        offset, so this worker fetches them again.  Counted, those acknowledgements commit
+        past records nobody has handled: if the partition moves to another member before
+        the new copies arrive (a second rebalance: a member joins, then one leaves), that
+        member starts after them and they are never handled.  Not counting them only waits
+        for the new copies.  A record a stream took in an older generation was handled,
+        but the seek fetches it again too, and waiting for that copy keeps the rule one.
+        """
+        generation = message.generation_id
+        current = generation is None or generation == self.app.consumer_generation_id
+        if message.tracked and current:
+            return bool(super().ack(message))
+        with ack_lock:  # Faust's lock for this bookkeeping (Message.ack holds it too)
+            if message.acked:
+                return False
+            message.acked = True
+            self._unacked_messages.discard(message)  # wait_empty waits for no more
+            notify(self._waiting_for_ack)
+            return True
+
     def _new_offset(self, tp: TP) -> int | None:
         """The offset to commit for ``tp``: Faust's, but never past a record still in flight.
 
@@ -104,10 +133,9 @@ class _Consumer(driver.Consumer):
         offset even while the record *at* the committed offset is being handled (its
         head-gap check lets one missing offset pass, for compacted topics;
         faust-streaming#606).  Acknowledged out of order -- two agent instances
-        (``SHOPREC_AGENT_CONCURRENCY`` > 1) whose later batch finishes first, or records
-        of an older generation that Faust skips and acknowledges at once while the batch
-        before them runs -- that commit passes a record nobody has finished, and a crash
-        then loses it.  So wait while a record before the acknowledged run is in flight.
+        (``SHOPREC_AGENT_CONCURRENCY`` > 1) whose later batch finishes first -- that
+        commit passes a record nobody has finished, and a crash then loses it.  So wait
+        while a record before the acknowledged run is in flight.
         """
         acked = self._acked[tp]
         if not acked:
