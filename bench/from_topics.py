@@ -42,7 +42,7 @@ from bench.report import (
     shoprec,
 )
 
-MODELS = ("candidate", "live", "sasrec", "covisitation", "embedding", "popularity")
+MODELS = ("candidate", "live", "sasrec", "repeat", "covisitation", "embedding", "popularity")
 """The model card's names, in the plot's order."""
 
 

@@ -62,7 +62,15 @@ def _export(folder: Path, ds: Any, model: Any, tables: Any, report: dict[str, An
     click.echo(f"model written to {folder}", err=True)
 
 
-MODELS = ("popularity", "covisitation", "embedding", "sasrec", "fused", "fused_no_text")
+MODELS = (
+    "popularity",
+    "covisitation",
+    "repeat",
+    "embedding",
+    "sasrec",
+    "fused",
+    "fused_no_text",
+)
 
 _data_option = click.option(
     "--data",
@@ -352,7 +360,7 @@ def evaluate(
             json_out, ds, name, metrics, {**info, "skipped_positives": metrics.skipped}, common
         )
 
-    if wanted & {"popularity", "covisitation", "embedding"}:
+    if wanted & {"popularity", "covisitation", "repeat", "embedding"}:
         scorers, extra = baseline_scorers(ds, valid)
         for name, scorer in scorers.items():
             if name in wanted:

@@ -5,6 +5,11 @@
 * co-visitation -- the online definition (pairs within 24 h, the user's three latest
   distinct items as sources) with 200 neighbours per source instead of the online 20,
   ties broken by popularity;
+* repeat -- the user's own past: event-weighted counts of each item in everything the
+  user did before the trigger, halved every half-life (none, 7, 30 or 180 days, chosen on
+  the validation period), ties broken by popularity.  Wholesale customers re-order: on
+  UCI 44% of the test positives are items the customer had bought before (9% are in the
+  latest 50 events the feature store keeps);
 * embedding -- cosine between the rolling user embedding and each item's BERT vector;
 * SASRec -- a causal self-attention model over item ids, trained with cross-entropy over
   the full catalogue on the same training period, early-stopped on validation.
@@ -84,6 +89,54 @@ class CoVisitation:
             keys, vals = q.covis_wide
             out[row, keys] += vals
         return out
+
+
+REPEAT_HALF_LIVES_MS: dict[str, int | None] = {
+    "none": None,
+    "7d": 7 * 86_400_000,
+    "30d": 30 * 86_400_000,
+    "180d": 180 * 86_400_000,
+}
+
+
+class Repeat:
+    """Each item's event-weighted count in the user's whole past before the trigger."""
+
+    def __init__(self, ds: Dataset, popularity: Popularity, half_life_ms: int | None) -> None:
+        ev = ds.events
+        self.n = len(ds.catalogue)
+        self.pop = popularity
+        self.half_life = half_life_ms
+        # Each user's events in replay order, found by binary search on the user number.
+        self.order = np.argsort(ev.user, kind="stable")
+        self.starts = np.searchsorted(ev.user[self.order], np.arange(ev.n_users + 1))
+        self.ts, self.items, self.w = ev.ts, ev.item, popularity.w
+
+    def counts(self, q: Query) -> F32:
+        idx = self.order[self.starts[q.user] : self.starts[q.user + 1]]
+        idx = idx[self.ts[idx] <= q.trigger_ts]
+        w = self.w[idx].astype(np.float64)
+        if self.half_life is not None:
+            w = w * np.exp2((self.ts[idx] - q.trigger_ts) / self.half_life)
+        out: F32 = np.bincount(self.items[idx], weights=w, minlength=self.n).astype(np.float32)
+        return out
+
+    def __call__(self, queries: Sequence[Query]) -> F32:
+        pop = self.pop(queries)
+        # Popularity only breaks ties: scaled far below one event of the user's.
+        out: F32 = (1e-6 * pop / (pop.max(axis=1, keepdims=True) + 1.0)).astype(np.float32)
+        return out + np.stack([self.counts(q) for q in queries])
+
+
+def best_repeat(ds: Dataset, valid: Sequence[Query], popularity: Popularity) -> tuple[Repeat, str]:
+    best: tuple[float, str] | None = None
+    for name, half_life in REPEAT_HALF_LIVES_MS.items():
+        m = evaluate_scorer(Repeat(ds, popularity, half_life), valid, progress=False)
+        log.info("repeat half-life %s: valid ndcg@10 %.4f", name, m.ndcg)
+        if best is None or m.ndcg > best[0]:
+            best = (m.ndcg, name)
+    assert best is not None
+    return Repeat(ds, popularity, REPEAT_HALF_LIVES_MS[best[1]]), best[1]
 
 
 class Embedding:
@@ -254,12 +307,14 @@ def baseline_scorers(
 ) -> tuple[dict[str, Scorer], dict[str, object]]:
     """The non-learned baselines, with the popularity window chosen on ``valid``."""
     pop, window = best_popularity(ds, valid)
+    repeat, half_life = best_repeat(ds, valid, pop)
     scorers: dict[str, Scorer] = {
         "popularity": pop,
         "covisitation": CoVisitation(ds, pop),
+        "repeat": repeat,
         "embedding": Embedding(ds),
     }
-    return scorers, {"popularity_window": window}
+    return scorers, {"popularity_window": window, "repeat_half_life": half_life}
 
 
 __all__ = ["Period", "SASRec", "SASRecConfig", "baseline_scorers", "train_sasrec"]

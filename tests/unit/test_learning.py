@@ -233,3 +233,28 @@ def test_a_round_with_too_few_events_is_retried_once_there_are_enough() -> None:
     assert not t.due_by_events(5_000) and not t.due_by_time(3600.0) and t.due_by_time(3601.0)
     t.retry(4000.0)  # Kafka away: not counted, tried again later, not at every poll
     assert not t.due_by_time(4000.0 + RETRY_S - 1) and t.due_by_time(4000.0 + RETRY_S)
+
+
+def test_the_repeat_baseline_counts_the_users_own_past_up_to_the_trigger(tmp_path: Path) -> None:
+    """What the "repeat" baseline scores: each item's event-weighted count in the user's
+    own events at or before the trigger (none after it, none of other users), halved per
+    half-life of age; items the user never touched only by popularity, below all others."""
+    from ranking.baselines import Popularity, Repeat
+    from ranking.data import Period, load_dataset
+
+    ds = load_dataset(DATA / "otto-sample", cache_dir=tmp_path, progress=False)
+    ev, pop = ds.events, Popularity(ds, None)
+    q = max(ds.period(Period.TEST), key=lambda q: q.hist_items.size)
+    mine = ev.user == q.user
+    before = mine & (ev.ts <= q.trigger_ts)
+    assert (mine & (ev.ts > q.trigger_ts)).any(), "the query must have a future to leave out"
+    expected = np.bincount(ev.item[before], weights=pop.w[before], minlength=len(ds.catalogue))
+    np.testing.assert_allclose(Repeat(ds, pop, None).counts(q), expected, rtol=1e-6)
+
+    day = 86_400_000
+    halved = pop.w[before] * np.exp2((ev.ts[before] - q.trigger_ts) / day)
+    decayed = np.bincount(ev.item[before], weights=halved, minlength=len(ds.catalogue))
+    np.testing.assert_allclose(Repeat(ds, pop, day).counts(q), decayed, rtol=1e-5)
+
+    scores = Repeat(ds, pop, None)([q])[0]
+    assert scores[expected > 0].min() > scores[expected == 0].max()
