@@ -323,10 +323,11 @@ def evaluate(
     test period, over the full catalogue; the fused ranker against each other model with a
     paired bootstrap interval (``versus_fused`` in the JSON).
 
-    Models: popularity, co-visitation, embedding-only (BERT cosine), a SASRec-style
-    sequential model trained with cross-entropy on the same split, the fused ranker,
-    and the fused ranker without text embeddings (ablation).  Every test event's item
-    is ranked against every item the worker could show that user.
+    Models: popularity, co-visitation, repeat (the user's own past items by count),
+    embedding-only (BERT cosine), a SASRec-style sequential model trained with
+    cross-entropy on the same split, the fused ranker, and the fused ranker without
+    text embeddings (ablation).  Every test event's item is ranked against every item
+    the worker could show that user.
 
     \b
     Example:
