@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ from ranking.evaluate import F32, Metrics, Scorer, evaluate_scorer
 from shoprec.events import EVENT_WEIGHTS, EventType, event_code
 
 log = logging.getLogger(__name__)
+Option = TypeVar("Option")
+Chosen = TypeVar("Chosen", bound=Scorer)
 
 POP_WINDOWS_MS: dict[str, int | None] = {
     "1h": 3_600_000,
@@ -65,15 +68,19 @@ class Popularity:
         return np.stack([self.counts(q) for q in queries])
 
 
-def best_popularity(ds: Dataset, valid: Sequence[Query]) -> tuple[Popularity, str]:
+def best_on_validation(
+    label: str, options: dict[str, Option], make: Callable[[Option], Chosen], valid: Sequence[Query]
+) -> tuple[Chosen, str]:
+    """The scorer ``make(option)`` that ranks ``valid`` best, and its option's name (the
+    first of equals)."""
     best: tuple[float, str] | None = None
-    for name, window in POP_WINDOWS_MS.items():
-        m = evaluate_scorer(Popularity(ds, window), valid, progress=False)
-        log.info("popularity window %s: valid ndcg@10 %.4f", name, m.ndcg)
+    for name, option in options.items():
+        m = evaluate_scorer(make(option), valid, progress=False)
+        log.info("%s %s: valid ndcg@10 %.4f", label, name, m.ndcg)
         if best is None or m.ndcg > best[0]:
             best = (m.ndcg, name)
-    assert best is not None
-    return Popularity(ds, POP_WINDOWS_MS[best[1]]), best[1]
+    assert best is not None, "no options"
+    return make(options[best[1]]), best[1]
 
 
 class CoVisitation:
@@ -126,17 +133,6 @@ class Repeat:
         # Popularity only breaks ties: scaled far below one event of the user's.
         out: F32 = (1e-6 * pop / (pop.max(axis=1, keepdims=True) + 1.0)).astype(np.float32)
         return out + np.stack([self.counts(q) for q in queries])
-
-
-def best_repeat(ds: Dataset, valid: Sequence[Query], popularity: Popularity) -> tuple[Repeat, str]:
-    best: tuple[float, str] | None = None
-    for name, half_life in REPEAT_HALF_LIVES_MS.items():
-        m = evaluate_scorer(Repeat(ds, popularity, half_life), valid, progress=False)
-        log.info("repeat half-life %s: valid ndcg@10 %.4f", name, m.ndcg)
-        if best is None or m.ndcg > best[0]:
-            best = (m.ndcg, name)
-    assert best is not None
-    return Repeat(ds, popularity, REPEAT_HALF_LIVES_MS[best[1]]), best[1]
 
 
 class Embedding:
@@ -305,9 +301,14 @@ def train_sasrec(
 def baseline_scorers(
     ds: Dataset, valid: Sequence[Query]
 ) -> tuple[dict[str, Scorer], dict[str, object]]:
-    """The non-learned baselines, with the popularity window chosen on ``valid``."""
-    pop, window = best_popularity(ds, valid)
-    repeat, half_life = best_repeat(ds, valid, pop)
+    """The non-learned baselines, with the popularity window and the repeat half-life
+    chosen on ``valid``."""
+    pop, window = best_on_validation(
+        "popularity window", POP_WINDOWS_MS, lambda w: Popularity(ds, w), valid
+    )
+    repeat, half_life = best_on_validation(
+        "repeat half-life", REPEAT_HALF_LIVES_MS, lambda h: Repeat(ds, pop, h), valid
+    )
     scorers: dict[str, Scorer] = {
         "popularity": pop,
         "covisitation": CoVisitation(ds, pop),
