@@ -5,7 +5,8 @@ history: first of the path before retrieval, mixing, filters and the top-K moved
 Triton): the same 1,500 real rees46 events, in the same micro-batches, over the whole
 rees46 catalogue, through ``fused_ranker`` v2.  Today's path must give the same lists —
 the same items with the same scores (within 1e-4) and reasons — where only items of equal
-score may change places.
+score may change places, and a few lists may take in a different near-tied candidate at
+the retrieval cut (another CPU's float arithmetic; ``golden.MAX_CUT_FLIPS``).
 A private Redis and Triton: the shared session stack's catalogue is other tests' too.
 """
 
@@ -44,5 +45,5 @@ async def test_the_same_events_get_the_same_lists_as_before(
     got = await golden.record(settings, data_dir / "rees46-sample")
     want = orjson.loads(golden.GOLDEN.read_bytes())
     assert len(got) == len(want) > 1000
-    assert golden.differences(want, got) == []
+    assert golden.differences(want, got, golden.MAX_CUT_FLIPS) == []
     assert not any(r["degraded"] for r in got)
