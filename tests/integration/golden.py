@@ -15,9 +15,9 @@ Retrieval now breaks them by item number (``features.ann.exact_top_k``), and the
 recorded again with that rule (2026-12-05; 524 lists differ from the first recording,
 each through which of the tied items were retrieved).  On the next machine (2026-12-06)
 one list of 1,164 took in an item the recording had not (rees-124: 3701245 fifth, the last
-one out), every item the two shared keeping its score within 1e-6: near-equal cosines, not
-ties, swap at the retrieval cut when another CPU's float arithmetic differs in the last
-bits.  So up to :data:`MAX_CUT_FLIPS` lists may differ that way, and no other way.
+one out), every item the two shared keeping its score within 1e-6 and the new one
+explained "similar to": by all signs a candidate whose cosine nearly ties the retrieval
+cut's, which another CPU's float arithmetic (differing in the last bits) lets in.  So up to :data:`MAX_CUT_FLIPS` lists may differ that way, and no other way.
 Regenerate the file only for a change that is meant to change the lists::
 
     python -m tests.integration.golden --write
