@@ -67,6 +67,13 @@ class Popularity:
     def __call__(self, queries: Sequence[Query]) -> F32:
         return np.stack([self.counts(q) for q in queries])
 
+    def tie_break(self, queries: Sequence[Query]) -> F32:
+        """Popularity scaled far below one unit of another baseline's score (a decayed
+        co-visit, one event of the user's), so that it only breaks that baseline's ties."""
+        pop = self(queries)
+        out: F32 = (1e-6 * pop / (pop.max(axis=1, keepdims=True) + 1.0)).astype(np.float32)
+        return out
+
 
 def best_on_validation(
     label: str, options: dict[str, Option], make: Callable[[Option], Chosen], valid: Sequence[Query]
@@ -89,9 +96,7 @@ class CoVisitation:
         self.pop = popularity
 
     def __call__(self, queries: Sequence[Query]) -> F32:
-        pop = self.pop(queries)
-        # Popularity only breaks ties: scaled far below one decayed co-visit.
-        out: F32 = (1e-6 * pop / (pop.max(axis=1, keepdims=True) + 1.0)).astype(np.float32)
+        out = self.pop.tie_break(queries)
         for row, q in enumerate(queries):
             keys, vals = q.covis_wide
             out[row, keys] += vals
@@ -129,10 +134,7 @@ class Repeat:
         return out
 
     def __call__(self, queries: Sequence[Query]) -> F32:
-        pop = self.pop(queries)
-        # Popularity only breaks ties: scaled far below one event of the user's.
-        out: F32 = (1e-6 * pop / (pop.max(axis=1, keepdims=True) + 1.0)).astype(np.float32)
-        return out + np.stack([self.counts(q) for q in queries])
+        return self.pop.tie_break(queries) + np.stack([self.counts(q) for q in queries])
 
 
 class Embedding:
