@@ -62,6 +62,10 @@ class Reason(IntEnum):
     """No term contributed positively: nothing to explain."""
     BOUGHT_WITH = 5
     """After a purchase: often bought together with an item of the basket (co-purchase)."""
+    SEEN_BEFORE = 6
+    """The customer viewed, clicked or carted this item before (it is in their history)."""
+    BOUGHT_BEFORE = 7
+    """The customer bought this item before (a purchase of it is in their history)."""
 
 
 @dataclass(frozen=True)

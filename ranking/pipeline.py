@@ -14,14 +14,16 @@ Per micro-batch of ``B`` users:
    user's rolling embedding, and for a search the ``n/4`` nearest to the query,
    interleaved (``features.ann.TableIndex``: exact, or faiss IVF on a large catalogue);
 2. mixing with quotas and filters (``features.candidates.mix``): after a purchase the
-   basket's complements (co-purchase), then semantic, co-visitation, category trending,
-   trending; never what the user just bought or is looking at;
+   basket's complements (co-purchase), then the customer's own items (their history, by
+   event-weighted count), semantic, co-visitation, category trending, trending; never
+   what the user just bought or is looking at;
 3. scoring (a :class:`Scorer`: the trained ranker, or v1's fixed fusion);
 4. the ``k`` best, stable on ties (retrieval order breaks them); after a purchase the
    ranker's picks and what is bought together with the basket take turns, the ranker's
    best first, the complements in co-purchase order (:func:`take_turns`;
    bench/after_purchase.py: complements are what the next purchase often holds);
-5. the explanation of those ``k`` only: reason code, and the user's item behind
+5. the explanation of those ``k`` only: reason code ("you bought this before" / "you
+   viewed this before" for an item of the user's history), and the user's item behind
    "similar to" / "often seen together with" / "often bought together with".
 """
 
@@ -34,10 +36,11 @@ import numpy as np
 import numpy.typing as npt
 
 from features.ann import TableIndex
-from features.candidates import SOURCES, Mixed, blocked, interleave, mix
+from features.candidates import SOURCES, Mixed, blocked, interleave, mix, own_items
 from features.item_table import ItemTable
 from features.keys import EMB_DIM
 from ranking.fusion import Reason
+from shoprec.events import EventType
 
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
@@ -244,9 +247,11 @@ def candidates(request: RecommendRequest, table: ItemTable, index: TableIndex) -
         sem[searching], sem_scores[searching] = mixed, mixed_scores
     sem_scores = np.where(sem >= 0, sem_scores, np.float32(0.0)).astype(np.float32)
     history = request.history.astype(np.int64)
+    own, own_scores = own_items(history, request.history_types, request.history_age_s)
     return mix(
         (
             request.bought_with.astype(np.int64),
+            own,
             sem,
             request.covis.astype(np.int64),
             request.category.astype(np.int64),
@@ -254,6 +259,7 @@ def candidates(request: RecommendRequest, table: ItemTable, index: TableIndex) -
         ),
         (
             request.bought_with_score,
+            own_scores,
             sem_scores,
             request.covis_score,
             request.category_score,
@@ -285,6 +291,14 @@ def recommend(
     signals = np.take_along_axis(cands.signals, order[:, :, None], axis=1)
     real = items >= 0
     reasons, match = scorer.explain(request, items, signals, table)
+    # An item of the customer's own history is explained as such, whatever term scored
+    # it: "you bought this before" says more than "similar to" an item it resembles.
+    mine = (items[:, :, None] == request.history[:, None, :]) & (
+        request.history_types[:, None, :] > 0
+    )
+    bought = (mine & (request.history_types[:, None, :] == EventType.PURCHASE)).any(axis=-1)
+    reasons = np.where(mine.any(axis=-1), Reason.SEEN_BEFORE, reasons)
+    reasons = np.where(bought, Reason.BOUGHT_BEFORE, reasons)
     placed = np.take_along_axis(complement, order, axis=1)
     reasons = np.where(placed, Reason.BOUGHT_WITH, reasons)
     reasons = np.where(real, reasons, Reason.PAD).astype(np.int32)

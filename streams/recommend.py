@@ -328,6 +328,10 @@ def explanation(reason: Reason, source: str | None, trending: bool) -> tuple[str
         primary = f"often seen together with {source}"
     elif reason == Reason.BOUGHT_WITH and source:
         primary = f"often bought together with {source}"
+    elif reason == Reason.BOUGHT_BEFORE:
+        primary = "you bought this before"
+    elif reason == Reason.SEEN_BEFORE:
+        primary = "you viewed this before"
     elif reason == Reason.SIMILAR:
         primary = f"similar to {source}" if source else "matches your taste"
     elif reason == Reason.POPULAR or (reason == Reason.NONE and trending):

@@ -40,3 +40,5 @@ def test_reasons_read_as_words_with_item_names() -> None:
     assert explanation(Reason.BOUGHT_WITH, name, False) == (
         "often bought together with samsung smartphone",
     )
+    assert explanation(Reason.BOUGHT_BEFORE, None, True) == ("you bought this before", "trending")
+    assert explanation(Reason.SEEN_BEFORE, None, False) == ("you viewed this before",)

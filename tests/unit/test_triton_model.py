@@ -95,8 +95,9 @@ def test_after_a_purchase_complements_take_turns_with_the_rankers_picks() -> Non
     got = recommend(bought, table, index, scorer)
     alone = recommend(plain, table, index, scorer)
     # The ranker's best, the strongest complement, the ranker's next, the next complement,
-    # then the ranker's own order; the item just bought is never listed.
-    ranker = [i for i in alone.items[0].tolist() if i not in (57, 3)]
+    # then the ranker's own order; the item just bought (a candidate before, as the
+    # user's own item) is never listed.
+    ranker = [i for i in alone.items[0].tolist() if i not in (57, 3, basket)]
     assert got.items[0, :4].tolist() == [ranker[0], 57, ranker[1], 3]
     assert got.items[0, 4:].tolist() == ranker[2 : got.items.shape[1] - 2]
     assert got.reasons[0, [1, 3]].tolist() == [Reason.BOUGHT_WITH] * 2
@@ -106,3 +107,40 @@ def test_after_a_purchase_complements_take_turns_with_the_rankers_picks() -> Non
     assert Reason.BOUGHT_WITH not in others
     # A user without complements is untouched.
     assert got.items[1].tolist() == alone.items[1].tolist()
+
+
+def test_the_users_own_items_are_candidates_and_explained_as_theirs() -> None:
+    rng = np.random.default_rng(3)
+    table = ItemTable()
+    table.upsert([f"i{k}" for k in range(60)], rng.standard_normal((60, D)).astype(np.float32))
+    base = empty_request(1, k=10, n=10)
+    # Nothing but the user's history and a trending list of other items: the history's
+    # items reach the list only through the "own" source.
+    request = RecommendRequest(
+        **base.arrays()
+        | {
+            "history": np.array([[40, 41, 40, 42]], np.int32),
+            "history_types": np.array(
+                [[EventType.VIEW, EventType.PURCHASE, EventType.CART, EventType.VIEW]], np.int32
+            ),
+            "history_age_s": np.array([[0.0, 9e5, 9e5, 1e6]], np.float32),
+            "in_view": np.array([[40]], np.int32),
+            "trending": np.arange(10, 20, dtype=np.int32)[None, :],
+            "trending_score": np.linspace(9, 1, 10, dtype=np.float32)[None, :],
+        }
+    )
+    got = recommend(request, table, TableIndex(table), FusionScorer())
+    reasons = dict(zip(got.items[0].tolist(), got.reasons[0].tolist(), strict=True))
+    # Own quota: 1 of 10, the strongest (41, bought 10 days ago; 40 is in view).
+    assert reasons[41] == Reason.BOUGHT_BEFORE
+    assert 40 not in reasons and 42 not in reasons
+    assert all(
+        r not in (Reason.BOUGHT_BEFORE, Reason.SEEN_BEFORE) for i, r in reasons.items() if i != 41
+    )
+    # A viewed item that another source brings is explained as seen before.
+    request = RecommendRequest(
+        **request.arrays() | {"trending": np.array([[42, *range(10, 19)]], np.int32)}
+    )
+    got = recommend(request, table, TableIndex(table), FusionScorer())
+    reasons = dict(zip(got.items[0].tolist(), got.reasons[0].tolist(), strict=True))
+    assert reasons[42] == Reason.SEEN_BEFORE and reasons[41] == Reason.BOUGHT_BEFORE
