@@ -9,10 +9,6 @@ Sources, each with a quota of the ``n`` candidates:
 * ``complement`` — after a purchase only: what other customers bought together with the
   basket (co-purchase, ``{i:<item>}:cb``), all of them, ahead of every other source; the
   ranker places them first in the list too (``ranking.pipeline.recommend``);
-* ``own`` — the customer's own items: the distinct items of their history, by
-  event-weighted count (:func:`own_items`).  Customers come back to what they looked at
-  and re-order what they bought; no other source brings those items for that reason (on
-  UCI 44% of the next purchases are items the customer bought before: docs/models.md);
 * ``semantic`` — nearest items to the rolling user embedding (and, for a search, to the
   query, interleaved: :func:`interleave`);
 * ``covis`` — co-visitation neighbours of the user's latest items;
@@ -24,9 +20,8 @@ Each source arrives ranked (the worker orders co-visitation and popularity by sc
 by item id, :func:`ranked`).  Quota a source cannot fill passes to the next source in
 that order, so a cold user's list fills from their category before the whole shop; slots
 still free at the end are refilled from the sources' leftovers, in source order.
-Complements and the customer's own items take their slots from the end (trending first),
-and their unused quota passes to no one: a list without them is mixed exactly as if those
-sources did not exist.
+Complements take their slots from the end (trending first), and their unused quota passes
+to no one: a list without complements is mixed exactly as if the source did not exist.
 
 Filters: the item must be in the catalogue and in stock, not bought by the user recently
 (:data:`JUST_PURCHASED_MS`), not the item the user is looking at, and not taken twice.
@@ -39,23 +34,15 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from shoprec.events import EVENT_WEIGHTS, EventType
+from shoprec.events import EventType
 
 I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
 Bools = npt.NDArray[np.bool_]
 
-SOURCES = ("complement", "own", "semantic", "covis", "category", "trending")
+SOURCES = ("complement", "semantic", "covis", "category", "trending")
 """Source codes of :attr:`Mixed.source`, in mixing order."""
-# Sources whose quota comes on top of the others' (their items push trending's out of the
-# list) and whose unused quota passes to no one.
-_ON_TOP = frozenset({"complement", "own"})
-# The customer's own items: at most this share of the n candidates.  Ten of 100 hold the
-# items a customer returns to most (UCI: the 10 most frequent of the latest 50 events
-# raise the candidates' reach of the next purchase from 23.1% to 25.7%) without taking
-# more than trending's tail from the other sources.
-OWN_SHARE = 0.1
 # Quotas of the n candidates; trending gets the rest.  Co-visitation was the strongest
 # single source on three of the four datasets (bench/results/features.json); at 30 of 100
 # the mix fell 0.04 below it on UCI (a first run, on a time-span split); at 40 it is within
@@ -81,42 +68,9 @@ class Mixed:
 
 def quotas(n: int) -> list[int]:
     """Candidates each source may fill, in :data:`SOURCES` order (complements: all of them,
-    up to ``n``; trending: the rest of semantic's, co-visitation's and category's)."""
+    up to ``n``; trending: the rest of the others')."""
     q = [int(n * SEMANTIC_SHARE), int(n * COVIS_SHARE), int(n * CATEGORY_SHARE)]
-    return [n, int(n * OWN_SHARE), *q, n - sum(q)]
-
-
-_WEIGHT_OF_TYPE = np.zeros(max(EventType) + 1, np.float64)
-for _t in EventType:
-    _WEIGHT_OF_TYPE[_t] = EVENT_WEIGHTS.get(_t.label, 0.0)
-
-
-def own_items(history: I64, history_types: I32, history_age_s: F32) -> tuple[I64, F32]:
-    """``[B, H]`` each user's distinct items of their history, best first, and their
-    scores: the event-weighted count (``shoprec.events.EVENT_WEIGHTS``: a purchase 4, a
-    view 1), ties by the newest event, then the item number; -1 pads.
-
-    The ``repeat`` baseline's count (``ranking.baselines.Repeat``) over the history the
-    worker sends, without its decay: 50 events rarely span the weeks a half-life matters
-    over.
-    """
-    b, h = history.shape
-    real = (history >= 0) & (history_types > 0)
-    rows = np.broadcast_to(np.arange(b, dtype=np.int64)[:, None], (b, h))[real]
-    items = history[real].astype(np.int64)
-    stride = int(items.max(initial=0)) + 1
-    key, inverse = np.unique(rows * stride + items, return_inverse=True)
-    count = np.bincount(inverse, weights=_WEIGHT_OF_TYPE[history_types[real]], minlength=key.size)
-    newest = np.full(key.size, np.inf)
-    np.minimum.at(newest, inverse, history_age_s[real].astype(np.float64))
-    row, item = key // stride, key % stride
-    order = np.lexsort((item, newest, -count, row))
-    row, item, count = row[order], item[order], count[order]
-    col = np.arange(row.size) - np.searchsorted(row, row)  # rank within the user's row
-    out = np.full((b, h), -1, np.int64)
-    scores = np.zeros((b, h), np.float32)
-    out[row, col], scores[row, col] = item, count
-    return out, scores
+    return [n, *q, n - sum(q)]
 
 
 def blocked(history: I64, history_types: I32, history_age_s: F32, in_view: I64) -> I64:
@@ -157,19 +111,19 @@ def interleave(first: I64, first_scores: F32, second: I64, second_scores: F32) -
 
 
 def mix(
-    sources: tuple[I64, I64, I64, I64, I64, I64],
-    scores: tuple[F32, F32, F32, F32, F32, F32],
+    sources: tuple[I64, I64, I64, I64, I64],
+    scores: tuple[F32, F32, F32, F32, F32],
     in_stock: Bools,
     blocked_items: I64,
     n: int,
 ) -> Mixed:
-    """Merge the six ranked ``sources`` (:data:`SOURCES` order, each ``[B, width]``) into
+    """Merge the five ranked ``sources`` (:data:`SOURCES` order, each ``[B, width]``) into
     ``n`` candidates per user, as the module docstring says.
 
-    ``scores`` are each source's scores (complement: decayed co-purchase count, own:
-    event-weighted count, neither a ranker signal; semantic: cosine; covis: decayed count;
-    category and trending: popularity); ``in_stock`` is indexed by item number;
-    ``blocked_items`` ``[B, m]`` (see :func:`blocked`).
+    ``scores`` are each source's scores (complement: decayed co-purchase count, not a
+    ranker signal; semantic: cosine; covis: decayed count; category and trending:
+    popularity); ``in_stock`` is indexed by item number; ``blocked_items`` ``[B, m]`` (see
+    :func:`blocked`).
     """
     b = sources[0].shape[0]
     cand = np.concatenate(sources, axis=1).astype(np.int64)
@@ -202,9 +156,9 @@ def mix(
             leftover[:, lo:hi] = free & ~take
             taken_keys = np.concatenate([taken_keys, seg_key[take]])
             quota = quota - take.sum(axis=1)
-        # What this source could not use passes to the next; complements' and own items'
-        # quota is not a share of the others', so theirs passes to no one.
-        carry = quota if SOURCES[k] not in _ON_TOP else np.zeros(b, np.int64)
+        # What this source could not use passes to the next; complements' quota is not a
+        # share of the others', so theirs passes to no one.
+        carry = quota if SOURCES[k] != "complement" else np.zeros(b, np.int64)
 
     # Leftovers in source order fill what is still free, each item once.
     spare = leftover & ~_isin(key, taken_keys)
@@ -227,9 +181,8 @@ def mix(
         pad = ((0, 0), (0, n - items.shape[1]))
         items = np.pad(items, pad, constant_values=-1)
         source = np.pad(source, pad, constant_values=-1)
-    # The ranker's signals; complements and own items get theirs from the other sources
-    # (0 if absent; the ranker reads a repeat from the history itself).
-    _, _, sem, cov, cat, trn = range(len(SOURCES))
+    # The ranker's signals; complements get theirs from the other sources (0 if absent).
+    _, sem, cov, cat, trn = range(len(SOURCES))
     covis, _ = _lookup(items, sources[cov], scores[cov])
     trend, in_trending = _lookup(items, sources[trn], scores[trn])
     category, _ = _lookup(items, sources[cat], scores[cat])

@@ -14,9 +14,8 @@ Per micro-batch of ``B`` users:
    user's rolling embedding, and for a search the ``n/4`` nearest to the query,
    interleaved (``features.ann.TableIndex``: exact, or faiss IVF on a large catalogue);
 2. mixing with quotas and filters (``features.candidates.mix``): after a purchase the
-   basket's complements (co-purchase), then the customer's own items (their history, by
-   event-weighted count), semantic, co-visitation, category trending, trending; never
-   what the user just bought or is looking at;
+   basket's complements (co-purchase), then semantic, co-visitation, category trending,
+   trending; never what the user just bought or is looking at;
 3. scoring (a :class:`Scorer`: the trained ranker, or v1's fixed fusion);
 4. the ``k`` best, stable on ties (retrieval order breaks them); after a purchase the
    ranker's picks and what is bought together with the basket take turns, the ranker's
@@ -36,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from features.ann import TableIndex
-from features.candidates import SOURCES, Mixed, blocked, interleave, mix, own_items
+from features.candidates import SOURCES, Mixed, blocked, interleave, mix
 from features.item_table import ItemTable
 from features.keys import EMB_DIM
 from ranking.fusion import Reason
@@ -247,11 +246,9 @@ def candidates(request: RecommendRequest, table: ItemTable, index: TableIndex) -
         sem[searching], sem_scores[searching] = mixed, mixed_scores
     sem_scores = np.where(sem >= 0, sem_scores, np.float32(0.0)).astype(np.float32)
     history = request.history.astype(np.int64)
-    own, own_scores = own_items(history, request.history_types, request.history_age_s)
     return mix(
         (
             request.bought_with.astype(np.int64),
-            own,
             sem,
             request.covis.astype(np.int64),
             request.category.astype(np.int64),
@@ -259,7 +256,6 @@ def candidates(request: RecommendRequest, table: ItemTable, index: TableIndex) -
         ),
         (
             request.bought_with_score,
-            own_scores,
             sem_scores,
             request.covis_score,
             request.category_score,

@@ -18,8 +18,11 @@ one list of 1,164 took in an item the recording had not (rees-124: 3701245 fifth
 one out), every item the two shared keeping its score within 1e-6 and the new one
 explained "similar to": by all signs a candidate whose cosine nearly ties the retrieval
 cut's, which another CPU's float arithmetic (differing in the last bits) lets in.  So up
-to :data:`MAX_CUT_FLIPS` lists may differ that way, and no other way.  Regenerate the
-file only for a change that is meant to change the lists::
+to :data:`MAX_CUT_FLIPS` lists may differ that way, and no other way.  Recorded again on
+that machine (2026-12-06) when an item of the user's own history began to be explained
+"you viewed this before" / "you bought this before": 1,007 items of 468 lists changed
+reason, no score or order.  Regenerate the file only for a change that is meant to change
+the lists::
 
     python -m tests.integration.golden --write
 

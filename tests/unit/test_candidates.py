@@ -12,7 +12,7 @@ import random
 import numpy as np
 import pytest
 
-from features.candidates import SOURCES, blocked, interleave, mix, own_items, quotas
+from features.candidates import SOURCES, blocked, interleave, mix, quotas
 from shoprec.events import EventType
 
 N = 100
@@ -22,7 +22,7 @@ def reference_mix(
     sources: list[list[tuple[int, float]]], in_stock: set[int], blocked_items: set[int], n: int
 ) -> list[tuple[int, str, tuple[float, float, float]]]:
     """The mixing rule, a user at a time: (item, source, (covis, popularity, retrieval))."""
-    _, _, semantic, covis, category, trending = (dict(s) for s in sources)
+    _, semantic, covis, category, trending = (dict(s) for s in sources)
     out: list[tuple[int, str]] = []
     seen: set[int] = set()
     leftovers: list[tuple[int, str]] = []
@@ -39,9 +39,8 @@ def reference_mix(
                 taken += 1
             else:
                 leftovers.append((item, name))
-        # Complements and own items take from no one's quota, so their unused quota
-        # passes to no one.
-        carry = quota - taken if name not in ("complement", "own") else 0
+        # Complements take from no one's quota, so their unused quota passes to no one.
+        carry = quota - taken if name != "complement" else 0
     for item, name in leftovers:
         if len(out) >= n:
             break
@@ -77,7 +76,6 @@ def test_the_batch_mix_equals_the_rule_user_by_user(seed: int) -> None:
     users = [
         [
             ranked_source(12) if rnd.random() < 0.4 else [],  # after a purchase
-            ranked_source(20) if rnd.random() < 0.7 else [],  # the user's own items
             ranked_source(50),
             ranked_source(60),
             ranked_source(50),
@@ -108,8 +106,8 @@ def test_unused_quota_flows_to_the_users_category_before_the_whole_shop() -> Non
     category = np.arange(10)[None, :]
     shop = np.arange(10, 20)[None, :]
     got = mix(
-        (empty, empty, empty, empty, category, shop),
-        (np.zeros((1, 1), np.float32),) * 4 + (np.ones((1, 10), np.float32),) * 2,
+        (empty, empty, empty, category, shop),
+        (np.zeros((1, 1), np.float32),) * 3 + (np.ones((1, 10), np.float32),) * 2,
         np.ones(20, bool),
         empty,
         10,
@@ -119,18 +117,17 @@ def test_unused_quota_flows_to_the_users_category_before_the_whole_shop() -> Non
     assert got.items[0].tolist() == [*range(9), 10]
 
 
-def test_complements_then_own_items_come_first_and_take_their_slots_from_the_end() -> None:
+def test_complements_come_first_and_take_their_slots_from_the_end() -> None:
     def row(*items: int) -> np.ndarray:
         return np.array([list(items)], np.int64)
 
     ones = np.ones((1, 4), np.float32)
     others = (row(1, 2, 3, 4), row(5, 6, 7, 8), row(9, 10, 11, 12), row(13, 14, 15, 16))
 
-    def mixed(complements: np.ndarray, own: np.ndarray | None = None) -> list[int]:
-        own = row(-1) if own is None else own
+    def mixed(complements: np.ndarray) -> list[int]:
         got = mix(
-            (complements, own, *others),
-            (np.ones(complements.shape, np.float32), np.ones(own.shape, np.float32)) + (ones,) * 4,
+            (complements, *others),
+            (np.ones(complements.shape, np.float32), ones, ones, ones, ones),
             np.ones(40, bool),
             row(-1),
             10,
@@ -141,44 +138,6 @@ def test_complements_then_own_items_come_first_and_take_their_slots_from_the_end
     assert mixed(row(30, 31)) == [30, 31, *without[:8]]
     # A complement the user may not be shown (blocked or out of stock) leaves no hole.
     assert mixed(row(30, 99)) == [30, *without[:9]]
-    # Own items (quota 1 of 10 here) follow the complements; one also in another source
-    # is taken once, and that source takes its next item instead.
-    assert mixed(row(30), row(20, 21)) == [30, 20, *without[:8]]
-    assert mixed(row(-1), row(5, 21)) == [5, 1, 2, 3, 4, 6, 7, 8, 9, 10]
-
-
-def reference_own(history: list[int], types: list[int], ages: list[float]) -> list[int]:
-    """Distinct items by event-weighted count, ties by the newest event, then by number."""
-    weight = {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 2.0}
-    count: dict[int, float] = {}
-    newest: dict[int, float] = {}
-    for i, t, a in zip(history, types, ages, strict=True):
-        if i >= 0 and t > 0:
-            count[i] = count.get(i, 0.0) + weight[t]
-            newest[i] = min(newest.get(i, np.inf), a)
-    return sorted(count, key=lambda i: (-count[i], newest[i], i))
-
-
-@pytest.mark.parametrize("seed", range(10))
-def test_own_items_of_a_batch_equal_the_rule_user_by_user(seed: int) -> None:
-    rnd = random.Random(seed)
-    b, h = 16, 50
-    history = np.full((b, h), -1, np.int64)
-    types = np.zeros((b, h), np.int32)
-    ages = np.zeros((b, h), np.float32)
-    for r in range(b):
-        n = rnd.randrange(0, h + 1)
-        pool = rnd.sample(range(1000), rnd.randrange(1, 12))
-        history[r, :n] = [rnd.choice(pool) for _ in range(n)]
-        types[r, :n] = [rnd.choice(list(EventType)[1:]) for _ in range(n)]
-        ages[r, :n] = sorted(rnd.uniform(-5, 1e6) for _ in range(n))
-        history[r, rnd.randrange(0, h)] = -1  # a search: no item
-    got, scores = own_items(history, types, ages)
-    for r in range(b):
-        want = reference_own(history[r].tolist(), types[r].tolist(), ages[r].tolist())
-        assert got[r, : len(want)].tolist() == want
-        assert (got[r, len(want) :] == -1).all()
-        assert (np.diff(scores[r, : len(want)]) <= 0).all()
 
 
 def test_a_purchase_blocks_its_item_for_a_day_only_and_the_item_in_view_always() -> None:

@@ -95,9 +95,8 @@ def test_after_a_purchase_complements_take_turns_with_the_rankers_picks() -> Non
     got = recommend(bought, table, index, scorer)
     alone = recommend(plain, table, index, scorer)
     # The ranker's best, the strongest complement, the ranker's next, the next complement,
-    # then the ranker's own order; the item just bought (a candidate before, as the
-    # user's own item) is never listed.
-    ranker = [i for i in alone.items[0].tolist() if i not in (57, 3, basket)]
+    # then the ranker's own order; the item just bought is never listed.
+    ranker = [i for i in alone.items[0].tolist() if i not in (57, 3)]
     assert got.items[0, :4].tolist() == [ranker[0], 57, ranker[1], 3]
     assert got.items[0, 4:].tolist() == ranker[2 : got.items.shape[1] - 2]
     assert got.reasons[0, [1, 3]].tolist() == [Reason.BOUGHT_WITH] * 2
@@ -109,13 +108,13 @@ def test_after_a_purchase_complements_take_turns_with_the_rankers_picks() -> Non
     assert got.items[1].tolist() == alone.items[1].tolist()
 
 
-def test_the_users_own_items_are_candidates_and_explained_as_theirs() -> None:
+def test_an_item_of_the_users_history_is_explained_as_theirs() -> None:
     rng = np.random.default_rng(3)
     table = ItemTable()
     table.upsert([f"i{k}" for k in range(60)], rng.standard_normal((60, D)).astype(np.float32))
     base = empty_request(1, k=10, n=10)
-    # Nothing but the user's history and a trending list of other items: the history's
-    # items reach the list only through the "own" source.
+    # Nothing but the user's history (41 bought, 42 viewed; 40 in view) and a trending
+    # list that holds 41 and 42 among other items.
     request = RecommendRequest(
         **base.arrays()
         | {
@@ -125,22 +124,14 @@ def test_the_users_own_items_are_candidates_and_explained_as_theirs() -> None:
             ),
             "history_age_s": np.array([[0.0, 9e5, 9e5, 1e6]], np.float32),
             "in_view": np.array([[40]], np.int32),
-            "trending": np.arange(10, 20, dtype=np.int32)[None, :],
+            "trending": np.array([[42, 10, 41, *range(11, 18)]], np.int32),
             "trending_score": np.linspace(9, 1, 10, dtype=np.float32)[None, :],
         }
     )
     got = recommend(request, table, TableIndex(table), FusionScorer())
     reasons = dict(zip(got.items[0].tolist(), got.reasons[0].tolist(), strict=True))
-    # Own quota: 1 of 10, the strongest (41, bought 10 days ago; 40 is in view).
-    assert reasons[41] == Reason.BOUGHT_BEFORE
-    assert 40 not in reasons and 42 not in reasons
-    assert all(
-        r not in (Reason.BOUGHT_BEFORE, Reason.SEEN_BEFORE) for i, r in reasons.items() if i != 41
-    )
-    # A viewed item that another source brings is explained as seen before.
-    request = RecommendRequest(
-        **request.arrays() | {"trending": np.array([[42, *range(10, 19)]], np.int32)}
-    )
-    got = recommend(request, table, TableIndex(table), FusionScorer())
-    reasons = dict(zip(got.items[0].tolist(), got.reasons[0].tolist(), strict=True))
-    assert reasons[42] == Reason.SEEN_BEFORE and reasons[41] == Reason.BOUGHT_BEFORE
+    assert reasons[41] == Reason.BOUGHT_BEFORE, "a purchase of it is in the history"
+    assert reasons[42] == Reason.SEEN_BEFORE
+    assert 40 not in reasons, "the item in view is never listed"
+    theirs = (Reason.BOUGHT_BEFORE, Reason.SEEN_BEFORE)
+    assert all(r not in theirs for i, r in reasons.items() if i not in (41, 42))
