@@ -16,7 +16,9 @@ runs rounds forever.  One round:
    and keeps a learned model only where validation says so; a cold shop (too few users to
    validate on) gets the baseline model.
 4. **Judge** it on the held-out slice against the live version and every baseline
-   (bootstrap intervals over test users), and decide (:func:`decide`).
+   (bootstrap intervals over test users), and, against the live version, on the same
+   slice replayed one event per step, the task the live stream asks
+   (:func:`ranking.data.event_steps`); decide (:func:`decide`).
 5. **Write** it as the next version into the archive, outside the served repository, with
    its model card (``card.json``: data range, event counts, metrics with 95% intervals,
    baselines, training time, seed, decision); promote it (:func:`promote`) only when the
@@ -61,6 +63,7 @@ from ranking.data import (
     build_dataset,
     catalogue_of,
     embed_catalogue,
+    event_steps,
     make_events,
 )
 from ranking.evaluate import (
@@ -205,7 +208,12 @@ class Decision:
     """Candidate minus live, held-out NDCG@10, with its 95% interval over users."""
 
 
-def decide(candidate: Metrics, live: Metrics | None, margin: float) -> Decision:
+def decide(
+    candidate: Metrics,
+    live: Metrics | None,
+    margin: float,
+    next_event: tuple[Metrics, Metrics] | None = None,
+) -> Decision:
     """Whether the candidate replaces the live version, and why.
 
     * never when it scores lower than the live version on the held-out slice: a promotion
@@ -217,10 +225,29 @@ def decide(candidate: Metrics, live: Metrics | None, margin: float) -> Decision:
       shipped version on the held-out slice (NDCG@10 0.0169 against 0.0168) and was
       promoted for being the shop's own served lists 9% worse than co-visitation on the
       stream that followed, where the shipped version's were 21% better;
+    * never when, on the held-out slice replayed one event per step (``next_event``: the
+      candidate's and the live version's metrics), it is worse with confidence (the
+      gain's 95% interval below zero): a confident gain on the next basket can still be
+      a loss on the next event, which is what the stream serves.  On UCI's first 40,000
+      events a candidate that ranked the customer's own items first won the basket steps
+      (0.0307 against 0.0168, +0.0049 to +0.0223) and, promoted, served lists that beat
+      co-visitation by 2.7% where the live version's did by 18.7%;
     * with no live version, always.
     """
     if live is None:
         return Decision(True, "no live version to compare with")
+    if next_event is not None:
+        cand_next, live_next = next_event
+        loss = paired_difference(cand_next, live_next)
+        if loss.hi < 0:
+            return Decision(
+                False,
+                f"worse than the live version on the next event (the held-out slice one "
+                f"event per step, what the stream serves): NDCG@10 {cand_next.ndcg:.4f} "
+                f"against {live_next.ndcg:.4f}, {loss.value:+.4f} (95% CI {loss.lo:+.4f}.."
+                f"{loss.hi:+.4f})",
+                paired_difference(candidate, live),
+            )
     gain = paired_difference(candidate, live)
     if gain.value < 0:
         return Decision(
@@ -303,17 +330,26 @@ class Judgement:
     decision: Decision
     baselines: dict[str, object]
     sasrec: dict[str, Any]
+    next_event: dict[str, Metrics] = field(default_factory=dict)
+    """The candidate and the live version on the held-out slice one event per step."""
 
     def card(self) -> dict[str, Any]:
         """The model card's judgement part."""
         cand = self.metrics[CANDIDATE]
-        return {
+        out: dict[str, Any] = {
             "held_out": {name: m.to_json() for name, m in self.metrics.items()},
             "versus": {
                 name: paired_difference(cand, m).to_json()
                 for name, m in self.metrics.items()
                 if name != CANDIDATE
             },
+        }
+        if self.next_event:
+            out["held_out_next_event"] = {n: m.to_json() for n, m in self.next_event.items()}
+            out["versus_next_event"] = {
+                LIVE: paired_difference(self.next_event[CANDIDATE], self.next_event[LIVE]).to_json()
+            }
+        return out | {
             "baselines": self.baselines,
             "decision": {"promote": self.decision.promote, "reason": self.decision.reason},
         }
@@ -328,7 +364,8 @@ def judge(
     progress: bool = False,
 ) -> Judgement:
     """Score the candidate, the live version (whatever it is) and the baselines on the
-    latest slice held out by time, and :func:`decide`."""
+    latest slice held out by time, the candidate and the live version on that slice one
+    event per step too, and :func:`decide`."""
     seed = options.train.seed
     test = sample_queries(ds.period(Period.TEST), options.max_test_queries, seed)
     valid = sample_queries(ds.period(Period.VALID), 400, seed)
@@ -336,9 +373,13 @@ def judge(
     live_version = versions.live()
     live_card = None if live_version is None else versions.card(live_version)
     about = ""
+    next_event: dict[str, Metrics] = {}
     if live_version is not None:
         scorer, about = version_scorer(versions.folder(live_version), ds)
         metrics[LIVE] = evaluate_scorer(scorer, test, progress=False)
+        steps = sample_queries(event_steps(ds, Period.TEST), options.max_test_queries, seed)
+        for name, one in ((CANDIDATE, candidate), (LIVE, scorer)):
+            next_event[name] = evaluate_scorer(one, steps, progress=False)
     scorers, extra = baseline_scorers(ds, valid)
     for name, scorer in scorers.items():
         metrics[name] = evaluate_scorer(scorer, test, progress=False)
@@ -347,8 +388,15 @@ def judge(
         cfg = dataclasses.replace(SASRecConfig(), seed=seed, max_seconds=options.sasrec_seconds)
         sas, sasrec = train_sasrec(ds, valid, cfg, progress)
         metrics["sasrec"] = evaluate_scorer(sas, test, progress=False)
-    decision = decide(metrics[CANDIDATE], metrics.get(LIVE), options.margin)
-    return Judgement(metrics, test, live_version, live_card, about, decision, extra, sasrec)
+    decision = decide(
+        metrics[CANDIDATE],
+        metrics.get(LIVE),
+        options.margin,
+        (next_event[CANDIDATE], next_event[LIVE]) if next_event else None,
+    )
+    return Judgement(
+        metrics, test, live_version, live_card, about, decision, extra, sasrec, next_event
+    )
 
 
 def train_round(

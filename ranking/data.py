@@ -74,6 +74,11 @@ SOURCE_FILES = ("data.py", "../features/ann.py", "../features/fold.py", "../feat
 Order = Literal["hash", "file"]
 """How events of one timestamp are ordered: by a hash of their id (always, except to
 measure what that changes: ``file`` keeps the dataset file's order)."""
+Step = Literal["timestamp", "event"]
+"""What one step of the replay is: all events of one timestamp (training and the held-out
+judgement: a basket is one trigger, labelled with the next basket), or each event alone,
+labelled with the user's next event (what the live stream asks: every event gets a list,
+and the next event is scored against it; :func:`event_steps`)."""
 
 
 class Period(IntEnum):
@@ -480,12 +485,17 @@ def replay(
     cuts: tuple[int, int],
     policy: UpdatePolicy = POLICY,
     progress: bool = True,
+    step: Step = "timestamp",
+    labels_in: Period | None = None,
 ) -> list[Query]:
     """Replay events in order; one labelled :class:`Query` per user batch with a successor.
 
-    All events of one timestamp are applied as one batch before any snapshot of that
-    timestamp, so a snapshot sees other users' simultaneous events (never later ones)
-    and a basket is one trigger.
+    By ``step="timestamp"``, all events of one timestamp are applied as one batch before
+    any snapshot of that timestamp, so a snapshot sees other users' simultaneous events
+    (never later ones) and a basket is one trigger.  By ``step="event"``, each event is
+    applied and snapshotted alone, in replay order, as the live worker meets them.
+    ``labels_in`` keeps only the queries whose label falls in that period, and skips the
+    snapshots (most of the replay's time) of every other step.
     """
     state = _Replay(catalogue, item_emb, policy, events.user_ids)
     queries: list[Query] = []
@@ -496,17 +506,25 @@ def replay(
         events.type.tolist(),
         events.ts.tolist(),
     )
+    # Each event's user's next event time (-1 for none): whether a step's label falls in
+    # ``labels_in`` is known before its snapshot is taken.
+    by_user = np.argsort(events.user, kind="stable")
+    same = events.user[by_user[1:]] == events.user[by_user[:-1]]
+    next_ts = np.full(len(events), -1, np.int64)
+    next_ts[by_user[:-1][same]] = events.ts[by_user[1:][same]]
     bar = tqdm(total=len(events), desc="replay", unit="ev", disable=not progress, mininterval=1.0)
     k, n = 0, len(events)
     while k < n:
         ts = tss[k]
         end = k
-        while end < n and tss[end] == ts:
+        while end < n and tss[end] == ts and (step == "timestamp" or end == k):
             end += 1
         state.apply(users[k:end], items[k:end], types[k:end], events.event_ids[k:end], ts)
         groups: dict[int, list[int]] = {}
+        last: dict[int, int] = {}
         for j in range(k, end):
             groups.setdefault(users[j], []).append(items[j])
+            last[users[j]] = j
         for u, group_items in groups.items():
             q = pending.pop(u, None)
             if q is not None:
@@ -514,12 +532,34 @@ def replay(
                 q.period = _period(ts, cuts)
                 q.targets = list(dict.fromkeys(group_items))
                 queries.append(q)
-        for q in state.snapshots(list(groups), ts):
+        wanted = [
+            u
+            for u, j in last.items()
+            if labels_in is None
+            or (next_ts[j] >= 0 and _period(int(next_ts[j]), cuts) == labels_in)
+        ]
+        for q in state.snapshots(wanted, ts) if wanted else []:
             pending[q.user] = q
         bar.update(end - k)
         k = end
     bar.close()
     return queries
+
+
+def event_steps(ds: Dataset, period: Period, progress: bool = False) -> list[Query]:
+    """``ds``'s events replayed one event per step (:data:`Step`), the queries whose label
+    falls in ``period``: each labelled with the user's next event's item.
+
+    The live stream's task, offline: the learner judges a candidate on it beside the
+    basket steps (``ops.learn.decide``), because the two can disagree.  On UCI, where
+    baskets hold about 20 lines, a model that ranks the customer's own items first won
+    the basket-step slice with confidence and served lists worse on the stream, where the
+    next event is mostly another line of the same basket.  A label equal to the item in
+    view is never scored (``Query.blocked``), as the stream scores new items only.
+    """
+    return replay(
+        ds.events, ds.catalogue, ds.item_emb, ds.cut_ts, POLICY, progress, "event", period
+    )
 
 
 def _period(ts: int, cuts: tuple[int, int]) -> Period:

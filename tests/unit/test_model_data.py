@@ -259,3 +259,37 @@ def test_replay_retrieval_gives_tied_items_to_the_lower_row_as_the_worker_does(
             assert mine.tolist() == text_rows[group[text_rows] == g][: mine.size].tolist()
             checked += 1
     assert checked > 500
+
+
+def test_one_event_per_step_labels_each_event_with_the_users_next_event() -> None:
+    """``step="event"`` (the learner's check on what the stream serves): each event of a
+    user but the last is a trigger, labelled with that user's next event alone, and sees
+    nothing after itself, not even the rest of a same-day basket (amazon has many)."""
+    folder = DATA / "amazon-gift-cards-2018"
+    cat = load_catalogue(folder)
+    ev = load_events(folder, cat)
+    emb = np.zeros((len(cat), 384), np.float32)
+    cuts = _cuts(ev)
+    steps = replay(ev, cat, emb, cuts, progress=False, step="event")
+    baskets = replay(ev, cat, emb, cuts, progress=False)
+    mine: dict[int, list[int]] = {}
+    for k, u in enumerate(ev.user.tolist()):
+        mine.setdefault(u, []).append(k)
+    assert len(steps) == sum(len(ks) - 1 for ks in mine.values())
+    assert len(steps) > len(baskets) + 500, "same-day events are one basket step"
+    got: dict[int, list[tuple[int, list[int], int]]] = {}
+    for q in steps:
+        got.setdefault(q.user, []).append((int(q.hist_items[0]), q.targets, len(q.hist_items)))
+    for u, ks in mine.items():
+        want = [
+            (int(ev.item[a]), [int(ev.item[b])], min(j + 1, 50))
+            for j, (a, b) in enumerate(zip(ks, ks[1:], strict=False))
+        ]
+        assert got.get(u, []) == want
+    # Only the held-out slice's labels (what the learner asks for): the same queries, with
+    # the snapshots of every other step skipped.
+    test = replay(ev, cat, emb, cuts, progress=False, step="event", labels_in=Period.TEST)
+    assert test and all(q.period == Period.TEST for q in test)
+    assert [_features(q) + (q.targets,) for q in test] == [
+        _features(q) + (q.targets,) for q in steps if q.period == Period.TEST
+    ]
