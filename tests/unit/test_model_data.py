@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -283,13 +284,13 @@ def test_one_event_per_step_labels_each_event_with_the_users_next_event() -> Non
     for u, ks in mine.items():
         want = [
             (int(ev.item[a]), [int(ev.item[b])], min(j + 1, 50))
-            for j, (a, b) in enumerate(zip(ks, ks[1:], strict=False))
+            for j, (a, b) in enumerate(itertools.pairwise(ks))
         ]
         assert got.get(u, []) == want
     # Only the held-out slice's labels (what the learner asks for): the same queries, with
     # the snapshots of every other step skipped.
     test = replay(ev, cat, emb, cuts, progress=False, step="event", labels_in=Period.TEST)
     assert test and all(q.period == Period.TEST for q in test)
-    assert [_features(q) + (q.targets,) for q in test] == [
-        _features(q) + (q.targets,) for q in steps if q.period == Period.TEST
+    assert [(*_features(q), q.targets) for q in test] == [
+        (*_features(q), q.targets) for q in steps if q.period == Period.TEST
     ]
