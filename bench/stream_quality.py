@@ -361,6 +361,8 @@ def one_shop(folder: Path, work: Path, rate: float, max_events: int | None) -> d
             "live_version": m.get("live_version"),
             "decision": card.get("decision"),
             "held_out": card.get("held_out"),
+            "held_out_next_event": card.get("held_out_next_event"),
+            "versus_next_event": card.get("versus_next_event"),
             "kept": card.get("training", {}).get("kept"),
             "cold_shop": card.get("training", {}).get("cold_shop"),
         },
