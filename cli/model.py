@@ -405,9 +405,9 @@ def learner(threads: int) -> None:
     SHOPREC_TRITON_URL, every address of each host) to load the candidate only when it
     beats the live version by SHOPREC_LEARNER_MARGIN of its NDCG@10 with 95% confidence
     (a paired bootstrap over test users), whoever trained the live version (the shipped
-    model, another shop's weights or this shop's own), and is not worse with confidence
-    on the same events taken one at a time (the next event after each event: what the
-    stream serves).  Otherwise the live version stays and the log says why.  Candidates wait in
+    model, another shop's weights or this shop's own), and does not score lower on the
+    same events taken one at a time (the next event after each event: what the stream
+    serves).  Otherwise the live version stays and the log says why.  Candidates wait in
     SHOPREC_MODEL_ARCHIVE, never in the served SHOPREC_MODEL_REPO; every decision is in
     its history.jsonl (`shoprec model list`).  Prometheus metrics on
     SHOPREC_METRICS_HOST:SHOPREC_METRICS_PORT: last training, last promotion, the live

@@ -159,7 +159,7 @@ def test_only_a_confident_gain_promotes_whoever_trained_the_live_model() -> None
     assert decide(clearly, None, 0.01).promote
 
 
-def test_a_confident_gain_on_baskets_is_not_promoted_if_worse_on_the_next_event() -> None:
+def test_a_confident_gain_on_baskets_is_not_promoted_if_lower_on_the_next_event() -> None:
     rng = np.random.default_rng(2)
     users = rng.integers(0, 400, 1500).tolist()
     live_ranks = rng.integers(1, 30, 1500).astype(float)
@@ -169,9 +169,13 @@ def test_a_confident_gain_on_baskets_is_not_promoted_if_worse_on_the_next_event(
     d = decide(clearly, live, 0.01, (worse_next, live))
     assert not d.promote and "worse than the live version on the next event" in d.reason
     assert d.gain is not None and d.gain.lo > 0, "the basket-step gain is still reported"
-    # Not worse with confidence on the next event: the basket-step rule decides.
-    shuffled = _metrics(rng.permutation(live_ranks).tolist(), users)
-    assert decide(clearly, live, 0.01, (shuffled, live)).promote
+    # Lower on the next event without confidence still keeps the live version.
+    slightly_worse = live_ranks.copy()
+    slightly_worse[:30] += 1
+    d = decide(clearly, live, 0.01, (_metrics(slightly_worse.tolist(), users), live))
+    assert not d.promote and "on the next event" in d.reason
+    # Not lower on the next event: the basket-step rule decides.
+    assert decide(clearly, live, 0.01, (live, live)).promote
     assert decide(clearly, live, 0.01, (clearly, live)).promote
 
 
