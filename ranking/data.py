@@ -551,11 +551,9 @@ def event_steps(ds: Dataset, period: Period, progress: bool = False) -> list[Que
     falls in ``period``: each labelled with the user's next event's item.
 
     The live stream's task, offline: the learner judges a candidate on it beside the
-    basket steps (``ops.learn.decide``), because the two can disagree.  On UCI, where
-    baskets hold about 20 lines, a model that ranks the customer's own items first won
-    the basket-step slice with confidence and served lists worse on the stream, where the
-    next event is mostly another line of the same basket.  A label equal to the item in
-    view is never scored (``Query.blocked``), as the stream scores new items only.
+    basket steps, because the two can disagree (``ops.learn.decide`` says where).  A label
+    equal to the item in view is never scored (``Query.blocked``), as the stream scores
+    new items only.
     """
     return replay(
         ds.events, ds.catalogue, ds.item_emb, ds.cut_ts, POLICY, progress, "event", period
