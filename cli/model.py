@@ -46,10 +46,13 @@ def _load(
 
 
 def _train_config(epochs: int, seed: int, no_text: bool) -> Any:
-    from ranking.model import RankerConfig
+    from dataclasses import replace
+
     from ranking.train import TrainOptions
 
-    return TrainOptions(RankerConfig(use_text=not no_text, base=True), max_epochs=epochs, seed=seed)
+    default = TrainOptions()  # the learner's shape: one home for it
+    model = replace(default.model, use_text=not no_text)
+    return replace(default, model=model, max_epochs=epochs, seed=seed)
 
 
 def _export(folder: Path, ds: Any, model: Any, tables: Any, report: dict[str, Any]) -> None:

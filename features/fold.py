@@ -44,6 +44,7 @@ from redis.asyncio import Redis
 from features import keys
 from features.behavioural import NEIGHBOURS, changed_vector
 from features.connection import send_commands
+from features.decay import MEMORY_HALF_LIFE_MS, forward_weight
 from features.store import (
     COVIS_KEEP,
     COVIS_TTL_S,
@@ -54,6 +55,7 @@ from features.store import (
     UserContext,
     UserUpdate,
     fill_neighbourhood,
+    memory_at,
     plan_neighbourhood,
     popularity_from_replies,
     popularity_read_keys,
@@ -87,6 +89,7 @@ class UserFold:
     seen: dict[str, int] = field(default_factory=dict)  # event id -> ts (dedupe window)
     heap: list[tuple[int, str]] = field(default_factory=list)  # the window, oldest on top
     pending: str | None = None  # the latest trigger not confirmed published
+    memory: dict[str, float] = field(default_factory=dict)  # item -> forward-decayed count
 
 
 class MemoryStore:
@@ -165,6 +168,11 @@ class MemoryStore:
         user.n += 1
         if u.item_id is not None:
             user.history.appendleft(HistoryEntry(u.item_id, u.type, u.ts))
+            if p.memory_len:
+                mem = user.memory
+                mem[u.item_id] = mem.get(u.item_id, 0.0) + forward_weight(u.ts, MEMORY_HALF_LIFE_MS)
+                if len(mem) > p.memory_len:  # ZREMRANGEBYRANK: the lowest (score, member)
+                    del mem[min(mem.items(), key=lambda kv: (kv[1], kv[0]))[0]]
         emit = False
         last = user.last_emit_ts
         if u.always_emit or last < 0 or u.ts - last >= p.min_emit_interval_ms:
@@ -199,16 +207,21 @@ class MemoryStore:
         names, weights = popularity_read_keys(now_ms, category)
         return popularity_from_replies([self.top(k, n) for k in names], weights)
 
-    def user_context(self, user_id: str) -> UserContext:
-        """A user's embedding, query and history, as the first read of ``read_context``."""
+    def user_context(self, user_id: str, ts_ms: int) -> UserContext:
+        """A user's embedding, query, history and memory (decayed to ``ts_ms``), as the
+        first read of ``read_context``."""
         user = self.users.get(user_id)
         if user is None:
             zeros = np.zeros(self._dim, F32)
             return UserContext(embedding=zeros, query=zeros.copy(), history=[])
+        strongest = heapq.nlargest(
+            self.policy.memory_len, user.memory.items(), key=lambda kv: (kv[1], kv[0])
+        )
         return UserContext(
             embedding=normalise(user.emb, self._dim),
             query=normalise(user.query, self._dim),
             history=by_event_time(list(user.history)),
+            memory=memory_at(strongest, ts_ms),
         )
 
     def read_context(
@@ -233,7 +246,7 @@ class MemoryStore:
         users = list(dict.fromkeys(user_ids))
         now = max(trigger_ts.values(), default=0)
         trending = self.popularity(now, None, trending_n).trending()
-        base = {u: self.user_context(u) for u in users}
+        base = {u: self.user_context(u, trigger_ts.get(u, now)) for u in users}
         plan = plan_neighbourhood(base, self._category_of, self._query_categories)
         widest = max(covis_per_item)
         rows = {item: self.top(keys.item_covis(item), widest) for item in plan.items}
@@ -241,7 +254,10 @@ class MemoryStore:
         cat_pop = {c: self.popularity(now, c, trending_n).trending() for c in plan.categories}
         out = []
         for width in covis_per_item:
-            contexts = {u: UserContext(c.embedding, c.query, c.history) for u, c in base.items()}
+            contexts = {
+                u: UserContext(c.embedding, c.query, c.history, memory=c.memory)
+                for u, c in base.items()
+            }
             cut = {item: row[:width] for item, row in rows.items()}
             cut_bought = {item: row[:width] for item, row in bought.items()}
             fill_neighbourhood(contexts, plan, cut, cat_pop, trigger_ts, now, cut_bought)
@@ -291,6 +307,8 @@ class MemoryStore:
                 out[keys.user_query(user_id)] = vector_to_bytes(u.query)
             if u.pending is not None:
                 out[keys.user_pending(user_id)] = u.pending.encode()
+            if u.memory:
+                out[keys.user_memory(user_id)] = dict(u.memory)
         for key, row in self.counters.items():
             out[key] = dict(row)
         return out
@@ -382,4 +400,10 @@ def _user_commands(user_id: str, u: UserFold, ttl_s: int) -> list[tuple[Any, ...
         out.append(("SET", keys.user_emb(user_id), vector_to_bytes(u.emb), "EX", ttl_s))
     if u.query is not None:
         out.append(("SET", keys.user_query(user_id), vector_to_bytes(u.query), "EX", ttl_s))
+    if u.memory:
+        flat: list[Any] = []
+        for item, score in u.memory.items():
+            flat += (score, item)
+        mem = keys.user_memory(user_id)
+        out += [("ZADD", mem, *flat), ("EXPIRE", mem, ttl_s)]
     return out

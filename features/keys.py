@@ -11,6 +11,9 @@ one slot (the update script touches them together); an item's keys share
     {u:<user>}:q       float32 bytes, embedding of the last search query
     {u:<user>}:pend    id of the user's latest trigger whose recommendation is not yet
                        confirmed published (a redelivery of that event re-triggers it)
+    {u:<user>}:mem     sorted set: item -> forward-decayed count of the user's events on it
+                       (features.decay, half-life 180 days), the strongest
+                       SHOPREC_MEMORY_LEN kept: the items of their whole past
     {u:<user>}:xp      hash: the user's experiment and arm, and what was credited to each
                        arm's lists (features.attribution)
     {u:<user>}:xl      list of the lists shown to the user (JSON, newest first)
@@ -93,6 +96,10 @@ def user_pending(user: str) -> str:
     return _state(f"{{u:{user}}}:pend")
 
 
+def user_memory(user: str) -> str:
+    return _state(f"{{u:{user}}}:mem")
+
+
 def user_experiment(user: str) -> str:
     return _state(f"{{u:{user}}}:xp")
 
@@ -109,10 +116,10 @@ def user_attributions(user: str) -> str:
     return _state(f"{{u:{user}}}:xr")
 
 
-# Every per-user key's suffix; the first six in the order the update script takes them, then
-# attribution's four in the order its script takes them (features/attribute.lua).
+# Every per-user key's suffix; the first seven in the order the update script takes them,
+# then attribution's four in the order its script takes them (features/attribute.lua).
 USER_KEY_SUFFIXES: tuple[str, ...] = (
-    "emb", "meta", "hist", "ev", "q", "pend", "xp", "xl", "xe", "xr",
+    "emb", "meta", "hist", "ev", "q", "pend", "mem", "xp", "xl", "xe", "xr",
 )  # fmt: skip
 
 
@@ -246,6 +253,13 @@ SCHEMA: tuple[KeySpec, ...] = (
         "{u:<user>}:pend",
         "id of the user's latest trigger event not yet confirmed published",
         "SHOPREC_USER_TTL_S; deleted once the broker acknowledges the recommendation",
+        personal=True,
+    ),
+    KeySpec(
+        "{u:<user>}:mem",
+        "the items of the user's whole past (the SHOPREC_MEMORY_LEN strongest), each with "
+        "a count of their events on it decayed with a 180-day half-life",
+        _USER_TTL,
         personal=True,
     ),
     KeySpec(

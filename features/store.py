@@ -34,6 +34,7 @@ from features.decay import (
     COVIS_HALF_LIFE_MS,
     DAY_MS,
     HOUR_MS,
+    MEMORY_HALF_LIFE_MS,
     decayed_value,
     forward_weight,
     sliding_window,
@@ -117,6 +118,8 @@ class UpdatePolicy:
     # measured on UCI, 1,000 ids cost 10.2 kB of a user's 13.4 kB.  Kafka redelivers at most
     # the records since the last commit, far fewer than 128 events of one user.
     dedupe_window: int = 128
+    memory_len: int = 0
+    """Distinct items of the user's whole past kept (``keys.user_memory``); 0: none."""
 
 
 @dataclass(slots=True)
@@ -133,6 +136,16 @@ class UserContext:
     bought_with_source: dict[str, str] = field(default_factory=dict)  # item -> basket item
     # Trending within the categories of the user's latest items (cold start by category).
     category_trending: dict[str, float] = field(default_factory=dict)
+    # The items of the user's whole past (keys.user_memory), strongest first: item -> count
+    # of the user's events on it, decayed to the trigger (memory_at).
+    memory: dict[str, float] = field(default_factory=dict)
+
+
+def memory_at(rows: Iterable[tuple[str, float]], ts_ms: int) -> dict[str, float]:
+    """A user's memory as read (``ZREVRANGE ... WITHSCORES``: forward-decayed sums, strongest
+    first) as counts decayed to ``ts_ms``."""
+    scale = decayed_value(1.0, ts_ms, MEMORY_HALF_LIFE_MS)
+    return {item: score * scale for item, score in rows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +221,7 @@ class FeatureStore:
                         keys.user_events(u.user_id),
                         keys.user_query(u.user_id),
                         keys.user_pending(u.user_id),
+                        keys.user_memory(u.user_id),
                     ],
                     [
                         u.event_id,
@@ -222,6 +236,8 @@ class FeatureStore:
                         p.min_emit_interval_ms,
                         1 if u.always_emit else 0,
                         p.dedupe_window,
+                        p.memory_len,
+                        repr(forward_weight(u.ts, MEMORY_HALF_LIFE_MS)),
                     ],
                 )
                 for u in updates
@@ -287,22 +303,28 @@ class FeatureStore:
         """
         users = list(dict.fromkeys(user_ids))
         now = max(trigger_ts.values(), default=0)
+        memory_len = self._policy.memory_len
+        per_user = 4 if memory_len else 3
         async with self._redis.pipeline(transaction=False) as pipe:
             for u in users:
                 pipe.get(keys.user_emb(u))
                 pipe.get(keys.user_query(u))
                 pipe.lrange(keys.user_hist(u), 0, self._policy.history_len - 1)
+                if memory_len:
+                    pipe.zrevrange(keys.user_memory(u), 0, memory_len - 1, withscores=True)
             weights = queue_popularity_reads(pipe, now, None, trending_n)
             raw = await pipe.execute()
         contexts: dict[str, UserContext] = {}
         for i, u in enumerate(users):
-            emb, query, hist = raw[3 * i : 3 * i + 3]
+            emb, query, hist = raw[per_user * i : per_user * i + 3]
+            mem = raw[per_user * i + 3] if memory_len else []
             contexts[u] = UserContext(
                 embedding=normalise(vector_from_bytes(emb), self._dim),
                 query=normalise(vector_from_bytes(query), self._dim),
                 history=decode_history(hist),
+                memory=memory_at(((m.decode(), s) for m, s in mem), trigger_ts.get(u, now)),
             )
-        trending = popularity_from_replies(raw[3 * len(users) :], weights).trending()
+        trending = popularity_from_replies(raw[per_user * len(users) :], weights).trending()
         await self._read_neighbourhood(contexts, trigger_ts, now, covis_per_item, trending_n)
         return Context(users=contexts, trending=trending)
 

@@ -1,10 +1,11 @@
 -- Apply one shop event to one user's state, atomically and idempotently.
 --
 -- KEYS: 1 emb, 2 meta, 3 hist, 4 ev (dedupe window), 5 q (last query),
---       6 pend (the latest trigger not yet confirmed published)
+--       6 pend (the latest trigger not yet confirmed published), 7 mem (whole-past items)
 -- ARGV: 1 event_id, 2 ts (ms), 3 type, 4 item_id ("" for search), 5 weight,
 --       6 half_life_ms, 7 hist_len, 8 ttl_s, 9 vec (float32 LE bytes or ""),
---       10 min_emit_interval_ms, 11 always_emit (0/1), 12 dedupe_window
+--       10 min_emit_interval_ms, 11 always_emit (0/1), 12 dedupe_window,
+--       13 memory_len (0: no memory), 14 the event's forward-decay weight for mem
 -- Returns {applied (0 = duplicate), emit (0/1), recent items before this event...}
 -- A duplicate returns emit = 1 only when it is the pending trigger: the worker wrote the
 -- state, then died before its recommendation was published; the redelivery re-triggers it.
@@ -14,12 +15,13 @@
 -- its own decay factor.  Either way the result is the same sum, so arrival
 -- order does not matter and a late event is folded in, not dropped.
 local emb_key, meta_key, hist_key, ev_key, q_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local pend_key = KEYS[6]
+local pend_key, mem_key = KEYS[6], KEYS[7]
 local event_id, ts, etype, item_id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local weight, half_life = tonumber(ARGV[5]), tonumber(ARGV[6])
 local hist_len, ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
 local vec, min_gap, always = ARGV[9], tonumber(ARGV[10]), ARGV[11] == '1'
 local window = tonumber(ARGV[12])
+local mem_len, mem_weight = tonumber(ARGV[13]), ARGV[14]
 
 -- Dedupe: the ids of the user's latest `window` events (by event time).  An event older
 -- than all of them when the window is full cannot be told from a replay of one that left
@@ -75,6 +77,13 @@ redis.call('HINCRBY', meta_key, 'n', 1)
 if item_id ~= '' then
   redis.call('LPUSH', hist_key, item_id .. '|' .. etype .. '|' .. ts)
   redis.call('LTRIM', hist_key, 0, hist_len - 1)
+  -- The whole past, bounded: a forward-decayed count per item (the weight is computed by
+  -- the caller, features.decay), the weakest evicted.  A new item carries the newest
+  -- event's weight, so it displaces items last seen long ago, not the other way round.
+  if mem_len > 0 then
+    redis.call('ZINCRBY', mem_key, mem_weight, item_id)
+    redis.call('ZREMRANGEBYRANK', mem_key, 0, -(mem_len + 1))
+  end
 end
 
 local emit = 0
@@ -90,6 +99,7 @@ end
 redis.call('EXPIRE', meta_key, ttl)
 redis.call('EXPIRE', hist_key, ttl)
 redis.call('EXPIRE', ev_key, ttl)
+redis.call('EXPIRE', mem_key, ttl)
 if redis.call('EXISTS', emb_key) == 1 then
   redis.call('EXPIRE', emb_key, ttl)
 end

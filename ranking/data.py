@@ -57,6 +57,7 @@ HISTORY_LEN: int = int(_DEFAULTS["history_len"].default)
 POLICY = UpdatePolicy(
     half_life_ms=1000.0 * float(_DEFAULTS["embedding_half_life_s"].default),
     history_len=HISTORY_LEN,
+    memory_len=int(_DEFAULTS["memory_len"].default),
     ttl_s=int(_DEFAULTS["user_ttl_s"].default),
     min_emit_interval_ms=int(_DEFAULTS["min_emit_interval_ms"].default),
 )
@@ -151,6 +152,10 @@ class Query:
     covis_wide: tuple[I64, F32]
     """Co-visitation over the same sources with ``COVIS_WIDE`` neighbours each (baseline)."""
     targets: list[int] = field(default_factory=list)
+    memory: tuple[I64, F32] = field(
+        default_factory=lambda: (np.zeros(0, np.int64), np.zeros(0, np.float32))
+    )
+    """The user's memory (``UserContext.memory``): items, strongest first, and their counts."""
 
     def blocked(self) -> set[int]:
         """Items the worker never shows: bought within a day of the latest event, in view."""
@@ -475,6 +480,10 @@ class _Replay:
             ),
             popularity=popularity,
             retrieval=retrieval,
+            memory=(
+                np.fromiter((row[i] for i in ctx.memory), np.int64, len(ctx.memory)),
+                np.fromiter(ctx.memory.values(), np.float32, len(ctx.memory)),
+            ),
         )
 
 

@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+
 N_TYPES = 6  # EventType codes 0..5 (shoprec.events)
 N_AGE_BUCKETS = 24
 N_SCALARS = 13
@@ -36,8 +39,8 @@ LOG_COVIS = N_SCALARS
 LOG_COVIS_FLOOR = 30.0
 N_MODEL_SIGNALS = 5
 """Per candidate, what the model reads: the request's ``N_REQUEST_SIGNALS`` (co-visitation,
-popularity, retrieval cosine; ``ranking.fusion``), then how often the candidate is in the
-history and the age of its newest occurrence (:func:`repeat_signals`)."""
+popularity, retrieval cosine; ``ranking.fusion``), then how often the candidate came back
+and the age of its newest occurrence (:func:`repeat_signals` or :func:`memory_signals`)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class RankerConfig:
     """Fixed weight of cos(last query, item), added to the logit.  None of the datasets
     has searches, so this term cannot be learned; 4 logits is about what a strong
     co-visitation signal is worth in the trained models."""
+    memory: bool = False
+    """Read how often a candidate came back from the user's memory of their whole past
+    (``features.keys.user_memory``, :func:`memory_signals`) instead of from the history
+    alone.  Artefacts written before it existed load without it."""
     base: bool = False
     """A baseline path the learned part is a residual over (artefacts written before it
     existed load without it): a linear score over co-visitation (with a scale-free log
@@ -116,6 +123,7 @@ class FusedRanker(nn.Module):
         super().__init__()
         d = cfg.d
         self.use_text = cfg.use_text
+        self.memory = cfg.memory
         self.heads = cfg.heads
         self.text_proj = nn.Linear(cfg.text_dim, d, bias=False)
         self.item_vec = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)
@@ -402,3 +410,27 @@ def repeat_signals(
         if c in count:
             out[k] = (count[c], newest[c])
     return out
+
+
+def memory_signals(hist: I64, ages: F32, memory: I64, counts: F32, items: I64) -> F32:
+    """``[B, N, 2]``: the repeat signals of a model with ``RankerConfig.memory``, for a batch.
+
+    ``hist``/``ages`` ``[B, H]`` (newest first, -1 pads), ``memory``/``counts`` ``[B, M]``
+    (the user's memory: items and their decayed event counts, -1 pads), ``items`` ``[B, N]``.
+    The count is the memory's (the history's own count where the memory lost the item: a
+    memory shorter than the history).  The age is that of the newest occurrence in the
+    history; an item only in the memory was last seen before the history's oldest event,
+    and the memory keeps no times, so it gets that event's age: a lower bound.
+
+    Why the whole past: on uci-online-retail 44% of the test period's showable purchases
+    are items the customer bought before, 9% among their latest 50 events.
+    """
+    real = hist >= 0
+    in_hist = (items[:, :, None] == hist[:, None, :]) & real[:, None, :]
+    hist_count = in_hist.sum(axis=-1).astype(np.float32)
+    newest = np.where(in_hist, ages[:, None, :], np.inf).min(axis=-1, initial=np.inf)
+    in_mem = (items[:, :, None] == memory[:, None, :]) & (memory >= 0)[:, None, :]
+    count = np.maximum((in_mem * counts[:, None, :]).sum(axis=-1, dtype=np.float32), hist_count)
+    oldest = np.where(real, ages, 0.0).max(axis=1, initial=0.0)[:, None]
+    age = np.where(hist_count > 0, newest, np.where(count > 0, oldest, 0.0))
+    return np.stack([count, age.astype(np.float32)], axis=-1)

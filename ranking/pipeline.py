@@ -61,6 +61,8 @@ class RecommendRequest:
     history: I32  # [B, H] newest first
     history_types: I32  # [B, H] shoprec.events.EventType codes, 0 pads
     history_age_s: F32  # [B, H]
+    memory: I32  # [B, M] the user's memory of their whole past, strongest first
+    memory_count: F32  # [B, M] their event counts, decayed (features.keys.user_memory)
     covis: I32  # [B, C] co-visitation neighbours of the user's latest items
     covis_score: F32  # [B, C] their decayed counts
     covis_source: I32  # [B, C] the user's item each neighbour was seen with
@@ -100,6 +102,7 @@ class RecommendRequest:
             )
         groups = (
             ("history", ("history", "history_types", "history_age_s")),
+            ("memory", ("memory", "memory_count")),
             ("covis", ("covis", "covis_score", "covis_source")),
             ("bought_with", ("bought_with", "bought_with_score", "bought_with_source")),
             ("category", ("category", "category_score")),
@@ -166,6 +169,7 @@ _FLOATS = frozenset(
         "user_emb",
         "query_emb",
         "history_age_s",
+        "memory_count",
         "covis_score",
         "bought_with_score",
         "category_score",
@@ -175,6 +179,7 @@ _FLOATS = frozenset(
 _ITEM_LISTS = frozenset(
     {
         "history",
+        "memory",
         "covis",
         "covis_source",
         "bought_with",
@@ -383,6 +388,8 @@ def empty_request(b: int, dim: int = EMB_DIM, *, k: int = 10, n: int = 100) -> R
         history=one.copy(),
         history_types=np.zeros((b, 1), np.int32),
         history_age_s=zero.copy(),
+        memory=one.copy(),
+        memory_count=zero.copy(),
         covis=one.copy(),
         covis_score=zero.copy(),
         covis_source=one.copy(),

@@ -29,7 +29,7 @@ from features.candidates import Mixed
 from features.item_table import ItemTable
 from ranking import export
 from ranking.fusion import explain
-from ranking.model import choose_device
+from ranking.model import choose_device, memory_signals
 from ranking.pipeline import RecommendRequest
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,13 @@ class LearnedRanker:
         items = cands.items
         hist_text, _ = table.text(hist)
         cand_text, _ = table.text(items)
-        signals = np.concatenate([cands.signals, repeat_signals(hist, ages, items)], axis=-1)
+        if self.config.memory:
+            repeats = memory_signals(
+                hist, ages, request.memory.astype(np.int64), request.memory_count, items
+            )
+        else:
+            repeats = repeat_signals(hist, ages, items)
+        signals = np.concatenate([cands.signals, repeats], axis=-1)
         hi, ci = self._gather(hist), self._gather(items)
         dev, dt = self.device, self.dtype
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ranking import export
-from ranking.data import Dataset, Period, Query
+from ranking.data import I64, Dataset, Period, Query
 from ranking.evaluate import F32, Metrics, Scorer, evaluate_scorer, sample_queries
 from ranking.model import (
     N_MODEL_SIGNALS,
@@ -41,6 +41,7 @@ from ranking.model import (
     RankerConfig,
     choose_device,
     init_baselines,
+    memory_signals,
     repeat_signals,
 )
 from shoprec.events import EVENT_WEIGHTS, EventType, event_code
@@ -53,7 +54,7 @@ class TrainOptions:
     """How to train: the model's shape is its :class:`RankerConfig` (``n_items`` is set
     from the dataset), the rest is sampling, optimisation and early stopping."""
 
-    model: RankerConfig = field(default_factory=lambda: RankerConfig(base=True))
+    model: RankerConfig = field(default_factory=lambda: RankerConfig(base=True, memory=True))
     positives: int = 4
     negatives: int = 64
     batch: int = 128
@@ -148,7 +149,10 @@ class FusedScorer:
         self.model.eval()
         n_items = self.tables.text.shape[0]
         hist = history_tensors(queries, self.tables, self.h)
-        sig = torch.from_numpy(np.stack([_dense_signals(q, n_items, self.h) for q in queries]))
+        memory = bool(getattr(self.model, "memory", False))
+        sig = torch.from_numpy(
+            np.stack([_dense_signals(q, n_items, self.h, memory) for q in queries])
+        )
         out = np.zeros((len(queries), n_items), np.float32)
         for s in range(0, n_items, self.chunk):
             cands = torch.arange(s, min(n_items, s + self.chunk)).unsqueeze(0)
@@ -235,7 +239,11 @@ def _sample_candidates(
     if len(pos) > cfg.positives:
         pos = [int(x) for x in rng.choice(pos, cfg.positives, replace=False)]
     exclude = set(q.targets) | blocked
-    hard_pool = [k for k in q.sparse_signals()[0].tolist() if k not in exclude]
+    pool = q.sparse_signals()[0].tolist()
+    if cfg.model.memory:
+        # The user's own past items are the negatives a repeat signal must learn to rank.
+        pool = sorted(set(pool) | set(q.memory[0].tolist()))
+    hard_pool = [k for k in pool if k not in exclude]
     n_hard = min(len(hard_pool), cfg.negatives // 2)
     negs = [int(x) for x in rng.choice(hard_pool, n_hard, replace=False)] if n_hard else []
     while len(negs) < cfg.negatives:
@@ -269,21 +277,34 @@ def _train_batch(
             sig[r, c, 0] = q.covis.get(item, 0.0)
             sig[r, c, 1] = q.popularity.get(item, 0.0)
             sig[r, c, 2] = q.retrieval.get(item, 0.0)
-        h = cfg.model.history_len
         sig[r, :, 3:] = torch.from_numpy(
-            repeat_signals(q.hist_items[:h].tolist(), q.hist_age_s[:h].tolist(), items)
+            _repeats(q, np.asarray(items, np.int64), cfg.model.history_len, cfg.model.memory)
         )
     hist = history_tensors([q for q, _, _ in picked], tables, cfg.model.history_len)
     return hist | candidate_tensors(cands, sig, tables), pos_mask
 
 
-def _dense_signals(q: Query, n_items: int, h: int) -> F32:
+def _repeats(q: Query, items: I64, h: int, memory: bool) -> F32:
+    """``[N, 2]``: the repeat signals of ``items`` for ``q``, as serving computes them
+    (``ranking.serve``) for a model with or without ``RankerConfig.memory``."""
+    if memory:
+        mem, counts = q.memory
+        out: F32 = memory_signals(
+            q.hist_items[None, :h], q.hist_age_s[None, :h], mem[None], counts[None], items[None]
+        )[0]
+        return out
+    return repeat_signals(q.hist_items[:h].tolist(), q.hist_age_s[:h].tolist(), items.tolist())
+
+
+def _dense_signals(q: Query, n_items: int, h: int, memory: bool = False) -> F32:
     """``[n_items, N_MODEL_SIGNALS]``: the online signals and the repeat signals of every item."""
     out = np.zeros((n_items, N_MODEL_SIGNALS), np.float32)
     out[:, :3] = q.dense_signals(n_items)
-    seen = list(dict.fromkeys(q.hist_items[:h].tolist()))
-    if seen:
-        out[seen, 3:] = repeat_signals(q.hist_items[:h].tolist(), q.hist_age_s[:h].tolist(), seen)
+    seen = np.unique(q.hist_items[:h])
+    if memory:
+        seen = np.union1d(seen, q.memory[0])
+    if seen.size:
+        out[seen, 3:] = _repeats(q, seen, h, memory)
     return out
 
 

@@ -155,6 +155,14 @@ class Settings(BaseSettings):
         100, ge=10, le=1000, description="Candidates sent to the ranker per user."
     )
     history_len: int = Field(50, ge=1, le=500, description="Recent events kept per user.")
+    memory_len: int = Field(
+        200,
+        ge=0,
+        le=2000,
+        description="Distinct items of each user's whole past kept beside the history, by "
+        "a count of their events decayed over 180 days (the weakest go first): the ranker "
+        "reads how often a candidate came back. 0 keeps none.",
+    )
     complements_after_purchase: int = Field(
         10,
         ge=0,

@@ -375,6 +375,9 @@ def build_request(
     types = np.zeros(history.shape, np.int32)
     for r, x in enumerate(hist):
         types[r, : len(x)] = [event_code(h.type) for h in x]
+    memory, memory_count = rows(
+        [list(u.memory) for u in users], [list(u.memory.values()) for u in users]
+    )
     covis_ids = [ranked(u.covis) for u in users]
     covis, covis_score = rows(
         covis_ids, [[u.covis[i] for i in x] for u, x in zip(users, covis_ids, strict=True)]
@@ -404,6 +407,8 @@ def build_request(
         history=history,
         history_types=types,
         history_age_s=ages,
+        memory=memory,
+        memory_count=memory_count,
         covis=covis,
         covis_score=covis_score,
         covis_source=covis_source,

@@ -65,6 +65,7 @@ def update_policy(settings: Settings) -> UpdatePolicy:
     return UpdatePolicy(
         half_life_ms=settings.embedding_half_life_s * 1000.0,
         history_len=settings.history_len,
+        memory_len=settings.memory_len,
         ttl_s=settings.user_ttl_s,
         min_emit_interval_ms=settings.min_emit_interval_ms,
     )

@@ -131,6 +131,7 @@ def streams(draw: st.DrawFn) -> Stream:
         ttl_s=3600,
         min_emit_interval_ms=draw(st.sampled_from([0, 30_000])),
         dedupe_window=draw(st.sampled_from([8, 128])),
+        memory_len=draw(st.sampled_from([0, 3, 200])),
     )
     return Stream(
         name,
@@ -188,6 +189,8 @@ def _same_context(a: Context, b: Context) -> None:
         assert x.bought_with == y.bought_with, u
         assert x.bought_with_source == y.bought_with_source, u
         assert x.category_trending == y.category_trending, u
+        # Strongest first on both, ties by member: the order is part of the contract.
+        assert list(x.memory.items()) == list(y.memory.items()), u
 
 
 @settings(

@@ -11,7 +11,7 @@ import torch
 from features.candidates import Mixed
 from features.item_table import ItemTable
 from ranking import export
-from ranking.model import FusedRanker, RankerConfig, age_bucket, choose_device
+from ranking.model import FusedRanker, RankerConfig, age_bucket, choose_device, memory_signals
 from ranking.pipeline import RecommendRequest, empty_request
 from ranking.serve import LearnedRanker
 from ranking.train import sampled_softmax_loss
@@ -190,3 +190,75 @@ def test_the_served_artefact_scores_a_request_as_the_plain_module_does(
             signals=torch.tensor([[[2, 10, 0.3, 1, 90.0], [0, 50, 0, 0, 0]]]),
         )
     np.testing.assert_allclose(scores[0, :2], direct[0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_memory_signals_count_the_whole_past_and_bound_the_age() -> None:
+    """A model with ``RankerConfig.memory`` reads the count from the user's memory and the
+    age from the history; an item only in the memory gets the oldest history event's age."""
+    hist = np.array([[7, 3, 7, -1], [-1, -1, -1, -1]], np.int64)
+    ages = np.array([[5.0, 60.0, 80.0, 0.0], [0.0] * 4], np.float32)
+    memory = np.array([[3, 7, 9, -1], [9, -1, -1, -1]], np.int64)
+    counts = np.array([[4.5, 2.0, 0.25, 0.0], [1.5, 0.0, 0.0, 0.0]], np.float32)
+    items = np.array([[7, 3, 9, 11, -1], [9, 7, 11, 3, -1]], np.int64)
+    got = memory_signals(hist, ages, memory, counts, items)
+    want = [
+        # 7: memory 2.0 ties the history's 2 events, newest 5 s ago; 3: the memory's 4.5
+        # over the history's one; 9: memory only, older than the oldest history event (80 s);
+        # 11: never seen; -1: padding is never a repeat.
+        [[2.0, 5.0], [4.5, 60.0], [0.25, 80.0], [0.0, 0.0], [0.0, 0.0]],
+        # No history: a memory item's age bound is 0.
+        [[1.5, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
+    ]
+    np.testing.assert_array_equal(got, np.array(want, np.float32))
+    # A memory shorter than the history lost item 7: the history's count stands in.
+    short = memory_signals(hist, ages, memory[:, :1], counts[:, :1], items)
+    assert short[0, 0].tolist() == [2.0, 5.0]
+
+
+def test_a_memory_model_is_served_the_memory_counts(tmp_path: Path) -> None:
+    """The served artefact of a memory model scores with the request's MEMORY counts: the
+    same scores as the module given those signals, and not those of the history alone."""
+    torch.manual_seed(0)
+    cfg = RankerConfig(n_items=19, memory=True)
+    model = FusedRanker(cfg).eval()
+    with torch.no_grad():  # make the repeat count matter to the score
+        model.scalar_lin.weight[0, 9] = 2.0
+    ids = [f"item-{i}" for i in range(12)]
+    export.save(tmp_path / "fused_ranker" / "9", model, cfg, ["", *ids], {"x": 1})
+    ranker = LearnedRanker(tmp_path / "fused_ranker" / "9")
+    table = _table(ids)
+    ranker.sync(table, table.take_changed())
+    num = {i: int(n) for i, n in zip(ids, table.rows(ids), strict=True)}
+    items = np.array([[num["item-3"], num["item-5"]]])
+    request = RecommendRequest(
+        **empty_request(1).arrays()
+        | {
+            "history": np.array([[num["item-1"]]], np.int32),
+            "history_types": np.array([[EventType.VIEW]], np.int32),
+            "history_age_s": np.array([[40.0]], np.float32),
+            "memory": np.array([[num["item-5"], num["item-1"]]], np.int32),
+            "memory_count": np.array([[6.0, 1.0]], np.float32),
+        }
+    )
+    signals = np.zeros((1, 2, 3), np.float32)
+    scores = ranker.score(request, Mixed(items, np.zeros_like(items, np.int32), signals), table)
+    again = export.load(tmp_path / "fused_ranker" / "9").model
+    hist_text, hist_has = table.lookup(["item-1"])
+    cand_text, cand_has = table.lookup(["item-3", "item-5"])
+    with torch.inference_mode():
+        direct = again(
+            user_emb=torch.zeros(1, D),
+            query_emb=torch.zeros(1, D),
+            hist_text=torch.from_numpy(hist_text)[None],
+            hist_has_text=torch.from_numpy(hist_has)[None],
+            hist_rows=torch.tensor([[ranker.rows["item-1"]]]),
+            hist_types=torch.tensor([[EventType.VIEW]]),
+            hist_age_s=torch.tensor([[40.0]]),
+            cand_text=torch.from_numpy(cand_text)[None],
+            cand_has_text=torch.from_numpy(cand_has)[None],
+            cand_rows=torch.tensor([[ranker.rows["item-3"], ranker.rows["item-5"]]]),
+            # item-5: 6 events in the memory, older than the history's oldest event (40 s)
+            signals=torch.tensor([[[0, 0, 0, 0, 0], [0, 0, 0, 6.0, 40.0]]]),
+        )
+    np.testing.assert_allclose(scores[0], direct[0].numpy(), rtol=1e-5, atol=1e-5)
+    assert scores[0, 1] > scores[0, 0]
