@@ -173,7 +173,8 @@ async def bench_dataset(redis_url: str, folder: Path, opts: FeatureBenchOptions)
     from features.catalog import upsert_items
     from features.connection import open_redis
     from features.item_index import ItemIndex
-    from features.store import FeatureStore, UpdatePolicy
+    from features.store import FeatureStore
+    from ranking.data import POLICY
 
     items, events = read_dataset(folder)
     texts = [it.text() for it in items]
@@ -189,12 +190,7 @@ async def bench_dataset(redis_url: str, folder: Path, opts: FeatureBenchOptions)
         )
     index = ItemIndex(redis)
     await index.refresh()
-    policy = UpdatePolicy(
-        half_life_ms=7 * 86_400_000.0,
-        history_len=50,
-        ttl_s=30 * 86_400,
-        min_emit_interval_ms=30_000,
-    )
+    policy = POLICY  # the worker's defaults, the user's memory included
     store = FeatureStore(
         redis, policy, category_of=index.category, query_categories=index.categories_near
     )

@@ -17,7 +17,6 @@ the Triton model maps ids to rows with its own tables.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -390,26 +389,24 @@ def choose_device() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def repeat_signals(
-    hist_ids: Sequence[Hashable], hist_age_s: Sequence[float], cand_ids: Sequence[Hashable]
-) -> npt.NDArray[np.float32]:
-    """``[N, 2]``: occurrences of each candidate in the history, age of the newest (0 if none).
+def repeat_signals(hist: I64, ages: F32, items: I64) -> F32:
+    """``[B, N, 2]``: occurrences of each candidate in the history and the age of the
+    newest one (0 if none), for a batch (``hist``/``ages`` ``[B, H]``, -1 pads; ``items``
+    ``[B, N]``); training calls it with one row.
 
     Returning to an item is a strong signal the transformer would otherwise have to
-    discover through attention; ids (not vectors) tell equal items from equal texts.
+    discover through attention; numbers (not vectors) tell equal items from equal texts.
     """
-    count: dict[Hashable, int] = {}
-    newest: dict[Hashable, float] = {}
-    for item, age in zip(hist_ids, hist_age_s, strict=True):
-        if item in ("", b""):
-            continue
-        count[item] = count.get(item, 0) + 1
-        newest[item] = min(newest.get(item, float(age)), float(age))
-    out = np.zeros((len(cand_ids), 2), np.float32)
-    for k, c in enumerate(cand_ids):
-        if c in count:
-            out[k] = (count[c], newest[c])
-    return out
+    eq = (items[:, :, None] == hist[:, None, :]) & (hist[:, None, :] >= 0)
+    count = eq.sum(axis=-1).astype(np.float32)
+    newest = np.where(eq, ages[:, None, :], np.inf).min(axis=-1, initial=np.inf)
+    newest = np.where(count > 0, newest, 0.0).astype(np.float32)
+    return np.stack([count, newest], axis=-1)
+
+
+MEMORY_ONLY_AGE_S = 30 * 86400.0
+"""The age given to an item known only from the memory: long enough that the model's
+"seen within about a day" feature (``2^(-age/1 day)``) reads 0 for it."""
 
 
 def memory_signals(hist: I64, ages: F32, memory: I64, counts: F32, items: I64) -> F32:
@@ -419,18 +416,19 @@ def memory_signals(hist: I64, ages: F32, memory: I64, counts: F32, items: I64) -
     (the user's memory: items and their decayed event counts, -1 pads), ``items`` ``[B, N]``.
     The count is the memory's (the history's own count where the memory lost the item: a
     memory shorter than the history).  The age is that of the newest occurrence in the
-    history; an item only in the memory was last seen before the history's oldest event,
-    and the memory keeps no times, so it gets that event's age: a lower bound.
+    history.  An item only in the memory was last seen before the history's oldest event,
+    and the memory keeps no times: it gets :data:`MEMORY_ONLY_AGE_S`, or that event's age
+    if older.  Measured on uci-online-retail, where 50 events often span one basket of a
+    single timestamp, the oldest event's age alone (about 0: "seen just now" for every item
+    of the customer's past) scored NDCG@10 0.0340 on the test period.
 
     Why the whole past: on uci-online-retail 44% of the test period's showable purchases
     are items the customer bought before, 9% among their latest 50 events.
     """
-    real = hist >= 0
-    in_hist = (items[:, :, None] == hist[:, None, :]) & real[:, None, :]
-    hist_count = in_hist.sum(axis=-1).astype(np.float32)
-    newest = np.where(in_hist, ages[:, None, :], np.inf).min(axis=-1, initial=np.inf)
+    hist_count, newest = np.moveaxis(repeat_signals(hist, ages, items), -1, 0)
     in_mem = (items[:, :, None] == memory[:, None, :]) & (memory >= 0)[:, None, :]
     count = np.maximum((in_mem * counts[:, None, :]).sum(axis=-1, dtype=np.float32), hist_count)
-    oldest = np.where(real, ages, 0.0).max(axis=1, initial=0.0)[:, None]
-    age = np.where(hist_count > 0, newest, np.where(count > 0, oldest, 0.0))
+    oldest = np.where(hist >= 0, ages, 0.0).max(axis=1, initial=0.0)[:, None]
+    unknown = np.maximum(oldest, np.float32(MEMORY_ONLY_AGE_S))
+    age = np.where(hist_count > 0, newest, np.where(count > 0, unknown, 0.0))
     return np.stack([count, age.astype(np.float32)], axis=-1)

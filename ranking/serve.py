@@ -29,7 +29,7 @@ from features.candidates import Mixed
 from features.item_table import ItemTable
 from ranking import export
 from ranking.fusion import explain
-from ranking.model import choose_device, memory_signals
+from ranking.model import choose_device, memory_signals, repeat_signals
 from ranking.pipeline import RecommendRequest
 
 log = logging.getLogger(__name__)
@@ -165,17 +165,3 @@ class LearnedRanker:
         self, request: RecommendRequest, items: I64, signals: F32, table: ItemTable
     ) -> tuple[I32, I32]:
         return explain(request, items, signals, table)
-
-
-def repeat_signals(hist: I64, ages: F32, items: I64) -> F32:
-    """``[B, N, 2]``: occurrences of each candidate in the history and the age of the
-    newest one (0 if none) — ``ranking.model.repeat_signals`` for a whole batch of numbers.
-
-    Returning to an item is a strong signal the transformer would otherwise have to
-    discover through attention; numbers (not vectors) tell equal items from equal texts.
-    """
-    eq = (items[:, :, None] == hist[:, None, :]) & (hist[:, None, :] >= 0)
-    count = eq.sum(axis=-1).astype(np.float32)
-    newest = np.where(eq, ages[:, None, :], np.inf).min(axis=-1, initial=np.inf)
-    newest = np.where(count > 0, newest, 0.0).astype(np.float32)
-    return np.stack([count, newest], axis=-1)

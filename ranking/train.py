@@ -287,13 +287,13 @@ def _train_batch(
 def _repeats(q: Query, items: I64, h: int, memory: bool) -> F32:
     """``[N, 2]``: the repeat signals of ``items`` for ``q``, as serving computes them
     (``ranking.serve``) for a model with or without ``RankerConfig.memory``."""
+    hist, ages = q.hist_items[None, :h], q.hist_age_s[None, :h]
     if memory:
         mem, counts = q.memory
-        out: F32 = memory_signals(
-            q.hist_items[None, :h], q.hist_age_s[None, :h], mem[None], counts[None], items[None]
-        )[0]
-        return out
-    return repeat_signals(q.hist_items[:h].tolist(), q.hist_age_s[:h].tolist(), items.tolist())
+        out: F32 = memory_signals(hist, ages, mem[None], counts[None], items[None])[0]
+    else:
+        out = repeat_signals(hist, ages, items[None])[0]
+    return out
 
 
 def _dense_signals(q: Query, n_items: int, h: int, memory: bool = False) -> F32:

@@ -11,7 +11,14 @@ import torch
 from features.candidates import Mixed
 from features.item_table import ItemTable
 from ranking import export
-from ranking.model import FusedRanker, RankerConfig, age_bucket, choose_device, memory_signals
+from ranking.model import (
+    MEMORY_ONLY_AGE_S,
+    FusedRanker,
+    RankerConfig,
+    age_bucket,
+    choose_device,
+    memory_signals,
+)
 from ranking.pipeline import RecommendRequest, empty_request
 from ranking.serve import LearnedRanker
 from ranking.train import sampled_softmax_loss
@@ -194,7 +201,9 @@ def test_the_served_artefact_scores_a_request_as_the_plain_module_does(
 
 def test_memory_signals_count_the_whole_past_and_bound_the_age() -> None:
     """A model with ``RankerConfig.memory`` reads the count from the user's memory and the
-    age from the history; an item only in the memory gets the oldest history event's age."""
+    age from the history; an item only in the memory is old: ``MEMORY_ONLY_AGE_S``, or the
+    history's oldest event's age when that is older."""
+    old = MEMORY_ONLY_AGE_S
     hist = np.array([[7, 3, 7, -1], [-1, -1, -1, -1]], np.int64)
     ages = np.array([[5.0, 60.0, 80.0, 0.0], [0.0] * 4], np.float32)
     memory = np.array([[3, 7, 9, -1], [9, -1, -1, -1]], np.int64)
@@ -203,13 +212,14 @@ def test_memory_signals_count_the_whole_past_and_bound_the_age() -> None:
     got = memory_signals(hist, ages, memory, counts, items)
     want = [
         # 7: memory 2.0 ties the history's 2 events, newest 5 s ago; 3: the memory's 4.5
-        # over the history's one; 9: memory only, older than the oldest history event (80 s);
-        # 11: never seen; -1: padding is never a repeat.
-        [[2.0, 5.0], [4.5, 60.0], [0.25, 80.0], [0.0, 0.0], [0.0, 0.0]],
-        # No history: a memory item's age bound is 0.
-        [[1.5, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
+        # over the history's one; 9: memory only; 11: never seen; -1: padding never repeats.
+        [[2.0, 5.0], [4.5, 60.0], [0.25, old], [0.0, 0.0], [0.0, 0.0]],
+        [[1.5, old], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],  # no history
     ]
     np.testing.assert_array_equal(got, np.array(want, np.float32))
+    # A history reaching further back than MEMORY_ONLY_AGE_S bounds the age from below.
+    far = memory_signals(hist, ages * 1e5, memory, counts, items)
+    assert far[0, 2].tolist() == [0.25, 80.0 * 1e5]
     # A memory shorter than the history lost item 7: the history's count stands in.
     short = memory_signals(hist, ages, memory[:, :1], counts[:, :1], items)
     assert short[0, 0].tolist() == [2.0, 5.0]
@@ -257,8 +267,8 @@ def test_a_memory_model_is_served_the_memory_counts(tmp_path: Path) -> None:
             cand_text=torch.from_numpy(cand_text)[None],
             cand_has_text=torch.from_numpy(cand_has)[None],
             cand_rows=torch.tensor([[ranker.rows["item-3"], ranker.rows["item-5"]]]),
-            # item-5: 6 events in the memory, older than the history's oldest event (40 s)
-            signals=torch.tensor([[[0, 0, 0, 0, 0], [0, 0, 0, 6.0, 40.0]]]),
+            # item-5: 6 events in the memory, not in the history: old
+            signals=torch.tensor([[[0, 0, 0, 0, 0], [0, 0, 0, 6.0, MEMORY_ONLY_AGE_S]]]),
         )
     np.testing.assert_allclose(scores[0], direct[0].numpy(), rtol=1e-5, atol=1e-5)
     assert scores[0, 1] > scores[0, 0]
