@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 import orjson
-from redis.asyncio import Redis
 
 from bench.features import DEFAULT_DATA_ROOT, read_dataset
 from bench.report import say
 from features import keys
+from features.connection import open_redis
 from features.fold import MemoryStore, write_folded
 from features.store import FeatureStore, UserUpdate
 from infra import procs
@@ -50,7 +50,7 @@ async def load(url: str, folder: Path) -> tuple[list[str], dict[str, int]]:
                 for e in events[start : start + 1024]
             ]
         )
-    redis = Redis.from_url(url)
+    redis = open_redis(url, timeout_s=120.0)  # a bulk write, as rebuild-state's
     try:
         await write_folded(redis, store, POLICY.ttl_s)
     finally:
@@ -63,7 +63,7 @@ async def time_reads(
     url: str, memory_len: int, batches: list[list[str]], last: dict[str, int]
 ) -> float:
     """CPU seconds to read the context of every batch."""
-    redis = Redis.from_url(url)
+    redis = open_redis(url)  # the worker's client (RESP3)
     store = FeatureStore(redis, dataclasses.replace(POLICY, memory_len=memory_len))
     try:
         await store.read_context(batches[0], {u: last[u] for u in batches[0]})  # connect
@@ -76,7 +76,7 @@ async def time_reads(
 
 
 async def key_bytes(url: str, users: list[str]) -> dict[str, Any]:
-    redis = Redis.from_url(url)
+    redis = open_redis(url)
     sizes: dict[str, list[int]] = {"mem": [], "hist": []}
     members: list[int] = []
     try:
