@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,17 @@ import numpy as np
 import orjson
 from redis.asyncio import Redis
 
-from bench.features import DEFAULT_DATA_ROOT, embed_catalogue, read_dataset, updates_of
+from bench.features import (
+    DEFAULT_DATA_ROOT,
+    embed_catalogue,
+    private_redis,
+    read_dataset,
+    updates_of,
+)
 from bench.report import say
 from features.catalog import upsert_items
 from features.item_index import ItemIndex
 from features.store import FeatureStore, UpdatePolicy
-from infra import procs
-from infra.redis_server import RedisServer
 
 POLICY = UpdatePolicy(
     half_life_ms=7 * 86_400_000.0, history_len=50, ttl_s=30 * 86_400, min_emit_interval_ms=0
@@ -102,15 +105,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=200, help="batches per round")
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="shoprec-resp-") as tmp:
-        server = RedisServer(Path(tmp), procs.free_port())
-        proc = server.start()
-        try:
-            procs.wait_until(server.ready, 20, "redis", server.log_path, proc=proc)
-            say(f"loading {args.data.name} into a private Redis ...")
-            result = asyncio.run(measure(server.url, args.data, args.batch, args.rounds, args.reps))
-        finally:
-            procs.stop(proc)
+    with private_redis() as url:
+        say(f"loading {args.data.name} into a private Redis ...")
+        result = asyncio.run(measure(url, args.data, args.batch, args.rounds, args.reps))
     result = {"dataset": args.data.name, "batch": args.batch, "reps": args.reps} | result
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
     print(text)

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import dataclasses
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,12 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bench.features import DEFAULT_DATA_ROOT, read_dataset
+from bench.features import DEFAULT_DATA_ROOT, private_redis, read_dataset
 from bench.report import say
 from features import keys
 from features.connection import open_redis
 from features.fold import MemoryStore, write_folded
 from features.store import FeatureStore, UserUpdate
-from infra import procs
-from infra.redis_server import RedisServer
 from ranking.data import POLICY
 
 
@@ -126,15 +123,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=100, help="batches per round")
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="shoprec-mem-") as tmp:
-        server = RedisServer(Path(tmp), procs.free_port())
-        proc = server.start()
-        try:
-            procs.wait_until(server.ready, 20, "redis", server.log_path, proc=proc)
-            say(f"folding {args.data.name} into a private Redis ...")
-            result = asyncio.run(measure(server.url, args.data, args.batch, args.rounds, args.reps))
-        finally:
-            procs.stop(proc)
+    with private_redis() as url:
+        say(f"folding {args.data.name} into a private Redis ...")
+        result = asyncio.run(measure(url, args.data, args.batch, args.rounds, args.reps))
     result = {
         "dataset": args.data.name,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
