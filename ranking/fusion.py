@@ -63,7 +63,8 @@ class Reason(IntEnum):
     BOUGHT_WITH = 5
     """After a purchase: often bought together with an item of the basket (co-purchase)."""
     SEEN_BEFORE = 6
-    """The customer viewed, clicked or carted this item before (it is in their history)."""
+    """The customer viewed, clicked or carted this item before (it is in their history), or
+    it is in the memory of their whole past, which keeps no event types."""
     BOUGHT_BEFORE = 7
     """The customer bought this item before (a purchase of it is in their history)."""
 

@@ -292,13 +292,18 @@ def recommend(
     signals = np.take_along_axis(cands.signals, order[:, :, None], axis=1)
     real = items >= 0
     reasons, match = scorer.explain(request, items, signals, table)
-    # An item of the customer's own history is explained as such, whatever term scored
-    # it: "you bought this before" says more than "similar to" an item it resembles.
+    # An item of the customer's own past is explained as such, whatever term scored it:
+    # "you bought this before" says more than "similar to" an item it resembles.  The
+    # memory of the whole past keeps no event types: an item only there was seen before.
     mine = (items[:, :, None] == request.history[:, None, :]) & (
         request.history_types[:, None, :] > 0
     )
+    remembered = (items[:, :, None] == request.memory[:, None, :]) & (
+        request.memory[:, None, :] >= 0
+    )
     bought = (mine & (request.history_types[:, None, :] == EventType.PURCHASE)).any(axis=-1)
-    reasons = np.where(mine.any(axis=-1), Reason.SEEN_BEFORE, reasons)
+    seen = mine.any(axis=-1) | remembered.any(axis=-1)
+    reasons = np.where(seen, Reason.SEEN_BEFORE, reasons)
     reasons = np.where(bought, Reason.BOUGHT_BEFORE, reasons)
     placed = np.take_along_axis(complement, order, axis=1)
     reasons = np.where(placed, Reason.BOUGHT_WITH, reasons)

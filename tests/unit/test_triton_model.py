@@ -108,13 +108,14 @@ def test_after_a_purchase_complements_take_turns_with_the_rankers_picks() -> Non
     assert got.items[1].tolist() == alone.items[1].tolist()
 
 
-def test_an_item_of_the_users_history_is_explained_as_theirs() -> None:
+def test_an_item_of_the_users_past_is_explained_as_theirs() -> None:
     rng = np.random.default_rng(3)
     table = ItemTable()
     table.upsert([f"i{k}" for k in range(60)], rng.standard_normal((60, D)).astype(np.float32))
     base = empty_request(1, k=10, n=10)
-    # Nothing but the user's history (41 bought, 42 viewed; 40 in view) and a trending
-    # list that holds 41 and 42 among other items.
+    # Nothing but the user's history (41 bought, 42 viewed; 40 in view), their memory
+    # (13, seen long ago, and the history's items) and a trending list that holds 41, 42
+    # and 13 among other items.
     request = RecommendRequest(
         **base.arrays()
         | {
@@ -123,6 +124,8 @@ def test_an_item_of_the_users_history_is_explained_as_theirs() -> None:
                 [[EventType.VIEW, EventType.PURCHASE, EventType.CART, EventType.VIEW]], np.int32
             ),
             "history_age_s": np.array([[0.0, 9e5, 9e5, 1e6]], np.float32),
+            "memory": np.array([[40, 41, 13, 42, -1]], np.int32),
+            "memory_count": np.array([[2.0, 1.0, 1.0, 1.0, 0.0]], np.float32),
             "in_view": np.array([[40]], np.int32),
             "trending": np.array([[42, 10, 41, *range(11, 18)]], np.int32),
             "trending_score": np.linspace(9, 1, 10, dtype=np.float32)[None, :],
@@ -132,6 +135,7 @@ def test_an_item_of_the_users_history_is_explained_as_theirs() -> None:
     reasons = dict(zip(got.items[0].tolist(), got.reasons[0].tolist(), strict=True))
     assert reasons[41] == Reason.BOUGHT_BEFORE, "a purchase of it is in the history"
     assert reasons[42] == Reason.SEEN_BEFORE
+    assert reasons[13] == Reason.SEEN_BEFORE, "the memory keeps no types: seen before"
     assert 40 not in reasons, "the item in view is never listed"
     theirs = (Reason.BOUGHT_BEFORE, Reason.SEEN_BEFORE)
-    assert all(r not in theirs for i, r in reasons.items() if i not in (41, 42))
+    assert all(r not in theirs for i, r in reasons.items() if i not in (41, 42, 13))
