@@ -90,6 +90,10 @@ def one_shop(
         },
         "held_out": card["held_out"],
         "candidate_minus": card["versus"],
+        # The same slice one event per step (the stream's task): the candidate and the live
+        # version only, absent where there was no live version to judge against.
+        "next_event": card.get("held_out_next_event", {}),
+        "next_event_minus": card.get("versus_next_event", {}),
         "decision": card["decision"],
     }
 

@@ -50,6 +50,7 @@ from features.user_state import (
     vector_to_bytes,
 )
 from shoprec.events import EVENT_WEIGHTS, ShopEvent
+from shoprec.settings import Settings
 
 HOUR_BUCKET_TTL_S = 2 * 86_400
 DAY_BUCKET_TTL_S = 3 * 86_400
@@ -120,6 +121,18 @@ class UpdatePolicy:
     dedupe_window: int = 128
     memory_len: int = 0
     """Distinct items of the user's whole past kept (``keys.user_memory``); 0: none."""
+
+    @classmethod
+    def of(cls, settings: Settings) -> UpdatePolicy:
+        """The policy under these settings: the worker's, and the replays' of
+        ``rebuild-state``, ``simulate``, the learner and ``train --from-topics``."""
+        return cls(
+            half_life_ms=settings.embedding_half_life_s * 1000.0,
+            history_len=settings.history_len,
+            memory_len=settings.memory_len,
+            ttl_s=settings.user_ttl_s,
+            min_emit_interval_ms=settings.min_emit_interval_ms,
+        )
 
 
 @dataclass(slots=True)

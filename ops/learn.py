@@ -43,6 +43,7 @@ import torch
 
 from features.connection import open_redis
 from features.forget import ForgetList
+from features.store import UpdatePolicy
 from ops.ranges import (
     FETCH_MAX_RECORDS,
     MergedReader,
@@ -317,6 +318,7 @@ def dataset_of(
         options.valid_frac,
         options.test_frac,
         progress,
+        UpdatePolicy.of(settings),  # the shop's history and memory, as its worker keeps them
     )
 
 

@@ -39,14 +39,14 @@ from features.connection import is_cluster, open_redis
 from features.fold import StateFolder, write_folded
 from features.forget import ForgetList
 from features.item_index import ItemIndex
-from features.store import FeatureStore
+from features.store import FeatureStore, UpdatePolicy
 from features.user_state import Vector, decode_history, vector_from_bytes
 from ops.ranges import PartitionRange, RangeSpec, open_reader, plan_ranges
 from ranking.client import RankerClient
 from shoprec.errors import ReplayError
 from shoprec.settings import Settings
 from streams.ingest import Ingestor, RawRecord, parse_records
-from streams.runtime import limits_from, now_ms, update_policy
+from streams.runtime import limits_from, now_ms
 
 log = logging.getLogger("shoprec.rebuild")
 
@@ -132,7 +132,7 @@ async def rebuild_state(
         items = ItemIndex(redis)
         loaded = await items.refresh()
         log.info("item table loaded: %d items", loaded)
-        store = FeatureStore(redis, update_policy(settings), category_of=items.category)
+        store = FeatureStore(redis, UpdatePolicy.of(settings), category_of=items.category)
         # Users erased by forget-user stay erased: their events from before it are skipped.
         forgotten = ForgetList.from_settings(redis, settings)
         ingestor = Ingestor(store, items, ranker, limits_from(settings), now_ms, forgotten)
@@ -144,7 +144,7 @@ async def rebuild_state(
             if exact:
                 await _through_script(consumer, ranges, ingestor, report, shards, chunk, progress)
             else:
-                folder = StateFolder(update_policy(settings), items.vector, items.category)
+                folder = StateFolder(UpdatePolicy.of(settings), items.vector, items.category)
                 await _fold_history(
                     consumer, ranges, folder, ranker, forgotten, settings, report, progress
                 )

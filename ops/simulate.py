@@ -57,7 +57,7 @@ from features.ann import TableIndex
 from features.attribution import AttributionPolicy, MemoryAttribution, ShownList
 from features.fold import MemoryStore
 from features.item_table import ItemTable
-from features.store import UpdateResult, UserUpdate
+from features.store import UpdatePolicy, UpdateResult, UserUpdate
 from features.user_state import Vector
 from ops.experiment import Report, build_report
 from ops.produce import dataset_files, in_event_order, read_jsonl
@@ -72,7 +72,7 @@ from streams.experiment import CovisitationScorer, ExperimentRunner, rank_by_arm
 from streams.ingest import Ingestor, RawRecord
 from streams.metrics import WorkerStats
 from streams.recommend import RecommendPolicy, build_request
-from streams.runtime import limits_from, update_policy
+from streams.runtime import limits_from
 
 log = logging.getLogger("shoprec.simulate")
 Bools = npt.NDArray[np.bool_]
@@ -251,7 +251,7 @@ async def simulate(
     index.changed(changed)
     for scorer in scorers.values():
         scorer.sync(table, changed)
-    store = MemoryStore(update_policy(settings), category_of=catalogue.category.get)
+    store = MemoryStore(UpdatePolicy.of(settings), category_of=catalogue.category.get)
     attribution = MemoryAttribution(
         AttributionPolicy(
             experiment.name,

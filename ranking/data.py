@@ -54,14 +54,9 @@ I64 = npt.NDArray[np.int64]
 
 _DEFAULTS = Settings.model_fields
 HISTORY_LEN: int = int(_DEFAULTS["history_len"].default)
-POLICY = UpdatePolicy(
-    half_life_ms=1000.0 * float(_DEFAULTS["embedding_half_life_s"].default),
-    history_len=HISTORY_LEN,
-    memory_len=int(_DEFAULTS["memory_len"].default),
-    ttl_s=int(_DEFAULTS["user_ttl_s"].default),
-    min_emit_interval_ms=int(_DEFAULTS["min_emit_interval_ms"].default),
-)
-"""The worker's update policy under the default settings."""
+POLICY = UpdatePolicy.of(Settings.model_construct())
+"""The worker's update policy under the default settings (``model_construct``: the
+defaults, never the environment)."""
 RETRIEVAL_K: int = int(_DEFAULTS["n_candidates"].default) // 2
 """Online retrieval takes this many nearest items to the user embedding."""
 COVIS_PER_ITEM = 20
@@ -196,6 +191,8 @@ class Dataset:
     events: Events
     queries: list[Query]
     cut_ts: tuple[int, int]  # start of validation, start of test (ms)
+    policy: UpdatePolicy = POLICY
+    """How the replay folded the events: the shop's settings where the learner built it."""
 
     def period(self, p: Period) -> list[Query]:
         return [q for q in self.queries if q.period == p]
@@ -565,7 +562,7 @@ def event_steps(ds: Dataset, period: Period, progress: bool = False) -> list[Que
     new items only.
     """
     return replay(
-        ds.events, ds.catalogue, ds.item_emb, ds.cut_ts, POLICY, progress, "event", period
+        ds.events, ds.catalogue, ds.item_emb, ds.cut_ts, ds.policy, progress, "event", period
     )
 
 
@@ -626,10 +623,12 @@ def build_dataset(
     valid_frac: float = 0.1,
     test_frac: float = 0.1,
     progress: bool = True,
+    policy: UpdatePolicy = POLICY,
 ) -> Dataset:
-    """Split ``events`` by time and replay them into labelled queries."""
+    """Split ``events`` by time and replay them into labelled queries, folded as ``policy``
+    folds them (a shop's own settings: ``UpdatePolicy.of``)."""
     cuts = time_cuts(events.ts, valid_frac, test_frac)
-    queries = replay(events, catalogue, item_emb, cuts, POLICY, progress)
+    queries = replay(events, catalogue, item_emb, cuts, policy, progress)
     log.info(
         "dataset %s: %d items (%d with text), %d events, %d users, %d queries",
         name,
@@ -639,4 +638,4 @@ def build_dataset(
         events.n_users,
         len(queries),
     )
-    return Dataset(name, catalogue, item_emb, events, queries, cuts)
+    return Dataset(name, catalogue, item_emb, events, queries, cuts, policy)

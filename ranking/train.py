@@ -324,7 +324,10 @@ def train_fused(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device, dtype = choose_device()
-    rc = replace(cfg.model, n_items=len(ds.catalogue))
+    # A shop that keeps no memory (SHOPREC_MEMORY_LEN=0) gets a model that reads none.
+    rc = replace(
+        cfg.model, n_items=len(ds.catalogue), memory=cfg.model.memory and ds.policy.memory_len > 0
+    )
     tables = Tables.build(ds, rc.use_text)
     model = FusedRanker(rc)
     if rc.base:

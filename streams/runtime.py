@@ -60,17 +60,6 @@ def limits_from(settings: Settings) -> Limits:
     return Limits(settings.max_event_bytes, settings.max_field_chars, settings.max_future_skew_ms)
 
 
-def update_policy(settings: Settings) -> UpdatePolicy:
-    """How events fold into user state (shared with ``shoprec rebuild-state``)."""
-    return UpdatePolicy(
-        half_life_ms=settings.embedding_half_life_s * 1000.0,
-        history_len=settings.history_len,
-        memory_len=settings.memory_len,
-        ttl_s=settings.user_ttl_s,
-        min_emit_interval_ms=settings.min_emit_interval_ms,
-    )
-
-
 class QueryEncoder:
     """Search queries go to the query encoder: the catalogue's encoder runs at a lower
     priority and may be busy with a catalogue load (``ranking/encoder_model.py``)."""
@@ -129,7 +118,7 @@ class Runtime:
         log.info("item table loaded: %d items", loaded)
         store = FeatureStore(
             self.redis,
-            update_policy(s),
+            UpdatePolicy.of(s),
             category_of=self.items.category,
             query_categories=self.items.categories_near,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import itertools
 from pathlib import Path
@@ -11,7 +12,7 @@ import orjson
 import pytest
 
 from features.decay import decayed_value, forward_weight
-from features.store import COVIS_SPAN, COVIS_WINDOW_MS
+from features.store import COVIS_SPAN, COVIS_WINDOW_MS, UpdatePolicy
 from ranking import export
 from ranking.data import (
     Catalogue,
@@ -19,12 +20,14 @@ from ranking.data import (
     Events,
     Period,
     Query,
+    build_dataset,
     load_catalogue,
     load_events,
     replay,
 )
 from ranking.evaluate import Metrics, merge_report, ranks_for_query
-from ranking.train import version_scorer
+from ranking.train import TrainOptions, train_fused, version_scorer
+from shoprec.settings import Settings
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 REES = DATA / "rees46-sample"
@@ -294,3 +297,20 @@ def test_one_event_per_step_labels_each_event_with_the_users_next_event() -> Non
     assert [(*_features(q), q.targets) for q in test] == [
         (*_features(q), q.targets) for q in steps if q.period == Period.TEST
     ]
+
+
+def test_the_learner_folds_a_shops_events_as_its_worker_does(
+    rees: tuple[Catalogue, Events, np.ndarray], full: list[Query]
+) -> None:
+    """A shop with SHOPREC_HISTORY_LEN=5 and SHOPREC_MEMORY_LEN=0 trains on what its
+    worker reads (``UpdatePolicy.of``, as ``ops.learn.dataset_of`` builds it), and gets a
+    model that reads no memory; under the defaults (``full``) both are there."""
+    cat, ev, emb = rees
+    policy = UpdatePolicy.of(Settings(history_len=5, memory_len=0))
+    ds = build_dataset("rees46", cat, ev, emb, progress=False, policy=policy)
+    assert max(q.hist_items.size for q in ds.queries) == 5
+    assert not any(q.memory[0].size for q in ds.queries)
+    assert max(q.hist_items.size for q in full) > 5
+    assert any(q.memory[0].size for q in full)
+    model, _, _ = train_fused(ds, dataclasses.replace(TrainOptions(), max_epochs=0), False)
+    assert TrainOptions().model.memory and not model.memory
