@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gzip
 import shutil
@@ -224,10 +225,9 @@ def learner_metrics(url: str) -> dict[str, float]:
 # --- the measurement: recs.out against co-visitation, test-then-learn ---------------------
 
 
-POLICY = UpdatePolicy(
-    half_life_ms=7 * 86_400_000.0, history_len=50, ttl_s=86_400, min_emit_interval_ms=0
-)
-"""The worker's defaults, for the co-visitation list computed beside it."""
+POLICY = dataclasses.replace(UpdatePolicy.of(Settings.model_construct()), min_emit_interval_ms=0)
+"""The worker's defaults as this benchmark runs it, for the co-visitation list computed
+beside it."""
 
 
 def stream_ndcg(
