@@ -275,8 +275,7 @@ def make_events(rows: Sequence[EventRow], catalogue: Catalogue, order: Order = "
     appended to it without text.  Searches carry no item and are left out: the training
     replay has no query embeddings (none of the public datasets has a search)."""
     index = {i: r for r, i in enumerate(catalogue.ids)}
-    users: dict[str, int] = {}
-    kept: list[tuple[int, int, int, int, int, str]] = []
+    kept: list[tuple[int, int, str, int, int, str]] = []
     for n, (eid, etype, user_id, item_id, ts) in enumerate(rows):
         if item_id is None or etype not in EVENT_TYPES or etype == "search":
             continue
@@ -284,12 +283,17 @@ def make_events(rows: Sequence[EventRow], catalogue: Catalogue, order: Order = "
             index[item_id] = len(catalogue.ids)
             catalogue.ids.append(item_id)
             catalogue.text.append("")
-        uid = users.setdefault(user_id, len(users))
         tie = tie_break(eid) if order == "hash" else n
-        kept.append((ts, tie, uid, index[item_id], event_code(etype), eid))
+        kept.append((ts, tie, user_id, index[item_id], event_code(etype), eid))
     # Ties are 64-bit hashes: sorted as Python ints (numpy's int64 would overflow).
     kept.sort(key=lambda r: (r[0], r[1]))
-    arr = np.array([(r[0], r[2], r[3], r[4]) for r in kept], dtype=np.int64).reshape(-1, 4)
+    # Users are numbered in event order, not in the order the rows were read: the same
+    # events read from a topic's partitions in another order get the same numbers, and the
+    # bootstrap over users (which draws by user number) the same intervals.
+    users: dict[str, int] = {}
+    arr = np.array(
+        [(r[0], users.setdefault(r[2], len(users)), r[3], r[4]) for r in kept], dtype=np.int64
+    ).reshape(-1, 4)
     return Events(
         user=arr[:, 1],
         item=arr[:, 2],

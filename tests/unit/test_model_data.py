@@ -23,6 +23,7 @@ from ranking.data import (
     build_dataset,
     load_catalogue,
     load_events,
+    make_events,
     replay,
 )
 from ranking.evaluate import Metrics, merge_report, ranks_for_query
@@ -314,3 +315,17 @@ def test_the_learner_folds_a_shops_events_as_its_worker_does(
     assert any(q.memory[0].size for q in full)
     model, _, _ = train_fused(ds, dataclasses.replace(TrainOptions(), max_epochs=0), False)
     assert TrainOptions().model.memory and not model.memory
+
+
+def test_the_same_events_read_in_another_order_number_their_users_alike() -> None:
+    """Read from a topic's partitions, a shop's events come in no fixed order; the user
+    numbers (which the bootstrap over users draws by) follow the events' replay order."""
+    folder = DATA / "amazon-gift-cards-2018"
+    rows = []
+    for rec in map(orjson.loads, gzip.open(folder / "events.jsonl.gz").read().splitlines()):
+        rows.append((rec["event_id"], rec["type"], rec["user_id"], rec["item_id"], rec["ts"]))
+    shuffled = [rows[i] for i in np.random.default_rng(1).permutation(len(rows))]
+    a = make_events(rows, load_catalogue(folder))
+    b = make_events(shuffled, load_catalogue(folder))
+    assert a.user_ids == b.user_ids and a.user_ids != list(dict.fromkeys(r[2] for r in rows))
+    assert a.user.tolist() == b.user.tolist() and a.event_ids == b.event_ids
