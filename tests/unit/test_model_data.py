@@ -321,9 +321,9 @@ def test_the_same_events_read_in_another_order_number_their_users_alike() -> Non
     """Read from a topic's partitions, a shop's events come in no fixed order; the user
     numbers (which the bootstrap over users draws by) follow the events' replay order."""
     folder = DATA / "amazon-gift-cards-2018"
-    rows = []
-    for rec in map(orjson.loads, gzip.open(folder / "events.jsonl.gz").read().splitlines()):
-        rows.append((rec["event_id"], rec["type"], rec["user_id"], rec["item_id"], rec["ts"]))
+    with gzip.open(folder / "events.jsonl.gz") as fh:
+        recs = [orjson.loads(line) for line in fh]
+    rows = [(r["event_id"], r["type"], r["user_id"], r["item_id"], r["ts"]) for r in recs]
     shuffled = [rows[i] for i in np.random.default_rng(1).permutation(len(rows))]
     a = make_events(rows, load_catalogue(folder))
     b = make_events(shuffled, load_catalogue(folder))
