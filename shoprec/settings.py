@@ -154,14 +154,20 @@ class Settings(BaseSettings):
     n_candidates: int = Field(
         100, ge=10, le=1000, description="Candidates sent to the ranker per user."
     )
-    history_len: int = Field(50, ge=1, le=500, description="Recent events kept per user.")
+    history_len: int = Field(
+        50,
+        ge=1,
+        le=500,
+        description="Recent events kept per user (the learner's replay keeps as many).",
+    )
     memory_len: int = Field(
         200,
         ge=0,
         le=2000,
         description="Distinct items of each user's whole past kept beside the history, by "
         "a count of their events decayed over 180 days (the weakest go first): the ranker "
-        "reads how often a candidate came back. 0 keeps none.",
+        "reads how often a candidate came back. 0 keeps none, and the learner then trains "
+        "models that read none.",
     )
     complements_after_purchase: int = Field(
         10,
