@@ -60,9 +60,10 @@ from bench.report import (
 )
 from features.candidates import JUST_PURCHASED_MS
 from features.fold import MemoryStore
-from features.store import ALWAYS_EMIT, UpdatePolicy, UserUpdate
+from features.store import ALWAYS_EMIT, UserUpdate
 from infra import procs
 from ops.produce import in_event_order, wait_for_catalog
+from ranking.data import POLICY as DEFAULT_POLICY
 from ranking.evaluate import Metrics, paired_difference
 from shoprec.settings import Settings
 
@@ -225,7 +226,7 @@ def learner_metrics(url: str) -> dict[str, float]:
 # --- the measurement: recs.out against co-visitation, test-then-learn ---------------------
 
 
-POLICY = dataclasses.replace(UpdatePolicy.of(Settings.model_construct()), min_emit_interval_ms=0)
+POLICY = dataclasses.replace(DEFAULT_POLICY, min_emit_interval_ms=0)
 """The worker's defaults as this benchmark runs it, for the co-visitation list computed
 beside it."""
 

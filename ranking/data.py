@@ -53,10 +53,10 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
 _DEFAULTS = Settings.model_fields
-HISTORY_LEN: int = int(_DEFAULTS["history_len"].default)
 POLICY = UpdatePolicy.of(Settings.model_construct())
 """The worker's update policy under the default settings (``model_construct``: the
 defaults, never the environment)."""
+HISTORY_LEN: int = POLICY.history_len
 RETRIEVAL_K: int = int(_DEFAULTS["n_candidates"].default) // 2
 """Online retrieval takes this many nearest items to the user embedding."""
 COVIS_PER_ITEM = 20
