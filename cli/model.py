@@ -32,6 +32,7 @@ def _load(
     test_frac: float,
     threads: int,
     order: str = "hash",
+    origin: int = 0,
 ) -> Any:
     from ranking.data import Order, load_dataset
 
@@ -42,6 +43,7 @@ def _load(
         test_frac=test_frac,
         cache_dir=cache,
         order=cast(Order, order),
+        origin=origin,
     )
 
 
@@ -305,6 +307,15 @@ def _card_table(card: dict[str, Any]) -> str:
     help="Order of events that share a timestamp: a hash of the event id (always), or the "
     "dataset file's order (only to measure what the hash changes).",
 )
+@click.option(
+    "--origins",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rolling-origin evaluation: train and test every model at this many time splits, "
+    "each test period the --test-frac of events just before the next one's, and pool the "
+    "test positives (more test users on a small shop; N times the training time).",
+)
 @_cache_option
 @_with_split
 def evaluate(
@@ -317,6 +328,7 @@ def evaluate(
     models: str,
     sasrec_minutes: float,
     same_ts_order: str,
+    origins: int,
     cache: Path,
     valid_frac: float,
     test_frac: float,
@@ -332,48 +344,93 @@ def evaluate(
     text embeddings (ablation).  Every test event's item is ranked against every item
     the worker could show that user.
 
+    With --origins N every model is trained and tested N times, as if the data ended 0,
+    1, ..., N-1 test periods earlier (each origin sees only the events before its test
+    period ends); the test positives of all origins are pooled, and the intervals
+    resample each user with all their positives.  The JSON keeps each origin's NDCG@10
+    too (``details.<model>.per_origin``).
+
     \b
-    Example:
+    Examples:
       shoprec evaluate --data ../shared/data/uci-online-retail --json bench/results/eval-uci.json
+      shoprec evaluate --data ../shared/data/amazon-gift-cards-2018 --origins 4 \\
+        --json bench/results/eval-amazon-gift-cards-2018.json
     """
-    from ranking.baselines import SASRecConfig, baseline_scorers, train_sasrec
     from ranking.data import Period
-    from ranking.evaluate import evaluate_scorer, merge_report, sample_queries
-    from ranking.train import FusedScorer, train_fused
+    from ranking.evaluate import Metrics, merge_report, sample_queries
 
     wanted = set(models.split(",")) if models else set(MODELS)
     if unknown := wanted - set(MODELS):
         raise click.BadParameter(f"unknown models {sorted(unknown)}; choose from {MODELS}")
-    ds = _load(data, cache, valid_frac, test_frac, threads, same_ts_order)
-    valid = sample_queries(ds.period(Period.VALID), 400, seed)
-    test = sample_queries(ds.period(Period.TEST), max_test_queries or None, seed)
+    datasets: list[Any] = []
+    parts: dict[str, list[tuple[Any, dict[str, Any]]]] = {}
+    test_queries, test_users = 0, set[int]()
+    for origin in range(origins):
+        if origins > 1:
+            click.echo(f"origin {origin + 1}/{origins}", err=True)
+        ds = _load(data, cache, valid_frac, test_frac, threads, same_ts_order, origin)
+        valid = sample_queries(ds.period(Period.VALID), 400, seed)
+        test = sample_queries(ds.period(Period.TEST), max_test_queries or None, seed)
+        datasets.append(ds)
+        test_queries += len(test)
+        test_users |= {q.user for q in test}
+        export = export_dir if origin == 0 else None  # the model trained on all the data
+        for name, (metrics, info) in _evaluate_models(
+            ds, valid, test, wanted, epochs, seed, sasrec_minutes, export
+        ).items():
+            _echo_metrics(name, metrics, f"origin {origin + 1}/{origins}" if origins > 1 else "")
+            parts.setdefault(name, []).append((metrics, info))
     common: dict[str, object] = {
-        "test_sample": {"queries": len(test), "users": len({q.user for q in test}), "seed": seed},
+        "test_sample": {"queries": test_queries, "users": len(test_users), "seed": seed},
         "same_ts_order": same_ts_order,
     }
+    for name, runs in parts.items():
+        metrics = Metrics.pooled([m for m, _ in runs])
+        info = {**runs[0][1], "skipped_positives": metrics.skipped}  # the latest origin's
+        if origins > 1:
+            info["per_origin"] = [m.to_json() for m, _ in runs]
+            _echo_metrics(name, metrics, f"{origins} origins pooled")
+        merge_report(json_out, datasets, name, metrics, info, common)
+    click.echo(f"wrote {json_out}", err=True)
 
-    def record(name: str, metrics: Any, info: dict[str, Any]) -> None:
-        m = metrics.to_json()
-        lo, hi = m["ndcg@10_ci95"]
-        click.echo(
-            f"{name}: NDCG@10 {m['ndcg@10']:.4f} [{lo:.4f}, {hi:.4f}], HR@10 {m['hr@10']:.4f}, "
-            f"MRR {m['mrr']:.4f}, n {m['n']} ({metrics.skipped} unshowable skipped)",
-            err=True,
-        )
-        merge_report(
-            json_out, ds, name, metrics, {**info, "skipped_positives": metrics.skipped}, common
-        )
 
+def _echo_metrics(name: str, metrics: Any, where: str) -> None:
+    m = metrics.to_json()
+    lo, hi = m["ndcg@10_ci95"]
+    click.echo(
+        f"{name}{f' ({where})' if where else ''}: NDCG@10 {m['ndcg@10']:.4f} "
+        f"[{lo:.4f}, {hi:.4f}], HR@10 {m['hr@10']:.4f}, MRR {m['mrr']:.4f}, n {m['n']} "
+        f"({metrics.skipped} unshowable skipped)",
+        err=True,
+    )
+
+
+def _evaluate_models(
+    ds: Any,
+    valid: list[Any],
+    test: list[Any],
+    wanted: set[str],
+    epochs: int,
+    seed: int,
+    sasrec_minutes: float,
+    export_dir: Path | None,
+) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Train the wanted models on ``ds``'s training period and score ``test``."""
+    from ranking.baselines import SASRecConfig, baseline_scorers, train_sasrec
+    from ranking.evaluate import evaluate_scorer
+    from ranking.train import FusedScorer, train_fused
+
+    out: dict[str, tuple[Any, dict[str, Any]]] = {}
     if wanted & {"popularity", "covisitation", "repeat", "embedding"}:
         scorers, extra = baseline_scorers(ds, valid)
         for name, scorer in scorers.items():
             if name in wanted:
-                record(name, evaluate_scorer(scorer, test, desc=name), extra)
+                out[name] = (evaluate_scorer(scorer, test, desc=name), extra)
     if "sasrec" in wanted:
         sas_cfg = dataclasses.replace(SASRecConfig(), seed=seed, max_seconds=60.0 * sasrec_minutes)
         sas, sas_info = train_sasrec(ds, valid, sas_cfg)
         info = {k: v for k, v in sas_info.items() if k != "history"}
-        record("sasrec", evaluate_scorer(sas, test, desc="sasrec"), info)
+        out["sasrec"] = (evaluate_scorer(sas, test, desc="sasrec"), info)
     for name, no_text in (("fused", False), ("fused_no_text", True)):
         if name not in wanted:
             continue
@@ -384,10 +441,10 @@ def evaluate(
         )
         info = {k: v for k, v in rep.items() if k not in ("history", "config", "model")}
         info["total_seconds"] = round(time.perf_counter() - t, 1)
-        record(name, metrics, info)
+        out[name] = (metrics, info)
         if name == "fused" and export_dir is not None:
             _export(export_dir, ds, model, tables, rep)
-    click.echo(f"wrote {json_out}", err=True)
+    return out
 
 
 @click.command("learner")

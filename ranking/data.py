@@ -334,14 +334,33 @@ def embed_catalogue(catalogue: Catalogue, cache_dir: Path | None) -> F32:
 # --- splitting and replay --------------------------------------------------------------
 
 
-def time_cuts(ts: I64, valid_frac: float, test_frac: float) -> tuple[int, int]:
-    """Timestamps at which validation and test start, at event-count quantiles."""
-    n = ts.shape[0]
-    v = int(ts[min(n - 1, int(n * (1.0 - valid_frac - test_frac)))])
-    t = int(ts[min(n - 1, int(n * (1.0 - test_frac)))])
+def time_cuts(ts: I64, valid_frac: float, test_frac: float, origin: int = 0) -> tuple[int, int]:
+    """Timestamps at which validation and test start, at event-count quantiles.
+
+    ``origin`` k > 0 is a rolling origin: every period moves k test windows back in time,
+    so origin k's test period ends where origin k-1's begins (:func:`origin_end`).
+    """
+    end = 1.0 - origin * test_frac
+    if origin < 0 or end - valid_frac - test_frac <= 0.0:
+        raise DatasetError(
+            f"origin {origin}: {origin} test windows of {test_frac:.0%} back in time leave "
+            f"no training period before a {valid_frac:.0%} validation period"
+        )
+    v, t = _quantile_ts(ts, end - valid_frac - test_frac), _quantile_ts(ts, end - test_frac)
     if not v < t:
         raise DatasetError("the dataset's time span is too short to split into three periods")
     return v, t
+
+
+def origin_end(ts: I64, test_frac: float, origin: int) -> int | None:
+    """The timestamp at which rolling origin ``origin``'s test period ends (None: never,
+    the latest origin's test period runs to the last event)."""
+    return _quantile_ts(ts, 1.0 - origin * test_frac) if origin > 0 else None
+
+
+def _quantile_ts(ts: I64, q: float) -> int:
+    n = ts.shape[0]
+    return int(ts[min(n - 1, int(n * q))])
 
 
 class _Replay:
@@ -584,21 +603,25 @@ def load_dataset(
     cache_dir: Path | None = None,
     order: Order = "hash",
     progress: bool = True,
+    origin: int = 0,
 ) -> Dataset:
     """Everything training and evaluation need from one dataset folder.
 
     With a ``cache_dir`` the replayed dataset is kept there, keyed by the input files,
     the split, the order and the replay's source (:data:`SOURCE_FILES`), so ``shoprec
-    train`` and ``shoprec evaluate`` replay a dataset once.
+    train`` and ``shoprec evaluate`` replay a dataset once.  ``origin``: as in
+    :func:`build_dataset`.
     """
-    cached = _cache_path(folder, cache_dir, (valid_frac, test_frac, order))
+    cached = _cache_path(folder, cache_dir, (valid_frac, test_frac, order, origin))
     if cached is not None and cached.is_file():
         ds: Dataset = pickle.loads(cached.read_bytes())
         return ds
     catalogue = load_catalogue(folder)
     events = load_events(folder, catalogue, order)
     item_emb = embed_catalogue(catalogue, cache_dir)
-    ds = build_dataset(folder.name, catalogue, events, item_emb, valid_frac, test_frac, progress)
+    ds = build_dataset(
+        folder.name, catalogue, events, item_emb, valid_frac, test_frac, progress, origin=origin
+    )
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_bytes(pickle.dumps(ds, protocol=pickle.HIGHEST_PROTOCOL))
@@ -628,10 +651,21 @@ def build_dataset(
     test_frac: float = 0.1,
     progress: bool = True,
     policy: UpdatePolicy = POLICY,
+    origin: int = 0,
 ) -> Dataset:
     """Split ``events`` by time and replay them into labelled queries, folded as ``policy``
-    folds them (a shop's own settings: ``UpdatePolicy.of``)."""
-    cuts = time_cuts(events.ts, valid_frac, test_frac)
+    folds them (a shop's own settings: ``UpdatePolicy.of``).
+
+    ``origin`` k > 0 evaluates as if the data ended k test windows earlier: the events from
+    :func:`origin_end` on are dropped before the replay, so no feature and no label sees
+    them, and the periods are :func:`time_cuts`' for that origin.  Several origins give
+    disjoint test periods back to back (rolling-origin evaluation, ``shoprec evaluate
+    --origins``) and so more test users on a small shop.
+    """
+    cuts = time_cuts(events.ts, valid_frac, test_frac, origin)
+    end = origin_end(events.ts, test_frac, origin)
+    if end is not None:
+        events = events.subset(events.ts < end)
     queries = replay(events, catalogue, item_emb, cuts, policy, progress)
     log.info(
         "dataset %s: %d items (%d with text), %d events, %d users, %d queries",

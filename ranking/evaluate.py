@@ -52,6 +52,19 @@ class Metrics:
         self.ranks.append(rank)
         self.users.append(user)
 
+    @classmethod
+    def pooled(cls, parts: Sequence[Metrics]) -> Metrics:
+        """One evaluation of every part's positives (rolling origins: one per origin).
+
+        A user keeps one number across the parts, so the intervals resample each user with
+        all their positives from every origin.
+        """
+        out = cls(skipped=sum(p.skipped for p in parts))
+        for p in parts:
+            out.ranks.extend(p.ranks)
+            out.users.extend(p.users)
+        return out.finish()
+
     def finish(self) -> Metrics:
         r = np.asarray(self.ranks, dtype=np.float64)
         self.n = int(r.size)
@@ -208,9 +221,19 @@ def sample_queries(queries: Sequence[Query], limit: int | None, seed: int) -> li
     return [queries[i] for i in sorted(idx)]
 
 
+def split_of(dataset: Dataset) -> dict[str, int]:
+    """Where ``dataset``'s periods start (ms), and its test queries (all, before sampling)."""
+    return {
+        "valid_from_ts": dataset.cut_ts[0],
+        "test_from_ts": dataset.cut_ts[1],
+        "test_to_ts": int(dataset.events.ts[-1]) if len(dataset.events) else dataset.cut_ts[1],
+        "test_queries": len(dataset.period(Period.TEST)),
+    }
+
+
 def merge_report(
     path: Path,
-    dataset: Dataset,
+    origins: Sequence[Dataset],
     name: str,
     metrics: Metrics,
     info: dict[str, object],
@@ -218,14 +241,20 @@ def merge_report(
 ) -> None:
     """Add one model's metrics to the JSON at ``path`` (created if absent), under a lock.
 
-    Shape: ``{"dataset", "split", "models": {name: {"hr@10", "ndcg@10", "ndcg@10_ci95",
-    "mrr", "n", "users"}}, "details": {name: {...}}, "per_user": {"users", "positives",
-    "ndcg_sum": {name: [...]}}, "versus_fused": {name: {"value", "ci95"}}, ...common}``:
+    ``origins``: the dataset of each rolling origin the metrics pool, the latest first
+    (one for a single time split).
+
+    Shape: ``{"dataset", "split", "origins", "models": {name: {"hr@10", "ndcg@10",
+    "ndcg@10_ci95", "mrr", "n", "users"}}, "details": {name: {...}}, "per_user": {"users",
+    "positives", "ndcg_sum": {name: [...]}}, "versus_fused": {name: {"value", "ci95"}},
+    ...common}``: ``split`` is the latest origin's periods, ``origins`` every origin's;
     ``per_user`` keeps what the paired comparisons need, so models evaluated in separate
     processes are still compared user by user; ``versus_fused`` is fused minus each other
     model with a paired bootstrap interval over users.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    dataset = origins[0].name
+    splits = [split_of(ds) for ds in origins]
     # The lock lives in the temp dir so results folders hold results only.
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
     with open(Path(tempfile.gettempdir()) / f"shoprec-eval-{digest}.lock", "w") as lock:
@@ -233,19 +262,9 @@ def merge_report(
         payload: dict[str, Any] = {}
         if path.is_file():
             payload = json.loads(path.read_text())
-            if payload.get("dataset") != dataset.name:
-                payload = {}
-        payload.update(
-            {
-                "dataset": dataset.name,
-                "split": {
-                    "valid_from_ts": dataset.cut_ts[0],
-                    "test_from_ts": dataset.cut_ts[1],
-                    "test_queries": len(dataset.period(Period.TEST)),
-                },
-                **common,
-            }
-        )
+            if payload.get("dataset") != dataset or payload.get("origins") != splits:
+                payload = {}  # another dataset or other periods: nothing in it pairs up
+        payload.update({"dataset": dataset, "split": splits[0], "origins": splits, **common})
         payload.setdefault("models", {})[name] = metrics.to_json()
         payload.setdefault("details", {})[name] = info
         users, gains, counts = metrics.per_user()

@@ -24,10 +24,13 @@ from ranking.data import (
     load_catalogue,
     load_events,
     make_events,
+    origin_end,
     replay,
+    time_cuts,
 )
 from ranking.evaluate import Metrics, merge_report, ranks_for_query
 from ranking.train import TrainOptions, train_fused, version_scorer
+from shoprec.errors import DatasetError
 from shoprec.settings import Settings
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -193,7 +196,7 @@ def test_evaluations_of_separate_processes_merge_into_one_json(
         m = Metrics()
         for r, u in zip(ranks, users, strict=True):
             m.add(r, u)
-        merge_report(out, ds, name, m.finish(), {"epochs": 1}, {"test_sample": {"seed": 7}})
+        merge_report(out, [ds], name, m.finish(), {"epochs": 1}, {"test_sample": {"seed": 7}})
     got = orjson.loads(out.read_bytes())
     assert got["dataset"] == "rees46-sample"
     sasrec = got["models"]["sasrec"]
@@ -329,3 +332,54 @@ def test_the_same_events_read_in_another_order_number_their_users_alike() -> Non
     b = make_events(shuffled, load_catalogue(folder))
     assert a.user_ids == b.user_ids and a.user_ids != list(dict.fromkeys(r[2] for r in rows))
     assert a.user.tolist() == b.user.tolist() and a.event_ids == b.event_ids
+
+
+def test_rolling_origins_test_back_to_back_on_data_that_ends_at_their_test_period(
+    rees: tuple[Catalogue, Events, np.ndarray],
+) -> None:
+    cat, ev, emb = rees
+    latest, earlier = (build_dataset("r", cat, ev, emb, progress=False, origin=k) for k in (0, 1))
+    assert latest.cut_ts == time_cuts(ev.ts, 0.1, 0.1)
+    # Origin 1's test period ends where origin 0's begins, and it never sees those events.
+    end = origin_end(ev.ts, 0.1, 1)
+    assert end == latest.cut_ts[1] and earlier.cut_ts[1] < end
+    assert int(earlier.events.ts.max()) < end <= int(latest.events.ts.max())
+    assert len(earlier.events) == int((ev.ts < end).sum())
+    test = earlier.period(Period.TEST)
+    assert test and all(earlier.cut_ts[1] <= q.target_ts < end for q in test)
+    assert all(q.trigger_ts < end for q in earlier.queries)
+    # A user keeps one number at every origin (the intervals resample users across them).
+    assert earlier.events.user_ids == latest.events.user_ids
+    with pytest.raises(DatasetError, match="origin 8"):
+        time_cuts(ev.ts, 0.1, 0.1, origin=8)
+
+
+def test_pooled_origins_keep_every_positive_and_pair_users_across_them(tmp_path: Path) -> None:
+    a, b = Metrics(skipped=1), Metrics(skipped=2)
+    for m, ranks, users in ((a, [1.0, 3.0], [5, 6]), (b, [2.0, 40.0], [5, 9])):
+        for r, u in zip(ranks, users, strict=True):
+            m.add(r, u)
+        m.finish()
+    pooled = Metrics.pooled([a, b])
+    assert (pooled.n, pooled.skipped, pooled.ranks) == (4, 3, [1.0, 3.0, 2.0, 40.0])
+    assert pooled.hr == 0.75 and pooled.mrr == pytest.approx((1 + 1 / 3 + 1 / 2 + 1 / 40) / 4)
+    users, gains, counts = pooled.per_user()
+    assert users.tolist() == [5, 6, 9] and counts.tolist() == [2.0, 1.0, 1.0]
+    assert gains[0] == pytest.approx(1.0 + 1.0 / np.log2(3.0))
+
+
+def test_a_report_of_other_origins_starts_afresh(
+    rees: tuple[Catalogue, Events, np.ndarray], tmp_path: Path
+) -> None:
+    cat, ev, emb = rees
+    origins = [build_dataset("r", cat, ev, emb, progress=False, origin=k) for k in (0, 1)]
+    out = tmp_path / "eval.json"
+    m = Metrics()
+    m.add(1.0, 3)
+    merge_report(out, origins, "covisitation", m.finish(), {}, {})
+    merge_report(out, origins, "fused", m, {}, {})
+    got = orjson.loads(out.read_bytes())
+    assert [o["test_from_ts"] for o in got["origins"]] == [d.cut_ts[1] for d in origins]
+    assert got["split"] == got["origins"][0] and set(got["models"]) == {"covisitation", "fused"}
+    merge_report(out, origins[:1], "fused", m, {}, {})  # one origin: other periods
+    assert set(orjson.loads(out.read_bytes())["models"]) == {"fused"}
