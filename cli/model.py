@@ -388,7 +388,10 @@ def evaluate(
         metrics = Metrics.pooled([m for m, _ in runs])
         info = {**runs[0][1], "skipped_positives": metrics.skipped}  # the latest origin's
         if origins > 1:
-            info["per_origin"] = [m.to_json() for m, _ in runs]
+            # Each origin's metrics and training details (the epochs kept, a cold start).
+            info["per_origin"] = [
+                {**m.to_json(), **i, "skipped_positives": m.skipped} for m, i in runs
+            ]
             _echo_metrics(name, metrics, f"{origins} origins pooled")
         merge_report(json_out, datasets, name, metrics, info, common)
     click.echo(f"wrote {json_out}", err=True)
