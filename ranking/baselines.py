@@ -57,7 +57,7 @@ class Popularity:
         self.window = window_ms
 
     def counts(self, q: Query) -> F32:
-        hi = int(np.searchsorted(self.ts, q.trigger_ts, side="right"))
+        hi = q.seen  # the events replayed so far: never a later one of the same timestamp
         lo = 0 if self.window is None else int(np.searchsorted(self.ts, q.trigger_ts - self.window))
         out: F32 = np.bincount(self.items[lo:hi], weights=self.w[lo:hi], minlength=self.n).astype(
             np.float32
@@ -126,7 +126,7 @@ class Repeat:
 
     def counts(self, q: Query) -> F32:
         idx = self.order[self.starts[q.user] : self.starts[q.user + 1]]
-        idx = idx[self.ts[idx] <= q.trigger_ts]
+        idx = idx[idx < q.seen]  # what the state had taken (one-event steps: not the label)
         w = self.w[idx].astype(np.float64)
         if self.half_life is not None:
             w = w * np.exp2((self.ts[idx] - q.trigger_ts) / self.half_life)

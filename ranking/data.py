@@ -146,6 +146,11 @@ class Query:
     retrieval: dict[int, float]
     covis_wide: tuple[I64, F32]
     """Co-visitation over the same sources with ``COVIS_WIDE`` neighbours each (baseline)."""
+    seen: int
+    """How many of the dataset's events (in replay order) the state had taken when this
+    query was read: the baselines that count events count these.  Not the trigger time:
+    in a one-event step, later events of the same timestamp (often the label itself) are
+    still to come."""
     targets: list[int] = field(default_factory=list)
     memory: tuple[I64, F32] = field(
         default_factory=lambda: (np.zeros(0, np.int64), np.zeros(0, np.float32))
@@ -441,8 +446,9 @@ class _Replay:
             )
         self.store.apply_events(updates)
 
-    def snapshots(self, users: Sequence[int], ts: int) -> list[Query]:
-        """What the worker would read and retrieve for ``users`` right after ``ts``."""
+    def snapshots(self, users: Sequence[int], ts: int, seen: int) -> list[Query]:
+        """What the worker would read and retrieve for ``users`` right after ``ts``, the
+        first ``seen`` events applied."""
         names = [self.item_ids[u] for u in users]
         at = dict.fromkeys(names, ts)
         wide, narrow = self.store.read_contexts(
@@ -451,7 +457,7 @@ class _Replay:
         embs = np.stack([wide.users[n].embedding for n in names])
         retrieved = self._retrieve(embs)
         return [
-            self._query(u, ts, wide, narrow, n, found)
+            self._query(u, ts, seen, wide, narrow, n, found)
             for u, n, found in zip(users, names, retrieved, strict=True)
         ]
 
@@ -473,6 +479,7 @@ class _Replay:
         self,
         u: int,
         ts: int,
+        seen: int,
         wide: Context,
         narrow: Context,
         name: str,
@@ -498,6 +505,7 @@ class _Replay:
                 np.fromiter((row[i] for i in covis_wide), np.int64, len(covis_wide)),
                 np.fromiter(covis_wide.values(), np.float32, len(covis_wide)),
             ),
+            seen=seen,
             popularity=popularity,
             retrieval=retrieval,
             memory=(
@@ -567,7 +575,7 @@ def replay(
             if labels_in is None
             or (next_ts[j] >= 0 and _period(int(next_ts[j]), cuts) == labels_in)
         ]
-        for q in state.snapshots(wanted, ts) if wanted else []:
+        for q in state.snapshots(wanted, ts, end) if wanted else []:
             pending[q.user] = q
         bar.update(end - k)
         k = end

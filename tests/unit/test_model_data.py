@@ -14,6 +14,7 @@ import pytest
 from features.decay import decayed_value, forward_weight
 from features.store import COVIS_SPAN, COVIS_WINDOW_MS, UpdatePolicy
 from ranking import export
+from ranking.baselines import Popularity, Repeat
 from ranking.data import (
     Catalogue,
     Dataset,
@@ -21,6 +22,7 @@ from ranking.data import (
     Period,
     Query,
     build_dataset,
+    event_steps,
     load_catalogue,
     load_events,
     make_events,
@@ -156,6 +158,7 @@ def _query(targets: list[int], hist: list[int], types: list[int]) -> Query:
         popularity={},
         retrieval={},
         covis_wide=(np.zeros(0, np.int64), np.zeros(0, np.float32)),
+        seen=0,
         targets=targets,
     )
 
@@ -383,3 +386,24 @@ def test_a_report_of_other_origins_starts_afresh(
     assert got["split"] == got["origins"][0] and set(got["models"]) == {"covisitation", "fused"}
     merge_report(out, origins[:1], "fused", m, {}, {})  # one origin: other periods
     assert set(orjson.loads(out.read_bytes())["models"]) == {"fused"}
+
+
+def test_baselines_count_what_a_one_event_step_has_seen_not_its_label() -> None:
+    """Amazon's timestamps are days: a user's next event is often one of the same day.  In a
+    one-event step the baselines must not count it (counting by time would)."""
+    folder = DATA / "amazon-gift-cards-2018"
+    cat = load_catalogue(folder)
+    ev = load_events(folder, cat)
+    ds = build_dataset("amazon", cat, ev, np.zeros((len(cat), 384), np.float32), progress=False)
+    same_day = [q for q in event_steps(ds, Period.TEST) if q.target_ts == q.trigger_ts]
+    assert len(same_day) > 50
+    pop = Popularity(ds, None)
+    repeat = Repeat(ds, pop, None)
+    for q in same_day:
+        label = np.flatnonzero(
+            (ev.user == q.user) & (ev.item == q.targets[0]) & (ev.ts == q.target_ts)
+        )
+        assert label.min() >= q.seen  # the label comes after what the state has taken
+        assert pop.counts(q).sum() == pytest.approx(pop.w[: q.seen].sum())
+        own = np.flatnonzero(ev.user[: q.seen] == q.user)
+        assert repeat.counts(q).sum() == pytest.approx(pop.w[own].sum())
