@@ -347,8 +347,8 @@ def evaluate(
     With --origins N every model is trained and tested N times, as if the data ended 0,
     1, ..., N-1 test periods earlier (each origin sees only the events before its test
     period ends); the test positives of all origins are pooled, and the intervals
-    resample each user with all their positives.  The JSON keeps each origin's NDCG@10
-    too (``details.<model>.per_origin``).
+    resample each user with all their positives.  The JSON keeps each origin's figures
+    and training details too (``details.<model>.per_origin``).
 
     \b
     Examples:

@@ -278,3 +278,30 @@ def test_the_repeat_baseline_counts_the_users_own_past_up_to_the_trigger(tmp_pat
 
     scores = Repeat(ds, pop, None)([q])[0]
     assert scores[expected > 0].min() > scores[expected == 0].max()
+
+
+def test_evaluate_pools_rolling_origins_into_one_report(tmp_path: Path) -> None:
+    """``shoprec evaluate --origins 3``: three time splits, their test positives pooled,
+    each origin's figures kept, the latest origin's split as ``split``."""
+    from click.testing import CliRunner
+
+    from cli.model import evaluate
+
+    out = tmp_path / "eval.json"
+    args = ["--data", str(DATA / "otto-sample"), "--json", str(out), "--cache", str(tmp_path)]
+    got = CliRunner().invoke(evaluate, [*args, "--models", "popularity,covisitation"])
+    assert got.exit_code == 0, got.output
+    one = json.loads(out.read_text())
+    got = CliRunner().invoke(evaluate, [*args, "--models", "covisitation", "--origins", "3"])
+    assert got.exit_code == 0, got.output
+    three = json.loads(out.read_text())
+    # Other periods: the single split's report was not merged into.
+    assert set(three["models"]) == {"covisitation"} and len(three["origins"]) == 3
+    assert three["split"] == one["split"] == three["origins"][0]
+    starts = [o["test_from_ts"] for o in three["origins"]]
+    assert starts == sorted(starts, reverse=True)
+    assert all(o["test_to_ts"] < s for o, s in zip(three["origins"][1:], starts, strict=False))
+    per_origin = three["details"]["covisitation"]["per_origin"]
+    assert per_origin[0]["n"] == one["models"]["covisitation"]["n"]
+    assert three["models"]["covisitation"]["n"] == sum(o["n"] for o in per_origin)
+    assert three["models"]["covisitation"]["n"] > one["models"]["covisitation"]["n"]
