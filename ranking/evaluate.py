@@ -222,7 +222,8 @@ def sample_queries(queries: Sequence[Query], limit: int | None, seed: int) -> li
 
 
 def split_of(dataset: Dataset) -> dict[str, int]:
-    """Where ``dataset``'s periods start (ms), and its test queries (all, before sampling)."""
+    """Where ``dataset``'s periods start and its last event's time (ms), and its test
+    queries (all, before sampling)."""
     return {
         "valid_from_ts": dataset.cut_ts[0],
         "test_from_ts": dataset.cut_ts[1],

@@ -357,7 +357,7 @@ def test_rolling_origins_test_back_to_back_on_data_that_ends_at_their_test_perio
         time_cuts(ev.ts, 0.1, 0.1, origin=8)
 
 
-def test_pooled_origins_keep_every_positive_and_pair_users_across_them(tmp_path: Path) -> None:
+def test_pooled_origins_keep_every_positive_and_pair_users_across_them() -> None:
     a, b = Metrics(skipped=1), Metrics(skipped=2)
     for m, ranks, users in ((a, [1.0, 3.0], [5, 6]), (b, [2.0, 40.0], [5, 9])):
         for r, u in zip(ranks, users, strict=True):
