@@ -36,7 +36,7 @@ from bench.report import (
 )
 from ops.simulate import SimulateOptions, simulate
 from shoprec.experiments import Experiment
-from shoprec.settings import Settings
+from shoprec.settings import CACHE_DIR, Settings
 
 DAY_MS = 86_400_000
 
@@ -67,7 +67,7 @@ def measure(folder: Path, values: Sequence[int], window_days: float) -> dict[str
         data=folder,
         experiment=experiment(values),
         model_repo=REPO_ROOT / "model_repo",
-        cache=REPO_ROOT / ".shoprec" / "cache",
+        cache=REPO_ROOT / CACHE_DIR,
         batch=settings.batch_max,
     )
     started = time.monotonic()

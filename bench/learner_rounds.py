@@ -12,9 +12,9 @@ where a round costs seconds instead of a stack:
    latest slice held out by time, the basket steps and the next event (``decide``); the
    shipped model (the newest version of ``model_repo``) is live at the start;
 2. three promotion policies: ``rule`` (``decide`` as shipped: a gain whose 95% interval
-   clears the margin), ``first round only`` (what ``bench.stream_quality`` measures) and
-   ``fresher if not worse`` (the rule, except that a candidate replaces the shop's own
-   earlier round when it scores no lower on either slice: the same recipe on newer events);
+   clears the margin, or, once the shop's own round is live, a candidate that scores no
+   lower on either slice: the same recipe on newer events, ``SHOPREC_LEARNER_REFRESH``),
+   ``confident gain only`` (``SHOPREC_LEARNER_REFRESH=false``) and ``first round only``;
 3. each 10% segment of the last 30% is served by the version each policy had live when the
    segment began, and scored one event per step (``ranking.data.event_steps``: what the
    stream serves, over the full catalogue) against co-visitation on the same steps.
@@ -46,6 +46,7 @@ from bench.report import (
     say,
 )
 from ops.learn import LearnOptions, decide
+from ops.versions import Versions
 from ranking import export
 from ranking.baselines import baseline_scorers
 from ranking.data import (
@@ -62,14 +63,14 @@ from ranking.data import (
 )
 from ranking.evaluate import Metrics, evaluate_scorer, paired_difference, sample_queries
 from ranking.train import FusedScorer, behavioural_ids, train_fused, version_scorer
+from shoprec.settings import CACHE_DIR
 
 SEGMENT = 0.1
 """The share of the events between two rounds."""
 ROUNDS = 3
 """Rounds at 70%, 80% and 90% of the events: each serves the next ``SEGMENT``."""
-FRESHER = "fresher if not worse"
-POLICIES = ("rule", "first round only", FRESHER)
-CACHE = REPO_ROOT / ".shoprec" / "cache"
+RULE, CONFIDENT, FIRST_ONLY = "rule", "confident gain only", "first round only"
+POLICIES = (RULE, CONFIDENT, FIRST_ONLY)
 
 
 class Shop(NamedTuple):
@@ -79,15 +80,12 @@ class Shop(NamedTuple):
     item_emb: F32
 
 
-def shipped() -> Path:
-    """The newest version of the shipped model repository: what a new shop starts with."""
-    folders = (REPO_ROOT / "model_repo" / "fused_ranker").iterdir()
-    return max((f for f in folders if f.name.isdigit()), key=lambda f: int(f.name))
-
-
 def rounds(full: Shop, options: LearnOptions, work: Path) -> list[dict[str, Any]]:
     """Each round's verdict under every policy, and the version each policy then serves."""
-    start = shipped()
+    shipped = Versions(REPO_ROOT / "model_repo", work)
+    live_version = shipped.live()
+    assert live_version is not None, "model_repo serves a ranker"
+    start = shipped.folder(live_version)  # what a new shop starts with
     live = dict.fromkeys(POLICIES, start)
     names = {start: f"v{start.name} (shipped)"}
     out: list[dict[str, Any]] = []
@@ -117,7 +115,7 @@ def rounds(full: Shop, options: LearnOptions, work: Path) -> list[dict[str, Any]
         verdicts: dict[str, str] = {}
         for policy in POLICIES:
             current = live[policy]
-            if policy == "first round only" and r > 0:
+            if policy == FIRST_ONLY and r > 0:
                 verdicts[policy] = "kept: one round only"
                 continue
             old, _ = version_scorer(current, ds)
@@ -126,13 +124,11 @@ def rounds(full: Shop, options: LearnOptions, work: Path) -> list[dict[str, Any]
                 evaluate_scorer(old, test, progress=False),
                 options.margin,
                 (got_next, evaluate_scorer(old, steps, progress=False)),
+                # The live version is the shop's own round once one was promoted.
+                refresh=policy == RULE and current != start,
             )
-            promote = d.promote or (
-                # The same recipe on newer events, no worse on either slice.
-                policy == FRESHER and current != start and d.reason.startswith("not better with")
-            )
-            verdicts[policy] = ("promoted: " if promote else "kept: ") + d.reason
-            if promote:
+            verdicts[policy] = ("promoted: " if d.promote else "kept: ") + d.reason
+            if d.promote:
                 live[policy] = folder
         names[folder] = f"round at {share:.0%}"
         say(f"  {names[folder]}: " + "; ".join(f"{p}: {v}" for p, v in verdicts.items()))
@@ -189,7 +185,7 @@ def measure(folder: Path, max_events: int | None, options: LearnOptions) -> dict
     events = load_events(folder, catalogue)
     if max_events is not None:
         events = events.subset(slice(0, max_events))
-    emb = embed_catalogue(catalogue, CACHE)
+    emb = embed_catalogue(catalogue, REPO_ROOT / CACHE_DIR)
     full = Shop(folder.name, catalogue, events, emb)
     with tempfile.TemporaryDirectory() as work:
         played = rounds(full, options, Path(work))
@@ -224,7 +220,7 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
 def main(folders: tuple[Path, ...], max_events: int | None, json_path: Path | None) -> None:
     """Learner rounds every 10% of a shop's events, offline: what each promotion policy
     would serve over the last 30%, one event per step, against co-visitation."""
-    options = dataclasses.replace(LearnOptions(), cache_dir=CACHE)
+    options = dataclasses.replace(LearnOptions(), cache_dir=REPO_ROOT / CACHE_DIR)
     results = []
     for folder in datasets(folders):
         at = (f"{1.0 - (ROUNDS - r) * SEGMENT:.0%}" for r in range(ROUNDS))

@@ -35,6 +35,7 @@ from ranking.data import embed_catalogue, load_catalogue, load_events
 from ranking.fusion import FusionScorer
 from ranking.pipeline import RecommendRequest, Scorer, candidates, empty_request, recommend
 from shoprec.events import EventType
+from shoprec.settings import CACHE_DIR
 
 REES46 = DATA / "rees46-sample"
 H, C, T, G = 50, 60, 50, 100  # history, co-visitation, category and shop-trending widths
@@ -67,7 +68,7 @@ def scaled_vectors(vectors: npt.NDArray[np.float32], n: int, seed: int) -> npt.N
 
 def build(data: Path, n_items: int, model: str, batches: list[int], seed: int) -> Setup:
     cat = load_catalogue(data)
-    vecs = embed_catalogue(cat, REPO_ROOT / ".shoprec" / "cache")
+    vecs = embed_catalogue(cat, REPO_ROOT / CACHE_DIR)
     has = cat.has_text
     events = load_events(data, cat)
     table = ItemTable()

@@ -7,11 +7,16 @@ the shipped ``fused_ranker@2`` is live at the start) and ``shoprec worker`` with
 
 1. the catalogue and the first 70% of the events are sent (``shoprec produce --keep-ts``,
    the recorded event times) and the worker takes them all;
-2. ``shoprec learner`` starts and runs one round: it reads the topics back, trains the
+2. ``shoprec learner`` starts and runs a round: it reads the topics back, trains the
    shop's own candidate, judges it against the live version on the latest events held out
-   by time, and promotes it through Triton's model control only if it is better;
+   by time, and promotes it through Triton's model control only if it is better
+   (``ops.learn.decide``);
 3. the last 30% are sent paced (``--rate``, 40 events/s by default: each event meets the
-   list its user had just before it) and every ``recs.out`` message is read back;
+   list its user had just before it) in ``--rounds`` equal segments (3: 10% each).  After
+   each segment but the last the learner counts a segment's new events
+   (``SHOPREC_LEARNER_EVERY_EVENTS``) and runs its next round, and the stream waits for
+   it: in a shop a segment is days of events, a round a minute or two.  Every
+   ``recs.out`` message is read back;
 4. :func:`stream_ndcg` scores them test-then-learn: an event counts when its item differs
    from the user's previous one; its rank in the user's latest list from this part of the
    stream, against its rank in the co-visitation list computed from the same stream up to
@@ -63,14 +68,18 @@ from features.fold import MemoryStore
 from features.store import ALWAYS_EMIT, UserUpdate
 from infra import procs
 from ops.produce import in_event_order, wait_for_catalog
+from ops.versions import Versions
 from ranking.data import POLICY as DEFAULT_POLICY
 from ranking.evaluate import Metrics, paired_difference
+from shoprec.errors import ConfigError
 from shoprec.settings import Settings
 
 FIRST = 0.7
 """Share of a shop's events sent before the learner's round; the rest is measured."""
 K = 10
 RATE = 40.0
+ROUNDS = 3
+"""Learner rounds by default: at 70%, 80% and 90% of the events."""
 
 
 # --- the shop's events, split ---------------------------------------------------------
@@ -78,20 +87,29 @@ RATE = 40.0
 
 @dataclass(frozen=True)
 class Shop:
-    """A shop's events in the order ``produce`` sends them, split into two dataset folders
-    (the first ``FIRST`` share and the rest), each with the catalogue records of every item
-    the events touch."""
+    """A shop's events in the order ``produce`` sends them, split into dataset folders (the
+    first ``FIRST`` share, then the rest in equal segments), each with the catalogue
+    records of every item the events touch."""
 
     name: str
-    first: Path
-    rest: Path
+    parts: tuple[Path, ...]
     events: list[dict[str, Any]]
     n_items: int
     n_first: int
 
+    @property
+    def first(self) -> Path:
+        return self.parts[0]
 
-def split_shop(src: Path, work: Path, max_events: int | None = None) -> Shop:
-    """:class:`Shop` of dataset folder ``src`` (its first ``max_events`` only, if given)."""
+    @property
+    def segments(self) -> tuple[Path, ...]:
+        """The measured rest, one folder per learner round."""
+        return self.parts[1:]
+
+
+def split_shop(src: Path, work: Path, max_events: int | None = None, segments: int = 1) -> Shop:
+    """:class:`Shop` of dataset folder ``src`` (its first ``max_events`` only, if given),
+    the rest in ``segments`` parts."""
     with gzip.open(src / "events.jsonl.gz", "rb") as fh:
         lines = (
             fh
@@ -103,12 +121,15 @@ def split_shop(src: Path, work: Path, max_events: int | None = None) -> Shop:
     with gzip.open(src / "items.jsonl.gz", "rb") as fh:
         items = [i for line in fh if (i := orjson.loads(line))["item_id"] in wanted]
     cut = int(len(events) * FIRST)
-    first, rest = work / "first", work / "rest"
-    for folder, part in ((first, events[:cut]), (rest, events[cut:])):
+    ends = [cut + (len(events) - cut) * (k + 1) // segments for k in range(segments)]
+    parts = []
+    for k, (lo, hi) in enumerate(zip([0, cut, *ends], [cut, *ends], strict=False)):
+        folder = work / ("first" if k == 0 else f"segment-{k}")
         folder.mkdir(parents=True)
-        _write(folder / "events.jsonl.gz", part)
+        _write(folder / "events.jsonl.gz", events[lo:hi])
         _write(folder / "items.jsonl.gz", items)
-    return Shop(src.name, first, rest, events, len(items), cut)
+        parts.append(folder)
+    return Shop(src.name, tuple(parts), events, len(items), cut)
 
 
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -135,12 +156,15 @@ def learning_stream(
     settings: Settings, shop: Shop, logs: Path, rate: float = RATE
 ) -> Iterator[Streamed]:
     """Steps 1-3 of the module's scenario on the stack ``settings`` point at (its
-    ``model_repo`` the one Triton serves, ``min_emit_interval_ms`` 0); the worker and the
-    learner are stopped when the block ends, the stack is the caller's."""
+    ``model_repo`` the one Triton serves, ``min_emit_interval_ms`` 0), a learner round
+    before each of ``shop.segments``; the worker and the learner are stopped when the block
+    ends, the stack is the caller's."""
+    sizes = [_count(part) for part in shop.segments]
     settings = settings.model_copy(
         update={
-            "learner_every_s": 86_400.0,  # one round, at start
-            "learner_every_events": 0,
+            "learner_every_s": 86_400.0,  # the first round at start, the others by events:
+            # after each segment but the last, the learner counts a segment's new events.
+            "learner_every_events": min(sizes[:-1], default=0),
             "learner_min_events": 100,
         }
     )
@@ -165,12 +189,18 @@ def learning_stream(
             "learner", argv, logs / "learner.log", env | {"SHOPREC_METRICS_PORT": str(port)}
         )
         learner = started.proc
-        metrics = _wait_round(learner, url)
-        took["learner_round"] = time.perf_counter() - t0 - took["first_part"]
-
-        rest = ("--data", str(shop.rest), "--no-catalog", "--keep-ts", "--rate", str(rate))
-        shoprec(env, "produce", *rest)
-        _wait_events(worker, len(shop.events))
+        metrics: dict[str, float] = {}
+        sent = shop.n_first
+        for k, (part, size) in enumerate(zip(shop.segments, sizes, strict=True)):
+            # The stream waits for the round: a segment is days of a shop's events, a
+            # round a minute or two.
+            began = time.perf_counter()
+            metrics = _wait_round(learner, url, k + 1)
+            took["learner_rounds"] = took.get("learner_rounds", 0.0) + time.perf_counter() - began
+            segment = ("--data", str(part), "--no-catalog", "--keep-ts", "--rate", str(rate))
+            shoprec(env, "produce", *segment)
+            sent += size
+            _wait_events(worker, sent)
         tail = shoprec(env, "recs", "tail", "--from-beginning", "--json", "--timeout", "20")
         took["total"] = time.perf_counter() - t0
         log = learner.log_path.read_text(errors="replace")[started.log_offset :]
@@ -190,8 +220,10 @@ def _wait_events(worker: Started, n: int, timeout_s: float = 3600.0) -> None:
     )
 
 
-def _wait_round(learner: procs.Proc, url: str, timeout_s: float = 3600.0) -> dict[str, float]:
-    """The learner's metrics once its first round has an outcome."""
+def _wait_round(
+    learner: procs.Proc, url: str, n: int = 1, timeout_s: float = 3600.0
+) -> dict[str, float]:
+    """The learner's metrics once ``n`` rounds have an outcome."""
     got: dict[str, float] = {}
 
     def done() -> bool:
@@ -200,10 +232,15 @@ def _wait_round(learner: procs.Proc, url: str, timeout_s: float = 3600.0) -> dic
             got = learner_metrics(url)
         except OSError:
             return False
-        return any(k.startswith("rounds_") and v for k, v in got.items())
+        return sum(v for k, v in got.items() if k.startswith("rounds_")) >= n
 
-    procs.wait_until(done, timeout_s, "the learner's first round", proc=learner)
+    procs.wait_until(done, timeout_s, f"the learner's round {n}", proc=learner)
     return got
+
+
+def _count(folder: Path) -> int:
+    with gzip.open(folder / "events.jsonl.gz", "rb") as fh:
+        return sum(1 for _ in fh)
 
 
 def learner_metrics(url: str) -> dict[str, float]:
@@ -323,12 +360,16 @@ def _rank(ranked: list[str], item: str) -> float:
 # --- the benchmark ----------------------------------------------------------------------
 
 
-def one_shop(folder: Path, work: Path, rate: float, max_events: int | None) -> dict[str, Any]:
+def one_shop(
+    folder: Path, work: Path, rate: float, max_events: int | None, rounds: int
+) -> dict[str, Any]:
     """The scenario on a stack of its own (a fresh Redis, the shipped model live)."""
-    shop = split_shop(folder, work / "data", max_events)
+    shop = split_shop(folder, work / "data", max_events, rounds)
     repo = work / "model_repo"
     shutil.copytree(REPO_ROOT / "model_repo", repo, ignore=shutil.ignore_patterns("__pycache__"))
-    say(f"{shop.name}: {len(shop.events)} events, {shop.n_items} items")
+    versions = Versions(repo, work / "archive")
+    first_candidate = versions.next_version()
+    say(f"{shop.name}: {len(shop.events)} events, {shop.n_items} items, {rounds} rounds")
     with bench_stack("kafka", repo, 0) as base:
         settings = base.model_copy(
             update={
@@ -340,17 +381,15 @@ def one_shop(folder: Path, work: Path, rate: float, max_events: int | None) -> d
         )
         with learning_stream(settings, shop, work / "logs", rate) as run:
             summary, _, _ = stream_ndcg(shop.events, run.recs, shop.n_first)
-    # The round's candidate: promoted into the served repository, or kept in the archive.
-    cards = [
-        *(work / "archive").glob("fused_ranker/*/card.json"),
-        *repo.glob("fused_ranker/*/card.json"),
-    ]
-    newest = max(cards, key=lambda p: int(p.parent.name), default=None)
-    card = orjson.loads(newest.read_bytes()) if newest is not None else {}
+    # Each round's candidate: promoted into the served repository, or kept in the archive
+    # (a round the last segment triggered may have been stopped before its card).
+    cards = []
+    for version in range(first_candidate, first_candidate + rounds):
+        try:
+            cards.append(versions.card(version) or {})
+        except ConfigError:  # no such version: the round was stopped before it wrote one
+            cards.append({})
     m = run.learner_metrics
-    outcome = next(
-        (k.removeprefix("rounds_") for k, v in m.items() if k.startswith("rounds_") and v), ""
-    )
     return {
         "dataset": shop.name,
         "events": len(shop.events),
@@ -358,17 +397,27 @@ def one_shop(folder: Path, work: Path, rate: float, max_events: int | None) -> d
         "items": shop.n_items,
         "rate": rate,
         "learner": {
-            "outcome": outcome,
+            "rounds": {
+                k.removeprefix("rounds_"): v for k, v in m.items() if k.startswith("rounds_")
+            },
             "live_version": m.get("live_version"),
-            "decision": card.get("decision"),
-            "held_out": card.get("held_out"),
-            "held_out_next_event": card.get("held_out_next_event"),
-            "versus_next_event": card.get("versus_next_event"),
-            "kept": card.get("training", {}).get("kept"),
-            "cold_shop": card.get("training", {}).get("cold_shop"),
+            "each_round": [_round_of(card) for card in cards],
         },
         "seconds": {k: round(v, 1) for k, v in run.seconds.items()},
         **summary,
+    }
+
+
+def _round_of(card: dict[str, Any]) -> dict[str, Any]:
+    """What a round's model card says of its judgement."""
+    return {
+        "version": card.get("version"),
+        "decision": card.get("decision"),
+        "held_out": card.get("held_out"),
+        "held_out_next_event": card.get("held_out_next_event"),
+        "versus_next_event": card.get("versus_next_event"),
+        "kept": card.get("training", {}).get("kept"),
+        "cold_shop": card.get("training", {}).get("cold_shop"),
     }
 
 
@@ -399,23 +448,36 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     default=None,
     help="Take only each shop's first N events (default: all).",
 )
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=ROUNDS,
+    show_default=True,
+    help="Learner rounds: at 70% of the events, then after each equal segment of the rest.",
+)
 @json_option
 def main(
-    folders: tuple[Path, ...], rate: float, max_events: int | None, json_path: Path | None
+    folders: tuple[Path, ...],
+    rate: float,
+    max_events: int | None,
+    rounds: int,
+    json_path: Path | None,
 ) -> None:
     """Stream each shop's events through a private stack while ``shoprec learner`` runs, and
     score the recommendations on recs.out against co-visitation on the same stream."""
     results = []
     for folder in datasets(folders):
         with tempfile.TemporaryDirectory(prefix=f"shoprec-stream-{folder.name}-") as tmp:
-            r = one_shop(folder, Path(tmp), rate, max_events)
+            r = one_shop(folder, Path(tmp), rate, max_events, rounds)
         say(
             f"{r['dataset']}: shoprec {r['shoprec_ndcg@10']['ndcg@10']} "
             f"co-visitation {r['covisitation_ndcg@10']['ndcg@10']} "
-            f"relative {r['relative']} (learner: {r['learner']['outcome']})"
+            f"relative {r['relative']} (learner rounds: {r['learner']['rounds']}, served: "
+            f"{r['lists_by_model']})"
         )
         results.append(r)
-    publish("stream_quality", {"rate": rate, "max_events": max_events}, results, json_path, plot)
+    config = {"rate": rate, "max_events": max_events, "rounds": rounds}
+    publish("stream_quality", config, results, json_path, plot)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import orjson
 
 from shoprec.errors import ShoprecError
 from shoprec.experiments import load_experiment
-from shoprec.settings import Settings, load_settings
+from shoprec.settings import CACHE_DIR, Settings, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,7 +136,7 @@ def report(name: str | None, as_json: bool, plot: Path | None) -> None:
 @click.option(
     "--cache",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path(".shoprec/cache"),
+    default=CACHE_DIR,
     show_default=True,
     help="Where item MiniLM vectors are cached between runs (the first run of a dataset "
     "with item text embeds its catalogue: a minute or so on a CPU).",

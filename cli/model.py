@@ -12,6 +12,8 @@ from typing import Any, cast
 
 import click
 
+from shoprec.settings import CACHE_DIR
+
 DATA_HELP = (
     "Dataset folder with events.jsonl.gz and items.jsonl.gz (e.g. ../shared/data/rees46-sample)."
 )
@@ -86,7 +88,7 @@ _data_option = click.option(
 _cache_option = click.option(
     "--cache",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path(".shoprec/cache"),
+    default=CACHE_DIR,
     show_default=True,
     help=CACHE_HELP,
 )
@@ -244,7 +246,7 @@ def _train_from_topics(options: Any, promote: bool) -> None:
     from ops.learn import learn_once
 
     settings = _settings()
-    options = dataclasses.replace(options, margin=settings.learner_margin)
+    options = options.judged_as(settings)
     result = _run(learn_once(settings, options, promote_if_better=promote, progress=True))
     click.echo(_card_table(result.card))
     verb = "promoted and loaded" if promote and result.decision.promote else "kept as a candidate"
@@ -466,11 +468,13 @@ def learner(threads: int) -> None:
     candidate as `shoprec train --from-topics` does, and scores it and the live version on
     the latest events held out by time.  It asks every Triton server (each host:port of
     SHOPREC_TRITON_URL, every address of each host) to load the candidate only when it
-    beats the live version by SHOPREC_LEARNER_MARGIN of its NDCG@10 with 95% confidence
-    (a paired bootstrap over test users), whoever trained the live version (the shipped
-    model, another shop's weights or this shop's own), and does not score lower on the
-    same events taken one at a time (the next event after each event: what the stream
-    serves).  Otherwise the live version stays and the log says why.  Candidates wait in
+    never scores lower than the live version, on those events or on the same events taken
+    one at a time (the next event after each event: what the stream serves), and either
+    beats it by SHOPREC_LEARNER_MARGIN of its NDCG@10 with 95% confidence (a paired
+    bootstrap over test users) or replaces this shop's own earlier round
+    (SHOPREC_LEARNER_REFRESH: the same recipe on newer events).  The shipped model and
+    another shop's weights need the confident gain.  Otherwise the live version stays and
+    the log says why.  Candidates wait in
     SHOPREC_MODEL_ARCHIVE, never in the served SHOPREC_MODEL_REPO; every decision is in
     its history.jsonl (`shoprec model list`).  Prometheus metrics on
     SHOPREC_METRICS_HOST:SHOPREC_METRICS_PORT: last training, last promotion, the live
@@ -571,7 +575,7 @@ def model_promote(version: int, force: bool) -> None:
     if not force:
         history = _run(read_shop(settings, None, None))
         verdict = judge_version(
-            settings, history, versions, version, LearnOptions(margin=settings.learner_margin)
+            settings, history, versions, version, LearnOptions().judged_as(settings)
         )
         click.echo(_card_table(verdict.card()))
         if not verdict.decision.promote:

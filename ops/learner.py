@@ -165,7 +165,7 @@ class Learner:
 
     def __init__(self, settings: Settings, options: LearnOptions | None = None) -> None:
         self.settings = settings
-        self.options = options or LearnOptions(margin=settings.learner_margin)
+        self.options = options or LearnOptions().judged_as(settings)
         self.versions = Versions.from_settings(settings)
         self.state = LearnerState(live_version=self.versions.live() or 0)
         self.trigger = Trigger(settings.learner_every_s, settings.learner_every_events)

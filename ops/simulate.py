@@ -66,7 +66,7 @@ from ranking.fusion import FusionScorer
 from ranking.pipeline import FallbackScorer, RecommendRequest, Scorer, TopK, recommend
 from shoprec.errors import ConfigError, DatasetError
 from shoprec.experiments import Arm, Experiment
-from shoprec.settings import Settings
+from shoprec.settings import CACHE_DIR, Settings
 from streams.bandit import Allocation
 from streams.experiment import CovisitationScorer, ExperimentRunner, rank_by_arm, shown_lists
 from streams.ingest import Ingestor, RawRecord
@@ -92,7 +92,7 @@ class SimulateOptions:
     data: Path
     experiment: Experiment
     model_repo: Path
-    cache: Path | None = Path(".shoprec/cache")
+    cache: Path | None = CACHE_DIR
     bandit: bool = False
     limit: int | None = None
     batch: int = 128

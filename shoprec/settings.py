@@ -28,6 +28,9 @@ ENV_PREFIX = "SHOPREC_"
 STACK_ENV_NAME = "stack.env"
 STACK_ENV_FILE = Path(".shoprec") / STACK_ENV_NAME
 """The stack's endpoints in the default stack folder."""
+CACHE_DIR = Path(".shoprec") / "cache"
+"""Where the offline tools (train, evaluate, simulate, the benchmarks) keep item MiniLM
+vectors and replayed datasets between runs, relative to where they run."""
 
 
 class Settings(BaseSettings):
@@ -305,8 +308,16 @@ class Settings(BaseSettings):
         0.01,
         ge=0,
         description="A candidate replaces the live ranker (the shipped one, another shop's "
-        "or this shop's own) only when the 95% bootstrap interval of its held-out NDCG@10 "
-        "gain lies above this share of the live NDCG@10 (never when it scores lower).",
+        "or this shop's own) when the 95% bootstrap interval of its held-out NDCG@10 gain "
+        "lies above this share of the live NDCG@10, and never when it scores lower; see "
+        "SHOPREC_LEARNER_REFRESH for the shop's own earlier round.",
+    )
+    learner_refresh: bool = Field(
+        True,
+        description="A candidate also replaces the live ranker when the live one is this "
+        "shop's own earlier round and the candidate scores no lower on either held-out slice "
+        "(the next basket and the next event): the same recipe on newer events. False: only "
+        "a confident gain (SHOPREC_LEARNER_MARGIN) promotes.",
     )
     learner_min_events: int = Field(
         200, ge=1, description="The learner waits for this many events before it trains at all."

@@ -23,7 +23,7 @@ import pytest
 from features.attribution import ShownList
 from ops.produce import in_event_order, read_jsonl
 from ops.simulate import SimulateOptions, default_experiment, simulate
-from shoprec.settings import Settings
+from shoprec.settings import CACHE_DIR, Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,7 +37,7 @@ def options(data_dir: Path, bandit: bool) -> SimulateOptions:
         data=data_dir / "rees46-sample",
         experiment=default_experiment(bandit, every_s=300.0),
         model_repo=REPO / "model_repo",
-        cache=REPO / ".shoprec" / "cache",  # the item vectors, shared with training
+        cache=REPO / CACHE_DIR,  # the item vectors, shared with training
         bandit=bandit,
         limit=N_EVENTS,
     )

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ops.learn import decide, latest_catalogue
+from ops.learn import LearnOptions, decide, is_own, latest_catalogue, shop_id
 from ops.learner import RETRY_S, LearnerCollector, LearnerState, Trigger
 from ops.produce import in_event_order
 from ops.versions import INCOMING, Versions, triton_endpoints
@@ -20,6 +20,7 @@ from ranking.data import load_catalogue, load_events
 from ranking.evaluate import Metrics, paired_difference
 from shoprec.errors import ConfigError
 from shoprec.events import Limits, tie_break
+from shoprec.settings import Settings
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
@@ -177,6 +178,45 @@ def test_a_confident_gain_on_baskets_is_not_promoted_if_lower_on_the_next_event(
     # Not lower on the next event: the basket-step rule decides.
     assert decide(clearly, live, 0.01, (live, live)).promote
     assert decide(clearly, live, 0.01, (clearly, live)).promote
+
+
+def test_a_fresher_own_round_replaces_the_shops_earlier_one_when_no_lower() -> None:
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, 400, 1500).tolist()
+    live_ranks = rng.integers(1, 30, 1500).astype(float)
+    live = _metrics(live_ranks.tolist(), users)
+    tie = _metrics(live_ranks.tolist(), users)
+    # A tie keeps a foreign live model (the shipped one) and replaces the shop's own round.
+    assert not decide(tie, live, 0.01).promote
+    d = decide(tie, live, 0.01, (live, live), refresh=True)
+    assert d.promote and "fresher round of this shop's own model" in d.reason
+    # Lower on either slice keeps even the shop's own earlier round.
+    worse_ranks = live_ranks.copy()
+    worse_ranks[:30] += 1
+    worse = _metrics(worse_ranks.tolist(), users)
+    assert not decide(worse, live, 0.01, refresh=True).promote
+    d = decide(tie, live, 0.01, (worse, live), refresh=True)
+    assert not d.promote and "on the next event" in d.reason
+    # A confident gain says so, own round or not.
+    clearly = _metrics(np.maximum(live_ranks - 4, 1).tolist(), users)
+    assert "better than the live version" in decide(clearly, live, 0.01, refresh=True).reason
+
+
+def test_the_settings_give_the_promotion_rule() -> None:
+    settings = Settings(_env_file=None, learner_margin=0.05, learner_refresh=False)
+    options = LearnOptions(max_test_queries=10).judged_as(settings)
+    assert (options.margin, options.refresh, options.max_test_queries) == (0.05, False, 10)
+    assert LearnOptions().judged_as(Settings(_env_file=None)).refresh, "on by default"
+
+
+def test_only_a_round_trained_on_this_shops_topics_is_its_own() -> None:
+    """What ``SHOPREC_LEARNER_REFRESH`` may replace without a confident gain."""
+    shop_a = Settings(_env_file=None, topic_prefix="shop-a.")
+    shop_b = Settings(_env_file=None, topic_prefix="shop-b.")
+    assert is_own({"version": 3, "shop": shop_id(shop_a)}, shop_a)
+    assert not is_own({"version": 3, "shop": shop_id(shop_b)}, shop_a)
+    assert not is_own({"version": 2}, shop_a), "a card without a shop: trained from files"
+    assert not is_own(None, shop_a), "the shipped version has no card"
 
 
 # --- versions -------------------------------------------------------------------------------
