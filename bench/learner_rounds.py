@@ -1,10 +1,10 @@
 """How fresh the learner keeps a shop's model, offline: ``python -m bench.learner_rounds``.
 
-``bench.stream_quality`` runs one learner round after the first 70% of a shop's events and
-serves the last 30% with whatever it promoted.  A learner that keeps running retrains as
-the events come (``SHOPREC_LEARNER_EVERY_EVENTS``), and whether a fresher model reaches
-the shop depends on the promotion rule (``ops.learn.decide``).  This replays that offline,
-where a round costs seconds instead of a stack:
+A learner that keeps running retrains as the events come
+(``SHOPREC_LEARNER_EVERY_EVENTS``), and whether a fresher model reaches the shop depends
+on the promotion rule (``ops.learn.decide``).  ``bench.stream_quality`` measures that on
+the served path, one stack per shop; this replays it offline, where a round costs
+seconds, under several rules at once:
 
 1. rounds at 70%, 80% and 90% of the events (every 10%): each trains a candidate on the
    events so far exactly as a learner round does (``build_dataset`` with the learner's
@@ -23,7 +23,7 @@ where a round costs seconds instead of a stack:
 It measures the recipe and the rule, not the served path: candidates, Triton and the
 worker's timing are ``bench.stream_quality``'s.
 
-    python -m bench.learner_rounds --json bench/results/learner-rounds.json
+    python -m bench.learner_rounds --max-events 40000 --json bench/results/learner-rounds.json
 """
 
 from __future__ import annotations

@@ -25,10 +25,10 @@ the shipped ``fused_ranker@2`` is live at the start) and ``shoprec worker`` with
 ``--max-events`` takes a shop's first events only (in the order ``produce`` sends them):
 UCI's 396,337 events would take over three hours at the paced rate on two cores.
 
-    python -m bench.stream_quality --json bench/results/stream-quality.json
+    python -m bench.stream_quality --max-events 40000 --json bench/results/stream-quality.json
 
-``tests/integration/test_learner.py`` runs the same scenario (:func:`learning_stream`) on
-amazon-gift-cards-2018 and then tests promotion, rejection and rollback on it.
+``tests/integration/test_learner.py`` runs the same scenario (:func:`learning_stream`, one
+round) on amazon-gift-cards-2018 and then tests promotion, rejection and rollback on it.
 """
 
 from __future__ import annotations
