@@ -201,7 +201,7 @@ def train(
     slice held out), trained, and judged on the held-out slice against the live version
     and every baseline.  The new version goes to SHOPREC_MODEL_ARCHIVE with its model card
     (card.json), and is promoted into SHOPREC_MODEL_REPO and loaded by every Triton server
-    only if it beats the live version (see `shoprec learner --help`).
+    only if it beats the live version by the learner's rule (see `shoprec learner --help`).
 
     \b
     Examples:
@@ -474,11 +474,10 @@ def learner(threads: int) -> None:
     bootstrap over test users) or replaces this shop's own earlier round
     (SHOPREC_LEARNER_REFRESH: the same recipe on newer events).  The shipped model and
     another shop's weights need the confident gain.  Otherwise the live version stays and
-    the log says why.  Candidates wait in
-    SHOPREC_MODEL_ARCHIVE, never in the served SHOPREC_MODEL_REPO; every decision is in
-    its history.jsonl (`shoprec model list`).  Prometheus metrics on
-    SHOPREC_METRICS_HOST:SHOPREC_METRICS_PORT: last training, last promotion, the live
-    version's held-out NDCG@10.
+    the log says why.  Candidates wait in SHOPREC_MODEL_ARCHIVE, never in the served
+    SHOPREC_MODEL_REPO; every decision is in its history.jsonl (`shoprec model list`).
+    Prometheus metrics on SHOPREC_METRICS_HOST:SHOPREC_METRICS_PORT: last training, last
+    promotion, the live version's held-out NDCG@10.
     """
     import signal
 

@@ -249,11 +249,11 @@ def decide(
     * ``refresh`` (the live version is this shop's own earlier round, and
       ``SHOPREC_LEARNER_REFRESH`` is on): also when it is no lower on either slice.  The
       same recipe on newer events, so a tie is not a reason to keep serving older data: on
-      amazon-gift-cards-2018 (``bench.learner_rounds``) rounds at 70/80/90% of the events
-      kept the first round under the confident-gain rule and served the last 30% 8.6%
-      better than co-visitation; promoting the fresher rounds served it 15.6% better, and
-      the other shops the same or within noise.  The shipped model and another shop's
-      weights still need a confident gain (a different recipe);
+      amazon-gift-cards-2018 (``bench.learner_rounds``, offline) rounds at 70/80/90% of
+      the events kept the first round under the confident-gain rule and served the last
+      30% 8.6% better than co-visitation; promoting the fresher round served it 15.6%
+      better, and the other shops the same or within noise.  The shipped model and another
+      shop's weights still need a confident gain (a different recipe);
     * with no live version, always.
     """
     if live is None:
