@@ -33,6 +33,10 @@ def p(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
+# Micro-batches of at most 16: the worker's capacity well below what the test's producer
+# can offer on the same two cores (little more than 900 events/s). With the default 128 the
+# worker ranks 660-750 events/s there, and the offer was no longer an overload to rely on.
+@pytest.mark.scenario(batch_max=16)
 async def test_overload_raises_latency_loses_nothing_and_recovers(scenario: Scenario) -> None:
     # Every event ranked (no per-user interval, the scenario's default): the heaviest load.
     s = scenario
@@ -66,11 +70,10 @@ async def test_overload_raises_latency_loses_nothing_and_recovers(scenario: Scen
         f"during {p(during, 50):.0f}/{p(during, 99):.0f}, "
         f"after {p(after, 50):.0f}/{p(after, 99):.0f}"
     )
-    # It was an overload: offered well above what the worker could do, queued in Kafka.
-    # (1.3x, not more: one worker now ranks ~570 events/s on 2 cores, and the test's own
-    # producer, on the same cores, offers little more than 900/s.)
-    assert backlog > OVERLOAD_RATE * OVERLOAD_S / 4, backlog
+    # It was an overload: offered well above what the worker could do, queued in Kafka (at
+    # least ten seconds of the worker's work when the offer stopped).
     assert len(overload) / offered_s > 1.3 * capacity, (capacity, offered_s)
+    assert backlog > 10 * capacity, (backlog, capacity)
     # Latency rose under the overload (queueing in Kafka, not loss) ...
     assert p(during, 99) > 5 * p(before, 99)
     # ... nothing was lost or counted twice ...
