@@ -112,18 +112,26 @@ def rounds(full: Shop, options: LearnOptions, work: Path) -> list[dict[str, Any]
         steps = sample_queries(event_steps(ds, Period.TEST), options.max_test_queries, seed)
         got = evaluate_scorer(cand, test, progress=False)
         got_next = evaluate_scorer(cand, steps, progress=False)
+        # Policies often share a live version: each is scored once.
+        judged: dict[Path, tuple[Metrics, Metrics]] = {}
         verdicts: dict[str, str] = {}
         for policy in POLICIES:
             current = live[policy]
             if policy == FIRST_ONLY and r > 0:
                 verdicts[policy] = "kept: one round only"
                 continue
-            old, _ = version_scorer(current, ds)
+            if current not in judged:
+                old, _ = version_scorer(current, ds)
+                judged[current] = (
+                    evaluate_scorer(old, test, progress=False),
+                    evaluate_scorer(old, steps, progress=False),
+                )
+            old_test, old_next = judged[current]
             d = decide(
                 got,
-                evaluate_scorer(old, test, progress=False),
+                old_test,
                 options.margin,
-                (got_next, evaluate_scorer(old, steps, progress=False)),
+                (got_next, old_next),
                 # The live version is the shop's own round once one was promoted.
                 refresh=policy == RULE and current != start,
             )
@@ -163,9 +171,13 @@ def served_quality(full: Shop, played: list[dict[str, Any]], seed: int) -> dict[
         valid = sample_queries(ds.period(Period.VALID), 400, seed)
         covisitation = baseline_scorers(ds, valid)[0]["covisitation"]
         scored["co-visitation"].append(evaluate_scorer(covisitation, steps, progress=False))
+        served: dict[Path, Metrics] = {}  # policies often serve the same version
         for policy in POLICIES:
-            scorer, _ = version_scorer(done["folders"][policy], ds)
-            scored[policy].append(evaluate_scorer(scorer, steps, progress=False))
+            folder = done["folders"][policy]
+            if folder not in served:
+                scorer, _ = version_scorer(folder, ds)
+                served[folder] = evaluate_scorer(scorer, steps, progress=False)
+            scored[policy].append(served[folder])
     pooled = {name: Metrics.pooled(parts) for name, parts in scored.items()}
     covis = pooled["co-visitation"]
     out: dict[str, Any] = {"co-visitation": covis.to_json()}

@@ -93,6 +93,8 @@ class Shop:
 
     name: str
     parts: tuple[Path, ...]
+    sizes: tuple[int, ...]
+    """Events in each of ``parts``."""
     events: list[dict[str, Any]]
     n_items: int
     n_first: int
@@ -122,14 +124,15 @@ def split_shop(src: Path, work: Path, max_events: int | None = None, segments: i
         items = [i for line in fh if (i := orjson.loads(line))["item_id"] in wanted]
     cut = int(len(events) * FIRST)
     ends = [cut + (len(events) - cut) * (k + 1) // segments for k in range(segments)]
-    parts = []
+    parts, sizes = [], []
     for k, (lo, hi) in enumerate(zip([0, cut, *ends], [cut, *ends], strict=False)):
         folder = work / ("first" if k == 0 else f"segment-{k}")
         folder.mkdir(parents=True)
         _write(folder / "events.jsonl.gz", events[lo:hi])
         _write(folder / "items.jsonl.gz", items)
         parts.append(folder)
-    return Shop(src.name, tuple(parts), events, len(items), cut)
+        sizes.append(hi - lo)
+    return Shop(src.name, tuple(parts), tuple(sizes), events, len(items), cut)
 
 
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -159,7 +162,7 @@ def learning_stream(
     ``model_repo`` the one Triton serves, ``min_emit_interval_ms`` 0), a learner round
     before each of ``shop.segments``; the worker and the learner are stopped when the block
     ends, the stack is the caller's."""
-    sizes = [_count(part) for part in shop.segments]
+    sizes = shop.sizes[1:]
     settings = settings.model_copy(
         update={
             "learner_every_s": 86_400.0,  # the first round at start, the others by events:
@@ -236,11 +239,6 @@ def _wait_round(
 
     procs.wait_until(done, timeout_s, f"the learner's round {n}", proc=learner)
     return got
-
-
-def _count(folder: Path) -> int:
-    with gzip.open(folder / "events.jsonl.gz", "rb") as fh:
-        return sum(1 for _ in fh)
 
 
 def learner_metrics(url: str) -> dict[str, float]:
