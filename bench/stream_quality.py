@@ -414,6 +414,7 @@ def _round_of(card: dict[str, Any]) -> dict[str, Any]:
         "held_out": card.get("held_out"),
         "held_out_next_event": card.get("held_out_next_event"),
         "versus_next_event": card.get("versus_next_event"),
+        "complements": card.get("complements"),
         "kept": card.get("training", {}).get("kept"),
         "cold_shop": card.get("training", {}).get("cold_shop"),
     }

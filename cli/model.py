@@ -251,6 +251,9 @@ def _train_from_topics(options: Any, promote: bool) -> None:
     click.echo(_card_table(result.card))
     verb = "promoted and loaded" if promote and result.decision.promote else "kept as a candidate"
     click.echo(f"version {result.version} {verb} ({result.folder}): {result.decision.reason}")
+    choice = result.card.get("complements")
+    if choice is not None:
+        click.echo(f"after a purchase it takes {choice['served']} complements: {choice['reason']}")
 
 
 def _card_table(card: dict[str, Any]) -> str:

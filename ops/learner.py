@@ -253,6 +253,14 @@ class Learner:
                 result.live_version,
                 result.decision.reason,
             )
+        choice = result.card.get("complements")
+        if choice is not None:
+            log.info(
+                "learner: version %d takes %d complements after a purchase: %s",
+                result.version,
+                choice["served"],
+                choice["reason"],
+            )
         await self._reconcile()
         return result
 

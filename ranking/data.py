@@ -38,7 +38,7 @@ import orjson
 from tqdm import tqdm
 
 from features.ann import ExactIndex
-from features.candidates import JUST_PURCHASED_MS
+from features.candidates import JUST_PURCHASED_MS, ranked
 from features.fold import MemoryStore
 from features.item_index import BEHAVIOURAL_CHUNK, BEHAVIOURAL_EVERY_S
 from features.keys import EMB_DIM
@@ -156,6 +156,9 @@ class Query:
         default_factory=lambda: (np.zeros(0, np.int64), np.zeros(0, np.float32))
     )
     """The user's memory (``UserContext.memory``): items, strongest first, and their counts."""
+    bought_with: I64 = field(default_factory=lambda: np.zeros(0, np.int64))
+    """After a purchase: what others bought together with the basket (co-purchase), best
+    first, as the worker sends them (``UserContext.bought_with``); empty otherwise."""
 
     def blocked(self) -> set[int]:
         """Items the worker never shows: bought within a day of the latest event, in view."""
@@ -512,6 +515,7 @@ class _Replay:
                 np.fromiter((row[i] for i in ctx.memory), np.int64, len(ctx.memory)),
                 np.fromiter(ctx.memory.values(), np.float32, len(ctx.memory)),
             ),
+            bought_with=np.array([row[i] for i in ranked(ctx.bought_with)], np.int64),
         )
 
 

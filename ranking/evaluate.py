@@ -25,12 +25,33 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from ranking.data import Dataset, Period, Query
+from ranking.pipeline import turns
 
 F32 = npt.NDArray[np.float32]
 K = 10
 F64 = npt.NDArray[np.float64]
 Scorer = Callable[[Sequence[Query]], F32]
 """Scores ``[len(queries), n_items]`` for a batch of queries; higher is better."""
+
+
+def served_with_complements(scorer: Scorer, n: int) -> Scorer:
+    """``scorer`` as the worker serves it after a purchase: the first ``n`` complements of
+    each query that it may show (``Query.bought_with``, none blocked) take turns with the
+    scorer's picks (``ranking.pipeline.turns``).  The scores are minus each item's place in
+    that list, so the evaluation ranks by the served order; ``n`` = 0 is the scorer's own
+    order with ties broken by item, as served."""
+
+    def score(queries: Sequence[Query]) -> F32:
+        scores = scorer(queries)
+        rank = np.full(scores.shape, -1, np.int64)
+        for r, q in enumerate(queries):
+            hidden = q.blocked()
+            picks = [i for i in q.bought_with.tolist() if i not in hidden][:n]
+            rank[r, picks] = np.arange(len(picks))
+        out: F32 = (-turns(scores, rank)).astype(np.float32)
+        return out
+
+    return score
 
 
 BOOTSTRAP_DRAWS = 2000

@@ -3,7 +3,8 @@
 A version folder ``model_repo/fused_ranker/<n>/`` holds, beside the thin ``model.py``:
 
 * ``ranker.json`` -- the :class:`RankerConfig`, the item id of every behavioural row
-  (row 0 = unknown item) and the training report;
+  (row 0 = unknown item), the training report and, where the learner chose it, how many
+  complements the version's lists take after a purchase (``complements``);
 * ``ranker.pt`` -- the weights (a ``state_dict``; fp32, a few hundred KB to a few MB).
 
 Serving builds :class:`FusedRanker` from these and compiles it with TorchScript; item
@@ -35,6 +36,8 @@ class Artefact:
     config: RankerConfig
     item_ids: list[str]
     report: dict[str, Any]
+    complements: int | None = None
+    """The most complements after a purchase (``ranking.pipeline.Scorer.complements``)."""
 
     def item_rows(self) -> dict[str, int]:
         return {item: row for row, item in enumerate(self.item_ids) if row}
@@ -69,4 +72,16 @@ def load(folder: Path, device: torch.device | str = "cpu") -> Artefact:
         state.setdefault("item_bias.weight", model.item_bias.weight.detach().clone())
     model.load_state_dict(state)
     model.to(device).eval()
-    return Artefact(model, cfg, list(meta["item_ids"]), dict(meta.get("report", {})))
+    return Artefact(
+        model, cfg, list(meta["item_ids"]), dict(meta.get("report", {})), meta.get("complements")
+    )
+
+
+def set_complements(folder: Path, complements: int | None) -> None:
+    """Record in ``folder``'s artefact how many complements its lists take after a purchase
+    (None: what each request carries).  The learner decides it after judging the version
+    it has written."""
+    path = folder / CONFIG_FILE
+    meta = json.loads(path.read_text())
+    meta["complements"] = complements
+    path.write_text(json.dumps(meta) + "\n")

@@ -256,6 +256,8 @@ def explain(
 class FusionScorer:
     """``fused_ranker`` v1: :func:`fused_scores` with fixed weights, as a pipeline scorer."""
 
+    complements: int | None = None
+
     def __init__(self, weights: FusionWeights = DEFAULT_WEIGHTS) -> None:
         self.weights = weights
 

@@ -215,6 +215,11 @@ TRITON_OUTPUTS: tuple[str, ...] = tuple(f.name.upper() for f in fields(TopK))
 class Scorer(Protocol):
     """What orders the candidates: the trained ranker, v1's fixed fusion, or the fallback."""
 
+    complements: int | None
+    """The most complements after a purchase its lists take: a trained version's learner
+    chose it on the shop's held-out events (``ops.learn.choose_complements``); None takes
+    what the request carries (``SHOPREC_COMPLEMENTS_AFTER_PURCHASE``, an arm's own)."""
+
     def sync(self, table: ItemTable, changed: I64) -> int:
         """Item numbers ``changed`` in ``table``: update what is derived from them (the
         trained ranker's item cache); returns rows recomputed."""
@@ -282,6 +287,8 @@ def recommend(
 ) -> TopK:
     """All five steps for one micro-batch."""
     k = request.k
+    if scorer.complements is not None:
+        request = request.with_complements(scorer.complements)
     cands = candidates(request, table, index)
     scores = scorer.score(request, cands, table)
     scores = np.where(cands.items >= 0, scores, -np.inf).astype(np.float32)
@@ -341,13 +348,24 @@ def take_turns(scores: F32, complement: npt.NDArray[np.bool_]) -> npt.NDArray[np
     against 0.1271 without complements), while alternating keeps the ranker's best on top.
     Stable: equal scores keep retrieval order, so the same input gives the same list.
     """
+    order = np.where(complement, np.cumsum(complement, axis=1) - 1, -1)
+    return np.argsort(turns(scores, order), axis=1, kind="stable")
+
+
+def turns(scores: F32, complement_rank: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """Each column's place in the served list (0 first, ``inf`` for padding): the
+    complements (``complement_rank`` 0, 1, ... in their order; -1 for the ranker's
+    candidates) take the odd places, the ranker's candidates the even ones by score.
+    :func:`take_turns` sorts by it; the offline evaluation scores by it
+    (``ranking.evaluate.served_with_complements``)."""
     rows, width = scores.shape
+    complement = complement_rank >= 0
     rank = np.empty((rows, width), np.float64)
     by_score = np.argsort(np.where(complement, np.inf, -scores), axis=1, kind="stable")
     np.put_along_axis(rank, by_score, np.arange(width, dtype=np.float64)[None, :], axis=1)
-    turn = np.where(complement, 2.0 * (np.cumsum(complement, axis=1) - 1) + 1.0, 2.0 * rank)
-    turn = np.where(np.isneginf(scores), np.inf, turn)
-    return np.argsort(turn, axis=1, kind="stable")
+    turn = np.where(complement, 2.0 * complement_rank + 1.0, 2.0 * rank)
+    out: npt.NDArray[np.float64] = np.where(np.isneginf(scores), np.inf, turn)
+    return out
 
 
 def _source_of(items: I64, listed: I32, behind: I32) -> I64:
@@ -362,6 +380,8 @@ def _source_of(items: I64, listed: I32, behind: I32) -> I64:
 class FallbackScorer:
     """The degraded order when the ranker cannot be called: retrieval cosine, then
     co-visitation, then popularity; explained by the strongest of those."""
+
+    complements: int | None = None
 
     def sync(self, table: ItemTable, changed: I64) -> int:
         return 0

@@ -50,6 +50,7 @@ class LearnedRanker:
         self.config = art.config
         self.rows = art.item_rows()
         self.report = art.report
+        self.complements = art.complements
         module: Any = art.model.to(self.device, self.dtype).eval()
         self.scripted = False
         if script:

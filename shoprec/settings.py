@@ -179,7 +179,8 @@ class Settings(BaseSettings):
         description="After a purchase, up to this many items other customers bought "
         "together with it (co-purchase within 30 days) take turns with the ranker's picks "
         "in the list, the ranker's best first; 0 serves the ranker's list alone. An experiment "
-        "arm's own 'complements' overrides it for the arm's users.",
+        "arm's own 'complements' overrides it for the arm's users. A version the learner "
+        "trained may take none (SHOPREC_LEARNER_COMPLEMENTS).",
     )
     min_emit_interval_ms: int = Field(
         30_000,
@@ -318,6 +319,15 @@ class Settings(BaseSettings):
         "shop's own earlier round and the candidate scores no lower on either held-out slice "
         "(the next basket and the next event): the same recipe on newer events. False: only "
         "a confident gain (SHOPREC_LEARNER_MARGIN) promotes.",
+    )
+    learner_complements: bool = Field(
+        True,
+        description="The learner chooses for each version it trains whether its lists take "
+        "complements after a purchase: none where, on the shop's held-out events, they lower "
+        "that version's NDCG@10 of the next event after a purchase with 95% confidence, "
+        "otherwise SHOPREC_COMPLEMENTS_AFTER_PURCHASE. The version serves its choice to every "
+        "arm (an arm's own 'complements' only lowers it). False: every version takes what "
+        "each request carries.",
     )
     learner_min_events: int = Field(
         200, ge=1, description="The learner waits for this many events before it trains at all."

@@ -68,6 +68,8 @@ class CovisitationScorer:
     then the rest by popularity; retrieval order breaks ties (the pipeline sorts stably).
     The same candidates as every other arm, so the arms differ in their order alone."""
 
+    complements: int | None = None
+
     def sync(self, table: ItemTable, changed: I64) -> int:
         return 0
 

@@ -132,6 +132,29 @@ def test_the_learner_promotes_the_shops_own_model_without_restarting_triton(
     assert "fused_ranker@3" in models, models
 
 
+def test_the_promoted_version_serves_the_complements_its_learner_chose(
+    scenario: Scenario, repo_copy: Path
+) -> None:
+    """Every amazon event is a purchase, so every list may take complements; the version's
+    artefact says how many (``ops.learn.choose_complements``) and Triton serves that."""
+    folder = repo_copy / "fused_ranker" / "3"
+    choice = json.loads((folder / "card.json").read_text())["complements"]
+    served = json.loads((folder / "ranker.json").read_text())["complements"]
+    assert served == choice["served"], choice
+    assert served in (0, scenario.settings.complements_after_purchase), choice
+    assert "next events after a purchase" in choice["reason"], choice
+    assert f"takes {served} complements after a purchase" in scenario.learner_log
+    lists = [r for r in scenario.recs if r["model"] == "fused_ranker@3"]
+    bought_with = sum(
+        any(w.startswith("often bought together with") for i in r["items"] for w in i["reasons"])
+        for r in lists
+    )
+    if served == 0:
+        assert bought_with == 0, "a version that chose none serves none"
+    else:
+        assert bought_with > 0, "complements after purchases"
+
+
 def test_recommendations_after_the_promotion_against_covisitation_on_the_same_stream(
     scenario: Scenario, shop: Shop
 ) -> None:

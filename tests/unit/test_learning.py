@@ -12,14 +12,21 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ops.learn import LearnOptions, decide, is_own, latest_catalogue, shop_id
+from ops.learn import (
+    LearnOptions,
+    choose_complements,
+    decide,
+    is_own,
+    latest_catalogue,
+    shop_id,
+)
 from ops.learner import RETRY_S, LearnerCollector, LearnerState, Trigger
 from ops.produce import in_event_order
 from ops.versions import INCOMING, Versions, triton_endpoints
-from ranking.data import load_catalogue, load_events
-from ranking.evaluate import Metrics, paired_difference
+from ranking.data import Period, Query, load_catalogue, load_events
+from ranking.evaluate import Metrics, evaluate_scorer, paired_difference, served_with_complements
 from shoprec.errors import ConfigError
-from shoprec.events import Limits, tie_break
+from shoprec.events import EventType, Limits, tie_break
 from shoprec.settings import Settings
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -207,6 +214,101 @@ def test_the_settings_give_the_promotion_rule() -> None:
     options = LearnOptions(max_test_queries=10).judged_as(settings)
     assert (options.margin, options.refresh, options.max_test_queries) == (0.05, False, 10)
     assert LearnOptions().judged_as(Settings(_env_file=None)).refresh, "on by default"
+
+
+# --- complements after a purchase -------------------------------------------------------------
+
+
+N_ITEMS = 8
+RANKER = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2], np.float32)
+"""A ranker that orders the items 0, 1, 2, ... for everyone."""
+
+
+def _step(user: int, target: int, bought_with: list[int], just_bought: int = 7) -> Query:
+    """A user right after buying ``just_bought`` (which the worker never lists again)."""
+    empty = np.zeros(0, np.float32)
+    return Query(
+        user=user,
+        trigger_ts=0,
+        target_ts=1,
+        period=Period.TEST,
+        hist_items=np.array([just_bought], np.int64),
+        hist_types=np.array([EventType.PURCHASE], np.int8),
+        hist_age_s=np.zeros(1, np.float32),
+        user_emb=np.zeros(4, np.float32),
+        covis={},
+        popularity={},
+        retrieval={},
+        covis_wide=(np.zeros(0, np.int64), empty),
+        seen=0,
+        targets=[target],
+        bought_with=np.array(bought_with, np.int64),
+    )
+
+
+def _ranker(queries: list[Query]) -> np.ndarray:
+    return np.tile(RANKER, (len(queries), 1))
+
+
+def test_complements_take_the_odd_places_of_the_served_order() -> None:
+    # Complements 7 (just bought: never listed), 5, 3: the ranker's 0, then 5, 1, 3, 2, ...
+    q = _step(0, 2, [7, 5, 3])
+    order = np.argsort(-served_with_complements(_ranker, 10)([q])[0], kind="stable").tolist()
+    assert order[:6] == [0, 5, 1, 3, 2, 4]
+    one = np.argsort(-served_with_complements(_ranker, 1)([q])[0], kind="stable").tolist()
+    assert one[:4] == [0, 5, 1, 2], "at most n complements"
+    assert np.argsort(-served_with_complements(_ranker, 0)([q])[0]).tolist()[:3] == [0, 1, 2]
+    ranks = [
+        evaluate_scorer(served_with_complements(_ranker, n), [q], progress=False).ranks
+        for n in (0, 10)
+    ]
+    assert ranks == [[3.0], [5.0]], "item 2: the ranker's third, shown fifth"
+
+
+def test_the_learner_drops_complements_only_when_they_lower_the_next_event_with_confidence() -> (
+    None
+):
+    users = range(200)
+    # The next event is the ranker's second pick: complements push it from 2nd to 3rd place.
+    lowered = [_step(u, 1, [5, 6]) for u in users]
+    choice = choose_complements(_ranker, lowered, 10)
+    assert choice.served == 0 and "lower this version's lists" in choice.reason
+    assert choice.gain is not None and choice.gain.hi < 0
+    # The next event is a complement the ranker puts last: complements raise it.
+    raised = [_step(u, 6, [6, 5]) for u in users]
+    choice = choose_complements(_ranker, raised, 10)
+    assert choice.served == 10 and choice.gain is not None and choice.gain.lo > 0
+    # Half of each: lower on some users, higher on others, no confident loss: kept.
+    mixed = lowered[:100] + raised[100:]
+    assert choose_complements(_ranker, mixed, 10).served == 10
+    # Nothing to judge on, or nothing asked for.
+    none = [_step(u, 1, []) for u in users]
+    assert choose_complements(_ranker, none, 10).served == 10
+    assert "no held-out step" in choose_complements(_ranker, none, 10).reason
+    assert choose_complements(_ranker, lowered, 0).served == 0
+
+
+def test_the_settings_say_whether_the_learner_chooses_complements() -> None:
+    assert LearnOptions().judged_as(Settings(_env_file=None)).complements == 10
+    settings = Settings(_env_file=None, complements_after_purchase=4)
+    assert LearnOptions().judged_as(settings).complements == 4
+    off = Settings(_env_file=None, learner_complements=False)
+    assert LearnOptions().judged_as(off).complements is None
+
+
+def test_the_replay_keeps_what_was_bought_with_the_basket_after_a_purchase_only(
+    tmp_path: Path,
+) -> None:
+    """Real events: amazon (every event a purchase) and otto (ten purchases)."""
+    from ranking.data import load_dataset
+
+    for name in ("amazon-gift-cards-2018", "otto-sample"):
+        ds = load_dataset(DATA / name, cache_dir=tmp_path, progress=False)
+        with_complements = [q for q in ds.queries if q.bought_with.size]
+        assert all(q.hist_types[0] == EventType.PURCHASE for q in with_complements), name
+        assert all(len(set(q.bought_with.tolist())) == q.bought_with.size for q in ds.queries)
+        if name.startswith("amazon"):
+            assert len(with_complements) > len(ds.queries) // 4, len(with_complements)
 
 
 def test_only_a_round_trained_on_this_shops_topics_is_its_own() -> None:

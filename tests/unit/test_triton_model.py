@@ -106,6 +106,14 @@ def test_after_a_purchase_complements_take_turns_with_the_rankers_picks() -> Non
     assert Reason.BOUGHT_WITH not in others
     # A user without complements is untouched.
     assert got.items[1].tolist() == alone.items[1].tolist()
+    # A version whose learner chose fewer complements serves at most that many, whatever
+    # the request carries; none gives the ranker's list alone.
+    scorer.complements = 1
+    one = recommend(bought, table, index, scorer)
+    assert one.items[0, :3].tolist() == [ranker[0], 57, ranker[1]]
+    assert one.reasons[0].tolist().count(Reason.BOUGHT_WITH) == 1
+    scorer.complements = 0
+    assert recommend(bought, table, index, scorer).items.tolist() == alone.items.tolist()
 
 
 def test_an_item_of_the_users_past_is_explained_as_theirs() -> None:
