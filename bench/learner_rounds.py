@@ -20,6 +20,11 @@ seconds, under several rules at once:
    stream serves, over the full catalogue) against co-visitation on the same steps.
    NDCG@10 pooled over the three segments, the difference paired by user (95% bootstrap).
 
+Each round also records whether complements after a purchase would help its candidate and
+the shipped version (``ops.learn.choose_complements`` on the round's held-out next events:
+served with ``SHOPREC_COMPLEMENTS_AFTER_PURCHASE`` complements and without); the served
+quality above is the rankers' own order, without them.
+
 It measures the recipe and the rule, not the served path: candidates, Triton and the
 worker's timing are ``bench.stream_quality``'s.
 
@@ -45,7 +50,7 @@ from bench.report import (
     publish,
     say,
 )
-from ops.learn import LearnOptions, decide
+from ops.learn import LearnOptions, choose_complements, decide
 from ops.versions import Versions
 from ranking import export
 from ranking.baselines import baseline_scorers
@@ -63,7 +68,7 @@ from ranking.data import (
 )
 from ranking.evaluate import Metrics, evaluate_scorer, paired_difference, sample_queries
 from ranking.train import FusedScorer, behavioural_ids, train_fused, version_scorer
-from shoprec.settings import CACHE_DIR
+from shoprec.settings import CACHE_DIR, Settings
 
 SEGMENT = 0.1
 """The share of the events between two rounds."""
@@ -112,6 +117,10 @@ def rounds(full: Shop, options: LearnOptions, work: Path) -> list[dict[str, Any]
         steps = sample_queries(event_steps(ds, Period.TEST), options.max_test_queries, seed)
         got = evaluate_scorer(cand, test, progress=False)
         got_next = evaluate_scorer(cand, steps, progress=False)
+        complements = {
+            name: choose_complements(scorer, steps, options.complements or 0).to_json()
+            for name, scorer in (("candidate", cand), ("shipped", version_scorer(start, ds)[0]))
+        }
         # Policies often share a live version: each is scored once.
         judged: dict[Path, tuple[Metrics, Metrics]] = {}
         verdicts: dict[str, str] = {}
@@ -140,11 +149,14 @@ def rounds(full: Shop, options: LearnOptions, work: Path) -> list[dict[str, Any]
                 live[policy] = folder
         names[folder] = f"round at {share:.0%}"
         say(f"  {names[folder]}: " + "; ".join(f"{p}: {v}" for p, v in verdicts.items()))
+        for name, choice in complements.items():
+            say(f"    complements, {name}: {choice['served']}: {choice['reason']}")
         out.append(
             {
                 "at": share,
                 "candidate": report.get("kept"),
                 "verdicts": verdicts,
+                "complements": complements,
                 "serves": {p: names[f] for p, f in live.items()},
                 "folders": dict(live),
             }
@@ -232,7 +244,9 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
 def main(folders: tuple[Path, ...], max_events: int | None, json_path: Path | None) -> None:
     """Learner rounds every 10% of a shop's events, offline: what each promotion policy
     would serve over the last 30%, one event per step, against co-visitation."""
-    options = dataclasses.replace(LearnOptions(), cache_dir=REPO_ROOT / CACHE_DIR)
+    options = dataclasses.replace(
+        LearnOptions().judged_as(Settings()), cache_dir=REPO_ROOT / CACHE_DIR
+    )
     results = []
     for folder in datasets(folders):
         at = (f"{1.0 - (ROUNDS - r) * SEGMENT:.0%}" for r in range(ROUNDS))

@@ -354,11 +354,11 @@ def choose_complements(
     if setting == 0:
         return ComplementsChoice(0, "SHOPREC_COMPLEMENTS_AFTER_PURCHASE is 0")
     after = [q for q in steps if q.bought_with.size]
-    if not after:
+    with_them = evaluate_scorer(served_with_complements(candidate, setting), after, progress=False)
+    if with_them.n == 0:  # rees46: 4 such steps of 1,357, none with a next item it may show
         return ComplementsChoice(
             setting, "no held-out step after a purchase has complements to judge them on"
         )
-    with_them = evaluate_scorer(served_with_complements(candidate, setting), after, progress=False)
     without = evaluate_scorer(served_with_complements(candidate, 0), after, progress=False)
     gain = paired_difference(with_them, without)
     figures = (
@@ -573,11 +573,14 @@ def judge_version(
     options: LearnOptions,
 ) -> Judgement:
     """Judge an archived candidate on the shop's current topics (``shoprec model promote``
-    without ``--force``), and add the judgement to its card."""
+    without ``--force``), add the judgement to its card, and serve its complements as the
+    judgement chose them."""
     ds = dataset_of(settings, history, versions, options)
     folder = versions.candidate_dir(version)
     scorer, _ = version_scorer(folder, ds)
     verdict = judge(settings, versions, ds, scorer, options)
+    if verdict.complements is not None:
+        export.set_complements(folder, verdict.complements.served)
     card = versions.card(version) or {"model": versions.model, "version": version}
     card["judged"] = _card(settings, version, history, ds, verdict, options)
     (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
