@@ -57,6 +57,7 @@ from ranking.baselines import baseline_scorers
 from ranking.data import (
     F32,
     Catalogue,
+    Dataset,
     Events,
     Period,
     build_dataset,
@@ -66,7 +67,13 @@ from ranking.data import (
     load_events,
     origin_end,
 )
-from ranking.evaluate import Metrics, evaluate_scorer, paired_difference, sample_queries
+from ranking.evaluate import (
+    Metrics,
+    Scorer,
+    evaluate_scorer,
+    paired_difference,
+    sample_queries,
+)
 from ranking.train import FusedScorer, behavioural_ids, train_fused, version_scorer
 from shoprec.settings import CACHE_DIR, Settings
 
@@ -117,10 +124,16 @@ def rounds(full: Shop, options: LearnOptions, work: Path) -> list[dict[str, Any]
         steps = sample_queries(event_steps(ds, Period.TEST), options.max_test_queries, seed)
         got = evaluate_scorer(cand, test, progress=False)
         got_next = evaluate_scorer(cand, steps, progress=False)
-        complements = {
-            name: choose_complements(scorer, steps, options.complements or 0).to_json()
-            for name, scorer in (("candidate", cand), ("shipped", version_scorer(start, ds)[0]))
-        }
+        # The complements and the policies below often ask for the same version.
+        loaded: dict[Path, Scorer] = {}
+        complements = (
+            {}
+            if options.complements is None
+            else {
+                name: choose_complements(scorer, steps, options.complements).to_json()
+                for name, scorer in (("candidate", cand), ("shipped", _loaded(loaded, start, ds)))
+            }
+        )
         # Policies often share a live version: each is scored once.
         judged: dict[Path, tuple[Metrics, Metrics]] = {}
         verdicts: dict[str, str] = {}
@@ -130,7 +143,7 @@ def rounds(full: Shop, options: LearnOptions, work: Path) -> list[dict[str, Any]
                 verdicts[policy] = "kept: one round only"
                 continue
             if current not in judged:
-                old, _ = version_scorer(current, ds)
+                old = _loaded(loaded, current, ds)
                 judged[current] = (
                     evaluate_scorer(old, test, progress=False),
                     evaluate_scorer(old, steps, progress=False),
@@ -162,6 +175,13 @@ def rounds(full: Shop, options: LearnOptions, work: Path) -> list[dict[str, Any]
             }
         )
     return out
+
+
+def _loaded(cache: dict[Path, Scorer], folder: Path, ds: Dataset) -> Scorer:
+    """``folder``'s version scoring ``ds``, loaded once per ``cache``."""
+    if folder not in cache:
+        cache[folder] = version_scorer(folder, ds)[0]
+    return cache[folder]
 
 
 def served_quality(full: Shop, played: list[dict[str, Any]], seed: int) -> dict[str, Any]:
