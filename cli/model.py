@@ -465,7 +465,8 @@ def _evaluate_models(
 def learner(threads: int) -> None:
     """Retrain the ranker on the shop's own stream and promote only what is better.
 
-    Runs until Ctrl-C / SIGTERM, beside the workers (exactly one per shop).  Every
+    Runs until Ctrl-C / SIGTERM (a round in progress stops within a training batch and
+    leaves no candidate), beside the workers (exactly one per shop).  Every
     SHOPREC_LEARNER_EVERY_S seconds, or after SHOPREC_LEARNER_EVERY_EVENTS new events, it
     reads the retained topics (the last SHOPREC_LEARNER_WINDOW_S, or all), trains a
     candidate as `shoprec train --from-topics` does, and scores it and the live version on

@@ -29,10 +29,13 @@ runs rounds forever.  One round:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import logging
+import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -79,7 +82,7 @@ from ranking.evaluate import (
     served_with_complements,
 )
 from ranking.train import FusedScorer, TrainOptions, behavioural_ids, train_fused, version_scorer
-from shoprec.errors import DatasetError, InvalidEvent
+from shoprec.errors import DatasetError, Interrupted, InvalidEvent
 from shoprec.events import CatalogItem, Limits, parse_catalog_item, tombstone_item_id
 from shoprec.settings import Settings
 from streams.ingest import RawRecord, parse_records
@@ -152,8 +155,11 @@ class ShopHistory:
         return (min(ts), max(ts)) if ts else (None, None)
 
 
-async def read_shop(settings: Settings, from_ms: int | None, to_ms: int | None) -> ShopHistory:
-    """The catalogue and the events of ``[from_ms, to_ms)`` (record time; None: all retained)."""
+async def read_shop(
+    settings: Settings, from_ms: int | None, to_ms: int | None, stop: threading.Event | None = None
+) -> ShopHistory:
+    """The catalogue and the events of ``[from_ms, to_ms)`` (record time; None: all retained);
+    ``stop`` is looked at after every fetch (:class:`Interrupted`)."""
     topics = TopicNames.from_settings(settings)
     catalogue, bad_items = await _read_catalogue(settings, topics.catalog)
     consumer = await open_reader(settings)
@@ -175,6 +181,7 @@ async def read_shop(settings: Settings, from_ms: int | None, to_ms: int | None) 
         await reader.start()
         by_type: Counter[str] = Counter()
         async for batch in reader.batches(FETCH_MAX_RECORDS):
+            Interrupted.check(stop, "reading the topics")
             raw = [RawRecord(r.topic, r.partition, r.offset, r.key, r.value) for r in batch]
             events, dead = parse_records(raw, now_ms(), limits)
             kept, suppressed = await forgotten.drop_suppressed(events)
@@ -466,6 +473,7 @@ def judge(
     candidate: Scorer,
     options: LearnOptions,
     progress: bool = False,
+    stop: threading.Event | None = None,
 ) -> Judgement:
     """Score the candidate, the live version (whatever it is) and the baselines on the
     latest slice held out by time, the candidate and the live version on that slice one
@@ -482,17 +490,19 @@ def judge(
     if live_version is not None or options.complements is not None:
         steps = sample_queries(event_steps(ds, Period.TEST), options.max_test_queries, seed)
     if live_version is not None:
+        Interrupted.check(stop, "scoring the live version")
         scorer, about = version_scorer(versions.folder(live_version), ds)
         metrics[LIVE] = evaluate_scorer(scorer, test, progress=False)
         for name, one in ((CANDIDATE, candidate), (LIVE, scorer)):
             next_event[name] = evaluate_scorer(one, steps, progress=False)
     scorers, extra = baseline_scorers(ds, valid)
     for name, scorer in scorers.items():
+        Interrupted.check(stop, f"scoring {name}")
         metrics[name] = evaluate_scorer(scorer, test, progress=False)
     sasrec: dict[str, Any] = {}
     if options.sasrec_seconds is not None:
         cfg = dataclasses.replace(SASRecConfig(), seed=seed, max_seconds=options.sasrec_seconds)
-        sas, sasrec = train_sasrec(ds, valid, cfg, progress)
+        sas, sasrec = train_sasrec(ds, valid, cfg, progress, stop)
         metrics["sasrec"] = evaluate_scorer(sas, test, progress=False)
     decision = decide(
         metrics[CANDIDATE],
@@ -526,12 +536,25 @@ def train_round(
     versions: Versions,
     options: LearnOptions,
     progress: bool = False,
+    stop: threading.Event | None = None,
 ) -> Round:
     """Build the dataset, train, write the candidate into the archive, judge it against the
-    live version and the baselines, and write its card (CPU-heavy: run it in a thread)."""
+    live version and the baselines, and write its card (CPU-heavy: run it in a thread).
+
+    ``stop`` is looked at between the steps, before every training batch and between the
+    scorers judged: when it is set the round raises :class:`Interrupted` within a batch or
+    a scorer, having removed the candidate it had not finished judging (a version folder
+    without a card would otherwise wait in the archive and take a version number)."""
     cpu0, t0 = time.process_time(), time.perf_counter()
     ds = dataset_of(settings, history, versions, options, progress)
-    model, tables, report = train_fused(ds, options.train, progress)
+    Interrupted.check(stop, "replaying the events")
+    log.info(
+        "training a candidate on %d queries (%d events, %d items)",
+        len(ds.period(Period.TRAIN)),
+        len(ds.events),
+        len(ds.catalogue),
+    )
+    model, tables, report = train_fused(ds, options.train, progress, stop)
     train_s, train_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     with versions.locked():
         version = versions.next_version()
@@ -539,7 +562,13 @@ def train_round(
         folder.parent.mkdir(parents=True, exist_ok=True)
         export.save(folder, model, export.config_of(report), behavioural_ids(ds, tables), report)
     scorer = FusedScorer(model, tables, report["model"]["history_len"])
-    verdict = judge(settings, versions, ds, scorer, options, progress)
+    try:
+        verdict = judge(settings, versions, ds, scorer, options, progress, stop)
+    except Interrupted:
+        with versions.locked():
+            shutil.rmtree(folder, ignore_errors=True)
+        log.info("version %d abandoned before its judgement; its folder is removed", version)
+        raise
     if verdict.complements is not None:
         export.set_complements(folder, verdict.complements.served)
     card = _card(settings, version, history, ds, verdict, options) | {
@@ -706,13 +735,29 @@ async def learn_once(
     promote_if_better: bool = True,
     progress: bool = False,
     min_events: int = 1,
+    stop: threading.Event | None = None,
 ) -> Round:
-    """One round: read, train and judge (in a thread), then promote or keep the live one."""
+    """One round: read, train and judge (in a thread), then promote or keep the live one.
+
+    It stops early (:class:`Interrupted`, nothing written) when ``stop`` is set, and when
+    it is cancelled (Ctrl-C on ``shoprec train --from-topics``): the training thread cannot
+    be cancelled, so it is told to stop and awaited, rather than left to run on for minutes
+    while the process waits to exit."""
+    stop = stop or threading.Event()
     versions = Versions.from_settings(settings)
-    history = await read_shop(settings, options.from_ms, options.to_ms)
+    history = await read_shop(settings, options.from_ms, options.to_ms, stop)
     if len(history.rows) < min_events:
         raise TooFewEvents(len(history.rows), min_events)
-    result = await asyncio.to_thread(train_round, settings, history, versions, options, progress)
+    work = asyncio.ensure_future(
+        asyncio.to_thread(train_round, settings, history, versions, options, progress, stop)
+    )
+    try:
+        result = await asyncio.shield(work)
+    except asyncio.CancelledError:
+        stop.set()
+        with contextlib.suppress(Interrupted):
+            await work
+        raise
     if promote_if_better and result.decision.promote:
         await promote(settings, versions, result.version, result.decision.reason)
     else:

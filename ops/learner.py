@@ -13,6 +13,8 @@ on every server only when :func:`ops.learn.decide` says it is better; otherwise 
 version stays and the log and the history say why.  A round that fails (Kafka or Redis
 away, too few events) is logged and tried again at the next trigger; servers that missed
 a load are asked again every round, so a restarted or unreachable server catches up.
+SIGTERM or SIGINT stops a round at its next checkpoint (:class:`~shoprec.errors.Interrupted`:
+a fetch, a training batch, a judged scorer), without a half-written candidate.
 
 Prometheus metrics on ``SHOPREC_METRICS_HOST``:``SHOPREC_METRICS_PORT``:
 
@@ -31,6 +33,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -42,7 +45,7 @@ from prometheus_client.registry import Collector
 from ops.learn import LearnOptions, Round, TooFewEvents, learn_once
 from ops.ranges import open_reader
 from ops.versions import Versions, reconcile
-from shoprec.errors import describe
+from shoprec.errors import Interrupted, describe
 from shoprec.settings import Settings
 from streams.observability import serve_metrics
 from streams.topics import TopicNames, partitions_of
@@ -169,9 +172,14 @@ class Learner:
         self.versions = Versions.from_settings(settings)
         self.state = LearnerState(live_version=self.versions.live() or 0)
         self.trigger = Trigger(settings.learner_every_s, settings.learner_every_events)
+        self.stopping = threading.Event()
+        """Set once ``stop`` is: the round in progress (a thread) gives up at its next
+        checkpoint, so SIGTERM ends the process in seconds, within an orchestrator's grace
+        period, instead of after the round (minutes) and a SIGKILL mid-write."""
 
     async def run(self, stop: asyncio.Event) -> None:
         serve_metrics(self.settings, LearnerCollector(self.state))
+        relay = asyncio.create_task(self._relay(stop))
         log.info(
             "learner: every %.0f s or %d new events; served repository %s, candidates in %s",
             self.settings.learner_every_s,
@@ -179,11 +187,18 @@ class Learner:
             self.versions.served_dir,
             self.versions.archive_dir,
         )
-        while not stop.is_set():
-            if await self._due():
-                await self.round()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLL_S)
+        try:
+            while not stop.is_set():
+                if await self._due():
+                    await self.round()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), POLL_S)
+        finally:
+            relay.cancel()
+
+    async def _relay(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self.stopping.set()
 
     async def _due(self) -> bool:
         now = time.monotonic()
@@ -219,13 +234,18 @@ class Learner:
             if s.learner_window_s:
                 now_ms = int(time.time() * 1000)
                 options = dataclasses.replace(options, from_ms=now_ms - 1000 * s.learner_window_s)
-            result = await learn_once(s, options, min_events=s.learner_min_events)
+            result = await learn_once(
+                s, options, min_events=s.learner_min_events, stop=self.stopping
+            )
         except TooFewEvents as few:
             st.rounds["skipped"] += 1
             # Try again as soon as the topics can hold enough, not a whole period later.
             if events_now is not None:
                 self.trigger.wait_for(events_now + s.learner_min_events - few.count)
             log.info("learner: %d events so far, waiting for %d", few.count, s.learner_min_events)
+            return None
+        except Interrupted as why:
+            log.info("learner: round %s; nothing promoted", why)
             return None
         except Exception:
             st.rounds["failed"] += 1

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from ranking.data import Dataset, Period, Query
 from ranking.evaluate import F32, Metrics, Scorer, evaluate_scorer
+from shoprec.errors import Interrupted
 from shoprec.events import EVENT_WEIGHTS, EventType, event_code
 
 log = logging.getLogger(__name__)
@@ -245,8 +247,14 @@ class SASRecScorer:
 
 
 def train_sasrec(
-    ds: Dataset, valid: Sequence[Query], cfg: SASRecConfig, progress: bool = True
+    ds: Dataset,
+    valid: Sequence[Query],
+    cfg: SASRecConfig,
+    progress: bool = True,
+    stop: threading.Event | None = None,
 ) -> tuple[SASRecScorer, dict[str, object]]:
+    """SASRec on the training period, the best epoch on ``valid`` (``stop``: as
+    :func:`ranking.train.train_fused`)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     x, y = _sequences(ds, ds.cut_ts[0], cfg.max_len)
@@ -267,6 +275,7 @@ def train_sasrec(
             disable=not progress,
             leave=False,
         ):
+            Interrupted.check(stop, f"training SASRec (epoch {epoch})")
             idx = torch.from_numpy(order[s : s + cfg.batch])
             xb, yb = x[idx], y[idx]
             h = model.hidden(xb)

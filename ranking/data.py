@@ -252,6 +252,11 @@ def _opt(v: object) -> str | None:
 
 def load_events(folder: Path, catalogue: Catalogue, order: Order = "hash") -> Events:
     """The events of a dataset folder with an item, in replay order (:func:`make_events`)."""
+    return make_events(load_rows(folder), catalogue, order)
+
+
+def load_rows(folder: Path) -> list[EventRow]:
+    """The events of a dataset folder as the rows the topics give (file order)."""
     rows: list[EventRow] = []
     for n, rec in enumerate(_read_jsonl(folder / "events.jsonl.gz")):
         ts = rec["ts"]
@@ -270,7 +275,7 @@ def load_events(folder: Path, catalogue: Catalogue, order: Order = "hash") -> Ev
         )
     if not any(r[3] is not None for r in rows):
         raise DatasetError(f"{folder} has no item events")
-    return make_events(rows, catalogue, order)
+    return rows
 
 
 EventRow = tuple[str, str, str, str | None, int]

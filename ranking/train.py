@@ -20,6 +20,7 @@ best epoch's weights are kept and training stops after ``patience`` epochs witho
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -44,6 +45,7 @@ from ranking.model import (
     memory_signals,
     repeat_signals,
 )
+from shoprec.errors import Interrupted
 from shoprec.events import EVENT_WEIGHTS, EventType, event_code
 
 log = logging.getLogger(__name__)
@@ -318,9 +320,11 @@ def sampled_softmax_loss(logits: Tensor, pos_mask: Tensor) -> Tensor:
 
 
 def train_fused(
-    ds: Dataset, cfg: TrainOptions, progress: bool = True
+    ds: Dataset, cfg: TrainOptions, progress: bool = True, stop: threading.Event | None = None
 ) -> tuple[FusedRanker, Tables, dict[str, Any]]:
-    """Train on the training period; returns the best model on validation and a report."""
+    """Train on the training period; returns the best model on validation and a report.
+    ``stop`` is looked at before every batch (:class:`Interrupted` when set): a learner
+    asked to stop gives up within one batch, not at the end of the round."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device, dtype = choose_device()
@@ -357,6 +361,7 @@ def train_fused(
             leave=False,
         )
         for s in bar:
+            Interrupted.check(stop, f"training (epoch {epoch})")
             made = _train_batch([train[i] for i in order[s : s + cfg.batch]], cfg, tables, rng)
             if made is None:
                 continue

@@ -7,10 +7,13 @@ ShoprecError                 base; ``retriable`` says whether trying again may h
 ├── DependencyUnavailable    Redis, Kafka or Triton did not answer (retriable)
 │   └── RankerUnavailable    Triton's ranker failed; recommendations degrade
 ├── DatasetError             a dataset folder is missing or malformed
-└── ReplayError              a replay, rebuild, diff or re-injection cannot run as asked
+├── ReplayError              a replay, rebuild, diff or re-injection cannot run as asked
+└── Interrupted              a long job was asked to stop (SIGINT/SIGTERM) and left nothing behind
 """
 
 from __future__ import annotations
+
+import threading
 
 
 class ShoprecError(Exception):
@@ -58,6 +61,17 @@ class DatasetError(ShoprecError):
 class ReplayError(ShoprecError):
     """An operator tool (replay, rebuild-state, diff, dlq replay) cannot run as asked;
     the message says what to change."""
+
+
+class Interrupted(ShoprecError):
+    """A long job (a learner round, ``train --from-topics``) saw its stop flag at one of its
+    checkpoints and gave up; it removed what it had half written."""
+
+    @classmethod
+    def check(cls, stop: threading.Event | None, doing: str) -> None:
+        """Raise if ``stop`` is set: the job was ``doing`` this when it stopped."""
+        if stop is not None and stop.is_set():
+            raise cls(f"stopped while {doing}")
 
 
 def describe(exc: BaseException) -> str:

@@ -13,7 +13,9 @@ served by a real Triton, with Kafka, Redis and ``shoprec worker``:
    they are scored test-then-learn on ``recs.out`` against co-visitation computed from the
    same stream (the issue's stream measurement, on a small scale);
 4. a worse candidate (random weights) is judged on the topics and rejected: version 3
-   stays live; ``shoprec model rollback`` then serves version 2 again, without a restart.
+   stays live; ``shoprec model rollback`` then serves version 2 again, without a restart;
+5. a second learner is stopped (SIGTERM) while it trains: it exits in seconds, with no
+   half-written candidate.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +36,10 @@ from typing import Any
 import pytest
 import torch
 
+from bench.e2e import start_process, wait_for_line
 from bench.report import DATA
 from bench.stream_quality import Shop, learning_stream, split_shop, stream_ndcg
+from infra import procs
 from infra.stack import Endpoints, Stack
 from ops.versions import served_version, triton_endpoints
 from ranking import export
@@ -201,3 +208,33 @@ def test_a_worse_candidate_is_rejected_and_rollback_serves_the_previous_version(
     }
     actions = [h["action"] for h in listed["history"]]
     assert actions[-3:] == ["promoted", "rejected", "rolled back"], actions
+
+
+def test_sigterm_mid_round_stops_the_learner_in_seconds_and_leaves_no_candidate(
+    scenario: Scenario, tmp_path: Path
+) -> None:
+    """Arrange: a second learner on the same topics, with an archive of its own (the first
+    one's BERT vectors copied in, so that it reaches training soon).  Inject: SIGTERM once
+    it says it is training.  Assert: it exits in seconds, inside an orchestrator's grace
+    period, says where it stopped, and leaves no version folder behind."""
+    archive = tmp_path / "archive"
+    shutil.copytree(scenario.settings.model_archive / ".cache", archive / ".cache")
+    settings = scenario.settings.model_copy(
+        update={"model_archive": archive, "metrics_port": procs.free_port()}
+    )
+    env = settings.as_env() | {"SHOPREC_LEARNER_MIN_EVENTS": "100"}
+    argv = [sys.executable, "-m", "cli.main", "learner"]
+    started = start_process("learner-stopped", argv, tmp_path / "learner.log", env)
+    try:
+        wait_for_line(started.proc, "training a candidate", started.log_offset, 900)
+        os.kill(started.proc.pid, signal.SIGTERM)
+        took = procs.wait_until(
+            lambda: not procs.is_alive(started.proc), 120, "the learner to exit"
+        )
+    finally:
+        procs.stop(started.proc)
+    log = started.proc.log_path.read_text(errors="replace")
+    assert "learner: round stopped while" in log and "nothing promoted" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert took < 30, f"{took:.1f} s to stop"
+    assert not list((archive / "fused_ranker").glob("[0-9]*")), "no half-written candidate"

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,7 @@ from ops.produce import in_event_order
 from ops.versions import INCOMING, Versions, triton_endpoints
 from ranking.data import Period, Query, load_catalogue, load_events
 from ranking.evaluate import Metrics, evaluate_scorer, paired_difference, served_with_complements
-from shoprec.errors import ConfigError
+from shoprec.errors import ConfigError, Interrupted
 from shoprec.events import EventType, Limits, tie_break
 from shoprec.settings import Settings
 
@@ -395,6 +398,71 @@ def test_a_round_with_too_few_events_is_retried_once_there_are_enough() -> None:
     assert not t.due_by_events(5_000) and not t.due_by_time(3600.0) and t.due_by_time(3601.0)
     t.retry(4000.0)  # Kafka away: not counted, tried again later, not at every poll
     assert not t.due_by_time(4000.0 + RETRY_S - 1) and t.due_by_time(4000.0 + RETRY_S)
+
+
+@pytest.fixture(scope="module")
+def bert_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The catalogue's BERT vectors, computed once for the module's rounds."""
+    return tmp_path_factory.mktemp("bert-cache")
+
+
+class _StopOn(logging.Handler):
+    """Sets ``stop`` when a log line starts with ``prefix``: a SIGTERM that lands there."""
+
+    def __init__(self, stop: threading.Event, prefix: str) -> None:
+        super().__init__(logging.INFO)
+        self.stop, self.prefix, self.seen = stop, prefix, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(self.prefix):
+            self.seen = True
+            self.stop.set()
+
+
+@pytest.mark.parametrize(
+    ("lands_at", "stopped_while"),
+    [
+        ("training a candidate", "training (epoch 0)"),  # before the first batch
+        ("fused epoch 0 ", "scoring"),  # after training: the written candidate is judged
+    ],
+)
+def test_a_round_asked_to_stop_gives_up_at_its_next_checkpoint_and_leaves_no_candidate(
+    tmp_path: Path, bert_cache: Path, lands_at: str, stopped_while: str
+) -> None:
+    """SIGTERM mid-round: the learner used to finish the round (minutes) and be SIGKILLed
+    mid-write, leaving a version folder without a card that took a version number."""
+    from dataclasses import replace
+
+    from ops.learn import ShopHistory, train_round
+    from ranking.data import load_rows
+    from ranking.train import TrainOptions
+
+    folder = DATA / "amazon-gift-cards-2018"
+    history = ShopHistory(load_catalogue(folder), load_rows(folder), ["events"], "catalog", [])
+    settings = Settings(_env_file=None, model_repo=tmp_path / "repo", model_archive=tmp_path / "a")
+    versions = Versions.from_settings(settings)
+    options = replace(LearnOptions(cache_dir=bert_cache), train=TrainOptions(max_epochs=1, seed=7))
+    stop = threading.Event()
+    watch = _StopOn(stop, lands_at)
+    loggers = [logging.getLogger("shoprec.learn"), logging.getLogger("ranking.train")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(watch)
+        lg.setLevel(logging.INFO)
+    try:
+        with pytest.raises(Interrupted, match=re.escape(f"stopped while {stopped_while}")):
+            train_round(settings, history, versions, options, stop=stop)
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(watch)
+            lg.setLevel(level)
+    assert watch.seen
+    left = [p.name for p in versions.archive_dir.glob("*") if p.is_dir()]
+    assert versions.archived() == [] and left == [], "no half-written candidate"
+    assert versions.next_version() == 1, "the version number is not used up"
+    # Not asked to stop, the same round writes and judges its candidate.
+    done = train_round(settings, history, versions, options, stop=threading.Event())
+    assert done.version == 1 and (done.folder / "card.json").is_file()
 
 
 def test_the_repeat_baseline_counts_the_users_own_past_up_to_the_trigger(tmp_path: Path) -> None:
