@@ -488,12 +488,14 @@ def judge(
     next_event: dict[str, Metrics] = {}
     steps: list[Query] = []
     if live_version is not None or options.complements is not None:
+        Interrupted.check(stop, "replaying the held-out slice one event per step")
         steps = sample_queries(event_steps(ds, Period.TEST), options.max_test_queries, seed)
     if live_version is not None:
         Interrupted.check(stop, "scoring the live version")
         scorer, about = version_scorer(versions.folder(live_version), ds)
         metrics[LIVE] = evaluate_scorer(scorer, test, progress=False)
         for name, one in ((CANDIDATE, candidate), (LIVE, scorer)):
+            Interrupted.check(stop, f"scoring {name} on the next event")
             next_event[name] = evaluate_scorer(one, steps, progress=False)
     scorers, extra = baseline_scorers(ds, valid)
     for name, scorer in scorers.items():
@@ -511,6 +513,7 @@ def judge(
         (next_event[CANDIDATE], next_event[LIVE]) if next_event else None,
         refresh=options.refresh and is_own(live_card, settings),
     )
+    Interrupted.check(stop, "choosing the complements")
     complements = (
         None
         if options.complements is None
