@@ -407,12 +407,14 @@ def dataset_of(
     versions: Versions,
     options: LearnOptions,
     progress: bool = False,
+    stop: threading.Event | None = None,
 ) -> Dataset:
-    """The shop's events replayed into labelled queries, split by time."""
+    """The shop's events replayed into labelled queries, split by time (``stop``: as
+    :func:`train_round`)."""
     events = make_events(history.rows, history.catalogue)
     if len(events) == 0:
         raise DatasetError("the topics hold no events with an item in the time range")
-    emb = embed_catalogue(history.catalogue, options.cache_dir or versions.archive / ".cache")
+    emb = embed_catalogue(history.catalogue, options.cache_dir or versions.archive / ".cache", stop)
     return build_dataset(
         settings.topic_prefix + "shop",
         history.catalogue,
@@ -422,6 +424,7 @@ def dataset_of(
         options.test_frac,
         progress,
         UpdatePolicy.of(settings),  # the shop's history and memory, as its worker keeps them
+        stop=stop,
     )
 
 
@@ -544,13 +547,13 @@ def train_round(
     """Build the dataset, train, write the candidate into the archive, judge it against the
     live version and the baselines, and write its card (CPU-heavy: run it in a thread).
 
-    ``stop`` is looked at between the steps, before every training batch and between the
-    scorers judged: when it is set the round raises :class:`Interrupted` within a batch or
-    a scorer, having removed the candidate it had not finished judging (a version folder
-    without a card would otherwise wait in the archive and take a version number)."""
+    ``stop`` is looked at before every chunk of item texts embedded, every replay step,
+    every training batch and between the scorers judged: when it is set the round raises
+    :class:`Interrupted` at the next of them, having removed the candidate it had not
+    finished judging (a version folder without a card would otherwise wait in the archive
+    and take a version number)."""
     cpu0, t0 = time.process_time(), time.perf_counter()
-    ds = dataset_of(settings, history, versions, options, progress)
-    Interrupted.check(stop, "replaying the events")
+    ds = dataset_of(settings, history, versions, options, progress, stop)
     log.info(
         "training a candidate on %d queries (%d events, %d items)",
         len(ds.period(Period.TRAIN)),

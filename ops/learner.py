@@ -14,7 +14,8 @@ version stays and the log and the history say why.  A round that fails (Kafka or
 away, too few events) is logged and tried again at the next trigger; servers that missed
 a load are asked again every round, so a restarted or unreachable server catches up.
 SIGTERM or SIGINT stops a round at its next checkpoint (:class:`~shoprec.errors.Interrupted`:
-a fetch, a training batch, a judged scorer), without a half-written candidate.
+a fetch, a chunk of item texts, a replay step, a training batch, a judged scorer), without
+a half-written candidate.
 
 Prometheus metrics on ``SHOPREC_METRICS_HOST``:``SHOPREC_METRICS_PORT``:
 

@@ -26,6 +26,7 @@ import gzip
 import hashlib
 import logging
 import pickle
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -43,7 +44,7 @@ from features.fold import MemoryStore
 from features.item_index import BEHAVIOURAL_CHUNK, BEHAVIOURAL_EVERY_S
 from features.keys import EMB_DIM
 from features.store import ALWAYS_EMIT, Context, UpdatePolicy, UserUpdate
-from shoprec.errors import DatasetError
+from shoprec.errors import DatasetError, Interrupted
 from shoprec.events import EVENT_TYPES, CatalogItem, EventType, event_code, tie_break
 from shoprec.settings import Settings
 
@@ -318,8 +319,11 @@ def make_events(rows: Sequence[EventRow], catalogue: Catalogue, order: Order = "
     )
 
 
-def embed_catalogue(catalogue: Catalogue, cache_dir: Path | None) -> F32:
-    """MiniLM vectors of every item with text (cached by text digest); zero rows otherwise."""
+def embed_catalogue(
+    catalogue: Catalogue, cache_dir: Path | None, stop: threading.Event | None = None
+) -> F32:
+    """MiniLM vectors of every item with text (cached by text digest); zero rows otherwise.
+    ``stop`` is looked at before every chunk of texts (:class:`Interrupted`)."""
     digest = hashlib.sha256("\n".join(catalogue.text).encode()).hexdigest()[:16]
     cache = cache_dir / f"item-emb-{digest}.npy" if cache_dir else None
     if cache is not None and cache.is_file():
@@ -335,6 +339,7 @@ def embed_catalogue(catalogue: Catalogue, cache_dir: Path | None) -> F32:
         vecs = np.zeros((len(distinct), EMB_DIM), np.float32)
         step = 512
         for s in tqdm(range(0, len(distinct), step), desc="BERT item texts", unit="chunk"):
+            Interrupted.check(stop, "embedding the catalogue")
             vecs[s : s + step] = encoder.encode(distinct[s : s + step])
         pos = {t: k for k, t in enumerate(distinct)}
         out[rows] = vecs[[pos[catalogue.text[r]] for r in rows]]
@@ -533,6 +538,7 @@ def replay(
     progress: bool = True,
     step: Step = "timestamp",
     labels_in: Period | None = None,
+    stop: threading.Event | None = None,
 ) -> list[Query]:
     """Replay events in order; one labelled :class:`Query` per user batch with a successor.
 
@@ -541,7 +547,9 @@ def replay(
     (never later ones) and a basket is one trigger.  By ``step="event"``, each event is
     applied and snapshotted alone, in replay order, as the live worker meets them.
     ``labels_in`` keeps only the queries whose label falls in that period, and skips the
-    snapshots (most of the replay's time) of every other step.
+    snapshots (most of the replay's time) of every other step.  ``stop`` is looked at
+    before every step (:class:`Interrupted`): a learner asked to stop does not replay a
+    large shop to the end first.
     """
     state = _Replay(catalogue, item_emb, policy, events.user_ids)
     queries: list[Query] = []
@@ -561,6 +569,7 @@ def replay(
     bar = tqdm(total=len(events), desc="replay", unit="ev", disable=not progress, mininterval=1.0)
     k, n = 0, len(events)
     while k < n:
+        Interrupted.check(stop, "replaying the events")
         ts = tss[k]
         end = k
         while end < n and tss[end] == ts and (step == "timestamp" or end == k):
@@ -669,6 +678,7 @@ def build_dataset(
     progress: bool = True,
     policy: UpdatePolicy = POLICY,
     origin: int = 0,
+    stop: threading.Event | None = None,
 ) -> Dataset:
     """Split ``events`` by time and replay them into labelled queries, folded as ``policy``
     folds them (a shop's own settings: ``UpdatePolicy.of``).
@@ -677,13 +687,13 @@ def build_dataset(
     :func:`origin_end` on are dropped before the replay, so no feature and no label sees
     them, and the periods are :func:`time_cuts`' for that origin.  Several origins give
     disjoint test periods back to back (rolling-origin evaluation, ``shoprec evaluate
-    --origins``) and so more test users on a small shop.
+    --origins``) and so more test users on a small shop.  ``stop``: as :func:`replay`.
     """
     cuts = time_cuts(events.ts, valid_frac, test_frac, origin)
     end = origin_end(events.ts, test_frac, origin)
     if end is not None:
         events = events.subset(events.ts < end)
-    queries = replay(events, catalogue, item_emb, cuts, policy, progress)
+    queries = replay(events, catalogue, item_emb, cuts, policy, progress, stop=stop)
     log.info(
         "dataset %s: %d items (%d with text), %d events, %d users, %d queries",
         name,

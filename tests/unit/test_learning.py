@@ -465,6 +465,22 @@ def test_a_round_asked_to_stop_gives_up_at_its_next_checkpoint_and_leaves_no_can
     assert done.version == 1 and (done.folder / "card.json").is_file()
 
 
+def test_a_stop_reaches_the_replay_of_a_large_shop_before_its_end() -> None:
+    """UCI's 396,337 events replay for minutes: the stop is looked at before every step."""
+    from features.keys import EMB_DIM
+    from ranking.data import build_dataset
+
+    folder = DATA / "amazon-gift-cards-2018"
+    cat = load_catalogue(folder)
+    events = load_events(folder, cat)
+    emb = np.zeros((len(cat), EMB_DIM), np.float32)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Interrupted, match="stopped while replaying the events"):
+        build_dataset("amazon", cat, events, emb, progress=False, stop=stop)
+    assert len(build_dataset("amazon", cat, events, emb, progress=False).queries) > 0
+
+
 def test_the_repeat_baseline_counts_the_users_own_past_up_to_the_trigger(tmp_path: Path) -> None:
     """What the "repeat" baseline scores: each item's event-weighted count in the user's
     own events at or before the trigger (none after it, none of other users), halved per
