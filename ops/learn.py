@@ -491,8 +491,9 @@ def judge(
     next_event: dict[str, Metrics] = {}
     steps: list[Query] = []
     if live_version is not None or options.complements is not None:
-        Interrupted.check(stop, "replaying the held-out slice one event per step")
-        steps = sample_queries(event_steps(ds, Period.TEST), options.max_test_queries, seed)
+        steps = sample_queries(
+            event_steps(ds, Period.TEST, stop=stop), options.max_test_queries, seed
+        )
     if live_version is not None:
         Interrupted.check(stop, "scoring the live version")
         scorer, about = version_scorer(versions.folder(live_version), ds)

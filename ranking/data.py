@@ -601,17 +601,27 @@ def replay(
     return queries
 
 
-def event_steps(ds: Dataset, period: Period, progress: bool = False) -> list[Query]:
+def event_steps(
+    ds: Dataset, period: Period, progress: bool = False, stop: threading.Event | None = None
+) -> list[Query]:
     """``ds``'s events replayed one event per step (:data:`Step`), the queries whose label
     falls in ``period``: each labelled with the user's next event's item.
 
     The live stream's task, offline: the learner judges a candidate on it beside the
     basket steps, because the two can disagree (``ops.learn.decide`` says where).  A label
     equal to the item in view is never scored (``Query.blocked``), as the stream scores
-    new items only.
+    new items only.  ``stop``: as :func:`replay`.
     """
     return replay(
-        ds.events, ds.catalogue, ds.item_emb, ds.cut_ts, ds.policy, progress, "event", period
+        ds.events,
+        ds.catalogue,
+        ds.item_emb,
+        ds.cut_ts,
+        ds.policy,
+        progress,
+        "event",
+        period,
+        stop,
     )
 
 
