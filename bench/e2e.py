@@ -395,10 +395,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    peak = procs.memory_mb(pid, "VmHWM")
+    return float("nan") if peak is None else peak
 
 
 def wait_for_line(proc: procs.Proc, text: str, since: int, timeout_s: float) -> None:

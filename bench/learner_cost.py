@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import resource
+import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -35,15 +35,16 @@ from typing import Any
 import click
 
 from bench.report import REPO_ROOT, data_option, datasets, json_option, publish, say
+from infra import procs
 
 SIZES = (50_000, 100_000)
 """Prefixes of the largest dataset, besides every dataset whole."""
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        pages = int(fh.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
+def _resident_mb(field: str = "VmRSS") -> float:
+    got = procs.memory_mb(os.getpid(), field)
+    assert got is not None, "this process has a /proc entry"
+    return got
 
 
 def _one_round(folder: Path, max_events: int | None) -> dict[str, Any]:
@@ -58,10 +59,10 @@ def _one_round(folder: Path, max_events: int | None) -> dict[str, Any]:
     torch.set_num_threads(1)
     catalogue = load_catalogue(folder)
     embed_catalogue(catalogue, REPO_ROOT / CACHE_DIR)  # cached, as after a first round
-    before = _rss_mb()
+    before = _resident_mb()
     t0 = time.perf_counter()
     rows = load_rows(folder)[:max_events]
-    rows_s, rows_mb = time.perf_counter() - t0, _rss_mb() - before
+    rows_s, rows_mb = time.perf_counter() - t0, _resident_mb() - before
     history = ShopHistory(catalogue, rows, ["events"], "catalog", [])
     with tempfile.TemporaryDirectory() as archive:
         settings = Settings(model_repo=REPO_ROOT / "model_repo", model_archive=Path(archive))
@@ -83,7 +84,7 @@ def _one_round(folder: Path, max_events: int | None) -> dict[str, Any]:
         "train_s": round(train_s, 1),
         "judge_s": round(round_s - train_s, 1),
         "best_epoch": result.card["training"]["best_epoch"],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(_resident_mb("VmHWM"), 1),
     }
 
 

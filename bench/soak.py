@@ -83,20 +83,10 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss = rss_mb(self.pid)
+            rss = procs.memory_mb(self.pid)
             if rss is not None:
                 self.samples.append((round(time.monotonic() - self._t0, 1), round(rss, 1)))
             self._stop.wait(self.every_s)
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def memory_trend(samples: list[tuple[float, float]]) -> dict[str, Any]:

@@ -239,6 +239,19 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
+def memory_mb(pid: int, field: str = "VmRSS") -> float | None:
+    """A memory field of ``/proc/<pid>/status`` in MiB (``VmRSS``: resident now, ``VmHWM``:
+    its peak so far); None once the process is gone, or where the field is absent."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def free_port(host: str = LOOPBACK) -> int:
     """A TCP port nothing listens on right now."""
     return free_ports(1, host)[0]
