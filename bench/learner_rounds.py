@@ -21,7 +21,7 @@ seconds, under several rules at once:
    NDCG@10 pooled over the three segments, the difference paired by user (95% bootstrap).
 
 Each round also records whether complements after a purchase would help its candidate and
-the shipped version (``ops.learn.choose_complements`` on the round's held-out next events:
+the shipped version (``ops.learn.next_event_and_complements`` on the round's held-out next events:
 served with ``SHOPREC_COMPLEMENTS_AFTER_PURCHASE`` complements and without); the served
 quality above is the rankers' own order, without them.
 
@@ -50,7 +50,7 @@ from bench.report import (
     publish,
     say,
 )
-from ops.learn import LearnOptions, choose_complements, decide
+from ops.learn import LearnOptions, decide, next_event_and_complements
 from ops.versions import Versions
 from ranking import export
 from ranking.baselines import baseline_scorers
@@ -121,19 +121,19 @@ def rounds(full: Shop, options: LearnOptions, work: Path) -> list[dict[str, Any]
         cand = FusedScorer(model, tables, report["model"]["history_len"])
         seed = options.train.seed
         test = sample_queries(ds.period(Period.TEST), options.max_test_queries, seed)
-        steps = sample_queries(event_steps(ds, Period.TEST), options.max_test_queries, seed)
+        steps = event_steps(ds, Period.TEST, limit=options.max_test_queries, seed=seed)
         got = evaluate_scorer(cand, test, progress=False)
-        got_next = evaluate_scorer(cand, steps, progress=False)
+        got_next, cand_choice = next_event_and_complements(cand, steps, options.complements)
         # The complements and the policies below often ask for the same version.
         loaded: dict[Path, Scorer] = {}
-        complements = (
-            {}
-            if options.complements is None
-            else {
-                name: choose_complements(scorer, steps, options.complements).to_json()
-                for name, scorer in (("candidate", cand), ("shipped", _loaded(loaded, start, ds)))
-            }
-        )
+        complements: dict[str, dict[str, Any]] = {}
+        if options.complements is not None:
+            from_start = next_event_and_complements(
+                _loaded(loaded, start, ds), steps, options.complements
+            )[1]
+            for name, chosen in (("candidate", cand_choice), ("shipped", from_start)):
+                assert chosen is not None  # asked for: options.complements is set
+                complements[name] = chosen.to_json()
         # Policies often share a live version: each is scored once.
         judged: dict[Path, tuple[Metrics, Metrics]] = {}
         verdicts: dict[str, str] = {}
@@ -199,7 +199,7 @@ def served_quality(full: Shop, played: list[dict[str, Any]], seed: int) -> dict[
             progress=False,
             origin=ROUNDS - 1 - k,
         )
-        steps = sample_queries(event_steps(ds, Period.TEST), 3000, seed)
+        steps = event_steps(ds, Period.TEST, limit=3000, seed=seed)
         valid = sample_queries(ds.period(Period.VALID), 400, seed)
         covisitation = baseline_scorers(ds, valid)[0]["covisitation"]
         scored["co-visitation"].append(evaluate_scorer(covisitation, steps, progress=False))

@@ -629,9 +629,10 @@ def _add_decayed(
     into: dict[str, float],
     source_of: dict[str, str],
 ) -> None:
+    scale = decayed_value(1.0, at, COVIS_HALF_LIFE_MS)  # one factor per read: forward decay
     for src in sources:
         for item, score in rows[src]:
-            into[item] = into.get(item, 0.0) + decayed_value(float(score), at, COVIS_HALF_LIFE_MS)
+            into[item] = into.get(item, 0.0) + float(score) * scale
             source_of.setdefault(item, src)
 
 

@@ -38,7 +38,7 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,10 +76,14 @@ from ranking.evaluate import (
     Interval,
     Metrics,
     Scorer,
+    View,
+    Where,
+    as_scored,
     evaluate_scorer,
+    evaluate_views,
     paired_difference,
     sample_queries,
-    served_with_complements,
+    with_complements,
 )
 from ranking.train import FusedScorer, TrainOptions, behavioural_ids, train_fused, version_scorer
 from shoprec.errors import DatasetError, Interrupted, InvalidEvent
@@ -341,14 +345,41 @@ class ComplementsChoice:
         }
 
 
-def choose_complements(
-    candidate: Scorer, steps: Sequence[Query], setting: int
-) -> ComplementsChoice:
+_WITH, _WITHOUT = "with complements", "without complements"
+
+
+def _after_purchase(q: Query) -> bool:
+    return bool(q.bought_with.size)
+
+
+def complements_views(setting: int) -> dict[str, tuple[View, Where | None]]:
+    """What :func:`choose_complements` compares, as ``ranking.evaluate.evaluate_views``
+    views: the steps right after a purchase that has complements, served with ``setting``
+    complements and without any."""
+    if setting == 0:
+        return {}
+    return {
+        _WITH: (with_complements(setting), _after_purchase),
+        _WITHOUT: (with_complements(0), _after_purchase),
+    }
+
+
+def next_event_and_complements(
+    scorer: Scorer, steps: Sequence[Query], setting: int | None
+) -> tuple[Metrics, ComplementsChoice | None]:
+    """A version's own order on the held-out slice one event per step, and (``setting``
+    not None) its :func:`choose_complements`, from one pass of its model over the steps."""
+    views: dict[str, tuple[View, Where | None]] = {CANDIDATE: (as_scored, None)}
+    got = evaluate_views(scorer, steps, views | complements_views(setting or 0))
+    return got[CANDIDATE], None if setting is None else choose_complements(got, setting)
+
+
+def choose_complements(scored: Mapping[str, Metrics], setting: int) -> ComplementsChoice:
     """After a purchase, complements (co-purchases of the basket) take turns with the
     ranker's picks; whether they add to *this* version's lists depends on the shop and on
-    the ranker.  On the held-out slice one event per step, the steps right after a
-    purchase that has complements are scored as served with ``setting`` complements and
-    without any (``ranking.evaluate.served_with_complements``), paired by user.
+    the ranker.  ``scored``: the version on the held-out slice one event per step, the
+    steps right after a purchase that has complements served with ``setting`` complements
+    and without any (:func:`complements_views`), paired by user.
 
     ``setting`` unless the complements lower the next event with 95% confidence; then
     none.  The setting is the shop's choice, so it takes evidence to drop it (and the
@@ -362,13 +393,11 @@ def choose_complements(
     """
     if setting == 0:
         return ComplementsChoice(0, "SHOPREC_COMPLEMENTS_AFTER_PURCHASE is 0")
-    after = [q for q in steps if q.bought_with.size]
-    with_them = evaluate_scorer(served_with_complements(candidate, setting), after, progress=False)
+    with_them, without = scored[_WITH], scored[_WITHOUT]
     if with_them.n == 0:  # rees46: 4 such steps of 1,357, none with a next item it may show
         return ComplementsChoice(
             setting, "no held-out step after a purchase has complements to judge them on"
         )
-    without = evaluate_scorer(served_with_complements(candidate, 0), after, progress=False)
     gain = paired_difference(with_them, without)
     figures = (
         f"NDCG@10 {with_them.ndcg:.4f} with {setting} against {without.ndcg:.4f} without, "
@@ -489,18 +518,17 @@ def judge(
     live_card = None if live_version is None else versions.card(live_version)
     about = ""
     next_event: dict[str, Metrics] = {}
-    steps: list[Query] = []
+    complements: ComplementsChoice | None = None
     if live_version is not None or options.complements is not None:
-        steps = sample_queries(
-            event_steps(ds, Period.TEST, stop=stop), options.max_test_queries, seed
-        )
-    if live_version is not None:
-        Interrupted.check(stop, "scoring the live version")
-        scorer, about = version_scorer(versions.folder(live_version), ds)
-        metrics[LIVE] = evaluate_scorer(scorer, test, progress=False)
-        for name, one in ((CANDIDATE, candidate), (LIVE, scorer)):
-            Interrupted.check(stop, f"scoring {name} on the next event")
-            next_event[name] = evaluate_scorer(one, steps, progress=False)
+        steps = event_steps(ds, Period.TEST, stop=stop, limit=options.max_test_queries, seed=seed)
+        Interrupted.check(stop, f"scoring {CANDIDATE} on the next event")
+        own, complements = next_event_and_complements(candidate, steps, options.complements)
+        if live_version is not None:
+            Interrupted.check(stop, "scoring the live version")
+            scorer, about = version_scorer(versions.folder(live_version), ds)
+            metrics[LIVE] = evaluate_scorer(scorer, test, progress=False)
+            Interrupted.check(stop, f"scoring {LIVE} on the next event")
+            next_event = {CANDIDATE: own, LIVE: evaluate_scorer(scorer, steps, progress=False)}
     scorers, extra = baseline_scorers(ds, valid)
     for name, scorer in scorers.items():
         Interrupted.check(stop, f"scoring {name}")
@@ -516,12 +544,6 @@ def judge(
         options.margin,
         (next_event[CANDIDATE], next_event[LIVE]) if next_event else None,
         refresh=options.refresh and is_own(live_card, settings),
-    )
-    Interrupted.check(stop, "choosing the complements")
-    complements = (
-        None
-        if options.complements is None
-        else choose_complements(candidate, steps, options.complements)
     )
     return Judgement(
         metrics,

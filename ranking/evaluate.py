@@ -15,7 +15,7 @@ import fcntl
 import hashlib
 import json
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from ranking.data import Dataset, Period, Query
+from ranking.data import Dataset, Period, Query, sample_positions
 from ranking.pipeline import turns
 
 F32 = npt.NDArray[np.float32]
@@ -34,15 +34,27 @@ Scorer = Callable[[Sequence[Query]], F32]
 """Scores ``[len(queries), n_items]`` for a batch of queries; higher is better."""
 
 
-def served_with_complements(scorer: Scorer, n: int) -> Scorer:
-    """``scorer`` as the worker serves it after a purchase: the first ``n`` complements of
+View = Callable[[F32, Sequence[Query]], F32]
+"""One way to serve a scorer: its scores for a batch of queries -> the scores the served
+order ranks by (:func:`evaluate_views` scores once and ranks by several)."""
+
+Where = Callable[[Query], bool]
+"""Which queries a view is judged on."""
+
+
+def as_scored(scores: F32, queries: Sequence[Query]) -> F32:
+    """The scorer's own order."""
+    return scores
+
+
+def with_complements(n: int) -> View:
+    """A scorer as the worker serves it after a purchase: the first ``n`` complements of
     each query that it may show (``Query.bought_with``, none blocked) take turns with the
     scorer's picks (``ranking.pipeline.turns``).  The scores are minus each item's place in
     that list, so the evaluation ranks by the served order; ``n`` = 0 is the scorer's own
     order with ties broken by item, as served."""
 
-    def score(queries: Sequence[Query]) -> F32:
-        scores = scorer(queries)
+    def view(scores: F32, queries: Sequence[Query]) -> F32:
         rank = np.full(scores.shape, -1, np.int64)
         for r, q in enumerate(queries):
             hidden = q.blocked()
@@ -51,7 +63,13 @@ def served_with_complements(scorer: Scorer, n: int) -> Scorer:
         out: F32 = (-turns(scores, rank)).astype(np.float32)
         return out
 
-    return score
+    return view
+
+
+def served_with_complements(scorer: Scorer, n: int) -> Scorer:
+    """``scorer`` served :func:`with_complements` ``n``."""
+    view = with_complements(n)
+    return lambda queries: view(scorer(queries), queries)
 
 
 BOOTSTRAP_DRAWS = 2000
@@ -222,24 +240,44 @@ def evaluate_scorer(
     desc: str = "evaluate",
     progress: bool = True,
 ) -> Metrics:
-    m = Metrics()
+    views: dict[str, tuple[View, Where | None]] = {"": (as_scored, None)}
+    return evaluate_views(scorer, queries, views, batch=batch, desc=desc, progress=progress)[""]
+
+
+def evaluate_views(
+    scorer: Scorer,
+    queries: Sequence[Query],
+    views: Mapping[str, tuple[View, Where | None]],
+    *,
+    batch: int = 16,
+    desc: str = "evaluate",
+    progress: bool = False,
+) -> dict[str, Metrics]:
+    """Each view's metrics (on the queries its ``Where`` keeps; None: all) from one pass of
+    the scorer: a model's forward passes are most of a judgement's time, and one ranking
+    served several ways (its own order, with and without complements) needs them once."""
+    out = {name: Metrics() for name in views}
     for s in tqdm(range(0, len(queries), batch), desc=desc, disable=not progress, leave=False):
         part = queries[s : s + batch]
         scores = scorer(part)
-        for row, q in enumerate(part):
-            ranks = ranks_for_query(scores[row], q)
-            m.skipped += len(q.targets) - len(ranks)
-            for r in ranks:
-                m.add(r, q.user)
-    return m.finish()
+        for name, (view, where) in views.items():
+            rows = [r for r, q in enumerate(part) if where is None or where(q)]
+            if not rows:
+                continue
+            kept = part if len(rows) == len(part) else [part[r] for r in rows]
+            served = view(scores if len(rows) == len(part) else scores[rows], kept)
+            m = out[name]
+            for row, q in enumerate(kept):
+                ranks = ranks_for_query(served[row], q)
+                m.skipped += len(q.targets) - len(ranks)
+                for r in ranks:
+                    m.add(r, q.user)
+    return {name: m.finish() for name, m in out.items()}
 
 
 def sample_queries(queries: Sequence[Query], limit: int | None, seed: int) -> list[Query]:
     """At most ``limit`` queries, a fixed random sample (all when ``limit`` is None)."""
-    if limit is None or len(queries) <= limit:
-        return list(queries)
-    idx = np.random.default_rng(seed).choice(len(queries), size=limit, replace=False)
-    return [queries[i] for i in sorted(idx)]
+    return [queries[i] for i in sample_positions(len(queries), limit, seed)]
 
 
 def split_of(dataset: Dataset) -> dict[str, int]:

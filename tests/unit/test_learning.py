@@ -16,18 +16,26 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from ops.learn import (
+    ComplementsChoice,
     LearnOptions,
-    choose_complements,
     decide,
     is_own,
     latest_catalogue,
+    next_event_and_complements,
     shop_id,
 )
 from ops.learner import RETRY_S, LearnerCollector, LearnerState, Trigger
 from ops.produce import in_event_order
 from ops.versions import INCOMING, Versions, triton_endpoints
 from ranking.data import Period, Query, load_catalogue, load_events
-from ranking.evaluate import Metrics, evaluate_scorer, paired_difference, served_with_complements
+from ranking.evaluate import (
+    Metrics,
+    evaluate_scorer,
+    evaluate_views,
+    paired_difference,
+    served_with_complements,
+    with_complements,
+)
 from shoprec.errors import ConfigError, Interrupted
 from shoprec.events import EventType, Limits, tie_break
 from shoprec.settings import Settings
@@ -266,29 +274,42 @@ def test_complements_take_the_odd_places_of_the_served_order() -> None:
         for n in (0, 10)
     ]
     assert ranks == [[3.0], [5.0]], "item 2: the ranker's third, shown fifth"
+    # Both served orders from one pass of the ranker: the same ranks.
+    views = {str(n): (with_complements(n), None) for n in (0, 10)}
+    assert [m.ranks for m in evaluate_views(_ranker, [q], views).values()] == ranks
 
 
 def test_the_learner_drops_complements_only_when_they_lower_the_next_event_with_confidence() -> (
     None
 ):
     users = range(200)
+
+    def choose_complements(steps: list[Query], setting: int) -> ComplementsChoice:
+        choice = next_event_and_complements(_ranker, steps, setting)[1]
+        assert choice is not None
+        return choice
+
     # The next event is the ranker's second pick: complements push it from 2nd to 3rd place.
     lowered = [_step(u, 1, [5, 6]) for u in users]
-    choice = choose_complements(_ranker, lowered, 10)
+    choice = choose_complements(lowered, 10)
     assert choice.served == 0 and "lower this version's lists" in choice.reason
     assert choice.gain is not None and choice.gain.hi < 0
     # The next event is a complement the ranker puts last: complements raise it.
     raised = [_step(u, 6, [6, 5]) for u in users]
-    choice = choose_complements(_ranker, raised, 10)
+    choice = choose_complements(raised, 10)
     assert choice.served == 10 and choice.gain is not None and choice.gain.lo > 0
     # Half of each: lower on some users, higher on others, no confident loss: kept.
     mixed = lowered[:100] + raised[100:]
-    assert choose_complements(_ranker, mixed, 10).served == 10
+    assert choose_complements(mixed, 10).served == 10
+    # The same pass gives the ranker's own order on every step.
+    own = next_event_and_complements(_ranker, mixed, 10)[0]
+    assert own.ranks == evaluate_scorer(_ranker, mixed, progress=False).ranks
+    assert next_event_and_complements(_ranker, mixed, None)[1] is None
     # Nothing to judge on, or nothing asked for.
     none = [_step(u, 1, []) for u in users]
-    assert choose_complements(_ranker, none, 10).served == 10
-    assert "no held-out step" in choose_complements(_ranker, none, 10).reason
-    assert choose_complements(_ranker, lowered, 0).served == 0
+    assert choose_complements(none, 10).served == 10
+    assert "no held-out step" in choose_complements(none, 10).reason
+    assert choose_complements(lowered, 0).served == 0
 
 
 def test_the_settings_say_whether_the_learner_chooses_complements() -> None:

@@ -30,7 +30,7 @@ from ranking.data import (
     replay,
     time_cuts,
 )
-from ranking.evaluate import Metrics, merge_report, ranks_for_query
+from ranking.evaluate import Metrics, merge_report, ranks_for_query, sample_queries
 from ranking.train import TrainOptions, train_fused, version_scorer
 from shoprec.errors import DatasetError
 from shoprec.settings import Settings
@@ -407,3 +407,28 @@ def test_baselines_count_what_a_one_event_step_has_seen_not_its_label() -> None:
         assert pop.counts(q).sum() == pytest.approx(pop.w[: q.seen].sum())
         own = np.flatnonzero(ev.user[: q.seen] == q.user)
         assert repeat.counts(q).sum() == pytest.approx(pop.w[own].sum())
+
+
+def test_the_one_event_replay_samples_before_replaying_the_queries_it_would_sample_after() -> None:
+    """``event_steps(limit=)`` snapshots only the sampled steps (the judgement's time), and
+    they must be the very queries ``sample_queries`` keeps of the full replay: the same
+    users, triggers, labels and state, in the same order."""
+    folder = DATA / "otto-sample"
+    cat = load_catalogue(folder)
+    ds = build_dataset(
+        "otto", cat, load_events(folder, cat), np.zeros((len(cat), 384), np.float32), progress=False
+    )
+    full = event_steps(ds, Period.TEST)
+
+    def seen(qs: list[Query]) -> list[tuple[object, ...]]:
+        return [
+            (q.user, q.trigger_ts, q.target_ts, q.targets, q.seen, q.hist_items.tolist(), q.covis)
+            for q in qs
+        ]
+
+    for limit in (10, 40, len(full), None):
+        sampled = event_steps(ds, Period.TEST, limit=limit, seed=7)
+        assert seen(sampled) == seen(sample_queries(full, limit, 7))
+    assert len(event_steps(ds, Period.TEST, limit=10, seed=7)) == 10 < len(full)
+    with pytest.raises(ValueError, match="step='event'"):
+        replay(ds.events, cat, ds.item_emb, ds.cut_ts, only=frozenset({0}))
