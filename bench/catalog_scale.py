@@ -249,13 +249,6 @@ def restart_triton(settings: Settings, model_repo: Path, timeout_s: float) -> di
     return out
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def process_label(cmdline: Sequence[str]) -> str:
     """``fused_ranker@2`` for a python-backend stub (it runs ``<repo>/<model>/<v>/model.py``),
     else the program's name."""
@@ -273,9 +266,11 @@ def group_rss_mb(pgid: int) -> dict[str, float]:
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             label = process_label([a.decode(errors="replace") for a in argv if a])
-            out[label] = round(out.get(label, 0.0) + rss_mb(pid), 1)
         except OSError:
             continue  # exited meanwhile
+        resident = procs.memory_mb(pid)  # None: exited meanwhile too
+        if resident is not None:
+            out[label] = round(out.get(label, 0.0) + resident, 1)
     return out
 
 

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from infra import procs
 from shoprec.dlq import original_bytes
 from shoprec.events import EVENT_TYPES, MIN_TS_MS
 from shoprec.settings import Settings
@@ -250,10 +251,9 @@ class Probe:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    resident = procs.memory_mb(pid)
+    assert resident is not None, f"the worker (pid {pid}) is running"
+    return resident
 
 
 def test_hostile_input_is_dead_lettered_and_good_events_served(
