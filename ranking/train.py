@@ -241,7 +241,7 @@ def _sample_candidates(
     if len(pos) > cfg.positives:
         pos = [int(x) for x in rng.choice(pos, cfg.positives, replace=False)]
     exclude = set(q.targets) | blocked
-    pool = q.sparse_signals()[0].tolist()
+    pool = q.signals[0].tolist()
     if cfg.model.memory:
         # The user's own past items are the negatives a repeat signal must learn to rank.
         pool = sorted(set(pool) | set(q.memory[0].tolist()))
@@ -274,13 +274,10 @@ def _train_batch(
         cands[r, : len(pos)] = torch.tensor(pos)
         pos_mask[r, : len(pos)] = True
         cands[r, p:] = torch.tensor(negs)
-        items = cands[r].tolist()
-        for c, item in enumerate(items):
-            sig[r, c, 0] = q.covis.get(item, 0.0)
-            sig[r, c, 1] = q.popularity.get(item, 0.0)
-            sig[r, c, 2] = q.retrieval.get(item, 0.0)
+        items = cands[r].numpy()
+        sig[r, :, :3] = torch.from_numpy(q.signals_at(items))
         sig[r, :, 3:] = torch.from_numpy(
-            _repeats(q, np.asarray(items, np.int64), cfg.model.history_len, cfg.model.memory)
+            _repeats(q, items, cfg.model.history_len, cfg.model.memory)
         )
     hist = history_tensors([q for q, _, _ in picked], tables, cfg.model.history_len)
     return hist | candidate_tensors(cands, sig, tables), pos_mask

@@ -27,7 +27,7 @@ from ops.learn import (
 from ops.learner import RETRY_S, LearnerCollector, LearnerState, Trigger
 from ops.produce import in_event_order
 from ops.versions import INCOMING, Versions, triton_endpoints
-from ranking.data import Period, Query, load_catalogue, load_events
+from ranking.data import Period, Query, load_catalogue, load_events, signals_of
 from ranking.evaluate import (
     Metrics,
     evaluate_scorer,
@@ -247,9 +247,7 @@ def _step(user: int, target: int, bought_with: list[int], just_bought: int = 7) 
         hist_types=np.array([EventType.PURCHASE], np.int8),
         hist_age_s=np.zeros(1, np.float32),
         user_emb=np.zeros(4, np.float32),
-        covis={},
-        popularity={},
-        retrieval={},
+        signals=signals_of({}, {}, {}),
         covis_wide=(np.zeros(0, np.int64), empty),
         seen=0,
         targets=[target],

@@ -28,6 +28,7 @@ from ranking.data import (
     make_events,
     origin_end,
     replay,
+    signals_of,
     time_cuts,
 )
 from ranking.evaluate import Metrics, merge_report, ranks_for_query, sample_queries
@@ -70,9 +71,8 @@ def _features(q: Query) -> tuple[object, ...]:
         q.hist_types.tolist(),
         q.hist_age_s.tolist(),
         q.user_emb.tolist(),
-        q.covis,
-        q.popularity,
-        sorted(q.retrieval),
+        q.signals[0].tolist(),
+        q.signals[1].tolist(),
     )
 
 
@@ -111,7 +111,7 @@ def test_covisitation_mirrors_the_online_definition(
     """Recount co-visitation the way features/store.py's write path does and compare."""
     _, ev, _ = rees
     queries = full
-    q = max(queries, key=lambda x: len(x.covis))
+    q = max(queries, key=lambda x: len(x.signal("covis")))
     counts: dict[int, dict[int, float]] = {}
     hist: dict[int, list[tuple[int, int]]] = {}
     upto = (ev.ts <= q.trigger_ts).sum()
@@ -141,7 +141,7 @@ def test_covisitation_mirrors_the_online_definition(
     assert got.keys() == expected.keys()
     assert np.allclose([got[i] for i in expected], list(expected.values()), rtol=1e-5)
     # The online one keeps each source's 20 strongest neighbours.
-    assert all(0 < v <= expected[i] * (1 + 1e-6) for i, v in q.covis.items())
+    assert all(0 < v <= expected[i] * (1 + 1e-6) for i, v in q.signal("covis").items())
 
 
 def _query(targets: list[int], hist: list[int], types: list[int]) -> Query:
@@ -154,9 +154,7 @@ def _query(targets: list[int], hist: list[int], types: list[int]) -> Query:
         hist_types=np.array(types, np.int8),
         hist_age_s=np.zeros(len(hist), np.float32),
         user_emb=np.zeros(384, np.float32),
-        covis={},
-        popularity={},
-        retrieval={},
+        signals=signals_of({}, {}, {}),
         covis_wide=(np.zeros(0, np.int64), np.zeros(0, np.float32)),
         seen=0,
         targets=targets,
@@ -264,7 +262,7 @@ def test_replay_retrieval_gives_tied_items_to_the_lower_row_as_the_worker_does(
     # rule, which the worker's index follows), whatever the matrix product's last bits.
     checked = 0
     for q in queries:
-        found = np.array(sorted(q.retrieval), np.int64)
+        found = np.array(sorted(q.signal("retrieval")), np.int64)
         for g in set(group[found].tolist()) - {-1}:
             mine = found[group[found] == g]
             assert mine.tolist() == text_rows[group[text_rows] == g][: mine.size].tolist()
@@ -422,7 +420,15 @@ def test_the_one_event_replay_samples_before_replaying_the_queries_it_would_samp
 
     def seen(qs: list[Query]) -> list[tuple[object, ...]]:
         return [
-            (q.user, q.trigger_ts, q.target_ts, q.targets, q.seen, q.hist_items.tolist(), q.covis)
+            (
+                q.user,
+                q.trigger_ts,
+                q.target_ts,
+                q.targets,
+                q.seen,
+                q.hist_items.tolist(),
+                q.signals[1].tolist(),
+            )
             for q in qs
         ]
 
