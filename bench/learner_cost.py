@@ -102,6 +102,7 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in dict.fromkeys(r["dataset"] for r in results):
@@ -113,6 +114,7 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
     left.set_ylabel("seconds per round (one torch thread)")
     right.set_ylabel("peak resident memory, MiB")
     for ax in (left, right):
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:,.0f}k"))
         ax.set_xlabel("events read")
         ax.legend(fontsize=8)
     fig.suptitle("One learner round as the shop grows")
