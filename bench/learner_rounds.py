@@ -21,9 +21,9 @@ seconds, under several rules at once:
    NDCG@10 pooled over the three segments, the difference paired by user (95% bootstrap).
 
 Each round also records whether complements after a purchase would help its candidate and
-the shipped version (``ops.learn.next_event_and_complements`` on the round's held-out next events:
-served with ``SHOPREC_COMPLEMENTS_AFTER_PURCHASE`` complements and without); the served
-quality above is the rankers' own order, without them.
+the shipped version (``ops.learn.next_event_and_complements`` on the round's held-out next
+events: served with ``SHOPREC_COMPLEMENTS_AFTER_PURCHASE`` complements and without); the
+served quality above is the rankers' own order, without them.
 
 It measures the recipe and the rule, not the served path: candidates, Triton and the
 worker's timing are ``bench.stream_quality``'s.

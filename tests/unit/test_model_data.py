@@ -438,3 +438,16 @@ def test_the_one_event_replay_samples_before_replaying_the_queries_it_would_samp
     assert len(event_steps(ds, Period.TEST, limit=10, seed=7)) == 10 < len(full)
     with pytest.raises(ValueError, match="step='event'"):
         replay(ds.events, cat, ds.item_emb, ds.cut_ts, only=frozenset({0}))
+
+
+def test_a_querys_signals_are_looked_up_by_item_with_zeros_where_it_has_none() -> None:
+    signals = signals_of({5: 2.0}, {1: 0.5, 5: 0.25}, {9: -0.1})
+    q = dataclasses.replace(_query([1], [2], [0]), signals=signals)
+    assert signals[0].tolist() == [1, 5, 9]
+    got = q.signals_at(np.array([9, 0, 5, 12, 1], np.int64))
+    want = [[0, 0, -0.1], [0, 0, 0], [2.0, 0.25, 0], [0, 0, 0], [0, 0.5, 0]]
+    assert np.allclose(got, np.array(want, np.float32))
+    assert q.signal("popularity") == {1: 0.5, 5: 0.25} and q.signal("covis") == {5: 2.0}
+    assert q.dense_signals(10)[5].tolist() == [2.0, 0.25, 0.0]
+    empty = dataclasses.replace(q, signals=signals_of({}, {}, {}))
+    assert empty.signals_at(np.array([3], np.int64)).tolist() == [[0, 0, 0]]
