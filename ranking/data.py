@@ -185,9 +185,10 @@ class Query:
         """``[len(items), 3]``: the online signals of ``items`` (zeros where none)."""
         keys, sig = self.signals
         out = np.zeros((items.size, len(SIGNALS)), np.float32)
-        at = np.minimum(np.searchsorted(keys, items), max(keys.size - 1, 0))
-        found = keys[at] == items if keys.size else np.zeros(items.size, np.bool_)
-        out[found] = sig[at[found]]
+        if keys.size:
+            at = np.minimum(np.searchsorted(keys, items), keys.size - 1)
+            found = keys[at] == items
+            out[found] = sig[at[found]]
         return out
 
     def dense_signals(self, n_items: int) -> F32:
