@@ -28,7 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections import defaultdict
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import aiokafka
@@ -45,6 +46,10 @@ STRANDED_BATCH_S = 0.1
 # A partition's commit held this long behind records never acknowledged is reported once
 # (Faust commits every ~3 s; a batch in flight takes milliseconds, seconds in an outage).
 COMMIT_STALL_WARN_S = 60.0
+# A partition is read again from a record fetched but never handled at most this often:
+# the fetch after a seek takes milliseconds, and its copy is handled before the next try.
+REREAD_EVERY_S = 5.0
+REREAD_TRIES = 3
 
 log = logging.getLogger("shoprec.worker")
 
@@ -93,6 +98,12 @@ class _Consumer(driver.Consumer):
         super().__init__(*args, **kwargs)
         # Per partition whose commit waits: since when, and whether it was reported.
         self._commit_stalls: dict[TP, tuple[float, bool]] = {}
+        # Per partition: offsets of the records the fetcher delivered that no stream has
+        # handled in the current generation yet (see _new_offset).
+        self._unhandled: defaultdict[TP, set[int]] = defaultdict(set)
+        # Per partition read again: from which offset, when, how many times; the seeks.
+        self._rereads: dict[TP, tuple[int, float, int]] = {}
+        self._seeks: set[asyncio.Future[None]] = set()
 
     def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:
         in_thread = cast(Transport, self.transport).consumer_thread
@@ -117,6 +128,7 @@ class _Consumer(driver.Consumer):
         generation = message.generation_id
         current = generation is None or generation == self.app.consumer_generation_id
         if message.tracked and current:
+            self._unhandled[message.tp].discard(message.offset)
             return bool(super().ack(message))
         with ack_lock:  # Faust's lock for this bookkeeping (Message.ack holds it too)
             if message.acked:
@@ -126,8 +138,32 @@ class _Consumer(driver.Consumer):
             notify(self._waiting_for_ack)
             return True
 
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:  # noqa: ASYNC109  (Faust's signature)
+        """Faust's fetch loop, noting each record of an acknowledged topic it delivers as
+        not handled yet (until a stream of this generation takes and acknowledges it)."""
+        unhandled, acks_enabled_for = self._unhandled, self.app.topics.acks_enabled_for
+        async for tp, message in super().getmany(timeout):
+            if acks_enabled_for(message.topic):
+                unhandled[tp].add(message.offset)
+            yield tp, message
+
+    async def perform_seek(self) -> None:
+        """Faust's seek of every assigned partition to its committed offset; what this
+        worker fetched of a partition it no longer has, or below the group's commit
+        (handled, by this worker or the one that committed it), is forgotten."""
+        await super().perform_seek()
+        assigned = self.assignment()
+        for tp in list(self._unhandled):
+            committed = self._committed_offset[tp]  # Faust's: None for none (or 0)
+            if tp not in assigned:
+                del self._unhandled[tp]
+            elif committed:
+                self._unhandled[tp] = {o for o in self._unhandled[tp] if o >= committed}
+        self._rereads.clear()
+
     def _new_offset(self, tp: TP) -> int | None:
-        """The offset to commit for ``tp``: Faust's, but never past a record still in flight.
+        """The offset to commit for ``tp``: Faust's, but never past a record still in flight
+        nor past one fetched and never handled.
 
         Faust commits the run of acknowledged offsets that starts one past the committed
         offset even while the record *at* the committed offset is being handled (its
@@ -136,6 +172,16 @@ class _Consumer(driver.Consumer):
         (``SHOPREC_AGENT_CONCURRENCY`` > 1) whose later batch finishes first -- that
         commit passes a record nobody has finished, and a crash then loses it.  So wait
         while a record before the acknowledged run is in flight.
+
+        Around a rebalance a record can also be fetched and never reach an agent at all:
+        skipped, and its copy fetched again after the seek dropped by Faust's read-offset
+        filter, moved past it by a record fetched before the seek (faust-streaming#216,
+        #221); and while Faust knows no committed offset for the partition (none yet, or
+        between revocation and the seek) it checks no head gap at all.  A commit past it
+        loses it: seen in the cluster suite as one record of 1,400 applied by no worker.
+        So a record delivered by the fetcher and not handled in this generation, before
+        the acknowledged run, holds the commit too, and the partition is read again from
+        it (its copy comes again; what this worker already applied counts as duplicates).
         """
         acked = self._acked[tp]
         if not acked:
@@ -147,12 +193,54 @@ class _Consumer(driver.Consumer):
             for m in list(self._unacked_messages)
             if m.tp == tp and not m.acked and m.offset < head
         )
-        offset: int | None = None if in_flight else super()._new_offset(tp)
+        missed = (
+            None if in_flight else min((o for o in self._unhandled[tp] if o < head), default=None)
+        )
+        waits = bool(in_flight) or (missed is not None and self._read_again(tp, missed))
+        offset: int | None = None if waits else super()._new_offset(tp)
         if offset is None:
             self._watch_stall(tp, head, len(acked), in_flight)
         else:
             self._commit_stalls.pop(tp, None)
         return offset
+
+    def _read_again(self, tp: TP, offset: int) -> bool:
+        """Seek ``tp`` back to ``offset``, a record fetched and never handled, unless a
+        rebalance is under way (its own seek reads it again) or this was just done;
+        whether the commit waits for it.  After :data:`REREAD_TRIES` reads that did not
+        bring it (deleted by retention meanwhile: the fetcher resets past it) it is
+        reported lost and the commit goes on."""
+        now = time.monotonic()
+        last_offset, last_at, tries = self._rereads.get(tp, (-1, 0.0, 0))
+        tries = tries if last_offset == offset else 0
+        if tries and now - last_at < REREAD_EVERY_S:
+            return True
+        if tries >= REREAD_TRIES:
+            log.error(
+                "%s[%d]: record %d was fetched and never handled, and %d reads from it "
+                "did not bring it again: the commit goes past it (lost)",
+                tp.topic,
+                tp.partition,
+                offset,
+                tries,
+            )
+            self._unhandled[tp].discard(offset)
+            del self._rereads[tp]
+            return False
+        if not self.flow_active or tp not in self.assignment():
+            return True
+        self._rereads[tp] = (offset, now, tries + 1)
+        log.warning(
+            "%s[%d]: record %d was fetched and never handled (skipped around a rebalance); "
+            "the commit waits and the partition is read again from it",
+            tp.topic,
+            tp.partition,
+            offset,
+        )
+        task = asyncio.ensure_future(self.seek(tp, offset))
+        self._seeks.add(task)
+        task.add_done_callback(self._seeks.discard)
+        return True
 
     def _watch_stall(self, tp: TP, head: int, n_acked: int, in_flight: list[int]) -> None:
         """Warn once when ``tp``'s commit has waited :data:`COMMIT_STALL_WARN_S` on records
