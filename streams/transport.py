@@ -1,8 +1,9 @@
 """How records get from Kafka to the worker's agents: Faust's aiokafka transport and
 stream, with the three changes that take Faust's own hop from 19.5–21 ms to ~5 ms
 (p50 at 100 events/s; ``bench/faust_hop.py`` measures each, docs/benchmarks.md), and
-two to its commits (:meth:`_Consumer._new_offset`: never past a record in flight;
-:meth:`_Consumer.ack`: only records a stream took in this generation count).
+two to its commits (:meth:`_Consumer._new_offset`: never past a record in flight, nor
+past one fetched and never handled; :meth:`_Consumer.ack`: only records a stream took in
+this generation count).
 
 1. **The fetch wait.** faust-streaming 0.15 hard-codes ``fetch_max_wait_ms=1500`` for
    the worker's consumer.  Apache Kafka answers a fetch as soon as a record arrives, so
@@ -138,9 +139,10 @@ class _Consumer(driver.Consumer):
             notify(self._waiting_for_ack)
             return True
 
-    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:  # noqa: ASYNC109  (Faust's signature)
-        """Faust's fetch loop, noting each record of an acknowledged topic it delivers as
-        not handled yet (until a stream of this generation takes and acknowledges it)."""
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:  # noqa: ASYNC109
+        """Faust's fetch loop (its signature), noting each record of an acknowledged topic
+        it delivers as not handled yet, until a stream of this generation takes and
+        acknowledges it."""
         unhandled, acks_enabled_for = self._unhandled, self.app.topics.acks_enabled_for
         async for tp, message in super().getmany(timeout):
             if acks_enabled_for(message.topic):
@@ -239,8 +241,15 @@ class _Consumer(driver.Consumer):
         )
         task = asyncio.ensure_future(self.seek(tp, offset))
         self._seeks.add(task)
-        task.add_done_callback(self._seeks.discard)
+        task.add_done_callback(self._seek_done)
         return True
+
+    def _seek_done(self, task: asyncio.Future[None]) -> None:
+        self._seeks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # The partition went in a rebalance meanwhile, say: the commit still waits,
+            # and the next one tries again.
+            log.warning("reading a partition again failed: %r", exc)
 
     def _watch_stall(self, tp: TP, head: int, n_acked: int, in_flight: list[int]) -> None:
         """Warn once when ``tp``'s commit has waited :data:`COMMIT_STALL_WARN_S` on records

@@ -317,3 +317,31 @@ async def test_a_partition_this_worker_lost_is_forgotten_at_the_seek(
     copies = await kafka.fetch(range(104, 106))
     handle(consumer, copies, range(104, 106))
     assert consumer._new_offset(TP0) == 106
+
+
+async def test_a_seek_that_fails_is_reported_and_tried_again_at_the_next_commit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(transport, "REREAD_EVERY_S", 0.0)
+    consumer = await consumer_at(100)
+    kafka = Kafka(consumer, monkeypatch)
+    messages = await kafka.fetch(range(100, 104))
+    handle(consumer, messages, range(101, 104))
+
+    async def refused(tp: TP, offset: int) -> None:
+        raise RuntimeError("partition not assigned")
+
+    monkeypatch.setattr(consumer, "_seek", refused)
+    with caplog.at_level(logging.WARNING, logger="shoprec.worker"):
+        assert consumer._new_offset(TP0) is None
+        for _ in range(3):  # the seek, then its done callback
+            await asyncio.sleep(0)
+    assert "reading a partition again failed: RuntimeError('partition not assigned')" in (
+        caplog.text
+    )
+    monkeypatch.undo()  # the seek works again
+    monkeypatch.setattr(transport, "REREAD_EVERY_S", 0.0)
+    kafka = Kafka(consumer, monkeypatch)
+    assert consumer._new_offset(TP0) is None
+    await asyncio.sleep(0)
+    assert kafka.seeks == [(TP0, 100)]
