@@ -198,16 +198,21 @@ def handle(consumer: driver.Consumer, messages: dict[int, Message], offsets: ran
         consumer.ack(messages[offset])
 
 
-async def test_a_record_fetched_and_never_handled_holds_the_commit_and_is_read_again(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    # After a rebalance the fetch from the committed offset (100) brought 100-103, and
-    # Faust's read-offset filter dropped the copy of 100 (a record fetched before the
-    # seek had moved it past 100): the stream never saw it, and took 101-103.
+async def copy_of_100_dropped(monkeypatch: pytest.MonkeyPatch) -> tuple[driver.Consumer, Kafka]:
+    """Committed at 100, the fetch brought 100-103 and a stream handled 101-103: the copy
+    of 100 never reached it (Faust's read-offset filter dropped it after a rebalance)."""
     consumer = await consumer_at(100)
     kafka = Kafka(consumer, monkeypatch)
     messages = await kafka.fetch(range(100, 104))
     handle(consumer, messages, range(101, 104))
+    return consumer, kafka
+
+
+async def test_a_record_fetched_and_never_handled_holds_the_commit_and_is_read_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The filter was moved past 100 by a record fetched before the seek.
+    consumer, kafka = await copy_of_100_dropped(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="shoprec.worker"):
         assert consumer._new_offset(TP0) is None  # 104 would lose 100
         await asyncio.sleep(0)  # the seek runs
@@ -226,9 +231,7 @@ async def test_faust_alone_commits_past_the_record_fetched_and_never_handled(
 ) -> None:
     # What the override prevents, on Faust's own class: its head-gap check lets one
     # offset pass.  If this ever returns None, Faust checks it and the override can go.
-    consumer = await consumer_at(100)
-    messages = await Kafka(consumer, monkeypatch).fetch(range(100, 104))
-    handle(consumer, messages, range(101, 104))
+    consumer, _ = await copy_of_100_dropped(monkeypatch)
     assert driver.Consumer._new_offset(consumer, TP0) == 104
 
 
@@ -258,10 +261,7 @@ async def test_a_record_that_never_comes_again_is_reported_lost_and_the_commit_g
     # Retention deleted 100 before it was read again: each seek resets past it.  The
     # partition must not stall for ever behind it.
     monkeypatch.setattr(transport, "REREAD_EVERY_S", 0.0)
-    consumer = await consumer_at(100)
-    kafka = Kafka(consumer, monkeypatch)
-    messages = await kafka.fetch(range(100, 104))
-    handle(consumer, messages, range(101, 104))
+    consumer, kafka = await copy_of_100_dropped(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="shoprec.worker"):
         for _ in range(transport.REREAD_TRIES):
             assert consumer._new_offset(TP0) is None
@@ -277,10 +277,7 @@ async def test_during_a_rebalance_the_commit_waits_without_a_seek_of_its_own(
 ) -> None:
     # The flow is stopped (partitions being revoked): the rebalance's seek to the
     # committed offset reads 100 again; a seek here would race it.
-    consumer = await consumer_at(100)
-    kafka = Kafka(consumer, monkeypatch)
-    messages = await kafka.fetch(range(100, 104))
-    handle(consumer, messages, range(101, 104))
+    consumer, kafka = await copy_of_100_dropped(monkeypatch)
     consumer.stop_flow()
     assert consumer._new_offset(TP0) is None
     await asyncio.sleep(0)
@@ -323,10 +320,7 @@ async def test_a_seek_that_fails_is_reported_and_tried_again_at_the_next_commit(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(transport, "REREAD_EVERY_S", 0.0)
-    consumer = await consumer_at(100)
-    kafka = Kafka(consumer, monkeypatch)
-    messages = await kafka.fetch(range(100, 104))
-    handle(consumer, messages, range(101, 104))
+    consumer, kafka = await copy_of_100_dropped(monkeypatch)
 
     async def refused(tp: TP, offset: int) -> None:
         raise RuntimeError("partition not assigned")
