@@ -239,7 +239,9 @@ class _Consumer(driver.Consumer):
             tp.partition,
             offset,
         )
-        task = asyncio.ensure_future(self.seek(tp, offset))
+        # seek_wait, not seek: it runs on the consumer's thread when there is one (aiokafka
+        # is not thread-safe), sets Faust's read offset there, and waits for the position.
+        task = asyncio.ensure_future(self.seek_wait({tp: offset}))
         self._seeks.add(task)
         task.add_done_callback(self._seek_done)
         return True

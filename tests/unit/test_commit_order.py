@@ -170,19 +170,23 @@ class Kafka:
             ]
             return {TP0: batch}, {TP0}
 
-        async def seek(tp: TP, offset: int) -> None:
-            self.seeks.append((tp, offset))
-
         async def seek_to_committed() -> dict[TP, int | None]:
             return {tp: self.committed for tp in self.assigned}
 
         monkeypatch.setattr(consumer, "_wait_next_records", wait_next_records)
-        monkeypatch.setattr(consumer, "_seek", seek)
+        # The aiokafka consumer itself, under Faust's consumer thread (seek_wait's route).
+        monkeypatch.setattr(consumer._thread, "_consumer", self)
         monkeypatch.setattr(consumer, "seek_to_committed", seek_to_committed)
         monkeypatch.setattr(consumer, "assignment", lambda: set(self.assigned))
         monkeypatch.setattr(consumer, "highwater", lambda tp: 1_000)
         consumer.resume_flow()
         self.consumer = consumer
+
+    def seek(self, tp: TP, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+    async def position(self, tp: TP) -> int:
+        return self.seeks[-1][1]
 
     async def fetch(self, offsets: range) -> dict[int, Message]:
         """One fetch of ``offsets`` through the consumer's fetch loop (Consumer.getmany),
@@ -322,10 +326,10 @@ async def test_a_seek_that_fails_is_reported_and_tried_again_at_the_next_commit(
     monkeypatch.setattr(transport, "REREAD_EVERY_S", 0.0)
     consumer, kafka = await copy_of_100_dropped(monkeypatch)
 
-    async def refused(tp: TP, offset: int) -> None:
+    def refused(tp: TP, offset: int) -> None:
         raise RuntimeError("partition not assigned")
 
-    monkeypatch.setattr(consumer, "_seek", refused)
+    monkeypatch.setattr(kafka, "seek", refused)
     with caplog.at_level(logging.WARNING, logger="shoprec.worker"):
         assert consumer._new_offset(TP0) is None
         for _ in range(3):  # the seek, then its done callback
