@@ -5,7 +5,9 @@ co-visitation first, popularity (the training period's, per item) to break ties,
 learned residual at zero.  That start is scored on validation like every epoch, so training
 keeps a learned model only when validation says it ranks better; a shop whose validation
 period has too few users to tell (``min_validation_users``: a cold shop) is not trained at
-all and gets the baseline model, never another shop's weights.
+all and gets the baseline model, never another shop's weights: co-visitation's, or the
+user's own items ahead of it (:data:`OWN_ITEMS_FIRST`) where its validation ranks that
+higher (sessions that go back to what they saw).
 
 Each training query (a user right after a trigger, see :mod:`ranking.data`) gives up to
 ``positives`` items of the user's next event group and ``negatives`` others: half drawn
@@ -73,6 +75,11 @@ class TrainOptions:
     live version on the held-out slice.  20, not 50: the learner's view of amazon's first
     70% has 33 validation users; trained there (three seeds) it scored NDCG@10 0.104-0.110
     on the last 30% against the untrained baselines' 0.104 and co-visitation's 0.102."""
+
+
+OWN_ITEMS_FIRST = "baselines, own items first"
+"""A cold shop's second start (:data:`ranking.model.OWN_ITEMS_WEIGHTS`), kept when its
+validation ranks it higher than co-visitation's."""
 
 
 @dataclass
@@ -331,8 +338,9 @@ def train_fused(
     )
     tables = Tables.build(ds, rc.use_text)
     model = FusedRanker(rc)
+    counts = item_counts(ds, tables) if rc.base else None
     if rc.base:
-        init_baselines(model, item_counts(ds, tables))
+        init_baselines(model, counts)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train = ds.period(Period.TRAIN)
@@ -343,6 +351,19 @@ def train_fused(
     scorer = FusedScorer(model, tables, rc.history_len)
     t0 = time.perf_counter()
     start = evaluate_scorer(scorer, valid, progress=False).ndcg
+    start_name = "baselines" if rc.base else "random"
+    starts = {start_name: start}
+    if cold:
+        # Untrained, the shop keeps whichever baseline its validation ranks higher; a tie
+        # keeps co-visitation.  A trained model learns the own-items weights itself.
+        init_baselines(model, counts, own_items=True)
+        model.to(device)
+        starts[OWN_ITEMS_FIRST] = evaluate_scorer(scorer, valid, progress=False).ndcg
+        if starts[OWN_ITEMS_FIRST] > start:
+            start, start_name = starts[OWN_ITEMS_FIRST], OWN_ITEMS_FIRST
+        else:
+            init_baselines(model, counts)
+            model.to(device)
     # The start (the baselines, or noise without a baseline path) is a candidate too.
     best: tuple[float, int, dict[str, Tensor]] = (start, -1, _snapshot(model))
     history: list[dict[str, float]] = [{"epoch": -1, "loss": 0.0, "valid_ndcg@10": start}]
@@ -397,11 +418,12 @@ def train_fused(
         "model": rc.to_dict(),
         "device": str(device),
         "best_epoch": best[1],
-        "start": "baselines" if rc.base else "random",
+        "start": start_name,
         "cold_shop": cold,
-        "kept": "baselines" if best[1] < 0 and rc.base else "trained",
+        "kept": start_name if best[1] < 0 and rc.base else "trained",
         "valid_ndcg@10": round(best[0], 4),
         "valid_ndcg@10_start": round(start, 4),
+        "valid_ndcg@10_starts": {k: round(v, 4) for k, v in starts.items()},
         "train_queries": len(train),
         "valid_queries": len(valid),
         "valid_users": valid_users,

@@ -131,11 +131,12 @@ def test_a_cold_shop_gets_the_untrained_baselines_and_a_warmer_one_is_trained(
     tmp_path: Path,
 ) -> None:
     """otto-sample's validation period has 4 users: too few to tell a learned model from the
-    baselines, so none is trained; with the threshold at 4 the same shop is trained."""
+    baselines, so none is trained, and the shop keeps the baseline its validation ranks
+    higher; with the threshold at 4 the same shop is trained."""
     from dataclasses import replace
 
     from ranking.data import load_dataset
-    from ranking.train import TrainOptions, train_fused
+    from ranking.train import OWN_ITEMS_FIRST, TrainOptions, train_fused
 
     ds = load_dataset(DATA / "otto-sample", cache_dir=tmp_path, progress=False)
     options = TrainOptions(max_epochs=1, seed=7)
@@ -143,10 +144,22 @@ def test_a_cold_shop_gets_the_untrained_baselines_and_a_warmer_one_is_trained(
     assert cold["valid_users"] < options.min_validation_users
     assert cold["cold_shop"] and cold["kept"] == "baselines" and cold["best_epoch"] == -1
     assert [h["epoch"] for h in cold["history"]] == [-1], "no epoch was run"
+    # Its validation ranks co-visitation a little above the user's own items first here...
+    starts = cold["valid_ndcg@10_starts"]
+    assert starts["baselines"] > starts[OWN_ITEMS_FIRST] > 0
+    assert cold["valid_ndcg@10"] == starts["baselines"]
+    # ...and far below it one origin earlier (sessions that go back to what they saw):
+    # that shop starts, untrained, from its own items first.
+    earlier = load_dataset(DATA / "otto-sample", cache_dir=tmp_path, progress=False, origin=1)
+    _, _, back = train_fused(earlier, options, progress=False)
+    starts = back["valid_ndcg@10_starts"]
+    assert back["cold_shop"] and back["kept"] == OWN_ITEMS_FIRST and back["best_epoch"] == -1
+    assert back["valid_ndcg@10"] == starts[OWN_ITEMS_FIRST] > starts["baselines"]
     warm_options = replace(options, min_validation_users=cold["valid_users"])
     _, _, warm = train_fused(ds, warm_options, progress=False)
     assert not warm["cold_shop"]
     assert [h["epoch"] for h in warm["history"]] == [-1, 0]
+    assert list(warm["valid_ndcg@10_starts"]) == ["baselines"], "trained: learns the weights"
 
 
 def test_a_worse_candidate_is_never_promoted() -> None:
