@@ -50,7 +50,7 @@ from bench.report import (
     publish,
     say,
 )
-from ops.learn import LearnOptions, decide, next_event_and_complements
+from ops.learn import LearnOptions, cold_baselines, decide, next_event_and_complements
 from ops.versions import Versions
 from ranking import export
 from ranking.baselines import baseline_scorers
@@ -156,6 +156,7 @@ def rounds(full: Shop, options: LearnOptions, work: Path) -> list[dict[str, Any]
                 (got_next, old_next),
                 # The live version is the shop's own round once one was promoted.
                 refresh=policy == RULE and current != start,
+                baselines=cold_baselines(report) and current == start,
             )
             verdicts[policy] = ("promoted: " if d.promote else "kept: ") + d.reason
             if d.promote:

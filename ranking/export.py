@@ -77,6 +77,12 @@ def load(folder: Path, device: torch.device | str = "cpu") -> Artefact:
     )
 
 
+def training_report(folder: Path) -> dict[str, Any]:
+    """The training report saved with ``folder``'s artefact, without loading its weights."""
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    return dict(meta.get("report", {}))
+
+
 def set_complements(folder: Path, complements: int | None) -> None:
     """Record in ``folder``'s artefact how many complements its lists take after a purchase
     (None: what each request carries).  The learner decides it after judging the version

@@ -311,7 +311,9 @@ class Settings(BaseSettings):
         description="A candidate replaces the live ranker (the shipped one, another shop's "
         "or this shop's own) when the 95% bootstrap interval of its held-out NDCG@10 gain "
         "lies above this share of the live NDCG@10, and never when it scores lower; see "
-        "SHOPREC_LEARNER_REFRESH for the shop's own earlier round.",
+        "SHOPREC_LEARNER_REFRESH for the shop's own earlier round.  A cold shop's untrained "
+        "baselines replace another shop's ranker (the shipped one included) when no lower "
+        "on either held-out slice.",
     )
     learner_refresh: bool = Field(
         True,

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from ops.learn import (
     ComplementsChoice,
     LearnOptions,
+    cold_baselines,
     decide,
     is_own,
     latest_catalogue,
@@ -231,6 +232,34 @@ def test_a_fresher_own_round_replaces_the_shops_earlier_one_when_no_lower() -> N
     # A confident gain says so, own round or not.
     clearly = _metrics(np.maximum(live_ranks - 4, 1).tolist(), users)
     assert "better than the live version" in decide(clearly, live, 0.01, refresh=True).reason
+
+
+def test_a_cold_shops_baselines_replace_another_shops_weights_when_no_lower() -> None:
+    """A cold shop starts from its own baselines, not from another shop's weights: a tie
+    with the shipped version is enough, a loss on either slice is not."""
+    rng = np.random.default_rng(4)
+    users = rng.integers(0, 12, 60).tolist()  # a cold shop's few held-out users
+    live_ranks = rng.integers(1, 30, 60).astype(float)
+    live = _metrics(live_ranks.tolist(), users)
+    tie = _metrics(live_ranks.tolist(), users)
+    assert not decide(tie, live, 0.01, (live, live)).promote, "a trained candidate: kept"
+    d = decide(tie, live, 0.01, (live, live), baselines=True)
+    assert d.promote and "a cold shop's own baselines instead of" in d.reason
+    worse_ranks = live_ranks.copy()
+    worse_ranks[:5] += 2
+    worse = _metrics(worse_ranks.tolist(), users)
+    d = decide(worse, live, 0.01, (live, live), baselines=True)
+    assert not d.promote and "worse than the live version on the held-out slice" in d.reason
+    d = decide(tie, live, 0.01, (worse, live), baselines=True)
+    assert not d.promote and "on the next event" in d.reason
+
+
+def test_only_an_untrained_cold_shops_report_counts_as_its_baselines() -> None:
+    assert cold_baselines({"cold_shop": True, "kept": "baselines"})
+    assert cold_baselines({"cold_shop": True, "kept": "baselines, own items first"})
+    assert not cold_baselines({"cold_shop": False, "kept": "baselines"}), "a warm shop's"
+    assert not cold_baselines({"cold_shop": False, "kept": "trained"})
+    assert not cold_baselines({}), "a report from before the cold-shop rule"
 
 
 def test_the_settings_give_the_promotion_rule() -> None:
