@@ -287,14 +287,20 @@ def stream_ndcg(
     previous: dict[str, str] = {}
     ours, covisitation = Metrics(), Metrics()
     models: dict[str, int] = {}
+    # The same two measures split by the version whose list was scored: where versions
+    # differ (one takes complements, the next none), the total hides which one cost.
+    by_model: dict[str, tuple[Metrics, Metrics]] = {}
     degraded = 0
     users: dict[str, int] = {}
     for k, e in enumerate(events):
         user, item = str(e["user_id"]), str(e["item_id"])
         if user in latest_list and previous.get(user, item) != item:
             u = users.setdefault(user, len(users))
-            ours.add(_rank(latest_list[user], item), u)
+            rank = _rank(latest_list[user], item)
+            ours.add(rank, u)
             models[latest_model[user]] = models.get(latest_model[user], 0) + 1
+            split = by_model.setdefault(latest_model[user], (Metrics(), Metrics()))
+            split[0].add(rank, u)
             degraded += latest_degraded[user]
             ctx = store.read_context([user], {user: int(e["ts"])}).users[user]
             hidden = blocked_items(ctx, previous[user])
@@ -302,6 +308,7 @@ def stream_ndcg(
                 (i for i in ctx.covis if i not in hidden), key=lambda i: (-ctx.covis[i], i)
             )
             covisitation.add(_rank(covis, item), u)
+            split[1].add(_rank(covis, item), u)
         store.apply_events([_update(e)])
         previous[user] = item
         rec = by_trigger.get(e["event_id"])
@@ -316,6 +323,7 @@ def stream_ndcg(
         "events_scored": ours.n,
         "users": len(users),
         "lists_by_model": models,
+        "by_model": {m: _versus(*pair) for m, pair in sorted(by_model.items())},
         "degraded_lists": degraded,
         "shoprec_ndcg@10": ours.to_json(),
         "covisitation_ndcg@10": covisitation.to_json(),
@@ -325,6 +333,18 @@ def stream_ndcg(
         else None,
     }
     return summary, ours, covisitation
+
+
+def _versus(ours: Metrics, covisitation: Metrics) -> dict[str, Any]:
+    """One version's lists against co-visitation on the same events."""
+    ours.finish()
+    covisitation.finish()
+    return {
+        "events_scored": ours.n,
+        "shoprec_ndcg@10": round(ours.ndcg, 4),
+        "covisitation_ndcg@10": round(covisitation.ndcg, 4),
+        "relative": round(ours.ndcg / covisitation.ndcg - 1, 4) if covisitation.ndcg else None,
+    }
 
 
 def _update(e: dict[str, Any]) -> UserUpdate:

@@ -171,6 +171,11 @@ def test_recommendations_after_the_promotion_against_covisitation_on_the_same_st
     print(f"stream measurement ({SHOP}, {len(events)} events): {json.dumps(got)}")
     assert got["events_scored"] > 100
     assert got["lists_by_model"] == {"fused_ranker@3": got["events_scored"]}
+    # One version served them all: its split is the whole measurement.
+    [(_, split)] = got["by_model"].items()
+    assert split["events_scored"] == got["events_scored"]
+    assert split["shoprec_ndcg@10"] == pytest.approx(shoprec.ndcg, abs=1e-4)
+    assert split["covisitation_ndcg@10"] == pytest.approx(covisitation.ndcg, abs=1e-4)
     # Not worse than co-visitation on the same stream beyond the noise of this small sample
     # (a paired bootstrap over users); the target, +10%, is what the print reports.
     gain = paired_difference(shoprec, covisitation)

@@ -592,3 +592,38 @@ def test_evaluate_pools_rolling_origins_into_one_report(tmp_path: Path) -> None:
     assert per_origin[0]["n"] == one["models"]["covisitation"]["n"]
     assert three["models"]["covisitation"]["n"] == sum(o["n"] for o in per_origin)
     assert three["models"]["covisitation"]["n"] > one["models"]["covisitation"]["n"]
+
+
+def test_the_stream_measurement_splits_by_the_version_that_served_each_list() -> None:
+    """``bench.stream_quality.stream_ndcg`` on amazon's real events: lists from two versions,
+    one that always holds the user's next item first and one that never does."""
+    from bench.stream_quality import stream_ndcg
+
+    with gzip.open(DATA / "amazon-gift-cards-2018" / "events.jsonl.gz") as f:
+        events = [orjson.loads(line) for line in f][:600]
+    nxt: dict[int, str] = {}
+    following: dict[str, str] = {}
+    for k in range(len(events) - 1, -1, -1):
+        user = str(events[k]["user_id"])
+        if user in following:
+            nxt[k] = following[user]
+        following[user] = str(events[k]["item_id"])
+    start = 300
+    recs = [
+        {
+            "trigger": {"event_id": e["event_id"]},
+            "model": "good@1" if k % 2 else "bad@2",
+            "items": [{"item_id": nxt[k] if k % 2 else "no such item"}],
+        }
+        for k, e in enumerate(events)
+        if k >= start and k in nxt
+    ]
+    got, ours, _ = stream_ndcg(events, recs, start)
+    good, bad = got["by_model"]["good@1"], got["by_model"]["bad@2"]
+    assert good["events_scored"] + bad["events_scored"] == got["events_scored"] > 0
+    assert got["lists_by_model"] == {"good@1": good["events_scored"], "bad@2": bad["events_scored"]}
+    # A hit at rank 1 is an NDCG of 1, unless the next event repeats the item in view (not
+    # scored) or its list was for an earlier event of the user (a later one had none).
+    assert good["shoprec_ndcg@10"] > 0.5 and bad["shoprec_ndcg@10"] == 0.0
+    pooled = (good["shoprec_ndcg@10"] * good["events_scored"]) / got["events_scored"]
+    assert ours.ndcg == pytest.approx(pooled, abs=1e-3)
