@@ -676,6 +676,7 @@ _TRAINING_KEYS = (
     "start",
     "valid_ndcg@10",
     "valid_ndcg@10_start",
+    "valid_ndcg@10_starts",
     "valid_users",
     "train_queries",
     "device",

@@ -356,14 +356,12 @@ def train_fused(
     if cold:
         # Untrained, the shop keeps whichever baseline its validation ranks higher; a tie
         # keeps co-visitation.  A trained model learns the own-items weights itself.
-        init_baselines(model, counts, own_items=True)
-        model.to(device)
+        init_baselines(model, counts, own_items=True)  # in place, on the model's device
         starts[OWN_ITEMS_FIRST] = evaluate_scorer(scorer, valid, progress=False).ndcg
         if starts[OWN_ITEMS_FIRST] > start:
             start, start_name = starts[OWN_ITEMS_FIRST], OWN_ITEMS_FIRST
         else:
             init_baselines(model, counts)
-            model.to(device)
     # The start (the baselines, or noise without a baseline path) is a candidate too.
     best: tuple[float, int, dict[str, Tensor]] = (start, -1, _snapshot(model))
     history: list[dict[str, float]] = [{"epoch": -1, "loss": 0.0, "valid_ndcg@10": start}]
