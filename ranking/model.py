@@ -366,7 +366,7 @@ OWN_ITEMS_WEIGHTS: dict[int, float] = {
 (the evaluation's "repeat", then co-visitation).  Only a cold shop starts from it, when its
 validation period says so (:func:`ranking.train.train_fused`): on otto-sample, sessions that
 go back and forth, 32% of the next new items on the stream are items the session saw
-before; on amazon-gift-cards-2018 none are, and on UCI the next basket line rarely is."""
+before (rees46 12%, UCI's first 40,000 events 14%, amazon-gift-cards-2018 none)."""
 
 
 def init_baselines(
