@@ -406,9 +406,12 @@ def train_fused(
     model.load_state_dict(best[2])
     if cold:
         log.info(
-            "cold shop: %d users in the validation period (< %d): the baseline model, untrained",
+            "cold shop: %d users in the validation period (< %d): the baseline model, "
+            "untrained: %s (validation NDCG@10 %s)",
             valid_users,
             cfg.min_validation_users,
+            start_name,
+            "; ".join(f"{k}: {v:.4f}" for k, v in starts.items()),
         )
     report: dict[str, Any] = {
         "dataset": ds.name,
