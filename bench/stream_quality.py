@@ -286,7 +286,6 @@ def stream_ndcg(
     latest_degraded: dict[str, bool] = {}
     previous: dict[str, str] = {}
     ours, covisitation = Metrics(), Metrics()
-    models: dict[str, int] = {}
     # The same two measures split by the version whose list was scored: where versions
     # differ (one takes complements, the next none), the total hides which one cost.
     by_model: dict[str, tuple[Metrics, Metrics]] = {}
@@ -298,7 +297,6 @@ def stream_ndcg(
             u = users.setdefault(user, len(users))
             rank = _rank(latest_list[user], item)
             ours.add(rank, u)
-            models[latest_model[user]] = models.get(latest_model[user], 0) + 1
             split = by_model.setdefault(latest_model[user], (Metrics(), Metrics()))
             split[0].add(rank, u)
             degraded += latest_degraded[user]
@@ -307,8 +305,9 @@ def stream_ndcg(
             covis = sorted(
                 (i for i in ctx.covis if i not in hidden), key=lambda i: (-ctx.covis[i], i)
             )
-            covisitation.add(_rank(covis, item), u)
-            split[1].add(_rank(covis, item), u)
+            covis_rank = _rank(covis, item)
+            covisitation.add(covis_rank, u)
+            split[1].add(covis_rank, u)
         store.apply_events([_update(e)])
         previous[user] = item
         rec = by_trigger.get(e["event_id"])
@@ -322,7 +321,7 @@ def stream_ndcg(
     summary: dict[str, Any] = {
         "events_scored": ours.n,
         "users": len(users),
-        "lists_by_model": models,
+        "lists_by_model": {m: len(pair[0].ranks) for m, pair in by_model.items()},
         "by_model": {m: _versus(*pair) for m, pair in sorted(by_model.items())},
         "degraded_lists": degraded,
         "shoprec_ndcg@10": ours.to_json(),

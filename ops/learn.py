@@ -559,13 +559,14 @@ def judge(
         cfg = dataclasses.replace(SASRecConfig(), seed=seed, max_seconds=options.sasrec_seconds)
         sas, sasrec = train_sasrec(ds, valid, cfg, progress, stop)
         metrics["sasrec"] = evaluate_scorer(sas, test, progress=False)
+    live_is_own = is_own(live_card, settings)
     decision = decide(
         metrics[CANDIDATE],
         metrics.get(LIVE),
         options.margin,
         (next_event[CANDIDATE], next_event[LIVE]) if next_event else None,
-        refresh=options.refresh and is_own(live_card, settings),
-        baselines=cold_baselines(report) and not is_own(live_card, settings),
+        refresh=options.refresh and live_is_own,
+        baselines=cold_baselines(report) and not live_is_own,
     )
     return Judgement(
         metrics,
