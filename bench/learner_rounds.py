@@ -22,8 +22,9 @@ seconds, under several rules at once:
 
 Each round also records whether complements after a purchase would help its candidate and
 the shipped version (``ops.learn.next_event_and_complements`` on the round's held-out next
-events: served with ``SHOPREC_COMPLEMENTS_AFTER_PURCHASE`` complements and without); the
-served quality above is the rankers' own order, without them.
+events: served with ``SHOPREC_COMPLEMENTS_AFTER_PURCHASE`` complements in co-purchase
+order, in the ranker's order, and without); the served quality above is the rankers' own
+order, without them.
 
 It measures the recipe and the rule, not the served path: candidates, Triton and the
 worker's timing are ``bench.stream_quality``'s.
@@ -164,7 +165,8 @@ def rounds(full: Shop, options: LearnOptions, work: Path) -> list[dict[str, Any]
         names[folder] = f"round at {share:.0%}"
         say(f"  {names[folder]}: " + "; ".join(f"{p}: {v}" for p, v in verdicts.items()))
         for name, choice in complements.items():
-            say(f"    complements, {name}: {choice['served']}: {choice['reason']}")
+            served, order = choice["served"], choice["order"]
+            say(f"    complements, {name}: {served} in {order} order: {choice['reason']}")
         out.append(
             {
                 "at": share,

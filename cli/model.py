@@ -253,7 +253,10 @@ def _train_from_topics(options: Any, promote: bool) -> None:
     click.echo(f"version {result.version} {verb} ({result.folder}): {result.decision.reason}")
     choice = result.card.get("complements")
     if choice is not None:
-        click.echo(f"after a purchase it takes {choice['served']} complements: {choice['reason']}")
+        click.echo(
+            f"after a purchase it takes {choice['served']} complements in {choice['order']} "
+            f"order: {choice['reason']}"
+        )
 
 
 def _card_table(card: dict[str, Any]) -> str:

@@ -85,6 +85,7 @@ from ranking.evaluate import (
     sample_queries,
     with_complements,
 )
+from ranking.pipeline import COMPLEMENT_ORDERS, ComplementOrder
 from ranking.train import FusedScorer, TrainOptions, behavioural_ids, train_fused, version_scorer
 from shoprec.errors import DatasetError, Interrupted, InvalidEvent
 from shoprec.events import CatalogItem, Limits, parse_catalog_item, tombstone_item_id
@@ -342,23 +343,35 @@ def decide(
 
 @dataclass(frozen=True)
 class ComplementsChoice:
-    """How many complements the candidate's lists take after a purchase, and why."""
+    """How many complements the candidate's lists take after a purchase, in which order,
+    and why."""
 
     served: int
     reason: str
     gain: Interval | None = None
-    """With the complements minus without: NDCG@10 of the next event after a purchase on
-    the held-out slice, with its 95% interval over users."""
+    """With the complements (in ``order``) minus without: NDCG@10 of the next event after
+    a purchase on the held-out slice, with its 95% interval over users."""
+    order: ComplementOrder = "co-purchase"
+    order_gain: Interval | None = None
+    """The ranker's order minus co-purchase order, on the same steps."""
 
     def to_json(self) -> dict[str, Any]:
+        def interval(i: Interval | None) -> dict[str, Any] | None:
+            return None if i is None else i.to_json()
+
         return {
             "served": self.served,
+            "order": self.order,
             "reason": self.reason,
-            "gain": None if self.gain is None else self.gain.to_json(),
+            "gain": interval(self.gain),
+            "order_gain": interval(self.order_gain),
         }
 
 
-_WITH, _WITHOUT = "with complements", "without complements"
+_WITH: dict[ComplementOrder, str] = {
+    order: f"with complements, {order} order" for order in COMPLEMENT_ORDERS
+}
+_WITHOUT = "without complements"
 
 
 def _after_purchase(q: Query) -> bool:
@@ -368,13 +381,13 @@ def _after_purchase(q: Query) -> bool:
 def complements_views(setting: int) -> dict[str, tuple[View, Where | None]]:
     """What :func:`choose_complements` compares, as ``ranking.evaluate.evaluate_views``
     views: the steps right after a purchase that has complements, served with ``setting``
-    complements and without any."""
+    complements in each order and without any."""
     if setting == 0:
         return {}
-    return {
-        _WITH: (with_complements(setting), _after_purchase),
-        _WITHOUT: (with_complements(0), _after_purchase),
+    views: dict[str, tuple[View, Where | None]] = {
+        name: (with_complements(setting, order), _after_purchase) for order, name in _WITH.items()
     }
+    return views | {_WITHOUT: (with_complements(0), _after_purchase)}
 
 
 def next_event_and_complements(
@@ -389,37 +402,57 @@ def next_event_and_complements(
 
 def choose_complements(scored: Mapping[str, Metrics], setting: int) -> ComplementsChoice:
     """After a purchase, complements (co-purchases of the basket) take turns with the
-    ranker's picks; whether they add to *this* version's lists depends on the shop and on
-    the ranker.  ``scored``: the version on the held-out slice one event per step, the
-    steps right after a purchase that has complements served with ``setting`` complements
-    and without any (:func:`complements_views`), paired by user.
+    ranker's picks; whether they add to *this* version's lists, and in which order, depends
+    on the shop and on the ranker.  ``scored``: the version on the held-out slice one event
+    per step, the steps right after a purchase that has complements served with ``setting``
+    complements in co-purchase order, in the ranker's order, and without any
+    (:func:`complements_views`), paired by user.
 
-    ``setting`` unless the complements lower the next event with 95% confidence; then
-    none.  The setting is the shop's choice, so it takes evidence to drop it (and the
-    share of lists followed by a purchase, ``bench.complements``, leans the other way).
-    The answer differs by version: on amazon-gift-cards-2018 (every event a purchase) the
-    learner's round at 80% of the stream (``bench.stream_quality``) lost NDCG@10 with them
-    (0.1129 against 0.1503, -0.0374, 95% CI -0.0612..-0.0160) and took none, while on the
-    same kind of slice the shipped version 2 gains with them (+0.0323, +0.0064..+0.0592,
-    ``bench.learner_rounds``); on uci-online-retail's first 40,000 events the round at 70%
-    gained (+0.0102, +0.0037..+0.0172).
+    The order: the ranker's where it scores higher on those steps, else co-purchase order
+    (a choice between two ways to show the same items, so the point estimate decides).
+    On the learner's rounds (``bench.learner_rounds``, docs/models.md) the ranker's order
+    was ahead on amazon-gift-cards-2018 at all three rounds (+0.0175, +0.0154, +0.0082) and
+    behind on uci-online-retail (-0.0035, -0.0020, -0.0029).
+
+    The number: ``setting`` unless the complements, in the chosen order, lower the next
+    event with 95% confidence; then none.  The setting is the shop's choice, so it takes
+    evidence to drop it (and the share of lists followed by a purchase,
+    ``bench.complements``, leans the other way).  The answer differs by version: on
+    amazon-gift-cards-2018 (every event a purchase) the learner's round at 80% of the
+    stream (``bench.stream_quality``) lost NDCG@10 with them (0.1129 against 0.1503,
+    -0.0374, 95% CI -0.0612..-0.0160) and took none, while on the same kind of slice the
+    shipped version 2 gains with them (+0.0323, +0.0064..+0.0592, ``bench.learner_rounds``);
+    on uci-online-retail's first 40,000 events the round at 70% gained (+0.0102,
+    +0.0037..+0.0172).
     """
     if setting == 0:
         return ComplementsChoice(0, "SHOPREC_COMPLEMENTS_AFTER_PURCHASE is 0")
-    with_them, without = scored[_WITH], scored[_WITHOUT]
-    if with_them.n == 0:  # rees46: 4 such steps of 1,357, none with a next item it may show
+    by_copurchase, by_ranker, without = (
+        scored[_WITH["co-purchase"]],
+        scored[_WITH["ranker"]],
+        scored[_WITHOUT],
+    )
+    if without.n == 0:  # rees46: 4 such steps of 1,357, none with a next item it may show
         return ComplementsChoice(
             setting, "no held-out step after a purchase has complements to judge them on"
         )
+    order_gain = paired_difference(by_ranker, by_copurchase)
+    order: ComplementOrder = "ranker" if by_ranker.ndcg > by_copurchase.ndcg else "co-purchase"
+    with_them = by_ranker if order == "ranker" else by_copurchase
     gain = paired_difference(with_them, without)
     figures = (
-        f"NDCG@10 {with_them.ndcg:.4f} with {setting} against {without.ndcg:.4f} without, "
-        f"{gain.value:+.4f} (95% CI {gain.lo:+.4f}..{gain.hi:+.4f}) over {with_them.n} "
-        f"next events after a purchase"
+        f"NDCG@10 {with_them.ndcg:.4f} with {setting} in {order} order (co-purchase "
+        f"{by_copurchase.ndcg:.4f}, ranker {by_ranker.ndcg:.4f}) against {without.ndcg:.4f} "
+        f"without, {gain.value:+.4f} (95% CI {gain.lo:+.4f}..{gain.hi:+.4f}) over "
+        f"{with_them.n} next events after a purchase"
     )
     if gain.hi < 0:
-        return ComplementsChoice(0, f"complements lower this version's lists: {figures}", gain)
-    return ComplementsChoice(setting, f"complements not lower with confidence: {figures}", gain)
+        return ComplementsChoice(
+            0, f"complements lower this version's lists: {figures}", gain, order_gain=order_gain
+        )
+    return ComplementsChoice(
+        setting, f"complements not lower with confidence: {figures}", gain, order, order_gain
+    )
 
 
 @dataclass
@@ -622,7 +655,7 @@ def train_round(
         log.info("version %d abandoned before its judgement; its folder is removed", version)
         raise
     if verdict.complements is not None:
-        export.set_complements(folder, verdict.complements.served)
+        export.set_complements(folder, verdict.complements.served, verdict.complements.order)
     card = _card(settings, version, history, ds, verdict, options) | {
         "training": {
             "seconds": round(train_s, 1),
@@ -663,7 +696,7 @@ def judge_version(
     scorer, _ = version_scorer(folder, ds)
     verdict = judge(settings, versions, ds, scorer, export.training_report(folder), options)
     if verdict.complements is not None:
-        export.set_complements(folder, verdict.complements.served)
+        export.set_complements(folder, verdict.complements.served, verdict.complements.order)
     card = versions.card(version) or {"model": versions.model, "version": version}
     card["judged"] = _card(settings, version, history, ds, verdict, options)
     (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")

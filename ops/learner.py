@@ -277,9 +277,10 @@ class Learner:
         choice = result.card.get("complements")
         if choice is not None:
             log.info(
-                "learner: version %d takes %d complements after a purchase: %s",
+                "learner: version %d takes %d complements after a purchase (%s order): %s",
                 result.version,
                 choice["served"],
+                choice["order"],
                 choice["reason"],
             )
         await self._reconcile()

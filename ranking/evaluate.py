@@ -25,7 +25,7 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from ranking.data import Dataset, Period, Query, sample_positions
-from ranking.pipeline import turns
+from ranking.pipeline import ComplementOrder, by_score, turns
 
 F32 = npt.NDArray[np.float32]
 K = 10
@@ -47,12 +47,12 @@ def as_scored(scores: F32, queries: Sequence[Query]) -> F32:
     return scores
 
 
-def with_complements(n: int) -> View:
+def with_complements(n: int, order: ComplementOrder = "co-purchase") -> View:
     """A scorer as the worker serves it after a purchase: the first ``n`` complements of
     each query that it may show (``Query.bought_with``, none blocked) take turns with the
-    scorer's picks (``ranking.pipeline.turns``).  The scores are minus each item's place in
-    that list, so the evaluation ranks by the served order; ``n`` = 0 is the scorer's own
-    order with ties broken by item, as served."""
+    scorer's picks in ``order`` (``ranking.pipeline.turns``, ``by_score``).  The scores are
+    minus each item's place in that list, so the evaluation ranks by the served order;
+    ``n`` = 0 is the scorer's own order with ties broken by item, as served."""
 
     def view(scores: F32, queries: Sequence[Query]) -> F32:
         rank = np.full(scores.shape, -1, np.int64)
@@ -60,15 +60,19 @@ def with_complements(n: int) -> View:
             hidden = q.blocked()
             picks = [i for i in q.bought_with.tolist() if i not in hidden][:n]
             rank[r, picks] = np.arange(len(picks))
+        if order == "ranker":
+            rank = by_score(scores, rank)
         out: F32 = (-turns(scores, rank)).astype(np.float32)
         return out
 
     return view
 
 
-def served_with_complements(scorer: Scorer, n: int) -> Scorer:
-    """``scorer`` served :func:`with_complements` ``n``."""
-    view = with_complements(n)
+def served_with_complements(
+    scorer: Scorer, n: int, order: ComplementOrder = "co-purchase"
+) -> Scorer:
+    """``scorer`` served :func:`with_complements` ``n`` in ``order``."""
+    view = with_complements(n, order)
     return lambda queries: view(scorer(queries), queries)
 
 

@@ -3,8 +3,9 @@
 A version folder ``model_repo/fused_ranker/<n>/`` holds, beside the thin ``model.py``:
 
 * ``ranker.json`` -- the :class:`RankerConfig`, the item id of every behavioural row
-  (row 0 = unknown item), the training report and, where the learner chose it, how many
-  complements the version's lists take after a purchase (``complements``);
+  (row 0 = unknown item), the training report and, where the learner chose them, how many
+  complements the version's lists take after a purchase and in which order
+  (``complements``, ``complement_order``);
 * ``ranker.pt`` -- the weights (a ``state_dict``; fp32, a few hundred KB to a few MB).
 
 Serving builds :class:`FusedRanker` from these and compiles it with TorchScript; item
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from ranking.model import FusedRanker, RankerConfig
+from ranking.pipeline import ComplementOrder
 
 CONFIG_FILE = "ranker.json"
 WEIGHTS_FILE = "ranker.pt"
@@ -38,6 +40,8 @@ class Artefact:
     report: dict[str, Any]
     complements: int | None = None
     """The most complements after a purchase (``ranking.pipeline.Scorer.complements``)."""
+    complement_order: ComplementOrder = "co-purchase"
+    """Their order (``ranking.pipeline.Scorer.complement_order``)."""
 
     def item_rows(self) -> dict[str, int]:
         return {item: row for row, item in enumerate(self.item_ids) if row}
@@ -73,7 +77,12 @@ def load(folder: Path, device: torch.device | str = "cpu") -> Artefact:
     model.load_state_dict(state)
     model.to(device).eval()
     return Artefact(
-        model, cfg, list(meta["item_ids"]), dict(meta.get("report", {})), meta.get("complements")
+        model,
+        cfg,
+        list(meta["item_ids"]),
+        dict(meta.get("report", {})),
+        meta.get("complements"),
+        meta.get("complement_order", "co-purchase"),
     )
 
 
@@ -83,11 +92,14 @@ def training_report(folder: Path) -> dict[str, Any]:
     return dict(meta.get("report", {}))
 
 
-def set_complements(folder: Path, complements: int | None) -> None:
+def set_complements(
+    folder: Path, complements: int | None, order: ComplementOrder = "co-purchase"
+) -> None:
     """Record in ``folder``'s artefact how many complements its lists take after a purchase
-    (None: what each request carries).  The learner decides it after judging the version
-    it has written."""
+    (None: what each request carries) and in which order.  The learner decides both after
+    judging the version it has written."""
     path = folder / CONFIG_FILE
     meta = json.loads(path.read_text())
     meta["complements"] = complements
+    meta["complement_order"] = order
     path.write_text(json.dumps(meta) + "\n")

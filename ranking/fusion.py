@@ -34,7 +34,7 @@ from shoprec.events import EventType
 
 if TYPE_CHECKING:  # the pipeline imports Reason from here
     from features.candidates import Mixed
-    from ranking.pipeline import RecommendRequest
+    from ranking.pipeline import ComplementOrder, RecommendRequest
 
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
@@ -257,6 +257,7 @@ class FusionScorer:
     """``fused_ranker`` v1: :func:`fused_scores` with fixed weights, as a pipeline scorer."""
 
     complements: int | None = None
+    complement_order: ComplementOrder = "co-purchase"
 
     def __init__(self, weights: FusionWeights = DEFAULT_WEIGHTS) -> None:
         self.weights = weights

@@ -19,8 +19,9 @@ Per micro-batch of ``B`` users:
 3. scoring (a :class:`Scorer`: the trained ranker, or v1's fixed fusion);
 4. the ``k`` best, stable on ties (retrieval order breaks them); after a purchase the
    ranker's picks and what is bought together with the basket take turns, the ranker's
-   best first, the complements in co-purchase order (:func:`take_turns`;
-   bench/after_purchase.py: complements are what the next purchase often holds);
+   best first, the complements in co-purchase order or in the ranker's, as the version's
+   learner chose (:func:`take_turns`; bench/after_purchase.py: complements are what the
+   next purchase often holds);
 5. the explanation of those ``k`` only: reason code ("you bought this before" / "you
    viewed this before" for an item of the user's history), and the user's item behind
    "similar to" / "often seen together with" / "often bought together with".
@@ -29,7 +30,7 @@ Per micro-batch of ``B`` users:
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +46,12 @@ F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
 Bools = npt.NDArray[np.bool_]
+
+
+ComplementOrder = Literal["co-purchase", "ranker"]
+"""The order the complements after a purchase take their turns in: how often each was
+bought with the basket (the request's order), or the ranker's score."""
+COMPLEMENT_ORDERS: tuple[ComplementOrder, ...] = ("co-purchase", "ranker")
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,9 @@ class Scorer(Protocol):
     chose it on the shop's held-out events (``ops.learn.choose_complements``); None takes
     what the request carries (``SHOPREC_COMPLEMENTS_AFTER_PURCHASE``, an arm's own)."""
 
+    complement_order: ComplementOrder
+    """The order they take their turns in, chosen beside their number."""
+
     def sync(self, table: ItemTable, changed: I64) -> int:
         """Item numbers ``changed`` in ``table``: update what is derived from them (the
         trained ranker's item cache); returns rows recomputed."""
@@ -293,7 +303,7 @@ def recommend(
     scores = scorer.score(request, cands, table)
     scores = np.where(cands.items >= 0, scores, -np.inf).astype(np.float32)
     complement = cands.source == _COMPLEMENT
-    order = take_turns(scores, complement)[:, :k]
+    order = take_turns(scores, complement, scorer.complement_order)[:, :k]
     items = np.take_along_axis(cands.items, order, axis=1)
     top_scores = np.take_along_axis(scores, order, axis=1)
     signals = np.take_along_axis(cands.signals, order[:, :, None], axis=1)
@@ -339,9 +349,12 @@ def recommend(
 _COMPLEMENT = SOURCES.index("complement")
 
 
-def take_turns(scores: F32, complement: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
-    """Column order of each row: the ranker's picks by score and the complements in their
-    mixing (co-purchase) order, taking turns, the ranker's best first; padding last.
+def take_turns(
+    scores: F32, complement: Bools, by: ComplementOrder = "co-purchase"
+) -> npt.NDArray[np.int64]:
+    """Column order of each row: the ranker's picks by score and the complements (in their
+    mixing, that is co-purchase, order, or ``by`` the ranker's score), taking turns, the
+    ranker's best first; padding last.
 
     Turns, not complements first: on amazon (every event a purchase) ten complements ahead
     of the ranker cost the next purchase's NDCG@10 in the learner's stream test (0.1193
@@ -349,7 +362,25 @@ def take_turns(scores: F32, complement: npt.NDArray[np.bool_]) -> npt.NDArray[np
     Stable: equal scores keep retrieval order, so the same input gives the same list.
     """
     order = np.where(complement, np.cumsum(complement, axis=1) - 1, -1)
+    if by == "ranker":
+        order = by_score(scores, order)
     return np.argsort(turns(scores, order), axis=1, kind="stable")
+
+
+def by_score(scores: F32, complement_rank: I64) -> I64:
+    """The complements' ranks (``complement_rank`` 0, 1, ... in co-purchase order, -1 for
+    the ranker's candidates) re-ordered by the ranker's score, co-purchase order breaking
+    ties.  Which order serves a shop better differs (docs/models.md, "After a purchase"),
+    so the learner chooses it per version (``ops.learn.choose_complements``)."""
+    complement = complement_rank >= 0
+    width = scores.shape[1]
+    tie = np.where(complement, complement_rank, width).astype(np.float64)
+    first = np.where(complement, -scores.astype(np.float64), np.inf)
+    ranked = np.lexsort((tie, first), axis=1)
+    place = np.empty_like(ranked)
+    np.put_along_axis(place, ranked, np.arange(width)[None, :], axis=1)
+    out: I64 = np.where(complement, place, -1).astype(np.int64)
+    return out
 
 
 def turns(scores: F32, complement_rank: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
@@ -382,6 +413,7 @@ class FallbackScorer:
     co-visitation, then popularity; explained by the strongest of those."""
 
     complements: int | None = None
+    complement_order: ComplementOrder = "co-purchase"
 
     def sync(self, table: ItemTable, changed: I64) -> int:
         return 0

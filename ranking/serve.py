@@ -51,6 +51,7 @@ class LearnedRanker:
         self.rows = art.item_rows()
         self.report = art.report
         self.complements = art.complements
+        self.complement_order = art.complement_order
         module: Any = art.model.to(self.device, self.dtype).eval()
         self.scripted = False
         if script:

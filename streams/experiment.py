@@ -39,7 +39,7 @@ from features.candidates import Mixed
 from features.item_table import ItemTable
 from ranking.client import RankerClient
 from ranking.fusion import Reason
-from ranking.pipeline import RecommendRequest, TopK
+from ranking.pipeline import ComplementOrder, RecommendRequest, TopK
 from shoprec.errors import ConfigError
 from shoprec.events import ShopEvent
 from shoprec.experiments import (
@@ -69,6 +69,7 @@ class CovisitationScorer:
     The same candidates as every other arm, so the arms differ in their order alone."""
 
     complements: int | None = None
+    complement_order: ComplementOrder = "co-purchase"
 
     def sync(self, table: ItemTable, changed: I64) -> int:
         return 0

@@ -146,11 +146,15 @@ def test_the_promoted_version_serves_the_complements_its_learner_chose(
     artefact says how many (``ops.learn.choose_complements``) and Triton serves that."""
     folder = repo_copy / "fused_ranker" / "3"
     choice = json.loads((folder / "card.json").read_text())["complements"]
-    served = json.loads((folder / "ranker.json").read_text())["complements"]
+    artefact = json.loads((folder / "ranker.json").read_text())
+    served = artefact["complements"]
     assert served == choice["served"], choice
+    assert artefact["complement_order"] == choice["order"], choice
     assert served in (0, scenario.settings.complements_after_purchase), choice
     assert "next events after a purchase" in choice["reason"], choice
-    assert f"takes {served} complements after a purchase" in scenario.learner_log
+    assert choice["order_gain"] is not None, "both orders judged on the same steps"
+    said = f"takes {served} complements after a purchase ({choice['order']} order)"
+    assert said in scenario.learner_log
     lists = [r for r in scenario.recs if r["model"] == "fused_ranker@3"]
     bought_with = sum(
         any(w.startswith("often bought together with") for i in r["items"] for w in i["reasons"])

@@ -309,6 +309,9 @@ def test_complements_take_the_odd_places_of_the_served_order() -> None:
     one = np.argsort(-served_with_complements(_ranker, 1)([q])[0], kind="stable").tolist()
     assert one[:4] == [0, 5, 1, 2], "at most n complements"
     assert np.argsort(-served_with_complements(_ranker, 0)([q])[0]).tolist()[:3] == [0, 1, 2]
+    # In the ranker's order: 3 (its fourth) before 5 (its sixth).
+    ranked = served_with_complements(_ranker, 10, "ranker")([q])[0]
+    assert np.argsort(-ranked, kind="stable").tolist()[:6] == [0, 3, 1, 5, 2, 4]
     ranks = [
         evaluate_scorer(served_with_complements(_ranker, n), [q], progress=False).ranks
         for n in (0, 10)
@@ -338,6 +341,15 @@ def test_the_learner_drops_complements_only_when_they_lower_the_next_event_with_
     raised = [_step(u, 6, [6, 5]) for u in users]
     choice = choose_complements(raised, 10)
     assert choice.served == 10 and choice.gain is not None and choice.gain.lo > 0
+    # Co-purchase order lists 6 first; the ranker's order would list 5 first.
+    assert choice.order == "co-purchase"
+    assert choice.order_gain is not None and choice.order_gain.value < 0
+    # The next event is the complement the ranker scores higher but co-purchase lists
+    # second: the ranker's order serves it second (after the ranker's best), not fourth.
+    by_ranker = choose_complements([_step(u, 3, [5, 3]) for u in users], 10)
+    assert by_ranker.served == 10 and by_ranker.order == "ranker", by_ranker
+    assert by_ranker.order_gain is not None and by_ranker.order_gain.lo > 0
+    assert "in ranker order" in by_ranker.reason
     # Half of each: lower on some users, higher on others, no confident loss: kept.
     mixed = lowered[:100] + raised[100:]
     assert choose_complements(mixed, 10).served == 10

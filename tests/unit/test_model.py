@@ -159,8 +159,10 @@ def test_the_served_artefact_scores_a_request_as_the_plain_module_does(
     ranker = LearnedRanker(tmp_path / "fused_ranker" / "9")
     assert ranker.scripted and ranker.rows["item-0"] == 1
     assert ranker.complements is None, "no choice recorded: each request's complements"
-    export.set_complements(tmp_path / "fused_ranker" / "9", 0)
-    assert LearnedRanker(tmp_path / "fused_ranker" / "9", script=False).complements == 0
+    assert ranker.complement_order == "co-purchase"
+    export.set_complements(tmp_path / "fused_ranker" / "9", 4, "ranker")
+    chosen = LearnedRanker(tmp_path / "fused_ranker" / "9", script=False)
+    assert (chosen.complements, chosen.complement_order) == (4, "ranker")
     table = _table(ids)
     ranker.sync(table, table.take_changed())
     num = {i: int(n) for i, n in zip(ids, table.rows(ids), strict=True)}

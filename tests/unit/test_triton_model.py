@@ -70,6 +70,10 @@ def test_turns_run_on_when_one_side_runs_out_and_padding_comes_last() -> None:
     assert take_turns(scores, complement).tolist() == [[6, 1, 0, 3, 4, 5, 2]]
     none = np.zeros_like(complement)
     assert take_turns(scores, none).tolist() == [[1, 6, 3, 4, 5, 0, 2]], "by score, stable on ties"
+    # In the ranker's order the complements follow their scores, co-purchase order on ties.
+    scores = np.array([[0.5, 1.0, -inf, 3.0, 1.0, 2.0, 2.0]], np.float32)
+    assert take_turns(scores, complement).tolist() == [[6, 1, 0, 3, 4, 5, 2]]
+    assert take_turns(scores, complement, "ranker").tolist() == [[6, 3, 0, 5, 1, 4, 2]]
 
 
 def test_after_a_purchase_complements_take_turns_with_the_rankers_picks() -> None:
@@ -112,7 +116,14 @@ def test_after_a_purchase_complements_take_turns_with_the_rankers_picks() -> Non
     one = recommend(bought, table, index, scorer)
     assert one.items[0, :3].tolist() == [ranker[0], 57, ranker[1]]
     assert one.reasons[0].tolist().count(Reason.BOUGHT_WITH) == 1
-    scorer.complements = 0
+    # In the ranker's order the same two complements, the one it scores higher first.
+    scorer.complements, scorer.complement_order = None, "ranker"
+    by_ranker = recommend(bought, table, index, scorer)
+    first, second = by_ranker.items[0, [1, 3]].tolist()
+    assert {first, second} == {57, 3} and by_ranker.scores[0, 1] >= by_ranker.scores[0, 3]
+    assert by_ranker.items[0, [0, 2]].tolist() == ranker[:2]
+    assert by_ranker.reasons[0, [1, 3]].tolist() == [Reason.BOUGHT_WITH] * 2
+    scorer.complements, scorer.complement_order = 0, "co-purchase"
     assert recommend(bought, table, index, scorer).items.tolist() == alone.items.tolist()
 
 
