@@ -354,6 +354,8 @@ class ComplementsChoice:
     order: ComplementOrder = "co-purchase"
     order_gain: Interval | None = None
     """The ranker's order minus co-purchase order, on the same steps."""
+    ndcg: Mapping[str, float] = field(default_factory=dict)
+    """NDCG@10 of those steps served each way: ``co-purchase``, ``ranker``, ``without``."""
 
     def to_json(self) -> dict[str, Any]:
         def interval(i: Interval | None) -> dict[str, Any] | None:
@@ -365,6 +367,7 @@ class ComplementsChoice:
             "reason": self.reason,
             "gain": interval(self.gain),
             "order_gain": interval(self.order_gain),
+            "ndcg@10": {name: round(v, 4) for name, v in self.ndcg.items()},
         }
 
 
@@ -446,13 +449,12 @@ def choose_complements(scored: Mapping[str, Metrics], setting: int) -> Complemen
         f"without, {gain.value:+.4f} (95% CI {gain.lo:+.4f}..{gain.hi:+.4f}) over "
         f"{with_them.n} next events after a purchase"
     )
+    ndcg = {"co-purchase": by_copurchase.ndcg, "ranker": by_ranker.ndcg, "without": without.ndcg}
     if gain.hi < 0:
-        return ComplementsChoice(
-            0, f"complements lower this version's lists: {figures}", gain, order_gain=order_gain
-        )
-    return ComplementsChoice(
-        setting, f"complements not lower with confidence: {figures}", gain, order, order_gain
-    )
+        reason = f"complements lower this version's lists: {figures}"
+        return ComplementsChoice(0, reason, gain, order_gain=order_gain, ndcg=ndcg)
+    reason = f"complements not lower with confidence: {figures}"
+    return ComplementsChoice(setting, reason, gain, order, order_gain, ndcg)
 
 
 @dataclass

@@ -180,7 +180,7 @@ class Settings(BaseSettings):
         "together with it (co-purchase within 30 days) take turns with the ranker's picks "
         "in the list, the ranker's best first; 0 serves the ranker's list alone. An experiment "
         "arm's own 'complements' overrides it for the arm's users. A version the learner "
-        "trained may take none (SHOPREC_LEARNER_COMPLEMENTS).",
+        "trained may take none, or order them by its own scores (SHOPREC_LEARNER_COMPLEMENTS).",
     )
     min_emit_interval_ms: int = Field(
         30_000,
@@ -325,11 +325,12 @@ class Settings(BaseSettings):
     learner_complements: bool = Field(
         True,
         description="The learner chooses for each version it trains whether its lists take "
-        "complements after a purchase: none where, on the shop's held-out events, they lower "
-        "that version's NDCG@10 of the next event after a purchase with 95% confidence, "
-        "otherwise SHOPREC_COMPLEMENTS_AFTER_PURCHASE. The version serves its choice to every "
-        "arm (an arm's own 'complements' only lowers it). False: every version takes what "
-        "each request carries.",
+        "complements after a purchase, and in which order: on the shop's held-out events, "
+        "the order (co-purchase or the version's own scores) that gives the next event after "
+        "a purchase the higher NDCG@10, and none where even that order lowers it with 95% "
+        "confidence, otherwise SHOPREC_COMPLEMENTS_AFTER_PURCHASE. The version serves its "
+        "choice to every arm (an arm's own 'complements' only lowers the number). False: "
+        "every version takes what each request carries, in co-purchase order.",
     )
     learner_min_events: int = Field(
         200, ge=1, description="The learner waits for this many events before it trains at all."

@@ -350,6 +350,8 @@ def test_the_learner_drops_complements_only_when_they_lower_the_next_event_with_
     assert by_ranker.served == 10 and by_ranker.order == "ranker", by_ranker
     assert by_ranker.order_gain is not None and by_ranker.order_gain.lo > 0
     assert "in ranker order" in by_ranker.reason
+    got = by_ranker.to_json()["ndcg@10"]
+    assert got["ranker"] > got["without"] and got["ranker"] > got["co-purchase"], got
     # Half of each: lower on some users, higher on others, no confident loss: kept.
     mixed = lowered[:100] + raised[100:]
     assert choose_complements(mixed, 10).served == 10
