@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ranking.model import FusedRanker, RankerConfig
-from ranking.pipeline import ComplementOrder
+from ranking.pipeline import COMPLEMENT_ORDERS, ComplementOrder
 
 CONFIG_FILE = "ranker.json"
 WEIGHTS_FILE = "ranker.pt"
@@ -76,13 +76,19 @@ def load(folder: Path, device: torch.device | str = "cpu") -> Artefact:
         state.setdefault("item_bias.weight", model.item_bias.weight.detach().clone())
     model.load_state_dict(state)
     model.to(device).eval()
+    order = meta.get("complement_order", "co-purchase")
+    if order not in COMPLEMENT_ORDERS:
+        raise ValueError(
+            f"{folder / CONFIG_FILE}: complement_order {order!r} is not one of "
+            f"{', '.join(COMPLEMENT_ORDERS)}"
+        )
     return Artefact(
         model,
         cfg,
         list(meta["item_ids"]),
         dict(meta.get("report", {})),
         meta.get("complements"),
-        meta.get("complement_order", "co-purchase"),
+        order,
     )
 
 

@@ -163,6 +163,10 @@ def test_the_served_artefact_scores_a_request_as_the_plain_module_does(
     export.set_complements(tmp_path / "fused_ranker" / "9", 4, "ranker")
     chosen = LearnedRanker(tmp_path / "fused_ranker" / "9", script=False)
     assert (chosen.complements, chosen.complement_order) == (4, "ranker")
+    export.set_complements(tmp_path / "fused_ranker" / "9", 4, "popularity")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="complement_order 'popularity' is not one of"):
+        export.load(tmp_path / "fused_ranker" / "9")
+    export.set_complements(tmp_path / "fused_ranker" / "9", 0)
     table = _table(ids)
     ranker.sync(table, table.take_changed())
     num = {i: int(n) for i, n in zip(ids, table.rows(ids), strict=True)}
