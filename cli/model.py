@@ -524,6 +524,9 @@ def model_list(as_json: bool) -> None:
         for n in numbers:
             card = versions.card(n) or {}
             held = card.get("held_out", {}).get("candidate", {})
+            # No choice on the card (the shipped versions, SHOPREC_LEARNER_COMPLEMENTS off):
+            # the version takes what each request carries, in co-purchase order.
+            chosen = card.get("complements") or {}
             rows.append(
                 {
                     "version": n,
@@ -532,6 +535,8 @@ def model_list(as_json: bool) -> None:
                     "created": card.get("created"),
                     "ndcg@10": held.get("ndcg@10"),
                     "ndcg@10_ci95": held.get("ndcg@10_ci95"),
+                    "complements": chosen.get("served"),
+                    "complement_order": chosen.get("order", "co-purchase"),
                     "decision": card.get("decision", {}).get("reason"),
                 }
             )
@@ -542,8 +547,17 @@ def model_list(as_json: bool) -> None:
     for r in rows:
         mark = "*" if r["live"] else " "
         ndcg = "-" if r["ndcg@10"] is None else f"{r['ndcg@10']:.4f} {r['ndcg@10_ci95']}"
-        click.echo(f"{mark} {r['version']:>4}  {r['where']:<8} {ndcg:<28} {r['decision'] or ''}")
-    click.echo(f"(* = live; served from {versions.served_dir}, archive {versions.archive_dir})")
+        after = "setting" if r["complements"] is None else f"{r['complements']}"
+        after += f", {r['complement_order']}" if r["complements"] != 0 else ""
+        click.echo(
+            f"{mark} {r['version']:>4}  {r['where']:<8} {ndcg:<28} {after:<16} "
+            f"{r['decision'] or ''}"
+        )
+    click.echo(
+        f"(* = live; after a purchase: how many complements and in which order, 'setting' = "
+        f"SHOPREC_COMPLEMENTS_AFTER_PURCHASE; served from {versions.served_dir}, archive "
+        f"{versions.archive_dir})"
+    )
 
 
 @model.command("rollback")

@@ -215,6 +215,11 @@ def test_a_worse_candidate_is_rejected_and_rollback_serves_the_previous_version(
         (3, "archive"),
         (4, "archive"),
     }
+    # What each version serves after a purchase: its learner's choice, from its card.
+    [three] = [v for v in listed["versions"] if v["version"] == 3]
+    card = json.loads((settings.model_archive / "fused_ranker" / "3" / "card.json").read_text())
+    chosen = (card["complements"]["served"], card["complements"]["order"])
+    assert (three["complements"], three["complement_order"]) == chosen, three
     actions = [h["action"] for h in listed["history"]]
     assert actions[-3:] == ["promoted", "rejected", "rolled back"], actions
 
