@@ -123,6 +123,17 @@ def test_after_a_purchase_complements_take_turns_with_the_rankers_picks() -> Non
     assert {first, second} == {57, 3} and by_ranker.scores[0, 1] >= by_ranker.scores[0, 3]
     assert by_ranker.items[0, [0, 2]].tolist() == ranker[:2]
     assert by_ranker.reasons[0, [1, 3]].tolist() == [Reason.BOUGHT_WITH] * 2
+    # The co-purchase counts reversed: the same list in the ranker's order, the
+    # complements swapped in co-purchase order.
+    reversed_counts = RecommendRequest(
+        **bought.arrays()
+        | {"bought_with": np.array([[3, 57, basket], [-1, -1, -1]], np.int32)}
+    )
+    again = recommend(reversed_counts, table, index, scorer)
+    assert again.items.tolist() == by_ranker.items.tolist()
+    scorer.complement_order = "co-purchase"
+    swapped = recommend(reversed_counts, table, index, scorer)
+    assert swapped.items[0, [1, 3]].tolist() == [3, 57]
     scorer.complements, scorer.complement_order = 0, "co-purchase"
     assert recommend(bought, table, index, scorer).items.tolist() == alone.items.tolist()
 
