@@ -126,8 +126,7 @@ def test_after_a_purchase_complements_take_turns_with_the_rankers_picks() -> Non
     # The co-purchase counts reversed: the same list in the ranker's order, the
     # complements swapped in co-purchase order.
     reversed_counts = RecommendRequest(
-        **bought.arrays()
-        | {"bought_with": np.array([[3, 57, basket], [-1, -1, -1]], np.int32)}
+        **bought.arrays() | {"bought_with": np.array([[3, 57, basket], [-1, -1, -1]], np.int32)}
     )
     again = recommend(reversed_counts, table, index, scorer)
     assert again.items.tolist() == by_ranker.items.tolist()
