@@ -516,6 +516,7 @@ def model_list(as_json: bool) -> None:
     its held-out NDCG@10 and the last decisions."""
     from cli.main import _echo_json, _settings
     from ops.versions import Versions
+    from ranking import export
 
     versions = Versions.from_settings(_settings())
     live = versions.live()
@@ -524,9 +525,9 @@ def model_list(as_json: bool) -> None:
         for n in numbers:
             card = versions.card(n) or {}
             held = card.get("held_out", {}).get("candidate", {})
-            # No choice on the card (the shipped versions, SHOPREC_LEARNER_COMPLEMENTS off):
-            # the version takes what each request carries, in co-purchase order.
-            chosen = card.get("complements") or {}
+            # From the artefact, what Triton serves (a `model promote` judgement may have
+            # changed it since the card's first judgement).
+            complements, order = export.served_complements(versions.folder(n))
             rows.append(
                 {
                     "version": n,
@@ -535,8 +536,8 @@ def model_list(as_json: bool) -> None:
                     "created": card.get("created"),
                     "ndcg@10": held.get("ndcg@10"),
                     "ndcg@10_ci95": held.get("ndcg@10_ci95"),
-                    "complements": chosen.get("served"),
-                    "complement_order": chosen.get("order", "co-purchase"),
+                    "complements": complements,
+                    "complement_order": order,
                     "decision": card.get("decision", {}).get("reason"),
                 }
             )

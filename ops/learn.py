@@ -430,26 +430,23 @@ def choose_complements(scored: Mapping[str, Metrics], setting: int) -> Complemen
     """
     if setting == 0:
         return ComplementsChoice(0, "SHOPREC_COMPLEMENTS_AFTER_PURCHASE is 0")
-    by_copurchase, by_ranker, without = (
-        scored[_WITH["co-purchase"]],
-        scored[_WITH["ranker"]],
-        scored[_WITHOUT],
-    )
+    by_order = {order: scored[name] for order, name in _WITH.items()}
+    without = scored[_WITHOUT]
     if without.n == 0:  # rees46: 4 such steps of 1,357, none with a next item it may show
         return ComplementsChoice(
             setting, "no held-out step after a purchase has complements to judge them on"
         )
-    order_gain = paired_difference(by_ranker, by_copurchase)
-    order: ComplementOrder = "ranker" if by_ranker.ndcg > by_copurchase.ndcg else "co-purchase"
-    with_them = by_ranker if order == "ranker" else by_copurchase
+    ndcg = {name: m.ndcg for name, m in by_order.items()} | {"without": without.ndcg}
+    order: ComplementOrder = "ranker" if ndcg["ranker"] > ndcg["co-purchase"] else "co-purchase"
+    order_gain = paired_difference(by_order["ranker"], by_order["co-purchase"])
+    with_them = by_order[order]
     gain = paired_difference(with_them, without)
     figures = (
         f"NDCG@10 {with_them.ndcg:.4f} with {setting} in {order} order (co-purchase "
-        f"{by_copurchase.ndcg:.4f}, ranker {by_ranker.ndcg:.4f}) against {without.ndcg:.4f} "
+        f"{ndcg['co-purchase']:.4f}, ranker {ndcg['ranker']:.4f}) against {without.ndcg:.4f} "
         f"without, {gain.value:+.4f} (95% CI {gain.lo:+.4f}..{gain.hi:+.4f}) over "
         f"{with_them.n} next events after a purchase"
     )
-    ndcg = {"co-purchase": by_copurchase.ndcg, "ranker": by_ranker.ndcg, "without": without.ndcg}
     if gain.hi < 0:
         reason = f"complements lower this version's lists: {figures}"
         return ComplementsChoice(0, reason, gain, order_gain=order_gain, ndcg=ndcg)

@@ -66,8 +66,20 @@ def config_of(report: dict[str, Any]) -> RankerConfig:
     return RankerConfig(**report["model"])
 
 
+def _meta(folder: Path) -> dict[str, Any]:
+    """``folder``'s ``ranker.json``, its complement order checked."""
+    path = folder / CONFIG_FILE
+    meta: dict[str, Any] = json.loads(path.read_text())
+    order = meta.setdefault("complement_order", "co-purchase")
+    if order not in COMPLEMENT_ORDERS:
+        raise ValueError(
+            f"{path}: complement_order {order!r} is not one of {', '.join(COMPLEMENT_ORDERS)}"
+        )
+    return meta
+
+
 def load(folder: Path, device: torch.device | str = "cpu") -> Artefact:
-    meta = json.loads((folder / CONFIG_FILE).read_text())
+    meta = _meta(folder)
     cfg = RankerConfig(**meta["config"])
     model = FusedRanker(cfg)
     state = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
@@ -76,26 +88,29 @@ def load(folder: Path, device: torch.device | str = "cpu") -> Artefact:
         state.setdefault("item_bias.weight", model.item_bias.weight.detach().clone())
     model.load_state_dict(state)
     model.to(device).eval()
-    order = meta.get("complement_order", "co-purchase")
-    if order not in COMPLEMENT_ORDERS:
-        raise ValueError(
-            f"{folder / CONFIG_FILE}: complement_order {order!r} is not one of "
-            f"{', '.join(COMPLEMENT_ORDERS)}"
-        )
     return Artefact(
         model,
         cfg,
         list(meta["item_ids"]),
         dict(meta.get("report", {})),
         meta.get("complements"),
-        order,
+        meta["complement_order"],
     )
 
 
 def training_report(folder: Path) -> dict[str, Any]:
     """The training report saved with ``folder``'s artefact, without loading its weights."""
-    meta = json.loads((folder / CONFIG_FILE).read_text())
-    return dict(meta.get("report", {}))
+    return dict(_meta(folder).get("report", {}))
+
+
+def served_complements(folder: Path) -> tuple[int | None, ComplementOrder]:
+    """What ``folder``'s version serves after a purchase, without loading its weights: its
+    complements (None: what each request carries) and their order.  A version without an
+    artefact (v1's fixed fusion) takes each request's, in co-purchase order."""
+    if not (folder / CONFIG_FILE).is_file():
+        return None, "co-purchase"
+    meta = _meta(folder)
+    return meta.get("complements"), meta["complement_order"]
 
 
 def set_complements(
