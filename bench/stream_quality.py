@@ -68,11 +68,13 @@ from features.fold import MemoryStore
 from features.store import ALWAYS_EMIT, UserUpdate
 from infra import procs
 from ops.produce import in_event_order, wait_for_catalog
+from ops.simulate import ShownLists, SimulateOptions, simulate
 from ops.versions import Versions
 from ranking.data import POLICY as DEFAULT_POLICY
 from ranking.evaluate import Metrics, paired_difference
 from shoprec.errors import ConfigError
-from shoprec.settings import Settings
+from shoprec.experiments import Experiment, list_id
+from shoprec.settings import CACHE_DIR, Settings
 
 FIRST = 0.7
 """Share of a shop's events sent before the learner's round; the rest is measured."""
@@ -374,11 +376,79 @@ def _rank(ranked: list[str], item: str) -> float:
     return float(top.index(item) + 1) if item in top else float(K + 1)
 
 
+# --- the same stream, replayed offline -------------------------------------------------
+
+
+def replay_offline(
+    settings: Settings, shop: Shop, recs: list[dict[str, Any]], work: Path
+) -> dict[str, Any]:
+    """``recs.out`` against the lists the offline replay of the same events makes.
+
+    ``ops.simulate`` (what ``shoprec experiment simulate`` runs) replays ``shop.events``
+    through the worker's own ingest and recommend code, the in-memory feature store and
+    each version's ranker in this process, one event per micro-batch; each trigger of the
+    measured part that a ranker version scored live is compared with that version's list
+    for it.  Equal lists mean the stream's quality is the replay's: what the learner, the
+    evaluation and the simulator measure offline is what the shop is served (a list may
+    still differ where scores tie to the last float bit: Triton's torch and this
+    process's).  Also scored with :func:`stream_ndcg`, the replayed lists in place of the
+    live ones."""
+    folder = work / "whole"
+    folder.mkdir(parents=True, exist_ok=True)
+    _write(folder / "events.jsonl.gz", shop.events)
+    shutil.copyfile(shop.first / "items.jsonl.gz", folder / "items.jsonl.gz")
+    measured = {e["event_id"] for e in shop.events[shop.n_first :]}
+    live = [
+        r
+        for r in recs
+        if r["trigger"]["event_id"] in measured
+        and r["model"].startswith("fused_ranker@")
+        and not r.get("degraded")
+    ]
+    versions = sorted({r["model"].removeprefix("fused_ranker@") for r in live}, key=int)
+    arms: list[dict[str, Any]] = [
+        {"name": f"v{v}", "kind": "ranker", "model_version": v, "shadow": True} for v in versions
+    ]
+    # The experiment needs one arm that is shown; retrieval order is the cheapest.
+    arms.append({"name": "shown", "kind": "retrieval", "share": 1.0})
+    experiment = Experiment.model_validate({"name": "replay", "arms": arms})
+    trigger_of = {list_id(str(e["user_id"]), e["event_id"]): e["event_id"] for e in shop.events}
+    made: dict[tuple[str, str], list[str]] = {}  # (arm, trigger) -> items
+
+    def keep(shown: ShownLists) -> None:
+        for lists in shown.values():
+            for s in lists:
+                made[(s.arm, trigger_of[s.list_id])] = list(s.items)
+
+    options = SimulateOptions(
+        folder, experiment, settings.model_repo, REPO_ROOT / CACHE_DIR, batch=1
+    )
+    asyncio.run(simulate(settings, options, on_show=keep))
+    replayed, identical, overlap = [], 0, 0.0
+    for r in live:
+        version = r["model"].removeprefix("fused_ranker@")
+        ours = made.get((f"v{version}", r["trigger"]["event_id"]), [])
+        theirs = [x["item_id"] for x in r["items"]]
+        identical += ours == theirs
+        overlap += len(set(ours) & set(theirs)) / max(len(theirs), 1)
+        replayed.append(r | {"items": [{"item_id": i} for i in ours]})
+    served, _, _ = stream_ndcg(shop.events, live, shop.n_first)
+    again, _, _ = stream_ndcg(shop.events, replayed, shop.n_first)
+    return {
+        "lists_compared": len(live),
+        "identical": identical,
+        "mean_overlap": round(overlap / len(live), 4) if live else None,
+        "recs_out_ndcg@10": served["shoprec_ndcg@10"]["ndcg@10"],
+        "replayed_ndcg@10": again["shoprec_ndcg@10"]["ndcg@10"],
+        "events_scored": again["events_scored"],
+    }
+
+
 # --- the benchmark ----------------------------------------------------------------------
 
 
 def one_shop(
-    folder: Path, work: Path, rate: float, max_events: int | None, rounds: int
+    folder: Path, work: Path, rate: float, max_events: int | None, rounds: int, replay: bool
 ) -> dict[str, Any]:
     """The scenario on a stack of its own (a fresh Redis, the shipped model live)."""
     shop = split_shop(folder, work / "data", max_events, rounds)
@@ -398,6 +468,9 @@ def one_shop(
         )
         with learning_stream(settings, shop, work / "logs", rate) as run:
             summary, _, _ = stream_ndcg(shop.events, run.recs, shop.n_first)
+    if replay:
+        say(f"{shop.name}: the same events replayed offline through the served code ...")
+        summary["replayed_offline"] = replay_offline(settings, shop, run.recs, work)
     # Each round's candidate: promoted into the served repository, or kept in the archive
     # (a round the last segment triggered may have been stopped before its card).
     cards = []
@@ -473,12 +546,20 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     show_default=True,
     help="Learner rounds: at 70% of the events, then after each equal segment of the rest.",
 )
+@click.option(
+    "--replay/--no-replay",
+    default=False,
+    show_default=True,
+    help="Also replay each shop's events offline through the served code (ops.simulate) "
+    "and compare its lists with recs.out, list by list.",
+)
 @json_option
 def main(
     folders: tuple[Path, ...],
     rate: float,
     max_events: int | None,
     rounds: int,
+    replay: bool,
     json_path: Path | None,
 ) -> None:
     """Stream each shop's events through a private stack while ``shoprec learner`` runs, and
@@ -486,7 +567,7 @@ def main(
     results = []
     for folder in datasets(folders):
         with tempfile.TemporaryDirectory(prefix=f"shoprec-stream-{folder.name}-") as tmp:
-            r = one_shop(folder, Path(tmp), rate, max_events, rounds)
+            r = one_shop(folder, Path(tmp), rate, max_events, rounds, replay)
         say(
             f"{r['dataset']}: shoprec {r['shoprec_ndcg@10']['ndcg@10']} "
             f"co-visitation {r['covisitation_ndcg@10']['ndcg@10']} "
@@ -494,7 +575,7 @@ def main(
             f"{r['lists_by_model']})"
         )
         results.append(r)
-    config = {"rate": rate, "max_events": max_events, "rounds": rounds}
+    config = {"rate": rate, "max_events": max_events, "rounds": rounds, "replay": replay}
     publish("stream_quality", config, results, json_path, plot)
 
 

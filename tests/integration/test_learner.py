@@ -12,9 +12,10 @@ served by a real Triton, with Kafka, Redis and ``shoprec worker``:
 3. the last 30% are streamed; the worker's recommendations carry ``fused_ranker@3``, and
    they are scored test-then-learn on ``recs.out`` against co-visitation computed from the
    same stream (the issue's stream measurement, on a small scale);
-4. a worse candidate (random weights) is judged on the topics and rejected: version 3
+4. the same events replayed offline through the served code make the same lists;
+5. a worse candidate (random weights) is judged on the topics and rejected: version 3
    stays live; ``shoprec model rollback`` then serves version 2 again, without a restart;
-5. a second learner is stopped (SIGTERM) while it trains: it exits in seconds, with no
+6. a second learner is stopped (SIGTERM) while it trains: it exits in seconds, with no
    half-written candidate.
 """
 
@@ -38,7 +39,7 @@ import torch
 
 from bench.e2e import start_process, wait_for_line
 from bench.report import DATA
-from bench.stream_quality import Shop, learning_stream, split_shop, stream_ndcg
+from bench.stream_quality import Shop, learning_stream, replay_offline, split_shop, stream_ndcg
 from infra import procs
 from infra.stack import Endpoints, Stack
 from ops.versions import served_version, triton_endpoints
@@ -184,6 +185,22 @@ def test_recommendations_after_the_promotion_against_covisitation_on_the_same_st
     # (a paired bootstrap over users); the issue's target, +10%, is what the print reports.
     gain = paired_difference(shoprec, covisitation)
     assert gain.hi >= 0, got
+
+
+def test_recs_out_is_what_the_offline_replay_of_the_same_stream_serves(
+    scenario: Scenario, shop: Shop, tmp_path: Path
+) -> None:
+    """The live path and the offline replay are one code: the same events replayed through
+    ``ops.simulate`` (the worker's ingest and recommend code, the in-memory store, version
+    3's ranker in this process, one event per micro-batch) make the lists recs.out carried,
+    so what the learner and the simulator measure offline is what the shop is served.
+    Runs before the rollback below, which moves version 3 out of the served repository."""
+    got = replay_offline(scenario.settings, shop, scenario.recs, tmp_path)
+    print(f"replayed offline ({SHOP}): {json.dumps(got)}")
+    assert got["lists_compared"] > 100, got
+    # Triton's torch and this process's may break an exact tie of scores differently.
+    assert got["identical"] >= 0.95 * got["lists_compared"], got
+    assert got["replayed_ndcg@10"] == pytest.approx(got["recs_out_ndcg@10"], abs=0.01), got
 
 
 def test_a_worse_candidate_is_rejected_and_rollback_serves_the_previous_version(
