@@ -163,6 +163,31 @@ def test_a_cold_shop_gets_the_untrained_baselines_and_a_warmer_one_is_trained(
     assert list(warm["valid_ndcg@10_starts"]) == ["baselines"], "trained: learns the weights"
 
 
+def test_early_stopping_neither_keeps_nor_stops_before_min_steps(tmp_path: Path) -> None:
+    """A small shop's epoch is a few optimiser steps: no epoch is kept, and training does
+    not stop, before ``min_steps`` steps are behind it; where ``max_epochs`` never gets
+    there, the last epoch is the first that may be kept."""
+    from ranking.data import load_dataset
+    from ranking.train import TrainOptions, train_fused
+
+    ds = load_dataset(DATA / "otto-sample", cache_dir=tmp_path, progress=False)
+    # otto-sample trains here once its 4 validation users are enough; patience 1 would
+    # stop at the first epoch without gain.
+    options = TrainOptions(max_epochs=6, patience=1, seed=7, min_validation_users=4)
+    per_epoch = -(-len(ds.period(Period.TRAIN)) // options.batch)
+    assert per_epoch < options.min_steps, "the warm-up spans several epochs here"
+    warm = -(-options.min_steps // per_epoch) - 1  # the first epoch past min_steps
+    _, _, got = train_fused(ds, options, progress=False)
+    epochs = [h["epoch"] for h in got["history"]]
+    assert epochs[: warm + 2] == list(range(-1, warm + 1)), got["history"]
+    assert got["steps"] == per_epoch * (len(epochs) - 1)
+    assert got["best_epoch"] == -1 or got["best_epoch"] >= warm, got["history"]
+    never = TrainOptions(max_epochs=2, seed=7, min_validation_users=4, min_steps=10**6)
+    _, _, short = train_fused(ds, never, progress=False)
+    assert [h["epoch"] for h in short["history"]] == [-1, 0, 1]
+    assert short["best_epoch"] in (-1, 1), "the last epoch, or the baselines"
+
+
 def test_a_worse_candidate_is_never_promoted() -> None:
     users = list(range(200)) * 3
     live = _metrics([2.0] * 600, users)
