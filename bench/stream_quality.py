@@ -508,6 +508,7 @@ def _round_of(card: dict[str, Any]) -> dict[str, Any]:
         "versus_next_event": card.get("versus_next_event"),
         "complements": card.get("complements"),
         "kept": card.get("training", {}).get("kept"),
+        "best_epoch": card.get("training", {}).get("best_epoch"),
         "cold_shop": card.get("training", {}).get("cold_shop"),
     }
 

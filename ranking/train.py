@@ -76,8 +76,8 @@ class TrainOptions:
     tell two epochs apart: patience alone kept the second epoch (six steps) in one stream
     run, which served the next 10% of events at NDCG@10 0.121 against co-visitation's 0.121.
     Trained for a fixed number of epochs (four seeds), the next 10% scored 0.107-0.111
-    after one epoch, 0.115-0.122 after two, 0.137-0.145 after three and 0.141-0.149 after
-    four to six, while validation ranked them in no steady order."""
+    after one epoch, 0.115-0.122 after two, 0.137-0.145 after three and 0.141-0.150 after
+    four to six (docs/models.md, "Training")."""
     valid_queries: int = 300
     seed: int = 7
     min_validation_users: int = 20
