@@ -70,14 +70,11 @@ class TrainOptions:
     patience: int = 2
     min_steps: int = 12
     """Optimiser steps before an epoch may be kept or training stop: early stopping's
-    warm-up, in steps rather than epochs because an epoch's size is the shop's.  On rees46
-    and UCI an epoch is 80-90 steps, so nothing changes there; amazon's first learner round
-    has 382 training queries, three steps an epoch, and 36 validation queries that cannot
-    tell two epochs apart: patience alone kept the second epoch (six steps) in one stream
-    run, which served the next 10% of events at NDCG@10 0.121 against co-visitation's 0.121.
-    Trained for a fixed number of epochs (four seeds), the next 10% scored 0.107-0.111
-    after one epoch, 0.115-0.122 after two, 0.137-0.145 after three and 0.141-0.150 after
-    four to six (docs/models.md, "Training")."""
+    warm-up, in steps because an epoch's size is the shop's.  On rees46 and UCI an epoch
+    is 80-90 steps (nothing changes there); on amazon's first learner round it is three,
+    and its 36 validation queries cannot tell the second epoch from the fifth, which
+    served the next 10% of events at NDCG@10 0.115-0.122 and 0.143-0.150 (four seeds;
+    docs/models.md, "Training")."""
     valid_queries: int = 300
     seed: int = 7
     min_validation_users: int = 20
